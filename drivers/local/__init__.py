@@ -1,0 +1,240 @@
+"""The local driver: a system container (systemd as PID 1) booted by systemd-nspawn.
+
+Each machine is a copy-on-write overlay over a cached base rootfs, with its own network namespace, a
+static address on a host bridge with NAPT, its own cgroups, and sshd with a host key generated and pinned
+before the first boot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from drivers.base import Driver, Option, State
+from drivers.local import cgroups, rootfs
+from drivers.local.network import Network, host_nameservers
+from machine import images, sshkeys
+from machine.errors import MachineError, UsageError
+from machine.paths import data_dir
+from machine.ssh import Endpoint
+
+_TEMPLATES = data_dir("templates") / "local"
+_RELEASE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+STOP_TIMEOUT = 30.0
+
+
+class LocalDriver(Driver):
+    name = "local"
+    options = (
+        Option("local-release", "Debian release of the base image built with debootstrap", "bookworm"),
+        Option("local-mirror", "Debian mirror debootstrap and the machine's apt use", "http://deb.debian.org/debian"),
+        Option("local-image", "a rootfs tarball (URL or path) to use instead of debootstrap"),
+        Option("local-image-sha256", "expected sha256 of --local-image"),
+        Option("local-bridge", "host bridge the machines plug into", "pmbr0"),
+        Option("local-subnet", "IPv4 subnet of the bridge; the host is its first address", "10.231.0.0/24"),
+    )
+
+    # -- checks -------------------------------------------------------------------------------------------
+    @classmethod
+    def pre_create_check(cls, options: dict) -> None:
+        Network.parse(options["local_bridge"], options["local_subnet"])
+        release = options["local_release"]
+        if not release or not set(release) <= _RELEASE_CHARS:
+            raise UsageError(f"--local-release: {release!r} is not a release name")
+        if options["local_image"]:
+            images.check_source(options["local_image"], options["local_image_sha256"])
+        elif options["local_image_sha256"]:
+            raise UsageError("--local-image-sha256 needs --local-image")
+        if os.geteuid() != 0:
+            raise MachineError("the local driver needs root (it runs systemd-nspawn and configures a bridge)")
+        tools = ["systemd-nspawn", "unshare", "ip", "iptables", "tar" if options["local_image"] else "debootstrap"]
+        missing = [t for t in tools if shutil.which(t) is None]
+        if missing:
+            raise MachineError(
+                f"the local driver needs {', '.join(missing)} on PATH (Debian: apt-get install "
+                f"systemd-container debootstrap iptables iproute2)"
+            )
+
+    # -- paths and records --------------------------------------------------------------------------------
+    @property
+    def _network(self) -> Network:
+        return Network.parse(self.opts["local_bridge"], self.opts["local_subnet"])
+
+    @property
+    def _unit(self) -> str:
+        # Unique per machine across homes; also names the host side of the veth (vb-pm-xxxxxxxx, <= 15 chars).
+        return f"pm-{self.machine.id}"
+
+    def _layer(self, part: str) -> Path:
+        return self.machine.dir / "layer" / part
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def create(self) -> None:
+        o = self.opts
+        base = rootfs.base_rootfs(self.store.cache("local"), o["local_release"], o["local_mirror"],
+                                  o["local_image"], o["local_image_sha256"])
+        for part in ("upper", "work", "root"):
+            self._layer(part).mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.machine.record(base=str(base))
+        address = self._network.lease(str(self.machine.dir))
+        self.machine.record(ip=address)
+        self._write_identity(address)
+        self.start()
+
+    def _write_identity(self, address: str) -> None:
+        """Files that make the shared base this machine: name, address, keys, pinned host key."""
+        upper, net, name = self._layer("upper"), self._network, self.machine.name
+        env = Environment(loader=FileSystemLoader(_TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
+        nameservers = host_nameservers()
+        files = {
+            "etc/hostname": f"{name}\n",
+            "etc/hosts": env.get_template("hosts.j2").render(hostname=name),
+            "etc/machine-id": uuid.uuid4().hex + "\n",
+            "etc/resolv.conf": env.get_template("resolv.conf.j2").render(nameservers=nameservers),
+            "etc/systemd/network/10-pymachine-host0.network": env.get_template("host0.network.j2").render(
+                bridge=net.bridge, address=address, prefixlen=net.subnet.prefixlen, gateway=net.gateway,
+                nameservers=nameservers,
+            ),
+        }
+        host_key = sshkeys.new_keypair(f"root@{name}")
+        user_key = sshkeys.public_line(self.machine.key_path.read_bytes(), f"pymachine@{name}")
+        secret = {
+            "etc/ssh/ssh_host_ed25519_key": host_key.private_openssh.decode(),
+            "etc/ssh/ssh_host_ed25519_key.pub": host_key.public_line + "\n",
+            "root/.ssh/authorized_keys": user_key + "\n",
+        }
+        for rel, text in [*files.items(), *secret.items()]:
+            path = upper / rel
+            _mkdirs_like(Path(self.machine.resources["base"]), upper, Path(rel).parent)
+            path.unlink(missing_ok=True)  # resolv.conf may be a symlink in the base
+            path.write_text(text)
+            path.chmod(0o600 if rel in secret and not rel.endswith(".pub") else 0o644)
+        (upper / "root/.ssh").chmod(0o700)  # sshd's StrictModes
+        key_type, key_b64 = host_key.public_line.split()[:2]
+        self.machine.known_hosts_path.write_text(f"{address} {key_type} {key_b64}\n")
+        self.machine.known_hosts_path.chmod(0o600)
+
+    def start(self) -> None:
+        if self.state() == State.RUNNING:
+            return
+        address = self.machine.resources["ip"]
+        leased = self._network.lease(str(self.machine.dir), wanted=address)
+        if leased != address:
+            self._network.release(str(self.machine.dir))
+            raise MachineError(f"address {address} of {self.machine.name} was taken by another machine")
+        paths = cgroups.create(self.machine.id)
+        self.machine.record(cgroups=paths)
+        env = {
+            **os.environ,
+            "PM_CGROUPS": " ".join(f"{p}/cgroup.procs" for p in paths),
+            "PM_LOWER": self.machine.resources["base"],
+            "PM_UPPER": str(self._layer("upper")),
+            "PM_WORK": str(self._layer("work")),
+            "PM_ROOT": str(self._layer("root")),
+        }
+        nspawn = [
+            "--boot", "--register=no", "--keep-unit", "--quiet",
+            f"--machine={self._unit}", f"--hostname={self.machine.name}",
+            f"--directory={self._layer('root')}", f"--network-bridge={self._network.bridge}",
+            "--resolv-conf=off", "--link-journal=no", "--console=passive",
+            # What a container engine inside needs: all capabilities, keyrings and BPF (runc uses both).
+            "--capability=all", "--system-call-filter=@keyring bpf",
+        ]
+        log = (self.machine.dir / "console.log").open("ab")
+        with log:
+            proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "--",
+                 "sh", str(_TEMPLATES / "supervisor.sh"), *nspawn],
+                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
+        self.machine.record(pid=proc.pid, pid_start=_start_time(proc.pid))
+
+    def _supervisor(self) -> int | None:
+        """The supervisor's PID while it runs (PIDs get reused, so its start time must match too)."""
+        pid = self.machine.resources.get("pid")
+        if pid and _start_time(pid) == self.machine.resources.get("pid_start"):
+            return pid
+        return None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        pid = self._supervisor()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # nspawn turns this into an orderly poweroff
+            deadline = time.monotonic() + timeout
+            while self._supervisor() is not None and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.05)
+        self._cleanup_processes()
+
+    def kill(self) -> None:
+        self._cleanup_processes()
+
+    def _cleanup_processes(self) -> None:
+        paths = self.machine.resources.get("cgroups", [])
+        cgroups.kill_all(paths)
+        pid = self.machine.resources.get("pid")
+        if pid:
+            _reap(pid)
+        cgroups.remove(paths)
+
+    def remove(self) -> None:
+        self.kill()
+        if "ip" in self.machine.resources:
+            self._network.release(str(self.machine.dir))
+        shutil.rmtree(self.machine.dir / "layer", ignore_errors=True)
+
+    # -- queries ------------------------------------------------------------------------------------------
+    def state(self) -> State:
+        if self._supervisor() is not None:
+            return State.RUNNING
+        return State.STOPPED
+
+    def ip(self) -> str | None:
+        return self.machine.resources.get("ip")
+
+    def ssh_endpoint(self) -> Endpoint:
+        address = self.ip()
+        if address is None:
+            raise MachineError(f"machine {self.machine.name!r} has no address yet")
+        return Endpoint(address, 22, "root")
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None  # a zombie has already stopped
+    return int(fields[19])
+
+
+def _mkdirs_like(base: Path, upper: Path, rel: Path) -> None:
+    """Create upper/rel with the modes of base/rel: an upper directory's attributes win in the overlay."""
+    for depth in range(1, len(rel.parts) + 1):
+        part = Path(*rel.parts[:depth])
+        target = upper / part
+        if not target.exists():
+            source = base / part
+            mode = source.stat().st_mode & 0o7777 if source.is_dir() else 0o755
+            target.mkdir()
+            target.chmod(mode)
+
+
+def _reap(pid: int) -> None:
+    # The supervisor is our child only within the command that started it; reap it there.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+DRIVER = LocalDriver

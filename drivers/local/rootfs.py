@@ -1,0 +1,99 @@
+"""The read-only base root filesystem that every local machine overlays.
+
+Built once with debootstrap (or unpacked from a user's tarball), keyed by everything that went into it,
+under a lock so that parallel creates build it once, and published with an atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from machine import images, ui
+from machine.errors import MachineError
+from machine.paths import data_dir
+from machine.store import file_lock
+
+# Bump when the recipe below changes, so old caches are not reused for a different result.
+RECIPE = 1
+PACKAGES = (
+    "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "sudo", "kmod",
+    "gnupg", "curl",
+)
+_TEMPLATES = data_dir("templates") / "local"
+
+
+def base_rootfs(
+    cache: Path, release: str, mirror: str, image: str | None = None, image_sha256: str | None = None
+) -> Path:
+    """Return the cached base rootfs for these inputs, making it if needed."""
+    tarball = images.fetch(image, cache / "images", image_sha256) if image else None
+    if tarball:
+        key = "image-" + tarball.name[:16]
+    else:
+        recipe = {"recipe": RECIPE, "release": release, "mirror": mirror, "packages": PACKAGES}
+        key = f"{release}-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    root = cache / "rootfs" / key
+    if (root / "complete").exists():
+        return root / "rootfs"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(root.parent / f"{key}.lock", timeout=3600, what=f"base image {key}"):
+        if (root / "complete").exists():
+            return root / "rootfs"
+        staging = root.parent / f".{key}.build"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            if tarball:
+                with ui.step(f"unpacking {image}"):
+                    _run(["tar", "--numeric-owner", "--xattrs", "-xpf", str(tarball), "-C", str(staging / "rootfs")],
+                         mkdir=staging / "rootfs")
+            else:
+                with ui.step(f"building the {release} base image with debootstrap (once)"):
+                    _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
+                          release, str(staging / "rootfs"), mirror])
+            _customise(staging / "rootfs")
+            (staging / "complete").touch()
+            os.rename(staging, root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return root / "rootfs"
+
+
+def _run(cmd: list[str], mkdir: Path | None = None) -> None:
+    if mkdir is not None:
+        mkdir.mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise MachineError(f"{cmd[0]} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+
+
+def _customise(root: Path) -> None:
+    """Make any Debian-like rootfs a pymachine base: no shared identity, key-only sshd, networkd."""
+    for needed in ("usr/sbin/sshd", "lib/systemd/systemd"):
+        if not (root / needed).exists():
+            raise MachineError(f"the image has no /{needed}; a local machine needs systemd and openssh-server")
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (root / "etc/machine-id").write_text("")
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
+    _install(root, "etc/ssh/sshd_config.d/pymachine.conf", "sshd.conf")
+    _install(root, "etc/systemd/journald.conf.d/pymachine.conf", "journald.conf")
+    _install(root, "etc/systemd/system/pymachine-cgroup-delegate.service", "cgroup-delegate.service")
+    _run(["systemctl", "--root", str(root), "enable", "systemd-networkd", "ssh",
+          "pymachine-cgroup-delegate.service"])
+    # Units that only cost boot time in a container.
+    _run(["systemctl", "--root", str(root), "mask", "e2scrub_reap.service", "systemd-networkd-wait-online.service"])
+
+
+def _install(root: Path, dest: str, template: str) -> None:
+    target = root / dest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_TEMPLATES / template, target)

@@ -1,0 +1,89 @@
+"""Fetch an image (URL or local path) into the cache once, verified against its sha256 while it streams."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from machine import ui
+from machine.errors import MachineError, UsageError
+from machine.store import file_lock
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_source(source: str, sha256: str | None) -> None:
+    """Validate an image source and checksum up front (no I/O beyond a local stat)."""
+    if sha256 is not None and not _SHA256.fullmatch(sha256.lower()):
+        raise UsageError(f"{sha256!r} is not a sha256 (64 hex digits)")
+    scheme = urlparse(source).scheme
+    if scheme in ("http", "https", "file"):
+        return
+    if scheme:
+        raise UsageError(f"image {source!r}: unsupported URL scheme {scheme!r}")
+    if not Path(source).is_file():
+        raise UsageError(f"image {source!r} is not a file or an http(s) URL")
+
+
+def _open(source: str):
+    parsed = urlparse(source)
+    if parsed.scheme in ("http", "https", "file"):
+        try:
+            response = urllib.request.urlopen(source, timeout=30)  # scheme checked above
+        except (urllib.error.URLError, OSError) as e:
+            raise MachineError(f"cannot download {source}: {getattr(e, 'reason', e)}") from None
+        return response, int(response.headers.get("Content-Length") or 0)
+    path = Path(source)
+    return path.open("rb"), path.stat().st_size
+
+
+def fetch(source: str, cache_dir: Path, sha256: str | None = None) -> Path:
+    """Return the cached file for `source`, downloading it once; a checksum mismatch caches nothing."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if sha256:
+        cached = cache_dir / sha256.lower()
+        if cached.is_file():
+            return cached
+    with file_lock(cache_dir / ".lock", timeout=3600, what=f"image cache {cache_dir}"):
+        if sha256 and (cache_dir / sha256.lower()).is_file():
+            return cache_dir / sha256.lower()  # another process fetched it while we waited
+        stream, size = _open(source)
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download.")
+        try:
+            with stream, os.fdopen(fd, "wb") as out, _progress(source, size) as advance:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    advance(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            actual = digest.hexdigest()
+            if sha256 and actual != sha256.lower():
+                raise MachineError(f"checksum mismatch for {source}: expected {sha256.lower()}, got {actual}")
+            target = cache_dir / actual
+            os.replace(tmp, target)
+            return target
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _progress(source: str, size: int):
+    if not ui.console.is_terminal:
+        yield lambda n: None
+        return
+    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=ui.console, transient=True) as progress:
+        task = progress.add_task(f"downloading {Path(urlparse(source).path).name}", total=size or None)
+        yield lambda n: progress.advance(task, n)

@@ -1,0 +1,46 @@
+"""Shared test helpers: run the real CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class CLI:
+    """The `pymachine` command with its own home (and a shared image cache)."""
+
+    env: dict[str, str]
+
+    def __call__(self, *args: str, check: bool = True, input: str | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "machine", *args], env=self.env, capture_output=True,
+                              text=True, input=input, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pymachine {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+        return proc
+
+    def run(self, prefix: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+        """Run pymachine under a wrapper command (e.g. `unshare --user`)."""
+        return subprocess.run([*prefix, sys.executable, "-m", "machine", *args], env=self.env,
+                              capture_output=True, text=True, timeout=600)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "machine", *args], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    @property
+    def home(self) -> Path:
+        return Path(self.env["PYMACHINE_HOME"])
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> CLI:
+    env = {**os.environ, "PYMACHINE_HOME": str(tmp_path / "home")}
+    env.pop("DOCKER_HOST", None)
+    return CLI(env)

@@ -1,0 +1,93 @@
+"""Local machines for real: systemd-nspawn, overlayfs, a host bridge with NAPT, SSH with pinned host keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import BRIDGE, bridge_leftovers, leftovers, machine_record
+
+pytestmark = pytest.mark.integration
+
+
+def state(cli, name: str) -> str:
+    return cli("status", name).stdout.strip()
+
+
+def test_two_machines_from_create_to_rm(local, tmp_path):
+    local("create", "--no-provision", "m1")
+    local("create", "--no-provision", "m2")
+
+    rows = json.loads(local("ls", "--format", "json").stdout)
+    assert [(r["name"], r["driver"], r["state"]) for r in rows] == [
+        ("m1", "local", "Running"), ("m2", "local", "Running"),
+    ]
+    ip1, ip2 = local("ip", "m1").stdout.strip(), local("ip", "m2").stdout.strip()
+    assert ip1 != ip2 and ip1.startswith("10.231.250.")
+    assert local("url", "m1").stdout.strip() == f"tcp://{ip1}:2376"
+    assert [r["name"] for r in json.loads(local("ls", "--filter", "name=*2", "--format", "json").stdout)] == ["m2"]
+    assert json.loads(local("inspect", "m1").stdout)["ssh"]["host"] == ip1
+
+    # A real userland: systemd as PID 1, its own hostname, its own network, exit codes passed through.
+    out = local("ssh", "m1", "--", "hostname; cat /proc/1/comm; systemctl is-system-running").stdout.split()
+    assert out == ["m1", "systemd", "running"]
+    assert local("ssh", "m1", "--", "exit 3", check=False).returncode == 3
+    banner = local("ssh", "m1", "--", f"bash -c 'exec 3<>/dev/tcp/{ip2}/22; head -c 4 <&3'").stdout
+    assert banner == "SSH-"
+    # The engine installed later needs writable cgroup controllers of the machine's own.
+    local("ssh", "m1", "--", "mkdir /sys/fs/cgroup/cpuset/probe && rmdir /sys/fs/cgroup/cpuset/probe")
+
+    # scp both ways, files and directories.
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "file.txt").write_text("payload\n")
+    local("scp", "-r", str(tree), "m1:/root/")
+    assert local("ssh", "m1", "--", "cat /root/tree/sub/file.txt").stdout == "payload\n"
+    local("scp", "m1:/etc/hostname", str(tmp_path / "hostname"))
+    assert (tmp_path / "hostname").read_text() == "m1\n"
+    local("scp", "-r", "m1:/root/tree", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "sub" / "file.txt").read_text() == "payload\n"
+
+    # Stop and start keep the address and the pinned host key.
+    known_hosts = (local.home / "machines/m1/known_hosts").read_text()
+    local("stop", "m1")
+    assert state(local, "m1") == "Stopped"
+    local("start", "m1")
+    assert state(local, "m1") == "Running"
+    assert local("ip", "m1").stdout.strip() == ip1
+    assert (local.home / "machines/m1/known_hosts").read_text() == known_hosts
+    assert local("ssh", "m1", "--", "cat /root/tree/sub/file.txt").stdout == "payload\n"  # the layer persists
+    local("restart", "m1")
+    assert state(local, "m1") == "Running"
+
+    local("kill", "m2")
+    assert state(local, "m2") == "Stopped"
+
+    records = {name: machine_record(local, name) for name in ("m1", "m2")}
+    local("rm", "-y", "m1")
+    assert leftovers(records["m1"], local.home / "machines/m1") == []
+    assert Path(f"/sys/class/net/{BRIDGE}").exists(), "the bridge stays while a machine uses it"
+    local("rm", "-y", "m2")
+    assert leftovers(records["m2"], local.home / "machines/m2") == []
+    assert bridge_leftovers() == []
+    assert local("ls", "-q").stdout.strip() == ""
+
+
+def test_host_key_mismatch_is_refused(local):
+    local("create", "--no-provision", "pinned")
+    known_hosts = local.home / "machines/pinned/known_hosts"
+    host, kind, _ = known_hosts.read_text().split()
+    other = "AAAAC3NzaC1lZDI1NTE5AAAAIBHkFAlPqXKa0bPpCqAXgDEpAxDAMqz7TklIzXUaQDCs"
+    known_hosts.write_text(f"{host} {kind} {other}\n")
+    proc = local("scp", "pinned:/etc/hostname", "/dev/null", check=False)
+    assert proc.returncode == 1 and "host key" in proc.stderr and "changed" in proc.stderr
+
+
+def test_active_follows_docker_host(local):
+    local("create", "--no-provision", "act")
+    url = local("url", "act").stdout.strip()
+    local.env["DOCKER_HOST"] = url
+    assert local("active").stdout.strip() == "act"
+    assert json.loads(local("ls", "--format", "json").stdout)[0]["active"] is True

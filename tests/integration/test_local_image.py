@@ -1,0 +1,72 @@
+"""--local-image: a rootfs tarball fetched over HTTP once, verified, cached under a lock."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from drivers.local import rootfs
+from tests.integration.conftest import CACHE
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory) -> Path:
+    """The test base rootfs as a tarball, as a user would publish one."""
+    base = rootfs.base_rootfs(Path(CACHE) / "local", "bookworm", "http://deb.debian.org/debian")
+    path = tmp_path_factory.mktemp("image") / "rootfs.tar"
+    subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(base), "-cf", str(path), "."], check=True)
+    return path
+
+
+@pytest.fixture
+def server(tarball):
+    """A loopback HTTP server for the tarball that counts the downloads; stopped after the test."""
+    gets: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tarball.parent), **kwargs)
+
+        def do_GET(self):
+            gets.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}/{tarball.name}", gets
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_parallel_creates_download_and_unpack_once(local, server, tarball, tmp_path):
+    url, gets = server
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    local.env["PYMACHINE_CACHE"] = str(tmp_path / "cache")
+    args = ["--no-provision", "--local-image", url, "--local-image-sha256", digest]
+    procs = [local.popen("create", *args, name) for name in ("img1", "img2")]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert gets == [f"/{tarball.name}"]
+    assert [p.name for p in (tmp_path / "cache/local/images").iterdir() if not p.name.startswith(".")] == [digest]
+    assert len([p for p in (tmp_path / "cache/local/rootfs").iterdir() if p.is_dir()]) == 1
+    assert local("ssh", "img2", "--", "hostname").stdout.strip() == "img2"
+
+
+def test_checksum_mismatch_leaves_nothing(local, server, tmp_path):
+    url, _ = server
+    local.env["PYMACHINE_CACHE"] = str(tmp_path / "cache")
+    proc = local("create", "--no-provision", "--local-image", url, "--local-image-sha256", "0" * 64, "bad", check=False)
+    assert proc.returncode == 1 and "checksum mismatch" in proc.stderr
+    assert local("ls", "-q").stdout.strip() == ""
+    assert [p.name for p in (tmp_path / "cache/local/images").iterdir() if not p.name.startswith(".")] == []

@@ -1,0 +1,53 @@
+import pytest
+
+from drivers.base import Option
+from drivers.local.network import Network
+from machine import commands
+from machine.errors import UsageError
+
+
+def test_option_parsing_types_env_and_choices(monkeypatch):
+    assert Option("x-count", "", 2, int).parse("5") == 5
+    assert Option("x-flag", "", False, bool).parse("yes") is True
+    monkeypatch.setenv("PYMACHINE_X_COUNT", "7")
+    assert Option("x-count", "", 2, int).parse(None) == 7
+    with pytest.raises(UsageError, match="--x-count: 'many' is not a valid int"):
+        Option("x-count", "", 2, int).parse("many")
+    with pytest.raises(UsageError, match="not one of"):
+        Option("x-mode", "", "a", choices=("a", "b")).parse("c")
+
+
+def test_driver_options_get_defaults_and_refuse_foreign_flags():
+    values = commands.parse_driver_options("local", {"local_subnet": "10.9.0.0/24"})
+    assert values["local_subnet"] == "10.9.0.0/24" and values["local_release"] == "bookworm"
+    with pytest.raises(UsageError, match="--libvirt-cpus is not an option of the local driver"):
+        commands.parse_driver_options("local", {"libvirt_cpus": "2"})
+    with pytest.raises(UsageError, match="unknown driver 'nope'"):
+        commands.parse_driver_options("nope", {})
+
+
+@pytest.mark.parametrize(
+    ("bridge", "subnet", "message"),
+    [
+        ("pmbr0", "10.1.2.3/24", "host bits set"),
+        ("pmbr0", "10.1.2.0/30", "too small"),
+        ("pmbr0", "nonsense", "--local-subnet"),
+        ("a-name-much-too-long", "10.1.2.0/24", "--local-bridge"),
+        ("bad name", "10.1.2.0/24", "--local-bridge"),
+    ],
+)
+def test_network_validation(bridge, subnet, message):
+    with pytest.raises(UsageError, match=message):
+        Network.parse(bridge, subnet)
+
+
+def test_network_gateway_is_the_first_address():
+    assert str(Network.parse("pmbr0", "10.231.0.0/24").gateway) == "10.231.0.1"
+
+
+def test_filters():
+    assert commands.parse_filters(["name=web*", "state=Running", "name=db"]) == {
+        "name": ["web*", "db"], "state": ["Running"],
+    }
+    with pytest.raises(UsageError):
+        commands.parse_filters(["colour=red"])
