@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import select
-import shlex
 import socket
 import stat
 import time
@@ -149,19 +148,8 @@ class Connection:
             out, err = bytearray(), bytearray()
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                drained = False
-                while chan.recv_ready():
-                    data = chan.recv(65536)
-                    out += data
-                    drained = True
-                    if stream:
-                        stream("stdout", data)
-                while chan.recv_stderr_ready():
-                    data = chan.recv_stderr(65536)
-                    err += data
-                    drained = True
-                    if stream:
-                        stream("stderr", data)
+                drained = _drain(chan.recv_ready, chan.recv, out, "stdout", stream)
+                drained |= _drain(chan.recv_stderr_ready, chan.recv_stderr, err, "stderr", stream)
                 if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if not drained:
@@ -224,5 +212,13 @@ class Connection:
             return False
 
 
-def quote(*args: str) -> str:
-    return shlex.join(args)
+def _drain(ready, recv, buffer: bytearray, kind: str, stream) -> bool:
+    """Move what a channel has buffered into `buffer` (and `stream`); True if there was anything."""
+    got = False
+    while ready():
+        data = recv(65536)
+        buffer += data
+        got = True
+        if stream:
+            stream(kind, data)
+    return got
