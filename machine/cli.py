@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import drivers
-from machine import commands, ui
+from machine import commands, provision, report, shellenv, ui
 from machine.errors import MachineError, UsageError
 from machine.store import Store
 
@@ -43,16 +43,110 @@ def _driver_options(command: Callable) -> Callable:
     return command
 
 
+def _engine_options(command: Callable) -> Callable:
+    """create's engine flags, named as docker-machine names them."""
+    multi = [
+        ("--engine-opt", "KEY=VALUE", "Extra daemon.json setting (value parsed as JSON when it is)."),
+        ("--engine-label", "KEY=VALUE", "Engine label."),
+        ("--engine-env", "KEY=VALUE", "Environment variable of the engine's service."),
+        ("--engine-insecure-registry", "HOST[:PORT]", "Registry reached without TLS verification."),
+        ("--engine-registry-mirror", "URL", "Registry mirror."),
+        ("--engine-default-address-pool", "base=CIDR,size=N", "Address pool for user networks."),
+        ("--tls-san", "NAME", "Extra IP or DNS name in the engine's certificate."),
+    ]
+    single = [
+        click.option("--engine", default="docker", show_default=True, type=click.Choice(provision.ENGINES)),
+        click.option("--engine-install", default="official", show_default=True,
+                     type=click.Choice(provision.INSTALL_METHODS),
+                     help="Docker's official repository, or the distribution's packages."),
+        click.option("--engine-storage-driver", default="overlay2", show_default=True,
+                     type=click.Choice(provision.STORAGE_DRIVERS)),
+        click.option("--engine-storage-device", metavar="DEVICE", help="Block device for btrfs/zfs storage."),
+        click.option("--engine-bip", metavar="CIDR", help="Address of the engine's bridge, e.g. 10.250.0.1/24."),
+        click.option("--engine-mtu", type=int, help="MTU of the engine's bridge."),
+        click.option("--engine-icc/--no-engine-icc", default=True, help="Traffic between containers on the bridge."),
+        click.option("--engine-iptables/--no-engine-iptables", default=True, help="Engine manages iptables (NAPT)."),
+        click.option("--engine-ip-forward/--no-engine-ip-forward", default=True, help="Engine enables forwarding."),
+    ]
+    for flag, metavar, text in reversed(multi):
+        command = click.option(flag, multiple=True, metavar=metavar, help=text)(command)
+    for option in reversed(single):
+        command = option(command)
+    return command
+
+
+def _engine_config(o: dict) -> dict:
+    return provision.engine_config(
+        engine=o.pop("engine"), install=o.pop("engine_install"), storage_driver=o.pop("engine_storage_driver"),
+        storage_device=o.pop("engine_storage_device"), opts=o.pop("engine_opt"), labels=o.pop("engine_label"),
+        env=o.pop("engine_env"), insecure_registries=o.pop("engine_insecure_registry"),
+        registry_mirrors=o.pop("engine_registry_mirror"), bip=o.pop("engine_bip"),
+        address_pools=o.pop("engine_default_address_pool"), mtu=o.pop("engine_mtu"), icc=o.pop("engine_icc"),
+        iptables=o.pop("engine_iptables"), ip_forward=o.pop("engine_ip_forward"), tls_san=o.pop("tls_san"),
+    )
+
+
 @cli.command(context_settings=_CONTEXT)
 @click.argument("name")
 @click.option("-d", "--driver", default=drivers.DEFAULT, show_default=True, help="Driver that makes the host.")
 @click.option("--no-provision", is_flag=True, help="Only make the host; install no engine.")
 @click.option("--keep-on-failure", is_flag=True, help="Keep what was made if create fails (to debug it).")
+@_engine_options
 @_driver_options
 def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, **options: object) -> None:
-    """Create a machine."""
-    commands.create(_store(), name, driver, options, provision=not no_provision, keep_on_failure=keep_on_failure)
-    ui.note(f"[green]{name}[/] is ready: `pymachine ssh {name}`")
+    """Create a machine, install its engine and expose it over mutual TLS."""
+    engine = _engine_config(options)
+    commands.create(_store(), name, driver, options, engine=None if no_provision else engine,
+                    keep_on_failure=keep_on_failure, reporter=report.progress())
+    ui.note(f"[green]{name}[/] is ready: `eval $(pymachine env {name})`")
+
+
+@cli.command("provision", context_settings=_CONTEXT)
+@click.argument("name")
+@click.option("--check", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--diff", is_flag=True, help="Show the changes made to files.")
+@click.option("--tags", default="", metavar="TAG,…", help="Only run tasks with these tags.")
+def provision_(name: str, check: bool, diff: bool, tags: str) -> None:
+    """Run the provisioning roles again (idempotent)."""
+    selected = tuple(t for t in tags.split(",") if t)
+    commands.provision(_store(), name, check=check, diff=diff, tags=selected, reporter=report.tasks())
+
+
+@cli.command("regenerate-certs", context_settings=_CONTEXT)
+@click.argument("names", nargs=-1, required=True)
+def regenerate_certs(names: tuple[str, ...]) -> None:
+    """Issue new engine certificates for the machines' current addresses."""
+    _each(lambda store, name: commands.regenerate_certs(store, name, reporter=report.progress()), names)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("names", nargs=-1, required=True)
+def upgrade(names: tuple[str, ...]) -> None:
+    """Upgrade the machines' engine to the newest version."""
+    _each(lambda store, name: commands.upgrade(store, name, reporter=report.progress()), names)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("name", required=False)
+@click.option("--shell", type=click.Choice(shellenv.SHELLS), help="Syntax to print (default: from $SHELL).")
+@click.option("-u", "--unset", is_flag=True, help="Print the commands that unset the variables.")
+def env(name: str | None, shell: str | None, unset: bool) -> None:
+    """Print the commands that point the docker CLI at a machine."""
+    shell = shell or shellenv.detect()
+    if unset:
+        values = dict.fromkeys(("DOCKER_TLS_VERIFY", "DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_MACHINE_NAME"))
+        click.echo(shellenv.render(values, shell, " --unset"))
+        return
+    if not name:
+        raise UsageError("env needs a machine name (or --unset)")
+    click.echo(shellenv.render(commands.env(_store(), name), shell, f" {name}"))
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("name")
+def config(name: str) -> None:
+    """Print the docker CLI's TLS flags for a machine."""
+    click.echo("\n".join(commands.config(_store(), name)))
 
 
 @cli.command("ls", context_settings=_CONTEXT)

@@ -62,6 +62,9 @@ class Connection:
     def open(self) -> Connection:
         ep = self.endpoint
         sock = socket.create_connection((ep.host, ep.port), timeout=self._timeout)
+        # Every command opens a channel; with Nagle's algorithm each open waits out the peer's delayed ACK
+        # (~40 ms), which alone would make a no-op run of 40 tasks take 2 s instead of 0.2 s.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
         pinned = self._pinned_key()
         if pinned is not None:
@@ -155,7 +158,11 @@ class Connection:
                 if not drained:
                     if deadline is not None and time.monotonic() > deadline:
                         raise MachineError(f"{self.endpoint.host}: command timed out after {timeout}s: {command}")
-                    select.select([chan], [], [], 0.5)
+                    if chan.eof_received:
+                        # After EOF the channel stays readable; wait for the exit status instead of spinning.
+                        chan.status_event.wait(0.5)
+                    else:
+                        select.select([chan], [], [], 0.5)
             result = Result(chan.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace"))
         finally:
             chan.close()

@@ -79,7 +79,7 @@ class Machine:
     resources: dict[str, Any] = field(default_factory=dict)
     state: str = "creating"
     created: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -141,7 +141,7 @@ class Store:
             raise MachineError(f"machine {name!r} has a corrupt config.json: {e}") from None
         return Machine(dir=path.parent, **record)
 
-    def reserve(self, name: str, driver: str, options: dict[str, Any]) -> Machine:
+    def reserve(self, name: str, driver: str, options: dict[str, Any], engine: dict[str, Any] | None = None) -> Machine:
         """Create machines/<name>/ with its config.json in one atomic rename; refuse a taken name."""
         self._ensure(self.machines_dir)
         staging = Path(tempfile.mkdtemp(dir=self.machines_dir, prefix=f".{name}."))
@@ -151,6 +151,7 @@ class Store:
             id=secrets.token_hex(4),
             dir=staging,
             options=options,
+            engine=engine or {},
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         machine.save()

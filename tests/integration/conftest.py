@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,15 @@ CACHE = os.environ.get("PYMACHINE_TEST_CACHE", "/var/tmp/pymachine-test-cache")
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def local(tmp_path: Path):
-    """A CLI whose machines use the test bridge; every machine left at the end is removed."""
+def machine_cli(home: Path, **extra: str) -> Iterator[CLI]:
+    """A CLI whose machines use the test bridge and image cache; every machine left at the end is removed."""
     env = {
         **os.environ,
-        "PYMACHINE_HOME": str(tmp_path / "home"),
+        "PYMACHINE_HOME": str(home),
         "PYMACHINE_CACHE": CACHE,
         "PYMACHINE_LOCAL_BRIDGE": BRIDGE,
         "PYMACHINE_LOCAL_SUBNET": SUBNET,
+        **extra,
     }
     env.pop("DOCKER_HOST", None)
     cli = CLI(env)
@@ -36,6 +37,11 @@ def local(tmp_path: Path):
     names = cli("ls", "-q", check=False).stdout.split()
     if names:
         cli("rm", "-f", *names, check=False)
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[CLI]:
+    yield from machine_cli(tmp_path / "home")
 
 
 def machine_record(cli: CLI, name: str) -> dict:

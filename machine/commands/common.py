@@ -1,0 +1,30 @@
+"""What every command needs: a machine's driver, an SSH session to it, its engine URL."""
+
+from __future__ import annotations
+
+import drivers
+from drivers.base import Driver
+from machine.ssh import Connection
+from machine.store import Machine, Store
+
+ENGINE_PORT = 2376
+SSH_READY_TIMEOUT = 120.0
+
+
+def driver_for(store: Store, machine: Machine) -> Driver:
+    return drivers.get(machine.driver)(machine, store)
+
+
+def load(store: Store, name: str) -> tuple[Machine, Driver]:
+    machine = store.load(name)
+    return machine, driver_for(store, machine)
+
+
+def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT) -> Connection:
+    return Connection.wait_ready(driver.ssh_endpoint(), machine.key_path, machine.known_hosts_path,
+                                 timeout=timeout, is_alive=driver.is_alive)
+
+
+def engine_url(driver: Driver) -> str:
+    address = driver.ip()
+    return f"tcp://{address}:{ENGINE_PORT}" if address else ""

@@ -1,0 +1,90 @@
+"""ssh and scp."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from drivers.base import State
+from machine.commands.common import connect, load
+from machine.errors import MachineError, UsageError
+from machine.store import Store
+
+
+def ssh(store: Store, name: str, command: list[str]) -> int:
+    """Run `command` on the machine (an interactive shell when empty); return its exit status."""
+    machine, driver = load(store, name)
+    if driver.state() != State.RUNNING:
+        raise MachineError(f"machine {name!r} is not running")
+    endpoint = driver.ssh_endpoint()
+    client = shutil.which("ssh")
+    if client:
+        argv = [
+            client, "-i", str(machine.key_path), "-p", str(endpoint.port),
+            "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR",
+            "-o", f"UserKnownHostsFile={machine.known_hosts_path}", "-o", "ConnectTimeout=10",
+            f"{endpoint.user}@{endpoint.host}",
+        ]
+        return subprocess.call([*argv, *command])
+    if not command:
+        raise MachineError("an interactive shell needs the ssh client (Debian: apt-get install openssh-client)")
+    with connect(machine, driver, timeout=10) as conn:
+        stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+        result = conn.run(shlex.join(command) if len(command) > 1 else command[0], stdin=stdin,
+                          stream=_write_stream)
+    return result.rc
+
+
+def _write_stream(kind: str, data: bytes) -> None:
+    out = sys.stdout if kind == "stdout" else sys.stderr
+    out.buffer.write(data)
+    out.flush()
+
+
+def _split(store: Store, spec: str) -> tuple[str | None, str]:
+    """'NAME:PATH' names a machine's path when NAME is a machine; anything else is local."""
+    head, sep, tail = spec.partition(":")
+    if sep and head and "/" not in head and store.exists(head):
+        return head, tail or "."
+    return None, spec
+
+
+def scp(store: Store, source: str, destination: str, recursive: bool = False) -> None:
+    src_machine, src_path = _split(store, source)
+    dst_machine, dst_path = _split(store, destination)
+    if src_machine is None and dst_machine is None:
+        raise UsageError("one side of scp must be MACHINE:PATH")
+    if src_machine is not None and dst_machine is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / Path(src_path.rstrip("/")).name
+            _copy(store, src_machine, src_path, staged, download=True, recursive=recursive)
+            _copy(store, dst_machine, dst_path, staged, download=False, recursive=recursive)
+        return
+    if src_machine is not None:
+        _copy(store, src_machine, src_path, Path(dst_path), download=True, recursive=recursive)
+    else:
+        if not Path(src_path).exists():
+            raise UsageError(f"{src_path}: no such file or directory")
+        _copy(store, dst_machine, dst_path, Path(src_path), download=False, recursive=recursive)
+
+
+def _copy(store: Store, name: str, remote: str, local: Path, download: bool, recursive: bool) -> None:
+    machine, driver = load(store, name)
+    if driver.state() != State.RUNNING:
+        raise MachineError(f"machine {name!r} is not running")
+    with connect(machine, driver, timeout=10) as conn:
+        try:
+            if download:
+                target = local / Path(remote.rstrip("/")).name if local.is_dir() else local
+                conn.get(remote, target, recursive)
+            else:
+                target = remote.rstrip("/") + "/" + local.name if conn.remote_is_dir(remote) else remote
+                conn.put(local, target, recursive)
+        except FileNotFoundError as e:
+            raise MachineError(f"{name}: {e.filename or remote}: no such file or directory") from None
+        except PermissionError as e:
+            raise MachineError(f"{name}: {e.filename or remote}: permission denied") from None

@@ -1,0 +1,417 @@
+"""Running a play (the roles of one host) the way ansible-playbook would, over one connection."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from machine.errors import MachineError
+from machine.roles import facts as facts_mod
+from machine.roles.loader import RoleRun, Task, as_list, handler_names, load_play
+from machine.roles.modules import Context, ModuleFailure
+from machine.roles.remote import Become, Remote, Runner
+from machine.roles.report import Failure, Recap, Reporter, SilentReporter, TaskInfo, TaskResult
+from machine.roles.templating import OMIT, Templar, TemplateFailure, Vars, to_bool
+from machine.roles.yamlload import RoleError
+
+_HIDDEN = "the output has been hidden due to the fact that 'no_log: true' was specified for this result"
+_UNTAGGED = frozenset({"untagged"})
+
+
+class _HostFailed(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+class _Unreachable(Exception):
+    pass
+
+
+class _EndHost(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Keywords a block or an import hands down to the tasks inside it."""
+
+    when: tuple[Any, ...] = ()
+    tags: frozenset[str] = frozenset()
+    vars: tuple[Mapping[str, Any], ...] = ()
+    become: bool = False
+    become_user: str = "root"
+    ignore_errors: bool = False
+    check_mode: bool | None = None
+    diff: bool | None = None
+    no_log: bool = False
+    environment: Mapping[str, Any] = field(default_factory=dict)
+
+    def inherit(self, task: Task, *, conditions: bool = True, tags: bool = True) -> Scope:
+        d = task.data
+        return replace(
+            self,
+            when=self.when + ((d["when"],) if conditions and "when" in d else ()),
+            tags=self.tags | (frozenset(map(str, as_list(d.get("tags")))) if tags else frozenset()),
+            vars=self.vars + ((d["vars"],) if "vars" in d else ()),
+            become=to_bool(d["become"]) if "become" in d else self.become,
+            become_user=str(d.get("become_user", self.become_user)),
+            ignore_errors=to_bool(d["ignore_errors"]) if "ignore_errors" in d else self.ignore_errors,
+            check_mode=to_bool(d["check_mode"]) if "check_mode" in d else self.check_mode,
+            diff=to_bool(d["diff"]) if "diff" in d else self.diff,
+            no_log=to_bool(d["no_log"]) if "no_log" in d else self.no_log,
+            environment={**self.environment, **(d.get("environment") or {})},
+        )
+
+
+def selected(tags: frozenset[str], only: frozenset[str], skip: frozenset[str]) -> bool:
+    """Ansible's tag selection, including the special tags always, never, all, tagged and untagged."""
+    tags = tags or _UNTAGGED
+    run = True
+    if only:
+        run = ("always" in tags or ("all" in only and "never" not in tags) or not tags.isdisjoint(only)
+               or ("tagged" in only and tags != _UNTAGGED and "never" not in tags))
+    if run and skip:
+        if "all" in skip:
+            run = "always" in tags and "always" not in skip
+        elif not tags.isdisjoint(skip) or ("tagged" in skip and tags != _UNTAGGED):
+            run = False
+    return run
+
+
+class Play:
+    def __init__(self, remote: Remote, runs: Sequence[RoleRun], extra_vars: Mapping[str, Any], *, check: bool,
+                 diff: bool, tags: Sequence[str] | None, skip_tags: Sequence[str] | None, become: bool,
+                 reporter: Reporter, host: str) -> None:
+        self.remote = remote
+        self.runs = list(runs)
+        self.extra_vars = dict(extra_vars)
+        self.check, self.diff = check, diff
+        self.only = frozenset(tags or ["all"])
+        self.skip = frozenset(skip_tags or [])
+        self.root = Scope(become=become)
+        self.reporter = reporter
+        self.host = host
+        self.templar = Templar()
+        self.recap = Recap(host)
+        self.facts: dict[str, Any] = {}
+        self.fact_vars: dict[str, Any] = {}
+        self.host_vars: dict[str, Any] = {}  # set_fact and register: the highest layer below role params
+        self.all_defaults: dict[str, Any] = {}
+        self.all_role_vars: dict[str, Any] = {}
+        for run in self.runs:
+            self.all_defaults.update(run.role.defaults)
+            self.all_role_vars.update(run.role.vars)
+        self.handlers = handler_names(self.runs)
+        self.handler_order = [(h, run) for run in self.runs for h in run.role.handlers]
+        self.notified: set[int] = set()
+
+    # -- the play -------------------------------------------------------------------------------------
+    def run(self) -> Recap:
+        try:
+            self._gather_facts()
+            for run in self.runs:
+                self._run_list(run.role.tasks, run, self.root)
+            self._flush_handlers()
+        except _HostFailed as e:
+            self.recap.failed += 1
+            self.recap.failure = e.failure
+        except _Unreachable as e:
+            self.recap.unreachable += 1
+            self.recap.failure = Failure("connection", self.host, str(e))
+        except _EndHost:
+            pass
+        self.reporter.recap(self.recap)
+        return self.recap
+
+    def _gather_facts(self) -> None:
+        info = TaskInfo("Gathering Facts", "", "setup")
+        self.reporter.task_start(self.host, info)
+        res = self._remote_call(lambda: self.remote.run(facts_mod.FACTS_SCRIPT))
+        if res.rc != 0:
+            raise _HostFailed(Failure(info.label, info.where, f"fact gathering failed: {res.stderr.strip()}"))
+        self.facts = facts_mod.parse_facts(res.stdout)
+        self.fact_vars = facts_mod.as_variables(self.facts)
+        self.recap.ok += 1
+        self.reporter.task_result(self.host, info, TaskResult("ok"))
+
+    def _remote_call(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except RoleError:
+            raise
+        except MachineError as e:
+            raise _Unreachable(str(e)) from None
+
+    # -- variables --------------------------------------------------------------------------------------
+    def variables(self, run: RoleRun, scope: Scope, task_vars: Mapping[str, Any] | None = None) -> Vars:
+        magic = {
+            "role_name": run.role.name, "role_path": str(run.role.path), "inventory_hostname": self.host,
+            "inventory_hostname_short": self.host.split(".")[0], "ansible_check_mode": self.check,
+            "ansible_diff_mode": self.diff, "ansible_managed": "Ansible managed", "omit": OMIT,
+        }
+        layers: list[tuple[Mapping[str, Any], bool]] = [
+            (self.all_defaults, False), (run.role.defaults, False), (self.fact_vars, True),
+            (self.all_role_vars, False), (run.role.vars, False), *((v, False) for v in scope.vars),
+            (task_vars or {}, False), (self.host_vars, True), (run.params, False), (self.extra_vars, False),
+            (magic, True),
+        ]
+        return Vars(self.templar, layers)
+
+    # -- task lists, blocks -------------------------------------------------------------------------------
+    def _run_list(self, tasks: Sequence[Task], run: RoleRun, scope: Scope, handler: bool = False) -> None:
+        for task in tasks:
+            self._run_task(task, run, scope, handler)
+
+    def _run_task(self, task: Task, run: RoleRun, scope: Scope, handler: bool = False) -> None:
+        if task.action == "block":
+            self._run_block(task, run, scope.inherit(task), handler)
+        elif task.action == "import_tasks":
+            self._run_list(task.tasks or [], run, scope.inherit(task), handler)
+        elif task.action == "meta":
+            self._meta(task, run, scope)
+        elif selected(scope.tags | frozenset(map(str, as_list(task.get("tags")))), self.only, self.skip) or handler:
+            self._run_action(task, run, scope, handler)
+
+    def _run_block(self, block: Task, run: RoleRun, scope: Scope, handler: bool) -> None:
+        failure: _HostFailed | None = None
+        try:
+            self._run_list(block.block, run, scope, handler)
+        except _HostFailed as e:
+            failure = e
+            if block.rescue:
+                failure = None
+                self.recap.rescued += 1
+                self.host_vars["ansible_failed_task"] = {"name": e.failure.label, "where": e.failure.where}
+                self.host_vars["ansible_failed_result"] = {"failed": True, "msg": e.failure.msg}
+                try:
+                    self._run_list(block.rescue, run, scope, handler)
+                except _HostFailed as e2:
+                    failure = e2
+        self._run_list(block.always, run, scope, handler)
+        if failure is not None:
+            raise failure
+
+    def _meta(self, task: Task, run: RoleRun, scope: Scope) -> None:
+        scope = scope.inherit(task)
+        if scope.when and not self._condition(self._info(task, run, False), scope.when,
+                                              self.variables(run, scope)):
+            return
+        if task.args == "flush_handlers":
+            self._flush_handlers()
+        elif task.args in ("end_host", "end_play"):
+            raise _EndHost()
+
+    def _flush_handlers(self) -> None:
+        # A handler may notify another: keep going until nothing notified remains.
+        while self.notified:
+            for handler, run in self.handler_order:
+                if id(handler) in self.notified:
+                    self.notified.discard(id(handler))
+                    self._run_task(handler, run, self.root, handler=True)
+
+    # -- one task ----------------------------------------------------------------------------------------
+    def _info(self, task: Task, run: RoleRun, handler: bool) -> TaskInfo:
+        return TaskInfo(f"{run.role.name} : {task.name}", task.where, task.action, handler)
+
+    def _fail(self, info: TaskInfo, msg: str) -> _HostFailed:
+        self.reporter.task_result(self.host, info, TaskResult("failed", msg=msg))
+        return _HostFailed(Failure(info.label, info.where, msg))
+
+    def _condition(self, info: TaskInfo, conditions: Sequence[Any], variables: Vars) -> bool:
+        try:
+            return all(self.templar.condition(c, variables) for c in conditions)
+        except TemplateFailure as e:
+            raise self._fail(info, f"conditional check failed: {e}") from None
+
+    def _run_action(self, task: Task, run: RoleRun, scope: Scope, handler: bool) -> None:
+        info = self._info(task, run, handler)
+        own = scope.inherit(task, conditions=False, tags=False)
+        include = task.action == "include_tasks"
+        # The `when` of an include applies to the include, not to the included tasks; its vars go with them.
+        conditions = (*scope.when, *as_list(task.get("when")))
+        variables = self.variables(run, scope, task.get("vars"))
+        self.reporter.task_start(self.host, info)
+        looped = "loop" in task.data or "with_items" in task.data
+        try:
+            items = self._items(task, variables) if looped else None
+        except TemplateFailure as e:
+            raise self._fail(info, str(e)) from None
+        control = task.get("loop_control") or {}
+        loop_var = control.get("loop_var", "item")
+        results: list[dict[str, Any]] = []
+        for index, item in enumerate(items if items is not None else [None]):
+            ivars, label = variables, None
+            if items is not None:
+                top = {loop_var: item, "ansible_loop_var": loop_var}
+                if control.get("index_var"):
+                    top[control["index_var"]] = index
+                ivars = variables.child(top)
+                label = str(self._safe(control["label"], ivars) if "label" in control else item)
+            result: dict[str, Any] = {"changed": False, "skipped": True, "skip_reason": "Conditional result was False"}
+            if self._condition(info, conditions, ivars):
+                try:
+                    result = (self._include(task, run, own, ivars, handler) if include
+                              else self._execute(task, run, own, ivars))
+                except RoleError as e:  # templating, or an include file that is missing or invalid
+                    raise self._fail(info, str(e)) from None
+            if items is not None:
+                result = {**result, loop_var: item, "item": item, "ansible_loop_var": loop_var}
+            results.append(result)
+            if not include or result.get("skipped"):
+                self._report(info, result, own, label)
+        if items is None:
+            final = results[0]
+        else:
+            final = {"results": results, "changed": any(r.get("changed") for r in results),
+                     "msg": "All items completed", "skipped": bool(results) and all(r.get("skipped") for r in results)}
+            if any(r.get("failed") for r in results):
+                final.update(failed=True, msg="One or more items failed")
+        self._account(task, run, info, own, final, include)
+
+    def _items(self, task: Task, variables: Vars) -> list[Any]:
+        raw = task.get("loop") if "loop" in task.data else task.get("with_items")
+        items = self.templar.template(raw, variables)
+        if isinstance(items, str) and "with_items" in task.data:
+            items = [items]
+        if not isinstance(items, list):
+            raise TemplateFailure(f"Invalid data passed to 'loop', it requires a list, got this instead: {items!r}")
+        if "with_items" in task.data:
+            items = [x for i in items for x in (i if isinstance(i, list) else [i])]
+        return items
+
+    def _safe(self, value: Any, variables: Vars) -> Any:
+        try:
+            return self.templar.template(value, variables)
+        except TemplateFailure:
+            return value
+
+    def _report(self, info: TaskInfo, result: Mapping[str, Any], scope: Scope, item: str | None) -> None:
+        status = ("failed" if result.get("failed") else "skipped" if result.get("skipped")
+                  else "changed" if result.get("changed") else "ok")
+        msg, diff = str(result.get("msg", "")), str(result.get("diff", ""))
+        if scope.no_log:
+            msg, diff = (_HIDDEN if msg else ""), ""
+        self.reporter.task_result(self.host, info, TaskResult(
+            status, msg=msg, diff=diff, item=item, ignored=status == "failed" and scope.ignore_errors,
+            result=dict(result) if not scope.no_log else {}))
+
+    def _account(self, task: Task, run: RoleRun, info: TaskInfo, scope: Scope, result: dict[str, Any],
+                 include: bool) -> None:
+        """Register, notify, count, and stop the host on an unignored failure."""
+        if task.get("register"):
+            self.host_vars[task.get("register")] = result
+        if result.get("failed"):
+            if scope.ignore_errors:
+                self.recap.ignored += 1
+                return
+            raise _HostFailed(Failure(info.label, info.where, self._failure_msg(result)))
+        if result.get("skipped"):
+            self.recap.skipped += 1
+            return
+        if include:
+            return
+        self.recap.ok += 1
+        if result.get("changed"):
+            self.recap.changed += 1
+            self._notify(task, run, scope)
+
+    @staticmethod
+    def _failure_msg(result: Mapping[str, Any]) -> str:
+        if "results" in result:
+            failed = [r for r in result["results"] if r.get("failed")]
+            return "; ".join(f"item={r.get('item')!r}: {Play._failure_msg(r)}" for r in failed)
+        msg = str(result.get("msg") or "failed")
+        detail = str(result.get("stderr") or "").strip().splitlines()
+        return msg + (f" (rc={result['rc']}): {detail[-1]}" if "rc" in result and detail else "")
+
+    def _notify(self, task: Task, run: RoleRun, scope: Scope) -> None:
+        variables = self.variables(run, scope, task.get("vars"))
+        for target in as_list(task.get("notify")):
+            name = str(self.templar.template(target, variables))
+            found = self.handlers.get(name) or self.handlers.get(f"{run.role.name} : {name}")
+            if not found:
+                raise _HostFailed(Failure(f"{run.role.name} : {task.name}", task.data.where("notify"),
+                                          f"no handler named '{name}'"))
+            self.notified.update(id(h) for h in found)
+
+    # -- executing a module -----------------------------------------------------------------------------
+    def _execute(self, task: Task, run: RoleRun, scope: Scope, variables: Vars) -> dict[str, Any]:
+        assert task.module is not None
+        args = {k: v for k, v in self.templar.template(task.args, variables).items() if v != OMIT}
+        env = {k: v for k, v in self.templar.template(dict(scope.environment), variables).items() if v != OMIT}
+        ctx = Context(remote=self.remote, templar=self.templar, vars=variables, facts=self.facts,
+                      search_paths={k: run.role.search_paths(k) for k in ("templates", "files")},
+                      become=Become(scope.become, str(self.templar.template(scope.become_user, variables))),
+                      env=env, check=self.check if scope.check_mode is None else scope.check_mode,
+                      diff=self.diff if scope.diff is None else scope.diff)
+        register = task.get("register")
+        retries = int(self.templar.template(task.get("retries", 3), variables)) if "until" in task.data else 0
+        delay = float(self.templar.template(task.get("delay", 5), variables))
+        attempt = 0
+        while True:
+            attempt += 1
+            result = self._call_module(task, ctx, args)
+            rvars = variables.child({register: result}) if register else variables
+            if "changed_when" in task.data:
+                result["changed"] = self.templar.condition(task.get("changed_when"), rvars)
+            if "failed_when" in task.data:
+                result["failed"] = self.templar.condition(task.get("failed_when"), rvars)
+                if not result["failed"] and result.get("msg") == "non-zero return code":
+                    del result["msg"]
+            if "until" not in task.data:
+                break
+            result["attempts"] = attempt
+            if self.templar.condition(task.get("until"), rvars):
+                break
+            if attempt > retries:
+                result.update(failed=True, msg=f"Retries exceeded ({retries}): {result.get('msg', '')}".rstrip(": "))
+                break
+            time.sleep(delay)
+        if "ansible_facts" in result and not result.get("failed"):
+            self.host_vars.update(result["ansible_facts"])
+        return result
+
+    def _call_module(self, task: Task, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        assert task.module is not None
+        try:
+            return self._remote_call(lambda: task.module(ctx, args).run())  # type: ignore[misc]
+        except ModuleFailure as e:
+            return {"changed": False, "failed": True, "msg": e.msg, **e.extra}
+        except TemplateFailure:
+            raise
+        except RoleError as e:
+            return {"changed": False, "failed": True, "msg": str(e)}
+        except (ValueError, IndexError, KeyError, TypeError) as e:
+            # Output a probe did not expect (an unusual target): fail this task, not the whole program.
+            return {"changed": False, "failed": True, "msg": f"{task.action}: {type(e).__name__}: {e}"}
+
+    def _include(self, task: Task, run: RoleRun, scope: Scope, variables: Vars, handler: bool) -> dict[str, Any]:
+        name = str(self.templar.template(task.args, variables))
+        tasks = task.tasks if task.tasks is not None and name == task.args else run.role.task_file(name)
+        info = self._info(task, run, handler)
+        self.reporter.task_result(self.host, info, TaskResult("included", msg=name))
+        # Loop variables and the include's own vars reach the included tasks; its when and tags do not.
+        loop_var = variables.get("ansible_loop_var")
+        carried = {loop_var: variables[loop_var]} if loop_var else {}
+        self._run_list(tasks, run, replace(scope, vars=(*scope.vars, task.get("vars") or {}, carried), when=()),
+                       handler)
+        return {"changed": False}
+
+
+def run_roles(conn: Runner, roles: Sequence[str], roles_path: Path | Sequence[Path],
+              extra_vars: Mapping[str, Any] | None = None, *, check: bool = False, diff: bool = False,
+              tags: Sequence[str] | None = None, skip_tags: Sequence[str] | None = None, become: bool = False,
+              reporter: Reporter | None = None, host_name: str = "web1") -> Recap:
+    """Validate `roles` (raising RoleError before anything runs), then run them on `conn`'s host.
+
+    The returned Recap has Ansible's counters; `recap.failure` names the failed task, its file:line and the
+    module's message. Extra vars have the highest precedence, as in Ansible.
+    """
+    runs = load_play(roles, roles_path)
+    play = Play(Remote(conn), runs, extra_vars or {}, check=check, diff=diff, tags=tags, skip_tags=skip_tags,
+                become=become, reporter=reporter or SilentReporter(), host=host_name)
+    return play.run()

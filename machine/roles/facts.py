@@ -1,0 +1,159 @@
+"""Ansible-style facts from one POSIX shell round trip (no python needed on the target)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+# Each section starts with a `@@name` line; parse_facts() reads them back. Every probe tolerates a missing tool.
+FACTS_SCRIPT = r"""
+s() { echo "@@$1"; }
+s os_release; cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release 2>/dev/null
+s debian_version; cat /etc/debian_version 2>/dev/null
+s redhat_release; cat /etc/redhat-release 2>/dev/null
+s uname; uname -m; uname -r
+s hostname; hostname 2>/dev/null || uname -n
+s service_mgr; if [ -d /run/systemd/system ]; then echo systemd; else cat /proc/1/comm 2>/dev/null; fi
+s pkg_mgr
+for p in apt-get dnf5 dnf yum zypper apk pacman; do command -v $p >/dev/null 2>&1 && { echo $p; break; }; done
+s meminfo; grep -E '^(MemTotal|MemFree|SwapTotal):' /proc/meminfo 2>/dev/null
+s vcpus; grep -c '^processor' /proc/cpuinfo 2>/dev/null || nproc 2>/dev/null
+s virt
+systemd-detect-virt 2>/dev/null || cat /run/systemd/container 2>/dev/null || { [ -f /.dockerenv ] && echo docker; }
+s cgroup; stat -fc %T /sys/fs/cgroup 2>/dev/null
+s route; ip -4 route show default 2>/dev/null | head -n1
+s addr; i=$(ip -4 route show default 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n1)
+[ -n "$i" ] && { ip -4 -o addr show dev "$i" 2>/dev/null | head -n1
+                 echo "mac $(cat /sys/class/net/$i/address 2>/dev/null)"; }
+s user; id -un
+s end
+"""
+
+_DISTRIBUTIONS = {
+    "debian": "Debian", "ubuntu": "Ubuntu", "fedora": "Fedora", "centos": "CentOS", "rhel": "RedHat",
+    "rocky": "Rocky", "almalinux": "AlmaLinux", "ol": "OracleLinux", "amzn": "Amazon", "alpine": "Alpine",
+    "arch": "Archlinux", "opensuse-leap": "openSUSE Leap", "opensuse-tumbleweed": "openSUSE Tumbleweed",
+    "sles": "SLES", "linuxmint": "Linux Mint", "raspbian": "Debian",
+}
+_FAMILIES = {
+    "Debian": "Debian", "Ubuntu": "Debian", "Linux Mint": "Debian",
+    "Fedora": "RedHat", "CentOS": "RedHat", "RedHat": "RedHat", "Rocky": "RedHat", "AlmaLinux": "RedHat",
+    "OracleLinux": "RedHat", "Amazon": "RedHat", "Alpine": "Alpine", "Archlinux": "Archlinux",
+    "openSUSE Leap": "Suse", "openSUSE Tumbleweed": "Suse", "SLES": "Suse",
+}
+_PKG_MGRS = {"apt-get": "apt", "dnf5": "dnf5", "dnf": "dnf", "yum": "yum", "zypper": "zypper", "apk": "apk",
+             "pacman": "pacman"}
+
+
+def _sections(output: str) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in output.splitlines():
+        if line.startswith("@@"):
+            current = sections.setdefault(line[2:].strip(), [])
+        else:
+            current.append(line)
+    return sections
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and not key.startswith("#"):
+            try:
+                words = shlex.split(value)
+            except ValueError:
+                words = [value]
+            out[key.strip()] = words[0] if words else ""
+    return out
+
+
+def _distribution(osr: dict[str, str], debian_version: str, redhat_release: str) -> dict[str, Any]:
+    os_id = osr.get("ID", "").lower()
+    name = _DISTRIBUTIONS.get(os_id) or osr.get("NAME", "Linux").split()[0] or "Linux"
+    version = osr.get("VERSION_ID", "")
+    if name == "Debian" and re.match(r"^\d+(\.\d+)*$", debian_version):
+        version = debian_version  # os-release says "12"; Ansible reports the point release, e.g. "12.5"
+    release = osr.get("VERSION_CODENAME") or osr.get("UBUNTU_CODENAME") or ""
+    if not release and name in ("RedHat", "CentOS", "Rocky", "AlmaLinux"):
+        # RHEL: "Red Hat Enterprise Linux release 9.4 (Plow)" -> Plow; CentOS Stream: "... release 9" -> Stream
+        found = re.search(r"\(([^)]+)\)", redhat_release or osr.get("VERSION", ""))
+        release = found.group(1) if found else ("Stream" if "Stream" in osr.get("NAME", "") else "")
+    family = _FAMILIES.get(name)
+    if family is None:
+        like = osr.get("ID_LIKE", "").split()
+        family = next((_FAMILIES[_DISTRIBUTIONS[x]] for x in like if x in _DISTRIBUTIONS), name)
+    return {
+        "distribution": name,
+        "distribution_version": version,
+        "distribution_major_version": version.split(".")[0] if version else "",
+        "distribution_release": release,
+        "os_family": family,
+    }
+
+
+def parse_facts(output: str) -> dict[str, Any]:
+    """The facts (without the `ansible_` prefix) from the output of FACTS_SCRIPT."""
+    sec = _sections(output)
+
+    def first(name: str) -> str:
+        lines = [x.strip() for x in sec.get(name, []) if x.strip()]
+        return lines[0] if lines else ""
+
+    facts: dict[str, Any] = _distribution(parse_os_release("\n".join(sec.get("os_release", []))),
+                                          first("debian_version"), first("redhat_release"))
+    uname = [x.strip() for x in sec.get("uname", [])]
+    facts["architecture"] = uname[0] if uname else ""
+    facts["kernel"] = uname[1] if len(uname) > 1 else ""
+    nodename = first("hostname")
+    facts["nodename"] = nodename
+    facts["hostname"] = nodename.split(".")[0]
+    facts["service_mgr"] = first("service_mgr") or "unknown"
+    facts["pkg_mgr"] = _PKG_MGRS.get(first("pkg_mgr"), "unknown")
+    mem = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+)", "\n".join(sec.get("meminfo", [])), re.M)}
+    facts["memtotal_mb"] = mem.get("MemTotal", 0) // 1024
+    facts["memfree_mb"] = mem.get("MemFree", 0) // 1024
+    facts["swaptotal_mb"] = mem.get("SwapTotal", 0) // 1024
+    vcpus = first("vcpus")
+    facts["processor_vcpus"] = int(vcpus) if vcpus.isdigit() else 1
+    virt = first("virt")
+    facts["virtualization_type"] = "" if virt in ("", "none") else virt
+    facts["virtualization_role"] = "guest" if facts["virtualization_type"] else "host"
+    facts["user_id"] = first("user")
+    cgroup = first("cgroup")
+    facts["pymachine_cgroup_version"] = 2 if cgroup == "cgroup2fs" else 1
+    facts["default_ipv4"] = _default_ipv4(first("route"), sec.get("addr", []))
+    return facts
+
+
+def _default_ipv4(route: str, addr_lines: list[str]) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    gateway = re.search(r"\bvia (\S+)", route)
+    dev = re.search(r"\bdev (\S+)", route)
+    if gateway:
+        info["gateway"] = gateway.group(1)
+    if dev:
+        info["interface"] = dev.group(1)
+    for line in addr_lines:
+        cidr = re.search(r"\binet (\d+\.\d+\.\d+\.\d+)/(\d+)", line)
+        if cidr:
+            address, prefix = cidr.group(1), int(cidr.group(2))
+            mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+            network = int.from_bytes(bytes(int(x) for x in address.split("."))) & mask
+            info.update(address=address, prefix=str(prefix), netmask=_dotted(mask), network=_dotted(network))
+        if line.startswith("mac ") and line[4:].strip():
+            info["macaddress"] = line[4:].strip()
+    return info
+
+
+def _dotted(n: int) -> str:
+    return ".".join(str(b) for b in n.to_bytes(4))
+
+
+def as_variables(facts: dict[str, Any]) -> dict[str, Any]:
+    """`ansible_<name>` top-level variables plus the `ansible_facts` dictionary, as Ansible exposes them."""
+    out = {f"ansible_{k}" if not k.startswith("pymachine_") else k: v for k, v in facts.items()}
+    out["ansible_facts"] = dict(facts)
+    return out

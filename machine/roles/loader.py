@@ -1,0 +1,348 @@
+"""Loading and validating roles laid out as Ansible lays them out, before anything runs.
+
+Every unknown keyword, module or module argument is refused here with the file and line it was written at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from machine.roles.modules import MODULES, Module
+from machine.roles.modules.base import split_kv
+from machine.roles.templating import is_template
+from machine.roles.yamlload import LineDict, RoleError, load_yaml
+
+# Keywords a task may carry (besides its module), and those a block may carry.
+TASK_KEYWORDS = frozenset({
+    "name", "when", "loop", "with_items", "loop_control", "register", "notify", "become", "become_user",
+    "changed_when", "failed_when", "ignore_errors", "tags", "vars", "check_mode", "no_log", "diff",
+    "environment", "until", "retries", "delay", "args",
+})
+BLOCK_KEYWORDS = frozenset({
+    "block", "rescue", "always", "name", "when", "tags", "become", "become_user", "vars", "ignore_errors",
+    "check_mode", "no_log", "diff", "environment",
+})
+HANDLER_KEYWORDS = TASK_KEYWORDS | {"listen"}
+LOOP_CONTROL = frozenset({"loop_var", "index_var", "label"})
+INCLUDE = {"include_tasks": "include_tasks", "ansible.builtin.include_tasks": "include_tasks",
+           "import_tasks": "import_tasks", "ansible.builtin.import_tasks": "import_tasks"}
+META = ("meta", "ansible.builtin.meta")
+META_ACTIONS = frozenset({"flush_handlers", "noop", "end_host", "end_play"})
+# import_tasks is resolved at load time, so per-run keywords make no sense on it (Ansible refuses them too).
+_STATIC_FORBIDDEN = frozenset({"loop", "with_items", "loop_control", "register", "notify", "until"})
+
+
+@dataclass
+class Task:
+    """One entry of a task list: a module call, a block, an include/import or a meta action."""
+
+    data: LineDict
+    action: str  # module name as written, or "block", "include_tasks", "import_tasks", "meta"
+    args: Any
+    role: Role
+    module: type[Module] | None = None
+    block: list[Task] = field(default_factory=list)
+    rescue: list[Task] = field(default_factory=list)
+    always: list[Task] = field(default_factory=list)
+    tasks: list[Task] | None = None  # import_tasks (and literal include_tasks) resolved at load time
+
+    @property
+    def where(self) -> str:
+        return self.data.where()
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("name") or self.action)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+
+@dataclass
+class Role:
+    name: str
+    path: Path
+    display: str  # e.g. "roles/kernel", for messages
+    defaults: dict[str, Any] = field(default_factory=dict)
+    vars: dict[str, Any] = field(default_factory=dict)
+    tasks: list[Task] = field(default_factory=list)
+    handlers: list[Task] = field(default_factory=list)
+    dependencies: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (name, params, where)
+    _files: dict[Path, list[Task]] = field(default_factory=dict, repr=False)
+
+    def search_paths(self, kind: str) -> list[Path]:
+        """Where Ansible looks for a template/copy `src` of this role's tasks."""
+        return [self.path / kind, self.path / "tasks", self.path]
+
+    def task_file(self, name: str, stack: tuple[Path, ...] = ()) -> list[Task]:
+        """Tasks of `name`, relative to the role's tasks/ directory (loaded and validated once)."""
+        path = (self.path / "tasks" / name).resolve()
+        if not path.is_file():
+            raise RoleError(f"{self.display}/tasks/{name}: no such task file")
+        if path in stack:
+            raise RoleError(f"{self.display}/tasks/{name}: includes itself")
+        if path not in self._files:
+            rel = path.relative_to(self.path.resolve()) if path.is_relative_to(self.path.resolve()) else path
+            self._files[path] = _task_list(load_yaml(path, f"{self.display}/{rel}"), self, False, (*stack, path),
+                                           f"{self.display}/{rel}")
+        return self._files[path]
+
+
+@dataclass
+class RoleRun:
+    """A role as it runs in the play: the role and the parameters its dependant passed."""
+
+    role: Role
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _main(directory: Path) -> Path | None:
+    for name in ("main.yml", "main.yaml", "main"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _mapping_file(role: Role, sub: str) -> dict[str, Any]:
+    path = _main(role.path / sub)
+    if path is None:
+        return {}
+    data = load_yaml(path, f"{role.display}/{sub}/{path.name}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RoleError(f"{role.display}/{sub}/{path.name}: must be a mapping of variables")
+    return data
+
+
+def find_role(name: str, roles_path: Sequence[Path]) -> Path:
+    for base in roles_path:
+        if (base / name).is_dir():
+            return base / name
+    raise RoleError(f"role '{name}' not found in {', '.join(map(str, roles_path))}")
+
+
+def load_role(name: str, roles_path: Path | Sequence[Path]) -> Role:
+    """Load one role and validate all its files (task files it imports or includes by a literal name too)."""
+    paths = _paths(roles_path)
+    path = find_role(name, paths)
+    role = Role(name, path, f"{path.parent.name}/{name}")
+    role.defaults = _mapping_file(role, "defaults")
+    role.vars = _mapping_file(role, "vars")
+    meta = _mapping_file(role, "meta")
+    for dep in meta.get("dependencies") or []:
+        where = dep.where() if isinstance(dep, LineDict) else (
+            meta.where("dependencies") if isinstance(meta, LineDict) else f"{role.display}/meta/main.yml")
+        if isinstance(dep, str):
+            role.dependencies.append((dep, {}, where))
+        elif isinstance(dep, Mapping) and (dep.get("role") or dep.get("name")):
+            params = {k: v for k, v in dep.items() if k not in ("role", "name", "vars", "when", "tags")}
+            params.update(dep.get("vars") or {})
+            if "when" in dep or "tags" in dep:
+                raise RoleError(f"{where}: 'when' and 'tags' on role dependencies are not supported")
+            role.dependencies.append((str(dep.get("role") or dep.get("name")), params, where))
+        else:
+            raise RoleError(f"{where}: a dependency must be a role name or a mapping with 'role'")
+    if _main(path / "tasks"):
+        role.tasks = role.task_file(_main(path / "tasks").name)  # type: ignore[union-attr]
+    handlers = _main(path / "handlers")
+    if handlers:
+        display = f"{role.display}/handlers/{handlers.name}"
+        role.handlers = _task_list(load_yaml(handlers, display), role, True, (), display)
+    return role
+
+
+def _paths(roles_path: Path | Sequence[Path]) -> list[Path]:
+    return [Path(roles_path)] if isinstance(roles_path, str | Path) else [Path(p) for p in roles_path]
+
+
+def load_play(roles: Sequence[str], roles_path: Path | Sequence[Path]) -> list[RoleRun]:
+    """The roles in the order they run: each role's dependencies first, a role with the same parameters once."""
+    loaded: dict[str, Role] = {}
+    runs: list[RoleRun] = []
+
+    def add(name: str, params: dict[str, Any], chain: tuple[str, ...], where: str = "") -> None:
+        if name in chain:
+            raise RoleError(f"{where}: role dependency cycle: {' -> '.join((*chain, name))}")
+        if name not in loaded:
+            try:
+                loaded[name] = load_role(name, roles_path)
+            except RoleError as e:
+                raise RoleError(f"{where}: {e}" if where else str(e)) from None
+        role = loaded[name]
+        for dep, dep_params, dep_where in role.dependencies:
+            add(dep, dep_params, (*chain, name), dep_where)
+        if not any(r.role is role and r.params == params for r in runs):
+            runs.append(RoleRun(role, params))
+
+    for name in roles:
+        add(name, {}, ())
+    _check_notify(runs)
+    return runs
+
+
+def validate(roles: Sequence[str], roles_path: Path | Sequence[Path]) -> None:
+    """Refuse bad roles without a connection: raises RoleError naming file:line and the problem."""
+    load_play(roles, roles_path)
+
+
+# -- tasks -------------------------------------------------------------------------------------------------
+def _task_list(data: Any, role: Role, handler: bool, stack: tuple[Path, ...], display: str) -> list[Task]:
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        where = data.where() if isinstance(data, LineDict) else display
+        raise RoleError(f"{where}: a task file must be a list of tasks")
+    tasks = []
+    for i, item in enumerate(data, 1):
+        if not isinstance(item, LineDict):
+            raise RoleError(f"{display}: task #{i} is not a mapping")
+        tasks.append(_task(item, role, handler, stack))
+    return tasks
+
+
+def _task(data: LineDict, role: Role, handler: bool, stack: tuple[Path, ...]) -> Task:
+    if "block" in data:
+        for key in data:
+            if key not in BLOCK_KEYWORDS:
+                raise RoleError(f"{data.where(key)}: unknown keyword '{key}' on a block")
+        task = Task(data, "block", None, role)
+        for part in ("block", "rescue", "always"):
+            setattr(task, part, _task_list(data.get(part), role, handler, stack, data.where(part)))
+        _check_keywords(task)
+        return task
+    allowed = HANDLER_KEYWORDS if handler else TASK_KEYWORDS
+    candidates = [k for k in data if k not in allowed]
+    actions = [k for k in candidates if k in MODULES or k in INCLUDE or k in META]
+    if not candidates:
+        raise RoleError(f"{data.where()}: task has no module")
+    if not actions:
+        raise RoleError(f"{data.where(candidates[0])}: unknown module '{candidates[0]}'")
+    for key in candidates:
+        if key not in actions:
+            raise RoleError(f"{data.where(key)}: unknown keyword '{key}'")
+    if len(actions) > 1:
+        raise RoleError(f"{data.where(actions[1])}: conflicting actions in one task: {', '.join(actions)}")
+    action = actions[0]
+    raw = data[action]
+    if action in INCLUDE:
+        task = _include(data, action, raw, role, stack)
+    elif action in META:
+        if raw not in META_ACTIONS:
+            raise RoleError(f"{data.where(action)}: unsupported meta action {raw!r} "
+                            f"(supported: {', '.join(sorted(META_ACTIONS))})")
+        task = Task(data, "meta", raw, role)
+    else:
+        module = MODULES[action]
+        args = _module_args(module, action, raw, data)
+        # `args:` (Ansible's way to give a free-form module its options) adds to the inline arguments.
+        extra = data.get("args") or {}
+        if not isinstance(extra, Mapping):
+            raise RoleError(f"{data.where('args')}: args must be a mapping")
+        args = {**extra, **args}
+        problem = module.check_args(args)
+        if problem:
+            raise RoleError(f"{data.where(action)}: {problem}")
+        task = Task(data, action, args, role, module)
+    _check_keywords(task)
+    return task
+
+
+def _module_args(module: type[Module], action: str, raw: Any, data: LineDict) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if not isinstance(raw, str):
+        raise RoleError(f"{data.where(action)}: arguments of '{action}' must be a mapping")
+    if module.free_form:
+        return module.parse_free_form(raw)  # type: ignore[attr-defined]
+    pairs, rest = split_kv(raw)
+    if rest:
+        raise RoleError(f"{data.where(action)}: '{action}' takes key=value arguments, not {' '.join(rest)!r}")
+    return pairs
+
+
+def _include(data: LineDict, action: str, raw: Any, role: Role, stack: tuple[Path, ...]) -> Task:
+    kind = INCLUDE[action]
+    if isinstance(raw, Mapping):
+        extra = set(raw) - {"file"}
+        if extra or "file" not in raw:
+            raise RoleError(f"{data.where(action)}: {kind} takes a file name (or 'file:'), "
+                            f"not {', '.join(sorted(extra)) or 'nothing'}")
+        raw = raw["file"]
+    if not isinstance(raw, str) or not raw:
+        raise RoleError(f"{data.where(action)}: {kind} needs a file name")
+    task = Task(data, kind, raw, role)
+    if kind == "import_tasks":
+        bad = _STATIC_FORBIDDEN & set(data)
+        if bad:
+            raise RoleError(f"{data.where(min(bad))}: '{min(bad)}' cannot be used with import_tasks "
+                            f"(use include_tasks)")
+        if is_template(raw):
+            raise RoleError(f"{data.where(action)}: import_tasks needs a literal file name (use include_tasks)")
+    if not is_template(raw):
+        try:
+            task.tasks = role.task_file(raw, stack)
+        except RoleError as e:
+            raise RoleError(f"{data.where(action)}: {e}") from None
+    return task
+
+
+def _check_keywords(task: Task) -> None:
+    d = task.data
+    if "loop" in d and "with_items" in d:
+        raise RoleError(f"{d.where('with_items')}: use either loop or with_items, not both")
+    control = d.get("loop_control")
+    if control is not None:
+        if not isinstance(control, Mapping):
+            raise RoleError(f"{d.where('loop_control')}: loop_control must be a mapping")
+        for key in control:
+            if key not in LOOP_CONTROL:
+                raise RoleError(f"{d.where('loop_control')}: unsupported loop_control option '{key}'")
+    if "register" in d and not (isinstance(d["register"], str) and d["register"].isidentifier()):
+        raise RoleError(f"{d.where('register')}: register needs a variable name")
+    for key in ("vars", "environment"):
+        if key in d and not isinstance(d[key], Mapping):
+            raise RoleError(f"{d.where(key)}: {key} must be a mapping")
+    if "notify" in d and not isinstance(d["notify"], str | list):
+        raise RoleError(f"{d.where('notify')}: notify must be a handler name or a list of them")
+
+
+def as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def handler_names(runs: Sequence[RoleRun]) -> dict[str, list[Task]]:
+    """Every name a task may notify -> the handlers it triggers, in definition order (name, `role : name`,
+    and `listen` topics)."""
+    names: dict[str, list[Task]] = {}
+    for run in runs:
+        for handler in run.role.handlers:
+            keys = [str(handler.get("name"))] if handler.get("name") else []
+            keys += [f"{run.role.name} : {k}" for k in keys]
+            keys += [str(t) for t in as_list(handler.get("listen"))]
+            for key in keys:
+                if handler not in names.setdefault(key, []):
+                    names[key].append(handler)
+    return names
+
+
+def walk(tasks: Sequence[Task]) -> Any:
+    for task in tasks:
+        yield task
+        yield from walk(task.block + task.rescue + task.always + (task.tasks or []))
+
+
+def _check_notify(runs: Sequence[RoleRun]) -> None:
+    names = handler_names(runs)
+    for run in runs:
+        for task in walk([*run.role.tasks, *run.role.handlers]):
+            for target in as_list(task.get("notify")):
+                if isinstance(target, str) and not is_template(target) and target not in names:
+                    raise RoleError(f"{task.data.where('notify')}: no handler named '{target}'")

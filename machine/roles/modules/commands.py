@@ -1,0 +1,90 @@
+"""command and shell: always a change when they run; `creates`/`removes` make them idempotent."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any, ClassVar
+
+from machine.roles.modules.base import Arg, Module, ModuleFailure
+from machine.roles.remote import q
+
+_SKIP = "@@pm-skip@@"
+# Options Ansible recognises inside a free-form command line (`creates=/x cmd args`).
+_INLINE = re.compile(r"""(?:^|\s)(creates|removes|chdir|executable|stdin)=("[^"]*"|'[^']*'|\S+)""")
+
+
+class Command(Module):
+    names = ("command",)
+    free_form = True
+    args: ClassVar[dict[str, Arg]] = {
+        "_raw_params": Arg(type="str"), "cmd": Arg(type="str"), "argv": Arg(type="list"),
+        "chdir": Arg(type="str"), "creates": Arg(type="str"), "removes": Arg(type="str"),
+        "stdin": Arg(type="str"), "stdin_add_newline": Arg(default=True, type="bool"),
+        "strip_empty_ends": Arg(default=True, type="bool"),
+    }
+    shell = False
+
+    @classmethod
+    def parse_free_form(cls, text: str) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        for key, value in _INLINE.findall(text):
+            args[key] = value[1:-1] if value[:1] in "\"'" else value
+        rest = _INLINE.sub("", text).strip()
+        if rest:
+            args["_raw_params"] = rest
+        return args
+
+    def command_line(self) -> str:
+        p = self.params
+        raw = p["cmd"] or p["_raw_params"]
+        if p.get("argv"):
+            return shlex.join(str(a) for a in p["argv"])
+        if not raw:
+            raise ModuleFailure("no command given")
+        # command runs without a shell: its words are re-quoted so the remote shell passes them through.
+        return shlex.join(shlex.split(raw))
+
+    def run(self) -> dict[str, Any]:
+        p = self.params
+        cmd = self.command_line()
+        guard = ""
+        if p["creates"]:
+            guard += f"if [ -e {q(p['creates'])} ]; then echo {_SKIP}; exit 0; fi\n"
+        if p["removes"]:
+            guard += f"if [ ! -e {q(p['removes'])} ]; then echo {_SKIP}; exit 0; fi\n"
+        if self.ctx.check:
+            if not guard:
+                return {"changed": False, "skipped": True, "msg": "command would have run if not in check mode"}
+            would_skip = self.sh(guard + "true", what="probe").stdout.strip() == _SKIP
+            return {"changed": not would_skip, "msg": "command would have run if not in check mode"}
+        chdir = f"cd {q(p['chdir'])} || exit 1\n" if p["chdir"] else ""
+        stdin = None
+        if p["stdin"] is not None:
+            stdin = (p["stdin"] + ("\n" if p["stdin_add_newline"] else "")).encode()
+        res = self.ctx.run(guard + chdir + cmd, stdin=stdin)
+        if res.stdout.strip() == _SKIP and guard:
+            which = p["creates"] or p["removes"]
+            return {"changed": False, "rc": 0, "stdout": "", "stderr": "", "stdout_lines": [], "stderr_lines": [],
+                    "msg": f"skipped, since {which} {'exists' if p['creates'] else 'does not exist'}"}
+        strip = (lambda s: s.rstrip("\r\n")) if p["strip_empty_ends"] else (lambda s: s)
+        out, err = strip(res.stdout), strip(res.stderr)
+        result = {"changed": True, "cmd": cmd, "rc": res.rc, "stdout": out, "stderr": err,
+                  "stdout_lines": out.splitlines(), "stderr_lines": err.splitlines()}
+        if res.rc != 0:
+            result.update(failed=True, msg="non-zero return code")
+        return result
+
+
+class Shell(Command):
+    names = ("shell",)
+    args: ClassVar[dict[str, Arg]] = {**{k: v for k, v in Command.args.items() if k != "argv"},
+                                      "executable": Arg(type="str")}
+
+    def command_line(self) -> str:
+        raw = self.params["cmd"] or self.params["_raw_params"]
+        if not raw:
+            raise ModuleFailure("no command given")
+        if self.params["executable"]:
+            return f"exec {q(self.params['executable'])} -c {q(raw)}"
+        return raw

@@ -1,0 +1,59 @@
+"""Modules that only evaluate variables: set_fact, assert, debug, fail. They never touch the host."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from machine.roles.modules.base import Arg, Module, ModuleFailure
+from machine.roles.templating import TemplateFailure
+
+
+class SetFact(Module):
+    names = ("set_fact",)
+    open_args = True
+
+    def run(self) -> dict[str, Any]:
+        facts = {k: v for k, v in self.params.items() if k != "cacheable"}
+        if not facts:
+            raise ModuleFailure("set_fact needs at least one variable")
+        return {"changed": False, "ansible_facts": facts}
+
+
+class Assert(Module):
+    names = ("assert",)
+    args: ClassVar[dict[str, Arg]] = {
+        # Not type "list": that would split one condition at its commas (`x in ['a', 'b']`).
+        "that": Arg(required=True, type="raw"), "fail_msg": Arg(aliases=("msg",)),
+        "success_msg": Arg(default="All assertions passed"), "quiet": Arg(default=False, type="bool"),
+    }
+
+    def run(self) -> dict[str, Any]:
+        p = self.params
+        for expr in p["that"] if isinstance(p["that"], list) else [p["that"]]:
+            if not self.ctx.templar.condition(expr, self.ctx.vars):
+                return {"changed": False, "failed": True, "assertion": expr, "evaluated_to": False,
+                        "msg": p["fail_msg"] or f"Assertion failed: {expr}"}
+        return {"changed": False, **({} if p["quiet"] else {"msg": p["success_msg"]})}
+
+
+class Debug(Module):
+    names = ("debug",)
+    args: ClassVar[dict[str, Arg]] = {"msg": Arg(), "var": Arg(type="str"), "verbosity": Arg(default=0, type="int")}
+
+    def run(self) -> dict[str, Any]:
+        p = self.params
+        if p["var"] is not None:
+            try:
+                value = self.ctx.templar.template("{{ " + p["var"] + " }}", self.ctx.vars)
+            except TemplateFailure:
+                value = "VARIABLE IS NOT DEFINED!"
+            return {"changed": False, p["var"]: value, "msg": f"{p['var']}: {value}"}
+        return {"changed": False, "msg": "Hello world!" if p["msg"] is None else p["msg"]}
+
+
+class Fail(Module):
+    names = ("fail",)
+    args: ClassVar[dict[str, Arg]] = {"msg": Arg(default="Failed as requested from task")}
+
+    def run(self) -> dict[str, Any]:
+        return {"changed": False, "failed": True, "msg": self.params["msg"]}

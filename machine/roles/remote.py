@@ -1,0 +1,126 @@
+"""The target host as the modules see it: POSIX shell scripts run through the connection, with become."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+q = shlex.quote
+
+
+class Runner(Protocol):
+    """What the engine needs of a connection (machine.ssh.Connection or a test double)."""
+
+    endpoint: Any
+
+    def run(self, command: str, *, stdin: bytes | None = None, check: bool = False,
+            timeout: float | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Become:
+    enabled: bool = False
+    user: str = "root"
+
+
+class Remote:
+    """Runs scripts as `sh -c`, so the login shell of the remote user does not matter."""
+
+    def __init__(self, conn: Runner) -> None:
+        self.conn = conn
+        self.user = getattr(conn.endpoint, "user", "root")
+
+    def command(self, script: str, become: Become = Become(), env: Mapping[str, Any] | None = None) -> str:
+        argv = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+        argv += ["sh", "-c", script]
+        target = become.user if become.enabled else self.user
+        if target == self.user:
+            return shlex.join(argv)
+        if self.user != "root":
+            return shlex.join(["sudo", "-n", "-H", "-u", target, "--", *argv])
+        return shlex.join(["su", "-s", "/bin/sh", target, "-c", shlex.join(argv)])
+
+    def run(self, script: str, *, stdin: bytes | None = None, become: Become = Become(),
+            env: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
+        return self.conn.run(self.command(script, become, env), stdin=stdin, timeout=timeout)
+
+
+# -- shell snippets shared by the modules ------------------------------------------------------------------
+def stat_line() -> str:
+    """Print `kind|mode|owner|group|link-target` of $p (a link itself, not its target), or `absent`; leave the
+    kind in $t and the size in $sz for the snippets that follow. One fork, for speed on no-op runs."""
+    return ('s=$(stat -c "%F|%a|%U|%G|%s" -- "$p" 2>/dev/null) || s=absent; sz=${s##*|}; s=${s%|*}; '
+            'case $s in "symbolic link"*) t=link;; directory*) t=directory;; regular*) t=file;; absent) t=absent;; '
+            '*) t=other;; esac; if [ $t = link ]; then echo "link|${s#*|}|$(readlink -- "$p")"; '
+            'elif [ $t = absent ]; then echo absent; else echo "$t|${s#*|}|"; fi')
+
+
+def checksum_line(algorithm: str = "sha256") -> str:
+    """After stat_line(): print $p's digest, or an empty line when it is not a regular file."""
+    return f'if [ $t = file ]; then h=$({algorithm}sum < "$p"); echo "${{h%% *}}"; else echo; fi'
+
+
+@dataclass(frozen=True)
+class FileState:
+    kind: str  # absent, file, directory, link, other
+    mode: int | None = None
+    owner: str = ""
+    group: str = ""
+    target: str = ""
+
+    @classmethod
+    def parse(cls, line: str) -> FileState:
+        parts = line.strip().split("|")
+        if parts[0] not in ("file", "directory", "link", "other") or len(parts) < 5:
+            return cls("absent")
+        return cls(parts[0], int(parts[1], 8), parts[2], parts[3], parts[4])
+
+    @property
+    def exists(self) -> bool:
+        return self.kind != "absent"
+
+
+def parse_mode(mode: Any) -> int | None:
+    """Ansible's `mode`: an int (YAML read 0644 as octal) or an octal string; symbolic modes are refused."""
+    if mode is None:
+        return None
+    if isinstance(mode, int):
+        return mode
+    text = str(mode).strip()
+    if text and all(c in "01234567" for c in text):
+        return int(text, 8)
+    raise ValueError(f"mode {mode!r}: only octal modes (e.g. '0644') are supported")
+
+
+def attrs_script(path: str, current: FileState, mode: int | None, owner: str | None, group: str | None
+                 ) -> tuple[str, list[str]]:
+    """Commands (and a description of each difference) bringing `path`'s attributes to the wanted ones."""
+    cmds, changes = [], []
+    if (owner and current.owner != owner) or (group and current.group != group):
+        spec = f"{owner or ''}{':' + group if group else ''}"
+        cmds.append(f"chown -h {q(spec)} {q(path)}")
+        changes.append(f"owner {current.owner}:{current.group} -> {spec}" if current.exists else f"owner {spec}")
+    if mode is not None and current.kind != "link" and current.mode != mode:
+        cmds.append(f"chmod {mode:04o} {q(path)}")
+        changes.append(f"mode {current.mode:04o} -> {mode:04o}" if current.mode is not None else f"mode {mode:04o}")
+    return "; ".join(cmds), changes
+
+
+def write_script(path: str, mode: int | None, owner: str | None, group: str | None,
+                 validate: str | None = None) -> str:
+    """Write stdin to `path` atomically: a temp file in the same directory, attributes, an optional
+    `validate` command (`%s` is the temp file), then rename."""
+    steps = ["set -e", f"d=$(dirname {q(path)})", 't=$(mktemp "$d/.pm.XXXXXX")', "trap 'rm -f \"$t\"' EXIT",
+             'cat > "$t"']
+    if owner or group:
+        steps.append(f"chown {q((owner or '') + (':' + group if group else ''))} \"$t\"")
+    # Without a mode, a replaced file keeps its mode and a new one gets 0666 & ~umask, as Ansible does.
+    steps.append(f'chmod {mode:04o} "$t"' if mode is not None
+                 else f'if [ -e {q(path)} ]; then chmod $(stat -L -c %a {q(path)}) "$t"; '
+                      f'else chmod $(printf %o $((0666 & ~0$(umask)))) "$t"; fi')
+    if validate:
+        steps.append(validate.replace("%s", '"$t"'))
+    steps += [f'mv -f "$t" {q(path)}', "trap - EXIT"]
+    return "; ".join(steps)

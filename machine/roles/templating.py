@@ -1,0 +1,371 @@
+"""Jinja2 evaluation as Ansible does it: lazy variables, native values for a lone `{{ expr }}`, strict undefined.
+
+Variables are layered (role defaults at the bottom, extra vars on top) and a variable whose value is itself a
+template is rendered only when something uses it, so a default may refer to a fact or to another default.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import operator
+import posixpath
+import re
+import shlex
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from jinja2 import StrictUndefined, Undefined
+
+from machine.roles.yamlload import RoleError, Unsafe
+
+# Ansible's `omit`: an argument templated to this value is dropped from the module's arguments.
+OMIT = f"__omit_place_holder__{uuid.uuid4().hex}"
+
+_LONE_EXPR = re.compile(r"\{\{-?(.*?)-?\}\}", re.S)
+
+
+class TemplateFailure(RoleError):
+    """A template or expression could not be evaluated (undefined variable, syntax, filter error)."""
+
+
+def is_template(value: str) -> bool:
+    return not isinstance(value, Unsafe) and ("{{" in value or "{%" in value or "{#" in value)
+
+
+class Vars(Mapping[str, Any]):
+    """Layered variables, highest layer last. Values of `raw` layers (facts, registered results) are never
+    templated again; the others are templated on first use and cached for the lifetime of this object."""
+
+    def __init__(self, templar: Templar, layers: Iterable[tuple[Mapping[str, Any], bool]]) -> None:
+        self._templar = templar
+        self._layers = list(layers)
+        self._cache: dict[str, Any] = {}
+        self._resolving: set[str] = set()
+
+    def child(self, top: Mapping[str, Any]) -> Vars:
+        """These variables plus `top` (already templated values, e.g. a loop item) above them all."""
+        return Vars(self._templar, [*self._layers, (top, True)])
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._cache:
+            return self._cache[key]
+        layer, raw = next(((lay, r) for lay, r in reversed(self._layers) if key in lay), (None, True))
+        if layer is None:
+            return self._templar.env.globals[key]  # KeyError when undefined, which Jinja expects
+        value = layer[key]
+        if not raw:
+            if key in self._resolving:
+                raise TemplateFailure(f"recursive loop detected in template of variable '{key}'")
+            self._resolving.add(key)
+            try:
+                value = self._templar.template(value, self)
+            finally:
+                self._resolving.discard(key)
+        self._cache[key] = value
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in layer for layer, _ in self._layers) or key in self._templar.env.globals
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(k for layer, _ in self._layers for k in layer))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Templar:
+    def __init__(self) -> None:
+        self.env = jinja2.Environment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False,
+                                      extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
+        self.env.filters.update(FILTERS)
+        self.env.tests.update(TESTS)
+        self.env.globals["omit"] = OMIT
+        # The template module renders files with Ansible's defaults: trim_blocks on.
+        self._file_env = self.env.overlay(trim_blocks=True)
+
+    def template(self, value: Any, variables: Mapping[str, Any]) -> Any:
+        """Template strings inside `value` (recursively through lists and dicts)."""
+        if isinstance(value, str):
+            if not is_template(value):
+                return value
+            lone = _LONE_EXPR.fullmatch(value)
+            if lone and "{{" not in lone.group(1) and "{%" not in lone.group(1):
+                return self._expression(lone.group(1), variables)
+            return self._render(self._compile(value), variables)
+        if isinstance(value, Mapping):
+            return {self.template(k, variables): self.template(v, variables) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.template(v, variables) for v in value]
+        return value
+
+    def condition(self, expr: Any, variables: Mapping[str, Any]) -> bool:
+        """Evaluate a `when`/`changed_when`/`failed_when` value; a list means all of them."""
+        if isinstance(expr, list):
+            return all(self.condition(e, variables) for e in expr)
+        if isinstance(expr, bool):
+            return expr
+        if expr is None:
+            return False
+        text = str(expr)
+        if is_template(text):
+            text = str(self.template(text, variables))
+        result = self._expression(text, variables)
+        try:
+            return bool(result)
+        except jinja2.UndefinedError as e:
+            raise TemplateFailure(f"error in conditional '{text}': {e.message}") from None
+
+    def render_file(self, path: Path, variables: Mapping[str, Any]) -> str:
+        env = self._file_env.overlay(loader=jinja2.FileSystemLoader(str(path.parent)))
+        try:
+            return self._render(env.get_template(path.name), variables)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateFailure(f"{path.name}:{e.lineno}: template syntax error: {e.message}") from None
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _expression(self, expr: str, variables: Mapping[str, Any]) -> Any:
+        template = self._compile("{% set pm_result_ = (" + expr.strip() + "\n) %}")
+        context = template.new_context(variables, shared=True)
+        self._consume(template, context)
+        result = context.vars["pm_result_"]
+        if isinstance(result, Undefined):
+            # Assigning an undefined value does not raise; using it would, later and far from the task.
+            try:
+                str(result)
+            except jinja2.UndefinedError as e:
+                raise TemplateFailure(e.message or "undefined variable") from None
+        return result
+
+    @lru_cache(maxsize=4096)  # noqa: B019 - one Templar per run; compiling dominates a no-op run otherwise
+    def _compile(self, source: str) -> jinja2.Template:
+        try:
+            return self.env.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateFailure(f"template syntax error in {source!r}: {e.message}") from None
+
+    def _render(self, template: jinja2.Template, variables: Mapping[str, Any]) -> str:
+        # shared=True hands Jinja our lazy mapping instead of a copy that would template every variable.
+        context = template.new_context(variables, shared=True)
+        return self._consume(template, context)
+
+    @staticmethod
+    def _consume(template: jinja2.Template, context: Any) -> str:
+        try:
+            return "".join(template.root_render_func(context))
+        except jinja2.UndefinedError as e:
+            raise TemplateFailure(e.message or "undefined variable") from None
+        except jinja2.TemplateError as e:
+            raise TemplateFailure(str(e.message if hasattr(e, "message") else e)) from None
+        except TemplateFailure:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, re.error) as e:
+            raise TemplateFailure(f"template error: {type(e).__name__}: {e}") from None
+
+
+# -- filters -------------------------------------------------------------------------------------------
+def to_bool(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        value = value.strip().lower()
+    return value in ("yes", "on", "1", "true", "y", 1)
+
+
+def _mandatory(value: Any, msg: str | None = None) -> Any:
+    if isinstance(value, Undefined):
+        name = getattr(value, "_undefined_name", None)
+        raise TemplateFailure(msg or f"Mandatory variable {name!r} not defined.")
+    return value
+
+
+def _combine(*dicts: Mapping[str, Any], recursive: bool = False, list_merge: str = "replace") -> dict[str, Any]:
+    def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            if recursive and isinstance(out.get(k), Mapping) and isinstance(v, Mapping):
+                out[k] = merge(out[k], v)
+            elif list_merge == "append" and isinstance(out.get(k), list) and isinstance(v, list):
+                out[k] = out[k] + v
+            else:
+                out[k] = v
+        return out
+
+    result: dict[str, Any] = {}
+    for d in dicts:
+        for part in d if isinstance(d, list) else [d]:
+            result = merge(result, part)
+    return result
+
+
+def _dict2items(d: Mapping[str, Any], key_name: str = "key", value_name: str = "value") -> list[dict[str, Any]]:
+    if not isinstance(d, Mapping):
+        raise TemplateFailure(f"dict2items requires a dictionary, got {type(d).__name__}")
+    return [{key_name: k, value_name: v} for k, v in d.items()]
+
+
+def _items2dict(items: Iterable[Mapping[str, Any]], key_name: str = "key", value_name: str = "value") -> dict:
+    return {i[key_name]: i[value_name] for i in items}
+
+
+def _unique(seq: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for x in seq:
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _flags(ignorecase: bool, multiline: bool) -> int:
+    return (re.I if ignorecase else 0) | (re.M if multiline else 0)
+
+
+def _regex_replace(value: Any, pattern: str = "", replacement: str = "", ignorecase: bool = False,
+                   multiline: bool = False, count: int = 0) -> str:
+    return re.sub(pattern, replacement, str(value), count=count, flags=_flags(ignorecase, multiline))
+
+
+def _regex_search(value: Any, pattern: str, *groups: str, ignorecase: bool = False,
+                  multiline: bool = False) -> Any:
+    match = re.search(pattern, str(value), flags=_flags(ignorecase, multiline))
+    if match is None:
+        return None
+    if not groups:
+        return match.group(0)
+    # Ansible's group references: '\\1' or '\\g<name>'.
+    refs = [int(g[1:]) if g[1:].isdigit() else g[3:-1] for g in groups]
+    return [match.group(r) for r in refs]
+
+
+def _regex_findall(value: Any, pattern: str, ignorecase: bool = False, multiline: bool = False) -> list[Any]:
+    return re.findall(pattern, str(value), flags=_flags(ignorecase, multiline))
+
+
+def _flatten(seq: Iterable[Any], levels: int | None = None) -> list[Any]:
+    out: list[Any] = []
+    for x in seq:
+        if isinstance(x, list | tuple) and (levels is None or levels > 0):
+            out.extend(_flatten(x, None if levels is None else levels - 1))
+        elif x is not None:
+            out.append(x)
+    return out
+
+
+def _to_yaml(value: Any, **kw: Any) -> str:
+    return yaml.safe_dump(_plain(value), allow_unicode=True, default_flow_style=kw.pop("default_flow_style", None),
+                          **kw)
+
+
+def _to_nice_yaml(value: Any, indent: int = 4, **kw: Any) -> str:
+    return yaml.safe_dump(_plain(value), allow_unicode=True, default_flow_style=False, indent=indent, **kw)
+
+
+def _plain(value: Any) -> Any:
+    """Builtin types only, so yaml.safe_dump accepts loaded (LineDict/Unsafe) values."""
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+def _split(value: str, sep: str | None = None, maxsplit: int = -1) -> list[str]:
+    return str(value).split(sep, maxsplit)
+
+
+FILTERS: dict[str, Any] = {
+    "bool": to_bool,
+    "to_json": lambda v, **kw: json.dumps(v, **kw),
+    "to_nice_json": lambda v, indent=4, **kw: json.dumps(v, indent=indent, sort_keys=True,
+                                                          separators=(",", ": "), **kw),
+    "from_json": lambda v: json.loads(v),
+    "to_yaml": _to_yaml,
+    "to_nice_yaml": _to_nice_yaml,
+    "from_yaml": lambda v: yaml.safe_load(v),
+    "regex_replace": _regex_replace,
+    "regex_search": _regex_search,
+    "regex_findall": _regex_findall,
+    "b64encode": lambda v, encoding="utf-8": base64.b64encode(str(v).encode(encoding)).decode("ascii"),
+    "b64decode": lambda v, encoding="utf-8": base64.b64decode(str(v)).decode(encoding),
+    "mandatory": _mandatory,
+    "combine": _combine,
+    "dict2items": _dict2items,
+    "items2dict": _items2dict,
+    "unique": _unique,
+    "difference": lambda a, b: [x for x in _unique(a) if x not in b],
+    "union": lambda a, b: _unique(itertools.chain(a, b)),
+    "intersect": lambda a, b: [x for x in _unique(a) if x in b],
+    "symmetric_difference": lambda a, b: [x for x in _unique(itertools.chain(a, b)) if (x in a) != (x in b)],
+    "flatten": _flatten,
+    "ternary": lambda v, yes, no, none=None: (none if v is None and none is not None else (yes if v else no)),
+    "basename": posixpath.basename,
+    "dirname": posixpath.dirname,
+    "quote": lambda v: shlex.quote(str(v)),
+    "hash": lambda v, algorithm="sha1": hashlib.new(algorithm, str(v).encode()).hexdigest(),
+    "split": _split,
+    "type_debug": lambda v: type(v).__name__,
+}
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+def _version_key(v: Any) -> list[tuple[int, Any]]:
+    # LooseVersion-like: numbers compare numerically, words alphabetically, numbers before words.
+    parts = [p for p in re.split(r"(\d+|[a-zA-Z]+|\.)", str(v)) if p and p != "."]
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts]
+
+
+_VERSION_OPS = {
+    "==": operator.eq, "=": operator.eq, "eq": operator.eq,
+    "!=": operator.ne, "<>": operator.ne, "ne": operator.ne,
+    "<": operator.lt, "lt": operator.lt, "<=": operator.le, "le": operator.le,
+    ">": operator.gt, "gt": operator.gt, ">=": operator.ge, "ge": operator.ge,
+}
+
+
+def _version(value: Any, version: Any, op: str = "eq", strict: bool = False, version_type: str | None = None) -> bool:
+    if op not in _VERSION_OPS:
+        raise TemplateFailure(f"invalid operator for version test: {op!r}")
+    return _VERSION_OPS[op](_version_key(value), _version_key(version))
+
+
+def _result_test(key: str, *, negate: bool = False):
+    def test(result: Any) -> bool:
+        if not isinstance(result, Mapping):
+            raise TemplateFailure(f"the '{key}' test expects a task result (a dictionary)")
+        value = to_bool(result.get(key, False)) or (key == "failed" and to_bool(result.get("unreachable")))
+        return not value if negate else value
+    return test
+
+
+TESTS: dict[str, Any] = {
+    "version": _version,
+    "version_compare": _version,
+    "failed": _result_test("failed"),
+    "failure": _result_test("failed"),
+    "succeeded": _result_test("failed", negate=True),
+    "success": _result_test("failed", negate=True),
+    "successful": _result_test("failed", negate=True),
+    "changed": _result_test("changed"),
+    "change": _result_test("changed"),
+    "skipped": _result_test("skipped"),
+    "skip": _result_test("skipped"),
+    "match": lambda v, p, ignorecase=False, multiline=False: re.match(p, str(v), _flags(ignorecase, multiline))
+    is not None,
+    "search": lambda v, p, ignorecase=False, multiline=False: re.search(p, str(v), _flags(ignorecase, multiline))
+    is not None,
+    "regex": lambda v, p, ignorecase=False, multiline=False, match_type="search":
+    getattr(re, match_type)(p, str(v), _flags(ignorecase, multiline)) is not None,
+    "subset": lambda a, b: all(x in b for x in a),
+    "superset": lambda a, b: all(x in a for x in b),
+    "contains": lambda seq, x: x in seq,
+}

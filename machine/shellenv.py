@@ -1,0 +1,49 @@
+"""`pymachine env`: set or unset variables in the syntax of the user's shell."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from machine.errors import UsageError
+
+SHELLS = ("bash", "zsh", "sh", "fish", "powershell", "cmd")
+
+_SET = {
+    "fish": 'set -gx {k} "{v}";',
+    "powershell": '$Env:{k} = "{v}"',
+    "cmd": "SET {k}={v}",
+}
+_UNSET = {
+    "fish": "set -e {k};",
+    "powershell": "Remove-Item Env:\\\\{k}",
+    "cmd": "SET {k}=",
+}
+_COMMENT = {"powershell": "# ", "cmd": "REM ", "fish": "# "}
+_HOW = {
+    "fish": "eval (pymachine env{args})",
+    "powershell": "& pymachine env{args} | Invoke-Expression",
+    "cmd": "@FOR /f \"tokens=*\" %i IN ('pymachine env{args}') DO @%i",
+}
+
+
+def detect() -> str:
+    """The user's shell from $SHELL, bash-compatible syntax when unknown."""
+    name = Path(os.environ.get("SHELL", "bash")).name
+    return name if name in SHELLS else "bash"
+
+
+def render(values: dict[str, str | None], shell: str, args: str) -> str:
+    """Lines that set (or, for None values, unset) each variable, then how to apply them."""
+    if shell not in SHELLS:
+        raise UsageError(f"--shell: {shell!r} is not one of {', '.join(SHELLS)}")
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            lines.append(_UNSET.get(shell, "unset {k}").format(k=key))
+        else:
+            lines.append(_SET.get(shell, 'export {k}="{v}"').format(k=key, v=value))
+    comment = _COMMENT.get(shell, "# ")
+    lines.append(f"{comment}Run this command to configure your shell:")
+    lines.append(comment + _HOW.get(shell, "eval $(pymachine env{args})").format(args=args))
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Provisioning end to end: a local machine's engine reached from the host with the real docker CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from machine import certs
+from tests.conftest import CLI
+from tests.integration.conftest import machine_cli
+
+pytestmark = pytest.mark.integration
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory) -> Iterator[CLI]:
+    """One home for the module's machines (provisioning is the slow part: share machines between tests)."""
+    tmp = tmp_path_factory.mktemp("engine")
+    yield from machine_cli(tmp / "home", DOCKER_CONFIG=str(tmp / "docker-config"), DOCKER_BUILDKIT="0")
+
+
+def docker(cli: CLI, machine: str | None, *args: str, check: bool = True, flags: list[str] | None = None):
+    """The real docker CLI, pointed at `machine` through `pymachine config` (or given explicit flags)."""
+    tls = flags if flags is not None else cli("config", machine).stdout.split()
+    proc = subprocess.run(["docker", *tls, *args], env=cli.env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def build_busybox(cli: CLI, machine: str, tmp_path: Path) -> None:
+    """An image made FROM scratch with a static busybox: there is no registry to pull from."""
+    context = tmp_path / "busybox-image"
+    context.mkdir(exist_ok=True)
+    shutil.copy(BUSYBOX, context / "busybox")
+    (context / "Dockerfile").write_text('FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT ["/bin/busybox"]\n')
+    docker(cli, machine, "build", "-q", "-t", "pm-busybox", str(context))
+
+
+@pytest.fixture(scope="module")
+def web(cli) -> str:
+    cli("create", "--engine-install", "distro", "--engine-bip", "10.250.7.1/24", "--engine-label", "team=ops",
+        "web", timeout=900)
+    return "web"
+
+
+def test_engine_runs_containers_over_mutual_tls(cli, web, tmp_path):
+    info = json.loads(docker(cli, web, "info", "--format", "{{json .}}").stdout)
+    assert info["Driver"] == "overlay2"
+    assert "team=ops" in info["Labels"]
+    bridge = json.loads(docker(cli, web, "network", "inspect", "bridge").stdout)[0]
+    assert bridge["IPAM"]["Config"][0]["Subnet"] == "10.250.7.0/24"
+
+    build_busybox(cli, web, tmp_path)
+    out = docker(cli, web, "run", "--rm", "pm-busybox", "echo", "hello from a container").stdout
+    assert out.strip() == "hello from a container"
+    # Container traffic leaves through the engine's NAPT on the machine.
+    nat = cli("ssh", web, "--", "iptables -t nat -S POSTROUTING").stdout
+    assert "-s 10.250.7.0/24 ! -o docker0 -j MASQUERADE" in nat
+
+    # The same through `eval $(pymachine env web)`, as a user types it.
+    script = f'eval "$({sys.executable} -m machine env --shell bash web)"; docker run --rm pm-busybox hostname'
+    proc = subprocess.run(["bash", "-c", script], env=cli.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # …and through the machine's docker context.
+    server_os = docker(cli, None, "--context", "web", "version", "--format", "{{.Server.Os}}", flags=[]).stdout
+    assert server_os.strip() == "linux"
+
+
+def test_engine_refuses_clients_without_our_certificate(cli, web, tmp_path):
+    ip = cli("ip", web).stdout.strip()
+    flags = cli("config", web).stdout.split()
+    ca_flag = next(f for f in flags if f.startswith("--tlscacert="))
+    no_cert = docker(cli, None, "version", check=False, flags=["--tlsverify", ca_flag, f"-H=tcp://{ip}:2376"])
+    assert no_cert.returncode != 0 and "Server:" not in no_cert.stdout
+
+    other = tmp_path / "other-ca"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-subj", "/CN=stranger", "-days", "1", "-keyout", str(other) + "-key.pem",
+                    "-out", str(other) + "-cert.pem"], check=True, capture_output=True)
+    stranger = docker(cli, None, "version", check=False, flags=[
+        "--tlsverify", ca_flag, f"--tlscert={other}-cert.pem", f"--tlskey={other}-key.pem", f"-H=tcp://{ip}:2376"])
+    assert stranger.returncode != 0 and "Server:" not in stranger.stdout
+
+    with pytest.raises(OSError), socket.create_connection((ip, 2375), timeout=2):
+        pass  # never unauthenticated TCP
+
+
+def test_reprovision_changes_nothing_and_check_reports_drift(cli, web):
+    again = cli("provision", web).stdout
+    assert f"{web} : " in again and " changed=0 " in again and " failed=0 " in again
+
+    cli("ssh", web, "--", "echo '# drift' >> /etc/modules-load.d/pymachine.conf")
+    check = cli("provision", "--check", "--diff", web).stdout
+    assert " changed=1 " in check and "modules-load.d/pymachine.conf" in check
+    assert "# drift" in cli("ssh", web, "--", "cat /etc/modules-load.d/pymachine.conf").stdout  # unchanged
+    fixed = cli("provision", web).stdout
+    assert " changed=1 " in fixed
+    assert "# drift" not in cli("ssh", web, "--", "cat /etc/modules-load.d/pymachine.conf").stdout
+
+
+def test_broken_roles_fail_clearly_and_leave_the_machine_usable(cli, web, tmp_path):
+    roles = tmp_path / "roles"
+    shutil.copytree(Path(__file__).parents[2] / "roles", roles)  # templates/ symlinks copied as files
+    cli.env["PYMACHINE_ROLES_PATH"] = str(roles)
+    tasks = roles / "kernel/tasks/main.yml"
+    original = tasks.read_text()
+    try:
+        tasks.write_text(original + "\n- name: a typo\n  ansible.builtin.nosuchmodule: {}\n")
+        proc = cli("provision", web, check=False)
+        assert proc.returncode == 1 and "nosuchmodule" in proc.stderr and "kernel/tasks/main.yml:" in proc.stderr
+
+        tasks.write_text(original + "\n- name: [unclosed\n")
+        proc = cli("provision", web, check=False)
+        assert proc.returncode == 1 and "kernel/tasks/main.yml" in proc.stderr
+
+        tasks.write_text(original + "\n- name: this task fails\n  ansible.builtin.command: /bin/false\n")
+        proc = cli("provision", web, check=False)
+        assert proc.returncode == 1 and "this task fails" in proc.stderr
+
+        assert cli("ssh", web, "--", "systemctl is-active docker").stdout.strip() == "active"
+    finally:
+        del cli.env["PYMACHINE_ROLES_PATH"]
+    assert " failed=0 " in cli("provision", web).stdout
+
+
+def test_vfs_storage_driver(cli, tmp_path):
+    cli("create", "--engine-install", "distro", "--engine-storage-driver", "vfs", "store", timeout=900)
+    assert docker(cli, "store", "info", "--format", "{{.Driver}}").stdout.strip() == "vfs"
+    build_busybox(cli, "store", tmp_path)
+    assert docker(cli, "store", "run", "--rm", "pm-busybox", "echo", "vfs ok").stdout.strip() == "vfs ok"
+    cli("rm", "-y", "store")
+    assert docker(cli, None, "context", "ls", "-q", flags=[]).stdout.split().count("store") == 0
+
+
+def test_env_refuses_a_stale_certificate_until_regenerated(cli, web):
+    """As after an address change: the engine's certificate no longer names the machine's IP."""
+    machine_dir = cli.home / "machines" / web
+    ca = certs.Pair(cli.home / "certs/ca.pem", cli.home / "certs/ca-key.pem")
+    certs.issue_server(ca, certs.Pair(machine_dir / "server.pem", machine_dir / "server-key.pem"), web, ["192.0.2.1"])
+    stale = cli("env", web, check=False)
+    assert stale.returncode == 1 and f"pymachine regenerate-certs {web}" in stale.stderr
+
+    cli("regenerate-certs", web)
+    ip = cli("ip", web).stdout.strip()
+    served = subprocess.run(f"openssl s_client -connect {ip}:2376 </dev/null 2>/dev/null | openssl x509 -noout -serial",
+                            shell=True, capture_output=True, text=True).stdout
+    ours = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", str(machine_dir / "server.pem")],
+                          capture_output=True, text=True).stdout
+    assert served == ours and served.startswith("serial=")
+    assert "DOCKER_HOST" in cli("env", web).stdout
+    assert docker(cli, web, "info", "--format", "{{.Driver}}").stdout.strip() == "overlay2"
+
+
+def test_upgrade_keeps_the_engine_running(cli, web):
+    cli("upgrade", web, timeout=900)
+    assert docker(cli, web, "version", "--format", "{{.Server.Version}}").stdout.strip()
+
+
+def test_podman_serves_the_docker_api_over_tls(cli, tmp_path):
+    cli("create", "--engine", "podman", "--engine-install", "distro", "--engine-storage-driver", "vfs", "pod",
+        timeout=900)
+    build_busybox(cli, "pod", tmp_path)
+    assert docker(cli, "pod", "run", "--rm", "pm-busybox", "echo", "podman ok").stdout.strip() == "podman ok"
+    ip = cli("ip", "pod").stdout.strip()
+    ca_flag = next(f for f in cli("config", "pod").stdout.split() if f.startswith("--tlscacert="))
+    assert docker(cli, None, "version", check=False, flags=["--tlsverify", ca_flag, f"-H=tcp://{ip}:2376"]).returncode

@@ -1,0 +1,124 @@
+"""The role engine against a real local machine: converge, re-run without changes, detect drift in check mode."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from machine import commands
+from machine.roles import TextReporter, run_roles
+from machine.store import Store
+
+pytestmark = pytest.mark.integration
+
+ROLES = Path(__file__).parent / "roles_fixture" / "roles"
+NAME = "re1"
+
+
+class Recorder(TextReporter):
+    """The text output (shown by pytest on failure) plus the statuses per task label."""
+
+    def __init__(self) -> None:
+        super().__init__(io.StringIO())
+        self.statuses: list[tuple[str, str]] = []
+        self.diffs: list[str] = []
+
+    def task_result(self, host, task, result):
+        super().task_result(host, task, result)
+        self.statuses.append((task.label, result.status))
+        if result.diff:
+            self.diffs.append(result.diff)
+
+    def changed(self) -> list[str]:
+        return [label for label, status in self.statuses if status == "changed"]
+
+
+@pytest.fixture(scope="module")
+def conn(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("local machines need root")
+    os.environ.setdefault("PYMACHINE_CACHE", "/var/tmp/pmcache")
+    store = Store(tmp_path_factory.mktemp("home"))
+    try:
+        commands.create(store, NAME, "local", {"local_bridge": "pmre0", "local_subnet": "10.231.30.0/24"})
+        machine, driver = commands.load(store, NAME)
+        connection = commands.connect(machine, driver)
+        yield connection
+        connection.close()
+    finally:
+        if store.exists(NAME):
+            commands.rm(store, NAME, force=True)
+
+
+def play(conn, roles=("retest",), **kw):
+    rec = Recorder()
+    started = time.monotonic()
+    recap = run_roles(conn, list(roles), ROLES, kw.pop("extra_vars", {}), reporter=rec, host_name=NAME, **kw)
+    elapsed = time.monotonic() - started
+    print(rec.stream.getvalue(), f"({elapsed:.2f}s)")
+    return recap, rec, elapsed
+
+
+def sh(conn, cmd: str) -> str:
+    return conn.run(cmd, check=True).stdout
+
+
+def test_converge_then_no_changes_then_drift_in_check_mode(conn):
+    first, rec, _ = play(conn)
+    assert first.failed == 0, first.failure
+    assert first.changed > 10
+    assert first.rescued == 1
+
+    # What the roles promised is on the host.
+    assert sh(conn, "cat /etc/pmtest/pmtest.conf").splitlines()[1:] == [
+        "greeting = hello", f"host = {NAME} (Debian 12)", f"address = {sh(conn, 'hostname -I').split()[0]}",
+        "listen = 80", "listen = 443"]
+    assert sh(conn, "stat -c %a /etc/pmtest/static.txt").strip() == "600"
+    assert sh(conn, "cat /etc/pmtest/settings") == "answer=42\ncolour=blue\nsize=large\n"
+    assert sh(conn, "cat /var/tmp/pmtest-fetched.txt") == "static content\n"
+    assert sh(conn, "cat /proc/sys/net/ipv4/tcp_keepalive_time").strip() == "600"
+    assert sh(conn, "systemctl is-active pmtest; systemctl is-enabled pmtest").split() == ["active", "enabled"]
+    # Started by its task, then restarted once by the handler notified twice.
+    assert sh(conn, "cat /var/lib/pmtest-starts").split() == ["started", "started"]
+    assert sh(conn, "id -nG pmuser").split() == ["pmuser", "pmgrp"]
+    assert sh(conn, "command -v tree").strip() == "/usr/bin/tree"
+    assert sh(conn, "readlink /etc/pmtest.conf").strip() == "/etc/pmtest/pmtest.conf"
+
+    # A second run changes nothing, fast, over the same connection.
+    second, rec, elapsed = play(conn)
+    assert second.failed == 0, second.failure
+    assert (second.changed, rec.changed()) == (0, [])
+    assert elapsed < 1.0
+    assert sh(conn, "cat /var/lib/pmtest-starts").split() == ["started", "started"]
+
+    # Drift made by hand: check mode reports exactly that, with a diff, and leaves it alone.
+    sh(conn, "sed -i s/answer=42/answer=41/ /etc/pmtest/settings")
+    drift, rec, _ = play(conn, check=True, diff=True)
+    assert drift.failed == 0, drift.failure
+    assert rec.changed() == ["retest : Set the answer"]
+    assert len(rec.diffs) == 1 and "-answer=41\n+answer=42" in rec.diffs[0]
+    assert sh(conn, "head -n1 /etc/pmtest/settings") == "answer=41\n"
+
+    _, rec, _ = play(conn)
+    assert rec.changed() == ["retest : Set the answer"]
+    assert sh(conn, "head -n1 /etc/pmtest/settings") == "answer=42\n"
+
+
+def test_failing_task_names_the_task_and_its_line(conn):
+    recap, rec, _ = play(conn, roles=("refail",))
+    assert (recap.failed, recap.ok) == (1, 2)
+    assert recap.failure.label == "refail : This one fails"
+    assert recap.failure.where == "roles/refail/tasks/main.yml:5"
+    assert "non-zero return code (rc=2): no such thing" in recap.failure.msg
+    assert rec.stream.getvalue().splitlines()[-2] == (
+        f"{NAME} : ok=2 changed=1 unreachable=0 failed=1 skipped=0 rescued=0 ignored=0")
+
+
+def test_tags_select_tasks(conn):
+    recap, rec, _ = play(conn, tags=["broken"])
+    assert recap.failure is not None and "a never-tagged task ran" in recap.failure.msg
+    assert [label for label, _ in rec.statuses] == ["Gathering Facts", "retest : Only when asked for"]

@@ -1,0 +1,316 @@
+"""The play: handlers, tags, blocks, loops, registers, precedence, failures - run for real in a local shell."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from machine.roles import RoleError, TextReporter, run_roles
+from machine.roles.executor import selected
+
+
+class Events:
+    def __init__(self) -> None:
+        self.results: list[tuple[str, str, str | None, str]] = []
+
+    def task_start(self, host, task):
+        pass
+
+    def task_result(self, host, task, result):
+        self.results.append((task.label, result.status, result.item, result.msg))
+
+    def recap(self, recap):
+        self.final = recap
+
+    def labels(self, status: str | None = None) -> list[str]:
+        return [label for label, st, _, _ in self.results if status is None or st == status]
+
+
+def play(shell, path, roles=("r",), **kw):
+    events = Events()
+    recap = run_roles(shell, list(roles), path, kw.pop("extra_vars", {}), reporter=events, **kw)
+    return recap, events
+
+
+def test_handlers_run_once_in_definition_order_at_the_end(shell, roles, tmp_path):
+    log = tmp_path / "log"
+    path = roles("r", tasks=f"""
+        - name: change one
+          command: echo one
+          notify: [second, first]
+        - name: change two
+          command: echo two
+          notify: first
+        - name: unchanged
+          command: echo three
+          changed_when: false
+          notify: third
+        - name: last task
+          shell: echo task >> {log}
+        """, handlers=f"""
+        - name: first
+          shell: echo first >> {log}
+        - name: second
+          shell: echo second >> {log}
+          notify: chained
+        - name: third
+          shell: echo third >> {log}
+        - name: chained handler
+          shell: echo chained >> {log}
+          listen: chained
+        """)
+    recap, _ = play(shell, path)
+    assert log.read_text().split() == ["task", "first", "second", "chained"]
+    assert recap.failed == 0 and recap.changed == 6
+
+
+def test_flush_handlers(shell, roles, tmp_path):
+    log = tmp_path / "log"
+    path = roles("r", tasks=f"""
+        - command: "true"
+          notify: h
+        - meta: flush_handlers
+        - shell: echo after >> {log}
+        """, handlers=f"""
+        - name: h
+          shell: echo handler >> {log}
+        """)
+    play(shell, path)
+    assert log.read_text().split() == ["handler", "after"]
+
+
+@pytest.mark.parametrize(("only", "skip", "expected"), [
+    (None, None, ["plain", "web", "always"]),
+    (["web"], None, ["web", "always"]),
+    (["debugging"], None, ["debug only", "always"]),
+    (["never"], None, ["debug only", "always"]),
+    (["all"], ["web"], ["plain", "always"]),
+    (["tagged"], None, ["web", "always"]),
+    (["untagged"], None, ["plain", "always"]),
+    (["web"], ["always"], ["web"]),
+    (None, ["all"], ["always"]),
+])
+def test_tag_selection(shell, roles, only, skip, expected):
+    path = roles("r", tasks="""
+        - {name: plain, debug: {msg: x}}
+        - {name: web, debug: {msg: x}, tags: [web]}
+        - {name: debug only, debug: {msg: x}, tags: [never, debugging]}
+        - {name: always, debug: {msg: x}, tags: always}
+        """)
+    _, events = play(shell, path, tags=only, skip_tags=skip)
+    assert [label.split(" : ")[1] for label in events.labels()[1:]] == expected
+
+
+def test_special_tag_rules():
+    assert selected(frozenset(), frozenset({"all"}), frozenset())
+    assert not selected(frozenset({"never"}), frozenset({"all"}), frozenset())
+    assert selected(frozenset({"always"}), frozenset({"x"}), frozenset())
+
+
+def test_block_rescue_always_and_recap(shell, roles):
+    path = roles("r", tasks="""
+        - name: guarded
+          block:
+            - name: will fail
+              command: "false"
+            - name: not reached
+              debug: msg=no
+          rescue:
+            - name: rescuing
+              set_fact:
+                saved_by: "{{ ansible_failed_task.name }}"
+          always:
+            - name: cleanup
+              debug: msg=always
+        - name: check rescue
+          assert:
+            that: "saved_by == 'r : will fail'"
+        """)
+    recap, events = play(shell, path)
+    assert recap.failed == 0 and recap.rescued == 1
+    assert "r : not reached" not in events.labels()
+    assert recap.line == "web1 : ok=4 changed=0 unreachable=0 failed=0 skipped=0 rescued=1 ignored=0"
+
+
+def test_failure_stops_the_play_and_names_task_file_and_line(shell, roles):
+    path = roles("r", tasks="""
+        - name: fine
+          command: "true"
+        - name: breaks
+          shell: echo oops >&2; exit 3
+        - name: never runs
+          debug: msg=x
+        """, handlers="- {name: h, debug: {msg: h}}\n")
+    out = io.StringIO()
+    recap = run_roles(shell, ["r"], path, reporter=TextReporter(out))
+    assert recap.failed == 1
+    assert recap.failure.where == "roles/r/tasks/main.yml:3"
+    assert recap.failure.label == "r : breaks"
+    assert "non-zero return code (rc=3): oops" in recap.failure.msg
+    text = out.getvalue()
+    assert "fatal: [web1] => r : breaks" in text and "never runs" not in text
+    assert text.splitlines()[-2] == "web1 : ok=2 changed=1 unreachable=0 failed=1 skipped=0 rescued=0 ignored=0"
+
+
+def test_ignore_errors_failed_when_changed_when_register(shell, roles):
+    path = roles("r", tasks="""
+        - name: ignored
+          command: "false"
+          ignore_errors: true
+        - name: probe
+          shell: echo -n found; exit 1
+          register: probe
+          failed_when: probe.rc not in [0, 1]
+          changed_when: probe.stdout == 'changed'
+        - name: use it
+          assert:
+            that:
+              - probe.rc == 1
+              - probe.stdout == 'found'
+              - probe is not changed
+              - probe is succeeded
+        """)
+    recap, _ = play(shell, path)
+    assert (recap.ignored, recap.failed, recap.changed, recap.ok) == (1, 0, 0, 3)
+
+
+def test_loops_loop_control_and_registered_results(shell, roles):
+    path = roles("r", tasks="""
+        - name: each
+          shell: echo {{ idx }}-{{ pkg.name }}
+          loop: "{{ pkgs }}"
+          loop_control: {loop_var: pkg, index_var: idx, label: "{{ pkg.name }}"}
+          when: pkg.wanted
+          register: out
+        - name: legacy
+          debug: msg={{ item }}
+          with_items: [[a, b], c]
+          register: legacy
+        - name: check
+          assert:
+            that:
+              - out.results | length == 3
+              - out.results[0].stdout == '0-a'
+              - out.results[1] is skipped
+              - out.results[2].pkg.name == 'c'
+              - out is changed
+              - legacy.results | map(attribute='item') | list == ['a', 'b', 'c']
+        """, defaults="""
+        pkgs:
+          - {name: a, wanted: true}
+          - {name: b, wanted: false}
+          - {name: c, wanted: true}
+        """)
+    recap, events = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    items = [(st, item) for label, st, item, _ in events.results if label == "r : each"]
+    assert items == [("changed", "a"), ("skipped", "b"), ("changed", "c")]
+
+
+def test_variable_precedence(shell, roles):
+    roles("dep", tasks="- {name: dep sees its params, assert: {that: [who == 'param']}}\n",
+          defaults="who: dep-default\n")
+    path = roles("r", tasks="""
+        - name: defaults < role vars < task vars
+          assert:
+            that: [a == 'role-vars', b == 'task', c == 'extra', d == 'default', e == 'default']
+          vars: {b: task, c: task}
+        - set_fact: {e: from-fact, a: from-fact}
+        - name: set_fact beats role vars; extra vars beat all
+          assert: {that: [a == 'from-fact', c == 'extra', e == 'from-fact']}
+        """, defaults="{a: default, b: default, c: default, d: default, e: '{{ d }}'}\n",
+        vars="{a: role-vars}\n", meta="dependencies: [{role: dep, who: param}]\n")
+    recap, _ = play(shell, path, extra_vars={"c": "extra"})
+    assert recap.failed == 0, recap.failure
+
+
+def test_include_and_import_tasks(shell, roles, tmp_path):
+    path = roles("r", tasks="""
+        - import_tasks: imported.yml
+          when: run_imported
+        - include_tasks: "{{ which }}.yml"
+          loop: [1, 2]
+          vars: {suffix: x}
+        """, defaults="{run_imported: true, which: included}\n", files={
+        "tasks/imported.yml": "- {name: imported, debug: {msg: imp}}\n",
+        "tasks/included.yml": "- {name: included, command: 'echo {{ item }}{{ suffix }}', register: inc}\n"
+                              "- {name: check, assert: {that: \"inc.stdout == item ~ 'x'\"}}\n",
+    })
+    recap, events = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert events.labels("included") == ["r : include_tasks", "r : include_tasks"]
+    assert events.labels().count("r : check") == 2
+
+
+def test_undefined_variable_fails_the_task_clearly(shell, roles):
+    path = roles("r", tasks="- {name: uses it, debug: {msg: '{{ nowhere }}'}}\n")
+    recap, _ = play(shell, path)
+    assert recap.failure.where == "roles/r/tasks/main.yml:1"
+    assert "'nowhere' is undefined" in recap.failure.msg
+
+
+def test_check_mode_changes_nothing(shell, roles, tmp_path):
+    target = tmp_path / "out.txt"
+    path = roles("r", tasks=f"""
+        - copy: {{dest: {target}, content: "hello\\n"}}
+        - command: touch {tmp_path}/touched
+        - command: touch {tmp_path}/created
+          check_mode: false
+        """)
+    recap, _ = play(shell, path, check=True, diff=True)
+    assert not target.exists() and not (tmp_path / "touched").exists()
+    assert (tmp_path / "created").exists()  # check_mode: false runs for real
+    assert recap.changed == 2 and recap.skipped == 1
+
+
+def test_become_wraps_in_sudo_only_for_non_root(shell):
+    from machine.roles.remote import Become, Remote
+    shell.endpoint.user = "admin"
+    cmd = Remote(shell).command("id -u", Become(True))
+    assert cmd.startswith("sudo -n -H -u root -- sh -c")
+    shell.endpoint.user = "root"
+    assert Remote(shell).command("id -u", Become(True)) == "sh -c 'id -u'"
+
+
+def test_validation_happens_before_anything_runs(shell, roles):
+    path = roles("r", tasks="- command: touch /tmp/should-not-exist\n- frob: {}\n")
+    with pytest.raises(RoleError, match=r"roles/r/tasks/main.yml:2: unknown module 'frob'"):
+        play(shell, path)
+    assert shell.commands == []
+
+
+def test_debug_var_and_to_json(shell, roles):
+    path = roles("r", tasks="- {debug: {var: stuff}}\n- {debug: {msg: '{{ stuff | to_json }}'}}\n",
+                 defaults="stuff: {a: [1]}\n")
+    _, events = play(shell, path)
+    assert json.loads(events.results[-1][3]) == {"a": [1]}
+
+
+def test_environment_and_no_log(shell, roles):
+    path = roles("r", tasks="""
+        - name: secret
+          shell: echo "$GREETING $TOKEN"
+          environment: {GREETING: hi}
+          vars: {token_value: s3cret}
+          register: out
+          no_log: true
+        - assert: {that: "out.stdout == 'hi '"}
+        """)
+    recap, events = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert all("hi" not in msg for label, _, _, msg in events.results if label == "r : secret")
+
+
+def test_missing_dynamic_include_fails_the_task(shell, roles):
+    path = roles("r", tasks="- include_tasks: '{{ which }}.yml'\n", defaults="which: nothere\n")
+    recap, _ = play(shell, path)
+    assert recap.failure.where == "roles/r/tasks/main.yml:1"
+    assert "roles/r/tasks/nothere.yml: no such task file" in recap.failure.msg
+
+
+def test_assert_keeps_one_condition_with_commas_whole(shell, roles):
+    path = roles("r", tasks="- {name: in a list, assert: {that: \"'b' in ['a', 'b']\"}}\n")
+    recap, _ = play(shell, path)
+    assert recap.failed == 0 and recap.failure is None

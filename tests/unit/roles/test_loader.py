@@ -1,0 +1,96 @@
+"""Loading roles: file:line for every refusal, before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from machine.roles import RoleError, load_role, validate
+from machine.roles.loader import load_play
+
+
+def refused(roles_path, name="r") -> str:
+    with pytest.raises(RoleError) as e:
+        validate([name], roles_path)
+    return str(e.value)
+
+
+def test_lines_of_tasks_and_keys(roles):
+    path = roles("r", tasks="""
+        ---
+        - name: first
+          debug: msg=hi
+
+        - name: second
+          command: echo hi
+          register: out
+        """)
+    role = load_role("r", path)
+    assert [t.where for t in role.tasks] == ["roles/r/tasks/main.yml:2", "roles/r/tasks/main.yml:5"]
+    assert role.tasks[1].data.where("register") == "roles/r/tasks/main.yml:7"
+    assert role.tasks[0].args == {"msg": "hi"}
+    assert role.tasks[1].args == {"_raw_params": "echo hi"}
+
+
+@pytest.mark.parametrize(("tasks", "message"), [
+    ("- name: a\n  debug: {}\n- name: b\n  frobnicate: {x: 1}\n",
+     "roles/r/tasks/main.yml:4: unknown module 'frobnicate'"),
+    ("- name: a\n  debug: {}\n  whne: true\n", "roles/r/tasks/main.yml:3: unknown keyword 'whne'"),
+    ("- copy: {dest: /x, content: y, colour: red}\n", "roles/r/tasks/main.yml:1: unsupported argument 'colour' for "
+                                                      "module 'copy'"),
+    ("- template: {dest: /x}\n", "roles/r/tasks/main.yml:1: missing required argument 'src' for module 'template'"),
+    ("- file: {path: /x, state: gone}\n", "roles/r/tasks/main.yml:1: argument 'state' of module 'file' must be one"),
+    ("- name: a\n  command: \"true\"\n  notify: nobody\n", "roles/r/tasks/main.yml:3: no handler named 'nobody'"),
+    ("- debug: {}\n  copy: {dest: /x, content: y}\n", "conflicting actions in one task: debug, copy"),
+    ("- name: only keywords\n  when: true\n", "roles/r/tasks/main.yml:1: task has no module"),
+    ("- block:\n    - debug: {}\n  loop: [1]\n", "roles/r/tasks/main.yml:3: unknown keyword 'loop' on a block"),
+    ("- block:\n    - debug: {}\n    - bogus: 1\n", "roles/r/tasks/main.yml:3: unknown module 'bogus'"),
+    ("- import_tasks: missing.yml\n", "roles/r/tasks/main.yml:1: roles/r/tasks/missing.yml: no such task file"),
+    ("- meta: refresh_inventory\n", "unsupported meta action 'refresh_inventory'"),
+    ("- debug: {}\n  loop_control: {pause: 1}\n", "unsupported loop_control option 'pause'"),
+    ("- name: x\n  debug: {msg: [unclosed\n", "roles/r/tasks/main.yml:3: YAML syntax error"),
+    ("- apt: name=tree state=present cache=yes\n", "unsupported argument 'cache' for module 'apt'"),
+])
+def test_refusals_name_file_and_line(roles, tasks, message):
+    path = roles("r", tasks=tasks)
+    assert message in refused(path)
+
+
+def test_unknown_module_in_an_imported_file(roles):
+    path = roles("r", tasks="- import_tasks: more.yml\n", files={"tasks/more.yml": "- debug: {}\n- nope: {}\n"})
+    assert refused(path) == "roles/r/tasks/main.yml:1: roles/r/tasks/more.yml:2: unknown module 'nope'"
+
+
+def test_fully_qualified_names_and_handlers_by_listen(roles):
+    path = roles("r", tasks="""
+        - ansible.builtin.command: "true"
+          notify: [restart things]
+        - ansible.posix.sysctl: {name: net.ipv4.ip_forward, value: 1}
+        - community.general.modprobe: {name: overlay}
+        """, handlers="""
+        - name: restart a
+          ansible.builtin.debug: msg=a
+          listen: restart things
+        """)
+    validate(["r"], path)
+
+
+def test_dependencies_run_first_and_once(roles):
+    roles("base", tasks="- debug: msg=base\n")
+    roles("mid", tasks="- debug: msg=mid\n", meta="dependencies: [base]\n")
+    path = roles("top", tasks="- debug: msg=top\n", meta="dependencies:\n  - role: base\n  - mid\n")
+    assert [r.role.name for r in load_play(["top", "mid"], path)] == ["base", "mid", "top"]
+
+
+def test_dependency_cycle_and_missing_role(roles):
+    roles("a", meta="dependencies: [b]\n")
+    path = roles("b", meta="dependencies: [a]\n")
+    assert "roles/b/meta/main.yml:1: role dependency cycle: a -> b -> a" in refused(path, "a")
+    assert "role 'zzz' not found" in refused(path, "zzz")
+    path = roles("c", meta="dependencies:\n  - role: missing\n")
+    assert refused(path, "c").startswith("roles/c/meta/main.yml:2: role 'missing' not found")
+
+
+def test_args_keyword_adds_options_to_a_free_form_module(roles):
+    path = roles("r", tasks="- command: make install\n  args:\n    chdir: /src\n    creates: /usr/bin/x\n")
+    task = load_role("r", path).tasks[0]
+    assert task.args == {"_raw_params": "make install", "chdir": "/src", "creates": "/usr/bin/x"}

@@ -1,0 +1,109 @@
+"""Jinja evaluation as Ansible does it: lazy layered variables, native lone expressions, Ansible's filters."""
+
+from __future__ import annotations
+
+import pytest
+
+from machine.roles.templating import OMIT, Templar, TemplateFailure, Vars
+from machine.roles.yamlload import Unsafe
+
+
+@pytest.fixture
+def t() -> Templar:
+    return Templar()
+
+
+def vs(t: Templar, *layers: dict, raw: bool = False) -> Vars:
+    return Vars(t, [(layer, raw) for layer in layers])
+
+
+def test_lone_expression_keeps_its_type_and_text_renders(t):
+    v = vs(t, {"ports": [80, 443], "name": "web"})
+    assert t.template("{{ ports }}", v) == [80, 443]
+    assert t.template("{{ ports | length }}", v) == 2
+    assert t.template("{{ name }}-{{ ports[0] }}", v) == "web-80"
+    assert t.template({"a": ["{{ name }}", 1]}, v) == {"a": ["web", 1]}
+    assert t.template("{{ name }}\n", v) == "web\n"
+
+
+def test_lazy_variables_and_higher_layers_win(t):
+    defaults = {"base": "/opt", "path": "{{ base }}/app", "port": 1}
+    extra = {"base": "/srv"}
+    v = vs(t, defaults, extra)
+    assert v["path"] == "/srv/app"
+    assert t.template("{{ port }}", v) == 1
+
+
+def test_recursive_variable_is_reported(t):
+    with pytest.raises(TemplateFailure, match="recursive loop"):
+        t.template("{{ a }}", vs(t, {"a": "{{ b }}", "b": "{{ a }}"}))
+
+
+def test_raw_layers_and_unsafe_are_not_templated(t):
+    v = Vars(t, [({"out": "{{ not_a_var }}"}, True)])
+    assert t.template("{{ out }}", v) == "{{ not_a_var }}"
+    assert t.template(Unsafe("{{ x }}"), v) == "{{ x }}"
+
+
+def test_undefined_fails_with_a_clear_message(t):
+    with pytest.raises(TemplateFailure, match="'nope' is undefined"):
+        t.template("x{{ nope }}", vs(t, {}))
+    with pytest.raises(TemplateFailure, match="'nope' is undefined"):
+        t.condition("nope == 1", vs(t, {}))
+    with pytest.raises(TemplateFailure, match="Mandatory variable 'needed' not defined"):
+        t.template("{{ needed | mandatory }}", vs(t, {}))
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    ("missing | default('d')", "d"),
+    ("'' | default('d', true)", "d"),
+    ("'yes' | bool", True), ("'off' | bool", False), ("1 | bool", True),
+    ("{'a': 1} | to_json", '{"a": 1}'),
+    ("{'b': 1, 'a': [1]} | to_nice_json", '{\n    "a": [\n        1\n    ],\n    "b": 1\n}'),
+    ("{'a': [1, 2]} | to_yaml", "a: [1, 2]\n"),
+    ("['a', 'b'] | join(',')", "a,b"),
+    ("'a.b.c' | regex_replace('\\\\.', '-')", "a-b-c"),
+    ("'version 25.0.3' | regex_search('[0-9]+')", "25"),
+    ("'version 25.0.3' | regex_search('([0-9]+)\\\\.([0-9]+)', '\\\\2')", ["0"]),
+    ("'hi' | b64encode", "aGk="), ("'aGk=' | b64decode", "hi"),
+    ("{'a': {'x': 1}} | combine({'a': {'y': 2}}, recursive=true)", {"a": {"x": 1, "y": 2}}),
+    ("{'a': 1} | combine({'a': 2}, {'b': 3})", {"a": 2, "b": 3}),
+    ("{'a': 1} | dict2items", [{"key": "a", "value": 1}]),
+    ("[{'key': 'a', 'value': 1}] | items2dict", {"a": 1}),
+    ("[1, 2, 2, 3, 1] | unique", [1, 2, 3]),
+    ("[1, 2, 3] | difference([2])", [1, 3]),
+    ("[[1, [2]], 3] | flatten", [1, 2, 3]),
+    ("true | ternary('on', 'off')", "on"),
+    ("'/etc/x.conf' | basename", "x.conf"),
+    ("'25.0.1' is version('25', '>=')", True),
+    ("'24.10' is version('25', '>=')", False),
+    ("'2.10' is version('2.9', 'gt')", True),
+    ("missing is defined", False), ("missing is undefined", True),
+    ("{'failed': true} is failed", True), ("{'rc': 0} is succeeded", True),
+    ("{'changed': true} is changed", True), ("{'skipped': true} is skipped", True),
+    ("'a' in ['a', 'b']", True),
+    ("'abc' is match('a')", True), ("'abc' is search('c')", True),
+])
+def test_filters_and_tests(t, expr, expected):
+    assert t.template("{{ " + expr + " }}", vs(t, {})) == expected
+
+
+def test_conditions(t):
+    v = vs(t, {"n": 3, "flag": "yes", "ansible_distribution": "Debian"})
+    assert t.condition("n > 2", v)
+    assert t.condition(["n > 2", "flag | bool"], v)
+    assert not t.condition(["n > 2", "ansible_distribution == 'Fedora'"], v)
+    assert t.condition(True, v) and not t.condition(False, v)
+    assert t.condition("{{ n }} == 3", v)
+
+
+def test_omit_placeholder(t):
+    assert t.template("{{ missing | default(omit) }}", vs(t, {})) == OMIT
+
+
+def test_template_file_uses_trim_blocks(t, tmp_path):
+    (tmp_path / "x.j2").write_text("{% for p in ports %}\nport {{ p }}\n{% endfor %}\n")
+    assert t.render_file(tmp_path / "x.j2", vs(t, {"ports": [1, 2]})) == "port 1\nport 2\n"
+    (tmp_path / "bad.j2").write_text("line\n{% if %}\n")
+    with pytest.raises(TemplateFailure, match=r"bad.j2:2: template syntax error"):
+        t.render_file(tmp_path / "bad.j2", vs(t, {}))
