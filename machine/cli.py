@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 import click
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -189,6 +190,20 @@ for _name, _fn, _help in [
 def inspect(name: str) -> None:
     """Print a machine's details as JSON."""
     click.echo(json.dumps(commands.inspect(_store(), name), indent=2))
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.option("--list", "list_", is_flag=True, help="JSON for Ansible's dynamic inventory protocol.")
+@click.option("--host", metavar="NAME", help="One machine's variables as JSON (dynamic inventory protocol).")
+def inventory(list_: bool, host: str | None) -> None:
+    """Print the machines as an Ansible inventory: `ansible -i <(pymachine inventory) all -m ping`."""
+    store = _store()
+    if host:
+        click.echo(json.dumps(commands.host_vars(store, host), indent=2))
+    elif list_:
+        click.echo(json.dumps(commands.inventory(store), indent=2))
+    else:
+        click.echo(yaml.safe_dump(commands.as_yaml_inventory(commands.inventory(store)), sort_keys=False), nl=False)
 
 
 @cli.command(context_settings=_CONTEXT)
