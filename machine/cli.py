@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 import drivers
-from machine import commands, provision, report, shellenv, ui
+from machine import commands, provision, shellenv, ui
 from machine.errors import MachineError, UsageError
 from machine.store import Store
 
@@ -22,6 +22,13 @@ _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 def _store() -> Store:
     return Store()
+
+
+def _reporter(kind: str):
+    """The progress reporter (imported late: the role engine is the slowest import and most commands skip it)."""
+    from machine import report
+
+    return report.tasks() if kind == "tasks" else report.progress()
 
 
 @click.group(context_settings=_CONTEXT)
@@ -98,7 +105,7 @@ def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, **
     """Create a machine, install its engine and expose it over mutual TLS."""
     engine = _engine_config(options)
     commands.create(_store(), name, driver, options, engine=None if no_provision else engine,
-                    keep_on_failure=keep_on_failure, reporter=report.progress())
+                    keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"))
     ui.note(f"[green]{name}[/] is ready: `eval $(pymachine env {name})`")
 
 
@@ -110,21 +117,21 @@ def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, **
 def provision_(name: str, check: bool, diff: bool, tags: str) -> None:
     """Run the provisioning roles again (idempotent)."""
     selected = tuple(t for t in tags.split(",") if t)
-    commands.provision(_store(), name, check=check, diff=diff, tags=selected, reporter=report.tasks())
+    commands.provision(_store(), name, check=check, diff=diff, tags=selected, reporter=_reporter("tasks"))
 
 
 @cli.command("regenerate-certs", context_settings=_CONTEXT)
 @click.argument("names", nargs=-1, required=True)
 def regenerate_certs(names: tuple[str, ...]) -> None:
     """Issue new engine certificates for the machines' current addresses."""
-    _each(lambda store, name: commands.regenerate_certs(store, name, reporter=report.progress()), names)
+    _each(lambda store, name: commands.regenerate_certs(store, name, reporter=_reporter("progress")), names)
 
 
 @cli.command(context_settings=_CONTEXT)
 @click.argument("names", nargs=-1, required=True)
 def upgrade(names: tuple[str, ...]) -> None:
     """Upgrade the machines' engine to the newest version."""
-    _each(lambda store, name: commands.upgrade(store, name, reporter=report.progress()), names)
+    _each(lambda store, name: commands.upgrade(store, name, reporter=_reporter("progress")), names)
 
 
 @cli.command(context_settings=_CONTEXT)

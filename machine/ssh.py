@@ -13,16 +13,21 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-import paramiko
+from typing import TYPE_CHECKING
 
 from machine.errors import MachineError
 
 log = logging.getLogger("pymachine.ssh")
 
-# What a booting host answers before sshd is ready; anything else is a real failure.
-_TRANSIENT = (ConnectionRefusedError, ConnectionResetError, TimeoutError, socket.timeout, EOFError,
-              paramiko.SSHException, OSError)
+if TYPE_CHECKING:
+    import paramiko
+
+
+def _paramiko():
+    # Imported on first use: `create` spawns the machine first and imports paramiko while it boots.
+    import paramiko
+
+    return paramiko
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class Connection:
 
     def __init__(self, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float = 10.0) -> None:
         self.endpoint = endpoint
-        self._key = paramiko.Ed25519Key.from_private_key_file(str(key_path))
+        self._key = _paramiko().Ed25519Key.from_private_key_file(str(key_path))
         self._known_hosts = known_hosts
         self._timeout = timeout
         self._transport: paramiko.Transport | None = None
@@ -65,7 +70,7 @@ class Connection:
         # Every command opens a channel; with Nagle's algorithm each open waits out the peer's delayed ACK
         # (~40 ms), which alone would make a no-op run of 40 tasks take 2 s instead of 0.2 s.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = paramiko.Transport(sock)
+        transport = _paramiko().Transport(sock)
         pinned = self._pinned_key()
         if pinned is not None:
             # Ask only for the pinned key type so a server with several host keys cannot pick another.
@@ -84,7 +89,7 @@ class Connection:
     def _pinned_key(self) -> paramiko.PKey | None:
         if not self._known_hosts.exists():
             return None
-        keys = paramiko.HostKeys(str(self._known_hosts)).lookup(self.endpoint.known_hosts_name)
+        keys = _paramiko().HostKeys(str(self._known_hosts)).lookup(self.endpoint.known_hosts_name)
         return next(iter(keys.values()), None) if keys else None
 
     def _verify(self, key: paramiko.PKey, pinned: paramiko.PKey | None) -> None:
@@ -107,16 +112,18 @@ class Connection:
         while True:
             try:
                 return cls(endpoint, key_path, known_hosts, timeout=min(10.0, timeout)).open()
-            except (HostKeyMismatch, paramiko.AuthenticationException) as e:
+            except (HostKeyMismatch, _paramiko().AuthenticationException) as e:
                 raise MachineError(f"ssh to {endpoint.host}:{endpoint.port}: {e}") from None
-            except _TRANSIENT as e:
+            except (EOFError, _paramiko().SSHException, OSError) as e:  # what a host says while it boots
                 if time.monotonic() + delay > deadline or (is_alive is not None and not is_alive()):
                     raise MachineError(
                         f"ssh to {endpoint.host}:{endpoint.port} did not answer within {timeout:.0f}s: {e}"
                     ) from None
                 log.debug("ssh not ready (%s); retrying in %.2fs", e, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                # A booting machine answers within a second or two: poll often, so no boot waits for a
+                # long sleep to end; a refused connection costs almost nothing.
+                delay = min(delay * 1.5, 0.25)
 
     def close(self) -> None:
         if self._sftp is not None:

@@ -19,7 +19,7 @@ from machine.paths import data_dir
 from machine.store import file_lock
 
 # Bump when the recipe below changes, so old caches are not reused for a different result.
-RECIPE = 1
+RECIPE = 2
 PACKAGES = (
     "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "sudo", "kmod",
     "gnupg", "curl",
@@ -89,8 +89,11 @@ def _customise(root: Path) -> None:
     _install(root, "etc/systemd/system/pymachine-cgroup-delegate.service", "cgroup-delegate.service")
     _run(["systemctl", "--root", str(root), "enable", "systemd-networkd", "ssh",
           "pymachine-cgroup-delegate.service"])
-    # Units that only cost boot time in a container.
-    _run(["systemctl", "--root", str(root), "mask", "e2scrub_reap.service", "systemd-networkd-wait-online.service"])
+    # Units that only cost boot time in a container (which can neither load modules nor mount these).
+    _run(["systemctl", "--root", str(root), "mask", "e2scrub_reap.service", "systemd-networkd-wait-online.service",
+          *(f"modprobe@{m}.service" for m in ("configfs", "dm_mod", "drm", "efi_pstore", "fuse", "loop")),
+          "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-kernel-config.mount",
+          "sys-fs-fuse-connections.mount"])
 
 
 def _install(root: Path, dest: str, template: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivers.base import Driver, State
 from machine import certs, dockercontext
@@ -12,8 +12,10 @@ from machine import provision as plan
 from machine.commands.common import connect, engine_url, load
 from machine.errors import MachineError
 from machine.paths import roles_dir
-from machine.roles import Recap, run_roles
 from machine.store import Machine, Store
+
+if TYPE_CHECKING:
+    from machine.roles import Recap
 
 
 def server_pair(machine: Machine) -> certs.Pair:
@@ -38,6 +40,8 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
                      tags: tuple[str, ...] = (), renew_certs: bool = False, extra: dict[str, Any] | None = None,
                      reporter=None) -> Recap:
     """Run the roles on a running machine (the caller holds its lock)."""
+    from machine.roles import run_roles  # the executor is the heaviest import; `--no-provision` skips it
+
     ca_pem, server_cert, server_key = _tls_material(store, machine, driver, renew_certs)
     variables = {**plan.role_vars(machine.engine, ca_pem, server_cert, server_key), **(extra or {})}
     with connect(machine, driver, timeout=30) as conn:
