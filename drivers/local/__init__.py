@@ -29,9 +29,6 @@ from machine.ssh import Endpoint
 _TEMPLATES = data_dir("templates") / "local"
 _RELEASE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 STOP_TIMEOUT = 30.0
-# Engines keep images in copy-on-write layers of their own, and overlayfs cannot stack its upper layer on
-# the machine's overlayfs root: their data roots are plain host directories, bound in.
-ENGINE_VOLUMES = {"docker": "/var/lib/docker", "containers": "/var/lib/containers"}
 
 
 class LocalDriver(Driver):
@@ -84,7 +81,7 @@ class LocalDriver(Driver):
         o = self.opts
         base = rootfs.base_rootfs(self.store.cache("local"), o["local_release"], o["local_mirror"],
                                   o["local_image"], o["local_image_sha256"])
-        for part in ("upper", "work", "root", *(f"volumes/{name}" for name in ENGINE_VOLUMES)):
+        for part in ("upper", "work", "root", *(f"volumes/{name}" for name in rootfs.ENGINE_VOLUMES)):
             self._layer(part).mkdir(parents=True, exist_ok=True, mode=0o755)
         self.machine.record(base=str(base))
         address = self._network.lease(str(self.machine.dir))
@@ -150,9 +147,10 @@ class LocalDriver(Driver):
             "--resolv-conf=off", "--link-journal=no", "--console=passive",
             # What a container engine inside needs: all capabilities, keyrings and BPF (runc uses both).
             "--capability=all", "--system-call-filter=@keyring bpf",
-            *(f"--bind={self._layer('volumes/' + name)}:{path}" for name, path in ENGINE_VOLUMES.items()),
-            # fuse-overlayfs (a storage driver, and rootless engines) needs the FUSE device.
-            *(["--bind=/dev/fuse"] if Path("/dev/fuse").exists() else []),
+            *(f"--bind={self._layer('volumes/' + name)}:{rootfs.VOLUMES_DIR}/{name}" for name in rootfs.ENGINE_VOLUMES),
+            # fuse-overlayfs (a storage driver, and rootless engines) needs the FUSE device, a btrfs or zfs
+            # loop file the loop devices (templates/local/loop-devices.service makes their nodes).
+            *(f"--bind={dev}" for dev in ("/dev/fuse", "/dev/loop-control") if Path(dev).exists()),
         ]
         log = (self.machine.dir / "console.log").open("ab")
         with log:

@@ -13,18 +13,24 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from jinja2 import Environment, FileSystemLoader
+
 from machine import images, ui
 from machine.errors import MachineError
 from machine.paths import data_dir
 from machine.store import file_lock
 
 # Bump when the recipe below changes, so old caches are not reused for a different result.
-RECIPE = 2
+RECIPE = 4
 PACKAGES = (
     "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "sudo", "kmod",
     "gnupg", "curl",
 )
 _TEMPLATES = data_dir("templates") / "local"
+# Engines keep images in copy-on-write layers of their own, and overlayfs cannot stack its upper layer on
+# the machine's overlayfs root: their data roots are host directories, bound in under VOLUMES_DIR.
+ENGINE_VOLUMES = {"docker": "/var/lib/docker", "containers": "/var/lib/containers"}
+VOLUMES_DIR = "/var/lib/pymachine/volumes"
 
 
 def base_rootfs(
@@ -87,13 +93,24 @@ def _customise(root: Path) -> None:
     _install(root, "etc/ssh/sshd_config.d/pymachine.conf", "sshd.conf")
     _install(root, "etc/systemd/journald.conf.d/pymachine.conf", "journald.conf")
     _install(root, "etc/systemd/system/pymachine-cgroup-delegate.service", "cgroup-delegate.service")
+    _install(root, "etc/systemd/system/pymachine-loop-devices.service", "loop-devices.service")
+    mounts = [_engine_data_mount(root, name, where) for name, where in ENGINE_VOLUMES.items()]
     _run(["systemctl", "--root", str(root), "enable", "systemd-networkd", "ssh",
-          "pymachine-cgroup-delegate.service"])
+          "pymachine-cgroup-delegate.service", "pymachine-loop-devices.service", *mounts])
     # Units that only cost boot time in a container (which can neither load modules nor mount these).
     _run(["systemctl", "--root", str(root), "mask", "e2scrub_reap.service", "systemd-networkd-wait-online.service",
           *(f"modprobe@{m}.service" for m in ("configfs", "dm_mod", "drm", "efi_pstore", "fuse", "loop")),
           "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-kernel-config.mount",
           "sys-fs-fuse-connections.mount"])
+
+
+def _engine_data_mount(root: Path, name: str, where: str) -> str:
+    """A vendor mount unit binding the volume the driver passes in (VOLUMES_DIR/name) onto `where`."""
+    unit = where.strip("/").replace("/", "-") + ".mount"
+    text = Environment(loader=FileSystemLoader(_TEMPLATES), keep_trailing_newline=True).get_template(
+        "engine-data.mount.j2").render(what=f"{VOLUMES_DIR}/{name}", where=where, unit=unit)
+    (root / "lib/systemd/system" / unit).write_text(text)
+    return unit
 
 
 def _install(root: Path, dest: str, template: str) -> None:

@@ -97,14 +97,14 @@ def test_engine_refuses_clients_without_our_certificate(cli, web, tmp_path):
 
 def test_reprovision_changes_nothing_and_check_reports_drift(cli, web):
     again = cli("provision", web).stdout
-    assert f"{web} : " in again and " changed=0 " in again and " failed=0 " in again
+    assert f"{web} : " in again and " changed=0 " in again and " failed=0 " in again, again
 
     cli("ssh", web, "--", "echo '# drift' >> /etc/modules-load.d/pymachine.conf")
     check = cli("provision", "--check", "--diff", web).stdout
-    assert " changed=1 " in check and "modules-load.d/pymachine.conf" in check
+    assert " changed=1 " in check and "modules-load.d/pymachine.conf" in check, check
     assert "# drift" in cli("ssh", web, "--", "cat /etc/modules-load.d/pymachine.conf").stdout  # unchanged
     fixed = cli("provision", web).stdout
-    assert " changed=1 " in fixed
+    assert " changed=1 " in fixed, fixed
     assert "# drift" not in cli("ssh", web, "--", "cat /etc/modules-load.d/pymachine.conf").stdout
 
 
@@ -174,3 +174,15 @@ def test_podman_serves_the_docker_api_over_tls(cli, tmp_path):
     ip = cli("ip", "pod").stdout.strip()
     ca_flag = next(f for f in cli("config", "pod").stdout.split() if f.startswith("--tlscacert="))
     assert docker(cli, None, "version", check=False, flags=["--tlsverify", ca_flag, f"-H=tcp://{ip}:2376"]).returncode
+
+
+def test_btrfs_on_a_loop_file_survives_a_restart_and_rm_releases_it(cli):
+    cli("create", "--engine-install", "distro", "--engine-storage-driver", "btrfs", "cow", timeout=900)
+    assert docker(cli, "cow", "info", "--format", "{{.Driver}}").stdout.strip() == "btrfs"
+    cli("restart", "cow")
+    assert cli("ssh", "cow", "--", "findmnt -n -o FSTYPE /var/lib/docker").stdout.strip() == "btrfs"
+    assert docker(cli, "cow", "info", "--format", "{{.Driver}}").stdout.strip() == "btrfs"
+    machine_dir = cli.home / "machines" / "cow"
+    cli("rm", "-y", "cow")
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(machine_dir) not in loops

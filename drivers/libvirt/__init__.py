@@ -1,0 +1,327 @@
+"""The libvirt driver: a QEMU/KVM virtual machine booted from a cloud image, configured by cloud-init.
+
+Each machine's disk is a qcow2 overlay over a base image that is downloaded once and uploaded once into the
+storage pool; a NoCloud seed carries the machine's SSH key, hostname and a host key pinned before boot.
+The guest is reached on a libvirt network (its DHCP lease) or, with `--libvirt-network user`, through
+loopback ports that QEMU forwards to its SSH and engine ports.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from drivers.base import Driver, Option, State
+from drivers.libvirt import catalog, domain, network, seed, storage
+from drivers.libvirt.connection import connect, is_missing, libvirt_module, message
+from machine import sshkeys, ui
+from machine.errors import MachineError, UsageError
+from machine.ssh import Endpoint
+
+if TYPE_CHECKING:
+    import libvirt
+
+STOP_TIMEOUT = 60.0
+LEASE_TIMEOUT = 180.0  # a cloud image asks for its lease ~50 s after power-on under TCG
+ENGINE_PORT = 2376
+MIN_MEMORY = 256
+
+
+class LibvirtDriver(Driver):
+    name = "libvirt"
+    options = (
+        Option("libvirt-uri", "libvirt connection URI (qemu:///session works without root)", "qemu:///system"),
+        Option("libvirt-cpus", "virtual CPUs", 1, int),
+        Option("libvirt-memory", "memory in MiB", 1024, int),
+        Option("libvirt-disk-size", "disk size in GiB", 20, int),
+        Option("libvirt-image", f"cloud image (qcow2 or raw): URL, path, or one of {', '.join(catalog.IMAGES)} "
+                                f"(default {catalog.DEFAULT})"),
+        Option("libvirt-image-sha256", "expected sha256 of --libvirt-image"),
+        Option("libvirt-pool", "libvirt storage pool for the machine's volumes", "default"),
+        Option("libvirt-network", "libvirt network name, or `user` (QEMU user networking, SSH and engine "
+                                  "forwarded from 127.0.0.1)", network.USER),
+        Option("libvirt-domain-type", "hypervisor: kvm, qemu (TCG emulation) or auto (kvm when available)",
+               "auto", choices=("auto", "kvm", "qemu")),
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._conn: libvirt.virConnect | None = None
+
+    # -- checks -------------------------------------------------------------------------------------------
+    @classmethod
+    def pre_create_check(cls, options: dict[str, Any]) -> None:
+        for key, least, unit in (("libvirt_cpus", 1, ""), ("libvirt_memory", MIN_MEMORY, " MiB"),
+                                 ("libvirt_disk_size", 1, " GiB")):
+            if options[key] < least:
+                raise UsageError(f"--{key.replace('_', '-')}: {options[key]} is less than {least}{unit}")
+        catalog.resolve(options["libvirt_image"], options["libvirt_image_sha256"])
+        uri, net = options["libvirt_uri"], options["libvirt_network"]
+        if net == network.USER and urlparse(uri).hostname:
+            raise UsageError(f"--libvirt-network user forwards ports on the libvirt host's loopback; "
+                             f"{uri} is remote: use a libvirt network")
+        conn = connect(uri)
+        try:
+            resolve_domain_type(conn, options["libvirt_domain_type"])
+            if options["libvirt_pool"] != "default":  # `default` is created on first use, as virt-install does
+                storage.pool(conn, options["libvirt_pool"])
+            if net != network.USER:
+                _network(conn, net)
+            available = _available_memory_mib(conn)
+            if available is not None and options["libvirt_memory"] > available:
+                raise MachineError(f"--libvirt-memory {options['libvirt_memory']} MiB: the host has only "
+                                   f"{available} MiB available")
+        finally:
+            conn.close()
+
+    # -- connection and records ---------------------------------------------------------------------------
+    @property
+    def conn(self) -> libvirt.virConnect:
+        if self._conn is None:
+            self._conn = connect(self.opts["libvirt_uri"])
+        return self._conn
+
+    @property
+    def _user_net(self) -> bool:
+        return self.opts["libvirt_network"] == network.USER
+
+    def _domain(self) -> libvirt.virDomain | None:
+        """This machine's domain, or None if it has none (never a domain pymachine did not create)."""
+        recorded = self.machine.resources.get("uuid")
+        if recorded is None:
+            return None
+        lv = libvirt_module()
+        try:
+            dom = self.conn.lookupByUUIDString(recorded)
+        except lv.libvirtError as e:
+            if is_missing(e):
+                return None
+            raise MachineError(f"domain of {self.machine.name}: {message(e)}") from None
+        found = domain.owner(dom)
+        return dom if found is not None and found.machine_id == self.machine.id else None
+
+    def _spec(self) -> domain.DomainSpec:
+        r, o = self.machine.resources, self.opts
+        return domain.DomainSpec(
+            name=self.machine.name, uuid=r["uuid"], machine_id=self.machine.id, home=str(self.store.home),
+            domain_type=r["domain_type"], cpus=o["libvirt_cpus"], memory=o["libvirt_memory"], pool=r["pool"],
+            disk=r["disk"], seed=r["seed"], network=o["libvirt_network"], mac=r["mac"],
+            console_log=str(self.machine.dir / "console.log"),
+            ssh_port=r.get("ssh_port", 0), engine_port=r.get("engine_port", 0),
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def create(self) -> None:
+        o, name = self.opts, self.machine.name
+        self._refuse_taken_name()
+        domain_type = resolve_domain_type(self.conn, o["libvirt_domain_type"])
+        image = catalog.fetch(catalog.resolve(o["libvirt_image"], o["libvirt_image_sha256"]),
+                              self.store.cache("libvirt"))
+        fmt, virtual_size = storage.image_info(image)
+        capacity = o["libvirt_disk_size"] * storage.GIB
+        if capacity < virtual_size:
+            raise MachineError(f"--libvirt-disk-size {o['libvirt_disk_size']} GiB is smaller than the image "
+                               f"({-(-virtual_size // storage.GIB)} GiB)")
+        pool = self._pool()
+        with ui.step("uploading the base image into the storage pool (once per image)"):
+            base = storage.base_volume(pool, image, self.store.cache("libvirt"))
+
+        disk = f"{name}-{self.machine.id}.qcow2"
+        self.machine.record(pool=pool.name(), domain_type=domain_type, mac=network.new_mac())
+        storage.overlay(pool, disk, base, fmt, capacity)
+        self.machine.record(disk=disk)
+
+        host_key = sshkeys.new_keypair(f"root@{name}")
+        user_key = sshkeys.public_line(self.machine.key_path.read_bytes(), f"pymachine@{name}")
+        files = seed.render(name, f"pymachine-{self.machine.id}", user_key, host_key, self.machine.resources["mac"])
+        seed_name = f"{name}-{self.machine.id}-seed.iso"
+        storage.upload_bytes(pool, seed_name, seed.iso(files))
+        self.machine.record(seed=seed_name, host_key=host_key.public_line)
+
+        if self._user_net:
+            ssh_port, engine_port = network.free_ports(2)
+            self.machine.record(ssh_port=ssh_port, engine_port=engine_port)
+        self.machine.record(uuid=str(uuid.uuid4()))  # before defining: a failed create can always find it
+        self._define()
+        self._boot()
+
+    def _refuse_taken_name(self) -> None:
+        lv = libvirt_module()
+        try:
+            dom = self.conn.lookupByName(self.machine.name)
+        except lv.libvirtError as e:
+            if is_missing(e):
+                return
+            raise MachineError(f"domain {self.machine.name}: {message(e)}") from None
+        found = domain.owner(dom)
+        if found is None:
+            raise MachineError(f"libvirt already has a domain named {self.machine.name!r} that pymachine did not "
+                               f"create; choose another name")
+        raise MachineError(f"libvirt already has a domain named {self.machine.name!r}, made by pymachine for "
+                           f"machine {found.machine_id} of {found.home}; remove it there or choose another name")
+
+    def _pool(self) -> libvirt.virStoragePool:
+        name = self.opts["libvirt_pool"]
+        if name == "default" and storage.find_pool(self.conn, name) is None:
+            return storage.create_default_pool(self.conn)
+        return storage.pool(self.conn, name)
+
+    def _define(self) -> None:
+        lv = libvirt_module()
+        try:
+            self.conn.defineXML(domain.render(self._spec()))
+        except lv.libvirtError as e:
+            raise MachineError(f"libvirt refused the domain of {self.machine.name}: {message(e)}") from None
+
+    def _boot(self) -> None:
+        dom = self._domain()
+        if dom is None:
+            raise MachineError(f"the domain of {self.machine.name} is gone from libvirt (remove the machine)")
+        lv = libvirt_module()
+        try:
+            dom.create()
+        except lv.libvirtError as e:
+            raise MachineError(f"cannot start {self.machine.name}: {message(e)}") from None
+        if self._user_net:
+            address = network.LOOPBACK
+        else:
+            net = _network(self.conn, self.opts["libvirt_network"])
+            address = network.wait_for_lease(net, self.machine.resources["mac"], LEASE_TIMEOUT, self.is_alive)
+        self._settle_address(address)
+
+    def _settle_address(self, address: str) -> None:
+        """Record where the guest is now and pin its host key there; say so when that moved."""
+        r = self.machine.resources
+        before = (r.get("ip"), r.get("ssh_port"), r.get("engine_port"))
+        self.machine.record(ip=address)
+        endpoint = self.ssh_endpoint()
+        key_type, key_b64 = r["host_key"].split()[:2]
+        self.machine.known_hosts_path.write_text(f"{endpoint.known_hosts_name} {key_type} {key_b64}\n")
+        self.machine.known_hosts_path.chmod(0o600)
+        moved = before[0] is not None and before != (r.get("ip"), r.get("ssh_port"), r.get("engine_port"))
+        if moved and self.machine.state == "ready" and self.machine.engine:
+            ui.err(f"warning: the engine of {self.machine.name} moved to {address}:{self.engine_port()}; "
+                   f"run `pymachine regenerate-certs {self.machine.name}`")
+
+    def start(self) -> None:
+        dom = self._domain()
+        if dom is not None and domain.state(dom) == State.RUNNING:
+            return
+        if self._user_net:
+            r = self.machine.resources
+            if not (network.port_free(r["ssh_port"]) and network.port_free(r["engine_port"])):
+                ssh_port, engine_port = network.free_ports(2)  # someone took ours while the machine was off
+                self.machine.record(ssh_port=ssh_port, engine_port=engine_port)
+                self._define()
+        self._boot()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        dom = self._domain()
+        if dom is None or not dom.isActive():
+            return
+        lv = libvirt_module()
+        try:
+            dom.shutdown()  # ACPI power button
+        except lv.libvirtError as e:
+            raise MachineError(f"cannot stop {self.machine.name}: {message(e)}") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not dom.isActive():
+                return
+            time.sleep(0.25)
+        self.kill()
+
+    def kill(self) -> None:
+        dom = self._domain()
+        if dom is not None and dom.isActive():
+            lv = libvirt_module()
+            try:
+                dom.destroy()
+            except lv.libvirtError as e:
+                if dom.isActive():
+                    raise MachineError(f"cannot kill {self.machine.name}: {message(e)}") from None
+
+    def remove(self) -> None:
+        r = self.machine.resources
+        dom = self._domain()
+        if dom is not None:
+            lv = libvirt_module()
+            self.kill()
+            flags = (lv.VIR_DOMAIN_UNDEFINE_NVRAM | lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                     | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            try:
+                dom.undefineFlags(flags)
+            except lv.libvirtError as e:
+                raise MachineError(f"cannot undefine the domain of {self.machine.name}: {message(e)}") from None
+        if "pool" in r:
+            pool = storage.find_pool(self.conn, r["pool"])
+            for volume in (r.get("seed"), r.get("disk")):
+                if pool is not None and volume:
+                    storage.delete(pool, volume)
+
+    # -- queries ------------------------------------------------------------------------------------------
+    def state(self) -> State:
+        try:
+            dom = self._domain()
+        except MachineError:
+            return State.ERROR  # libvirtd unreachable: say so in `ls` rather than fail it
+        if dom is None:
+            return State.ERROR if "uuid" in self.machine.resources else State.STOPPED
+        return domain.state(dom)
+
+    def ip(self) -> str | None:
+        return self.machine.resources.get("ip")
+
+    def engine_port(self) -> int:
+        """The host-side port of the engine's TLS endpoint (forwarded in user networking)."""
+        return self.machine.resources.get("engine_port", ENGINE_PORT) if self._user_net else ENGINE_PORT
+
+    def ssh_endpoint(self) -> Endpoint:
+        address = self.ip()
+        if address is None:
+            raise MachineError(f"machine {self.machine.name!r} has no address yet")
+        port = self.machine.resources["ssh_port"] if self._user_net else 22
+        return Endpoint(address, port, "root")
+
+
+def resolve_domain_type(conn: libvirt.virConnect, wanted: str) -> str:
+    """kvm or qemu: what the user asked for, if libvirt can run it; auto prefers kvm."""
+    offered = domain.hvm_types(conn.getCapabilities())
+    if wanted == "auto":
+        if "kvm" in offered:
+            return "kvm"
+        wanted = "qemu"
+    if wanted not in offered:
+        hint = " (is /dev/kvm there and usable?)" if wanted == "kvm" else " (is qemu-system-x86 installed?)"
+        raise MachineError(f"libvirt at {conn.getURI()} cannot run {wanted} x86_64 guests{hint}")
+    return wanted
+
+
+def _network(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork:
+    lv = libvirt_module()
+    try:
+        net = conn.networkLookupByName(name)
+    except lv.libvirtError as e:
+        if is_missing(e):
+            raise MachineError(f"libvirt has no network {name!r} (list them with `virsh net-list --all`, or use "
+                               f"--libvirt-network user)") from None
+        raise MachineError(f"network {name!r}: {message(e)}") from None
+    if not net.isActive():
+        raise MachineError(f"libvirt network {name!r} is not active (start it with `virsh net-start {name}`)")
+    return net
+
+
+def _available_memory_mib(conn: libvirt.virConnect) -> int | None:
+    lv = libvirt_module()
+    try:
+        stats = conn.getMemoryStats(lv.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+    except lv.libvirtError:
+        return None  # a hypervisor driver that cannot tell
+    if "free" not in stats:
+        return None
+    return (stats["free"] + stats.get("buffers", 0) + stats.get("cached", 0)) // 1024
+
+
+DRIVER = LibvirtDriver

@@ -1,0 +1,164 @@
+"""Volumes in a libvirt storage pool: the shared base image, each machine's overlay and its seed.
+
+The base image is uploaded into the pool once (QEMU under qemu:///system runs as its own user and cannot
+read pymachine's 0700 cache); each machine's disk is a qcow2 overlay backed by it, so a new machine costs
+only the blocks it writes.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+from xml.sax.saxutils import escape
+
+from drivers.libvirt.connection import is_missing, libvirt_module, message
+from machine.errors import MachineError
+from machine.store import file_lock
+
+if TYPE_CHECKING:
+    import libvirt
+
+GIB = 1 << 30
+_QCOW2_MAGIC = b"QFI\xfb"
+_CHUNK = 1 << 20
+
+
+def image_info(path: Path) -> tuple[str, int]:
+    """(format, virtual size in bytes) of a qcow2 or raw image."""
+    with path.open("rb") as f:
+        header = f.read(32)
+    if header[:4] == _QCOW2_MAGIC:
+        return "qcow2", struct.unpack(">Q", header[24:32])[0]
+    return "raw", path.stat().st_size
+
+
+def pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
+    found = find_pool(conn, name)
+    if found is None:
+        raise MachineError(f"libvirt has no storage pool {name!r} (list them with `virsh pool-list --all`)")
+    if not found.isActive():
+        raise MachineError(f"storage pool {name!r} is not active (start it with `virsh pool-start {name}`)")
+    return found
+
+
+def find_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
+    lv = libvirt_module()
+    try:
+        return conn.storagePoolLookupByName(name)
+    except lv.libvirtError as e:
+        if is_missing(e):
+            return None
+        raise MachineError(f"storage pool {name!r}: {message(e)}") from None
+
+
+def create_default_pool(conn: libvirt.virConnect) -> libvirt.virStoragePool:
+    """The directory pool `default` where virt-install would make it, for a libvirt that has none yet."""
+    session = urlparse(conn.getURI()).path.rstrip("/") == "/session"
+    path = Path.home() / ".local/share/libvirt/images" if session else Path("/var/lib/libvirt/images")
+    xml = f"<pool type='dir'><name>default</name><target><path>{escape(str(path))}</path></target></pool>"
+    lv = libvirt_module()
+    try:
+        pool = conn.storagePoolDefineXML(xml, 0)
+        pool.build(lv.VIR_STORAGE_POOL_BUILD_NO_OVERWRITE)
+        pool.create(0)
+        pool.setAutostart(1)
+    except lv.libvirtError as e:
+        raise MachineError(f"cannot create the storage pool 'default' at {path}: {message(e)}") from None
+    return pool
+
+
+def find(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    lv = libvirt_module()
+    try:
+        return pool.storageVolLookupByName(name)
+    except lv.libvirtError as e:
+        if is_missing(e):
+            return None
+        raise MachineError(f"volume {name}: {message(e)}") from None
+
+
+def base_volume(pool: libvirt.virStoragePool, image: Path, lock_dir: Path) -> libvirt.virStorageVol:
+    """The pool's copy of a cached image (named by its sha256, the cache file's name), uploaded once."""
+    fmt, _ = image_info(image)
+    name = f"pymachine-base-{image.name[:16]}.{fmt}"
+    with file_lock(lock_dir / ".pool.lock", timeout=3600, what=f"base volume {name}"):
+        existing = find(pool, name)
+        if existing is not None:
+            return existing
+        size = image.stat().st_size
+        vol = _create(pool, name, fmt, size, mode="0644")
+        try:
+            _upload(pool, vol, image.open("rb"), size)
+        except BaseException:
+            vol.delete()
+            raise
+        return vol
+
+
+def overlay(pool: libvirt.virStoragePool, name: str, base: libvirt.virStorageVol, base_format: str,
+            capacity: int) -> libvirt.virStorageVol:
+    """A qcow2 volume of `capacity` bytes whose unwritten blocks read from `base`."""
+    xml = f"""<volume>
+  <name>{escape(name)}</name>
+  <capacity unit='bytes'>{capacity}</capacity>
+  <target><format type='qcow2'/></target>
+  <backingStore><path>{escape(base.path())}</path><format type='{base_format}'/></backingStore>
+</volume>"""
+    lv = libvirt_module()
+    try:
+        return pool.createXML(xml, 0)
+    except lv.libvirtError as e:
+        raise MachineError(f"cannot create volume {name}: {message(e)}") from None
+
+
+def upload_bytes(pool: libvirt.virStoragePool, name: str, data: bytes) -> libvirt.virStorageVol:
+    vol = _create(pool, name, "raw", len(data), mode="0644")
+    try:
+        _upload(pool, vol, io.BytesIO(data), len(data))
+    except BaseException:
+        vol.delete()
+        raise
+    return vol
+
+
+def delete(pool: libvirt.virStoragePool, name: str) -> None:
+    vol = find(pool, name)
+    if vol is not None:
+        lv = libvirt_module()
+        try:
+            vol.delete()
+        except lv.libvirtError as e:
+            raise MachineError(f"cannot delete volume {name}: {message(e)}") from None
+
+
+def _create(pool: libvirt.virStoragePool, name: str, fmt: str, size: int, mode: str) -> libvirt.virStorageVol:
+    xml = f"""<volume>
+  <name>{escape(name)}</name>
+  <capacity unit='bytes'>{size}</capacity>
+  <allocation unit='bytes'>0</allocation>
+  <target><format type='{fmt}'/><permissions><mode>{mode}</mode></permissions></target>
+</volume>"""
+    lv = libvirt_module()
+    try:
+        return pool.createXML(xml, 0)
+    except lv.libvirtError as e:
+        raise MachineError(f"cannot create volume {name}: {message(e)}") from None
+
+
+def _upload(pool: libvirt.virStoragePool, vol: libvirt.virStorageVol, source, size: int) -> None:
+    """Stream `source` into the volume through libvirtd (which also works for a remote libvirtd)."""
+    lv = libvirt_module()
+    conn = pool.connect()
+    stream = conn.newStream(0)
+    try:
+        with source:
+            vol.upload(stream, 0, size, 0)
+            stream.sendAll(lambda _s, n, f: f.read(min(n, _CHUNK)), source)
+            stream.finish()
+    except lv.libvirtError as e:
+        stream.abort()
+        raise MachineError(f"cannot upload volume {vol.name()}: {message(e)}") from None
+    pool.refresh(0)  # libvirt re-reads the uploaded image's format and size
