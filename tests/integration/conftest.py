@@ -13,8 +13,9 @@ import pytest
 
 from tests.conftest import CLI
 
-BRIDGE = "pmtest0"
-SUBNET = "10.231.250.0/24"
+# Overridable so that two runs on one host do not share a bridge.
+BRIDGE = os.environ.get("PYMACHINE_TEST_BRIDGE", "pmtest0")
+SUBNET = os.environ.get("PYMACHINE_TEST_SUBNET", "10.231.250.0/24")
 # The base rootfs takes ~60 s to debootstrap; keep it between runs.
 CACHE = os.environ.get("PYMACHINE_TEST_CACHE", "/var/tmp/pymachine-test-cache")
 
