@@ -19,13 +19,14 @@ from drivers.libvirt.connection import connect, is_missing, libvirt_module, mess
 from machine import sshkeys, ui
 from machine.errors import MachineError, UsageError
 from machine.ssh import Endpoint
+from machine.store import write_atomic
 
 if TYPE_CHECKING:
     import libvirt
 
 STOP_TIMEOUT = 60.0
 LEASE_TIMEOUT = 180.0  # a cloud image asks for its lease ~50 s after power-on under TCG
-ENGINE_PORT = 2376
+BOOT_TIMEOUT = 600.0  # until sshd answers: ~75 s for a cloud image under TCG, more on a loaded host
 MIN_MEMORY = 256
 
 
@@ -190,20 +191,19 @@ class LibvirtDriver(Driver):
             net = _network(self.conn, self.opts["libvirt_network"])
             address = network.wait_for_lease(net, self.machine.resources["mac"], LEASE_TIMEOUT, self.is_alive)
         self._settle_address(address)
+        endpoint = self.ssh_endpoint()
+        network.wait_for_ssh(endpoint.host, endpoint.port, BOOT_TIMEOUT, self.is_alive)
 
     def _settle_address(self, address: str) -> None:
-        """Record where the guest is now and pin its host key there; say so when that moved."""
-        r = self.machine.resources
-        before = (r.get("ip"), r.get("ssh_port"), r.get("engine_port"))
+        """Record where the guest is now and pin, for that address, the host key its seed carries.
+
+        (`start` tells the user when the engine moved: that is the same for every driver.)
+        """
         self.machine.record(ip=address)
         endpoint = self.ssh_endpoint()
-        key_type, key_b64 = r["host_key"].split()[:2]
-        self.machine.known_hosts_path.write_text(f"{endpoint.known_hosts_name} {key_type} {key_b64}\n")
-        self.machine.known_hosts_path.chmod(0o600)
-        moved = before[0] is not None and before != (r.get("ip"), r.get("ssh_port"), r.get("engine_port"))
-        if moved and self.machine.state == "ready" and self.machine.engine:
-            ui.err(f"warning: the engine of {self.machine.name} moved to {address}:{self.engine_port()}; "
-                   f"run `pymachine regenerate-certs {self.machine.name}`")
+        key_type, key_b64 = self.machine.resources["host_key"].split()[:2]
+        write_atomic(self.machine.known_hosts_path, f"{endpoint.known_hosts_name} {key_type} {key_b64}\n".encode(),
+                     0o600)
 
     def start(self) -> None:
         dom = self._domain()
@@ -273,10 +273,6 @@ class LibvirtDriver(Driver):
 
     def ip(self) -> str | None:
         return self.machine.resources.get("ip")
-
-    def engine_port(self) -> int:
-        """The host-side port of the engine's TLS endpoint (forwarded in user networking)."""
-        return self.machine.resources.get("engine_port", ENGINE_PORT) if self._user_net else ENGINE_PORT
 
     def ssh_endpoint(self) -> Endpoint:
         address = self.ip()

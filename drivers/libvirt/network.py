@@ -51,6 +51,24 @@ def lease(net: libvirt.virNetwork, mac: str) -> str | None:
     return max(leases, key=lambda x: x.get("expirytime", 0))["ipaddr"]
 
 
+def wait_for_ssh(host: str, port: int, timeout: float, is_alive: Callable[[], bool]) -> None:
+    """Wait until an SSH server greets on host:port.
+
+    QEMU's forwarder accepts a connection before the guest listens (and resets it after), and a TCG boot can
+    take longer than a generic SSH wait allows: the driver waits for the banner itself, quietly.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=3) as sock:
+            if sock.recv(4).startswith(b"SSH-"):
+                return
+        if not is_alive():
+            raise MachineError(f"the guest stopped before its SSH server answered on {host}:{port}")
+        if time.monotonic() > deadline:
+            raise MachineError(f"no SSH server answered on {host}:{port} within {timeout:.0f}s")
+        time.sleep(0.2)
+
+
 def wait_for_lease(net: libvirt.virNetwork, mac: str, timeout: float, is_alive: Callable[[], bool]) -> str:
     deadline = time.monotonic() + timeout
     while True:

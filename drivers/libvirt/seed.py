@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 from drivers.libvirt.domain import templates
+from machine.errors import MachineError
 from machine.sshkeys import KeyPair
 
 FILES = ("user-data", "meta-data", "network-config")
@@ -29,7 +30,10 @@ def render(hostname: str, instance_id: str, user_key: str, host_key: KeyPair, ma
 
 def iso(files: dict[str, str]) -> bytes:
     """An ISO with Joliet and Rock Ridge names (cloud-init wants the exact lowercase, hyphenated names)."""
-    import pycdlib
+    try:
+        import pycdlib
+    except ImportError:
+        raise MachineError("the libvirt driver needs pycdlib: pip install 'pymachine[libvirt]'") from None
 
     image = pycdlib.PyCdlib()
     image.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")

@@ -27,4 +27,6 @@ def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT
 
 def engine_url(driver: Driver) -> str:
     address = driver.ip()
-    return f"tcp://{address}:{ENGINE_PORT}" if address else ""
+    # A driver that reaches the engine through a forwarded host port (libvirt's user networking) records it.
+    port = driver.machine.resources.get("engine_port", ENGINE_PORT)
+    return f"tcp://{address}:{port}" if address else ""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +84,28 @@ def bridge_leftovers() -> list[str]:
     if Path(f"/var/lib/pymachine/networks/{BRIDGE}.json").exists():
         found.append("lease file")
     return found
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[tuple[str, list[str]]]:
+    """A quiet HTTP server for `directory` on 127.0.0.1: its base URL, and the paths requested so far."""
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requested
+    finally:
+        server.shutdown()
+        server.server_close()

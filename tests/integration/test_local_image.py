@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from drivers.local import rootfs
-from tests.integration.conftest import CACHE
+from tests.integration.conftest import CACHE, serve_directory
 
 pytestmark = pytest.mark.integration
 
@@ -28,25 +26,8 @@ def tarball(tmp_path_factory) -> Path:
 @pytest.fixture
 def server(tarball):
     """A loopback HTTP server for the tarball that counts the downloads; stopped after the test."""
-    gets: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tarball.parent), **kwargs)
-
-        def do_GET(self):
-            gets.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}/{tarball.name}", gets
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_directory(tarball.parent) as (base, gets):
+        yield f"{base}/{tarball.name}", gets
 
 
 def test_parallel_creates_download_and_unpack_once(local, server, tarball, tmp_path):

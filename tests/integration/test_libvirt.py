@@ -1,0 +1,261 @@
+"""The libvirt driver end to end: a real libvirtd, QEMU (TCG), a cloud image served over loopback HTTP.
+
+The guest is reached only through ports QEMU forwards from 127.0.0.1 (`--libvirt-network user`): no bridge,
+no traffic to any other address. One VM is shared by the lifecycle tests (a TCG boot takes ~80 s).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CLI
+from tests.integration import cloudimage
+from tests.integration.conftest import machine_cli, machine_record, serve_directory
+
+pytestmark = pytest.mark.integration
+
+URI = "qemu:///system"
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"virsh {' '.join(args)}: {proc.stderr}")
+    return proc
+
+
+def _daemon_answers() -> bool:
+    return virsh("version", check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory) -> Iterator[None]:
+    """libvirtd and virtlogd for the session (reused when already running), stopped at the end."""
+    if shutil.which("libvirtd") is None or shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs libvirt-daemon-system and qemu-system-x86")
+    pytest.importorskip("libvirt")
+    started = []
+    if not _daemon_answers():
+        run = tmp_path_factory.mktemp("libvirtd")
+        Path("/run/libvirt").mkdir(exist_ok=True)
+        for daemon in ("virtlogd", "libvirtd"):
+            pidfile = run / f"{daemon}.pid"
+            subprocess.run([daemon, "--daemon", f"--pid-file={pidfile}"], check=True, timeout=30)
+            started.append(pidfile)
+        deadline = time.monotonic() + 30
+        while not _daemon_answers():
+            assert time.monotonic() < deadline, "libvirtd did not answer within 30 s"
+            time.sleep(0.2)
+    yield
+    for pidfile in reversed(started):
+        pid = int(pidfile.read_text())
+        os.kill(pid, 15)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def pool(libvirtd, tmp_path_factory) -> Iterator[str]:
+    """A storage pool of the tests' own, in a temporary directory; removed with its volumes at the end."""
+    name = f"pmtest-{uuid.uuid4().hex[:8]}"
+    path = tmp_path_factory.mktemp("pool")
+    path.chmod(0o755)  # QEMU runs as libvirt-qemu
+    for parent in path.parents:
+        if parent != Path("/"):
+            parent.chmod(parent.stat().st_mode | 0o111)
+    # Transient: a run that is killed leaves no pool defined once libvirtd stops.
+    virsh("pool-create-as", name, "dir", "--target", str(path))
+    yield name
+    for vol in virsh("vol-list", name, check=False).stdout.split("\n"):
+        if vol.split():
+            virsh("vol-delete", "--pool", name, vol.split()[0], check=False)
+    virsh("pool-destroy", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def image_url() -> Iterator[tuple[str, str]]:
+    """(URL, sha256) of the test cloud image, served by a loopback HTTP server for the session."""
+    if shutil.which("debootstrap") is None or shutil.which("extlinux") is None:
+        pytest.skip("needs debootstrap and extlinux to build the test image")
+    image = cloudimage.build()
+    digest = cloudimage.sha256(image)
+    with serve_directory(image.parent) as (base, _):
+        yield f"{base}/{image.name}", digest
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, pool, image_url) -> Iterator[CLI]:
+    tmp = tmp_path_factory.mktemp("libvirt")
+    url, sha256 = image_url
+    yield from machine_cli(
+        tmp / "home",
+        # A cache of the module's own, so the download, its checksum and the cache are exercised for real.
+        PYMACHINE_CACHE=str(tmp / "cache"),
+        PYMACHINE_LIBVIRT_POOL=pool,
+        PYMACHINE_LIBVIRT_NETWORK="user",
+        PYMACHINE_LIBVIRT_DOMAIN_TYPE="qemu",  # nested KVM is broken on the CI hosts
+        PYMACHINE_LIBVIRT_IMAGE=url,
+        PYMACHINE_LIBVIRT_IMAGE_SHA256=sha256,
+        PYMACHINE_LIBVIRT_MEMORY="1024",
+        PYMACHINE_LIBVIRT_DISK_SIZE="4",
+        DOCKER_CONFIG=str(tmp / "docker-config"),
+        DOCKER_BUILDKIT="0",
+    )
+
+
+def volumes(pool: str) -> list[str]:
+    return [line.split()[0] for line in virsh("vol-list", pool).stdout.splitlines() if line.split()]
+
+
+def domains() -> list[str]:
+    return virsh("list", "--all", "--name").stdout.split()
+
+
+def docker_env(cli: CLI, machine: str) -> dict[str, str]:
+    """The environment `eval $(pymachine env MACHINE)` gives a bash user."""
+    exports = cli("env", "--shell", "bash", machine).stdout.splitlines()
+    values = dict(line.removeprefix("export ").split("=", 1) for line in exports if line.startswith("export "))
+    return cli.env | {key: value.strip('"') for key, value in values.items()}
+
+
+def docker(cli: CLI, machine: str, *args: str) -> str:
+    """The real docker CLI, pointed at the machine by `pymachine env`."""
+    proc = subprocess.run(["docker", *args], env=docker_env(cli, machine), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"docker {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def assert_nothing_left(cli: CLI, pool: str, name: str) -> None:
+    assert name not in domains()
+    assert not [v for v in volumes(pool) if v.startswith(f"{name}-")]
+    assert not (cli.home / "machines" / name).exists()
+
+
+# -- bad input: one clear line, nothing half-made -------------------------------------------------------------
+def test_checksum_mismatch_keeps_nothing(cli, pool, image_url):
+    proc = cli("create", "--driver", "libvirt", "--no-provision", "--libvirt-image-sha256", "0" * 64, "bad-sum",
+               check=False)
+    assert proc.returncode == 1
+    assert "checksum mismatch" in error_line(proc)
+    cache = Path(cli.env["PYMACHINE_CACHE"]) / "libvirt"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []
+    assert not list(cache.glob(".download.*"))
+    assert_nothing_left(cli, pool, "bad-sum")
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--libvirt-uri", "nosuch:///system"], "cannot connect to libvirt at nosuch:///system"),
+    (["--libvirt-uri", "qemu+unix:///system?socket=/nonexistent/sock"], "cannot connect to libvirt"),
+    (["--libvirt-network", "pm-no-such-net"], "libvirt has no network 'pm-no-such-net'"),
+    (["--libvirt-pool", "pm-no-such-pool"], "libvirt has no storage pool 'pm-no-such-pool'"),
+    (["--libvirt-memory", str(1 << 30)], "MiB available"),
+    (["--libvirt-memory", "64"], "--libvirt-memory: 64 is less than 256 MiB"),
+    (["--libvirt-domain-type", "xen"], "--libvirt-domain-type"),
+])
+def test_bad_input_is_refused_before_anything_is_made(cli, pool, flags, expected):
+    proc = cli("create", "--driver", "libvirt", "--no-provision", *flags, "refused", check=False)
+    assert proc.returncode in (1, 2)
+    assert expected in error_line(proc)
+    assert_nothing_left(cli, pool, "refused")
+
+
+def test_a_foreign_domain_name_is_refused_and_left_alone(cli, pool, tmp_path):
+    xml = tmp_path / "foreign.xml"
+    xml.write_text("<domain type='qemu'><name>foreign</name><memory unit='MiB'>64</memory>"
+                   "<os><type arch='x86_64'>hvm</type></os></domain>")
+    virsh("define", str(xml))
+    try:
+        proc = cli("create", "--driver", "libvirt", "--no-provision", "foreign", check=False)
+        assert proc.returncode == 1
+        assert "already has a domain named 'foreign' that pymachine did not create" in error_line(proc)
+        assert "foreign" in domains()  # untouched
+        assert not [v for v in volumes(pool) if v.startswith("foreign-")]
+        assert not (cli.home / "machines" / "foreign").exists()
+    finally:
+        virsh("undefine", "foreign", check=False)
+
+
+# -- one real machine through its whole life ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vm(cli) -> str:
+    cli("create", "--driver", "libvirt", "--engine-install", "distro", "vm1", timeout=900)
+    return "vm1"
+
+
+def test_create_boots_from_the_cloud_image_and_runs_containers(cli, pool, vm, tmp_path):
+    record = machine_record(cli, vm)
+    r = record["resources"]
+    assert record["state"] == "ready" and r["domain_type"] == "qemu"
+    assert cli("status", vm).stdout.strip() == "Running"
+    assert cli("ip", vm).stdout.strip() == "127.0.0.1"
+    assert cli("ssh", vm, "--", "hostname").stdout.strip() == vm
+    # cloud-init grew the root filesystem to the requested 4 GiB.
+    size = int(cli("ssh", vm, "--", "df -B1M --output=size /").stdout.split()[-1])
+    assert size > 3000
+    # The disk is an overlay over the shared base volume in the pool, and the seed is a virtio disk.
+    disk_xml = virsh("vol-dumpxml", "--pool", pool, r["disk"]).stdout
+    assert "<backingStore>" in disk_xml and "pymachine-base-" in disk_xml
+    assert r["seed"] in volumes(pool)
+    assert f"<pm:id>{record['id']}</pm:id>" in virsh("dumpxml", vm).stdout
+    # The image came through the cache, named by its checksum.
+    assert (Path(cli.env["PYMACHINE_CACHE"]) / "libvirt" / cli.env["PYMACHINE_LIBVIRT_IMAGE_SHA256"]).is_file()
+
+    assert docker_env(cli, vm)["DOCKER_HOST"] == f"tcp://127.0.0.1:{r['engine_port']}"
+    context = tmp_path / "busybox-image"
+    context.mkdir()
+    shutil.copy(BUSYBOX, context / "busybox")
+    (context / "Dockerfile").write_text('FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT ["/bin/busybox"]\n')
+    docker(cli, vm, "build", "-q", "-t", "pm-busybox", str(context))
+    assert docker(cli, vm, "run", "--rm", "pm-busybox", "echo", "hello from libvirt").strip() == "hello from libvirt"
+
+
+def test_stop_is_a_clean_shutdown_and_start_moves_ports_someone_took(cli, vm):
+    old = machine_record(cli, vm)["resources"]
+    cli("stop", vm, timeout=300)
+    assert cli("status", vm).stdout.strip() == "Stopped"
+    # The guest powered itself off on the ACPI button (stop forces it only after a timeout).
+    assert "reboot: Power down" in (cli.home / "machines" / vm / "console.log").read_text(errors="replace")
+    # One boot for both paths of start: its forwarded ports are kept when free (a unit test checks that),
+    # and moved when something took one while the machine was off.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", old["ssh_port"]))
+        squatter.listen()
+        cli("start", vm, timeout=600)
+    assert cli("status", vm).stdout.strip() == "Running"
+    new = machine_record(cli, vm)["resources"]
+    assert new["ssh_port"] != old["ssh_port"]
+    # Still 127.0.0.1, which the engine's certificate names: the URL changes, the certificate need not, and
+    # `start` returned only once the engine answered.
+    assert cli("url", vm).stdout.strip() == f"tcp://127.0.0.1:{new['engine_port']}"
+    assert cli("ssh", vm, "--", "hostname").stdout.strip() == vm
+    assert docker(cli, vm, "version", "--format", "{{.Server.Os}}").strip() == "linux"
+
+
+def test_kill_then_rm_leaves_nothing(cli, pool, vm):
+    cli("kill", vm)
+    assert cli("status", vm).stdout.strip() == "Stopped"
+    r = machine_record(cli, vm)["resources"]
+    pool_dir = Path(virsh("pool-dumpxml", pool).stdout.split("<path>")[1].split("</path>")[0])
+    cli("rm", "-y", vm)
+    assert_nothing_left(cli, pool, vm)
+    assert r["uuid"] not in virsh("list", "--all", "--uuid").stdout
+    assert r["disk"] not in volumes(pool) and r["seed"] not in volumes(pool)
+    assert not (pool_dir / r["disk"]).exists() and not (pool_dir / r["seed"]).exists()

@@ -1,0 +1,173 @@
+"""Option checks and the lifecycle against libvirt's test:///default driver (no daemon, no QEMU)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import drivers
+import drivers.libvirt as libvirt_driver
+from drivers.libvirt import LibvirtDriver, catalog, domain, network, storage
+from machine.commands.machines import parse_driver_options
+from machine.errors import MachineError, UsageError
+from machine.store import Store
+
+libvirt = pytest.importorskip("libvirt")
+
+
+CAPS = """<capabilities><host/>
+  <guest><os_type>hvm</os_type><arch name='i686'><domain type='qemu'/><domain type='kvm'/></arch></guest>
+  <guest><os_type>hvm</os_type><arch name='x86_64'><domain type='qemu'/>{kvm}</arch></guest>
+</capabilities>"""
+
+
+class FakeConn:
+    def __init__(self, kvm: bool) -> None:
+        self.caps = CAPS.format(kvm="<domain type='kvm'/>" if kvm else "")
+
+    def getCapabilities(self) -> str:
+        return self.caps
+
+    def getURI(self) -> str:
+        return "qemu:///system"
+
+
+@pytest.fixture(autouse=True)
+def test_driver_runs_qemu(monkeypatch):
+    """libvirt's test driver offers only its own `test` domain type: answer as a QEMU host without KVM."""
+    real = libvirt_driver.resolve_domain_type
+    monkeypatch.setattr(libvirt_driver, "resolve_domain_type", lambda conn, wanted: real(FakeConn(False), wanted))
+
+
+def options(**overrides: str) -> dict:
+    raw = {"libvirt_uri": "test:///default", "libvirt_pool": "default-pool", "libvirt_network": "default"}
+    return parse_driver_options("libvirt", raw | overrides)
+
+
+def test_registered():
+    assert drivers.get("libvirt") is LibvirtDriver
+
+
+@pytest.mark.parametrize(("overrides", "error", "text"), [
+    ({"libvirt_uri": "nosuch:///x"}, MachineError, "cannot connect to libvirt at nosuch:///x"),
+    ({"libvirt_network": "missing"}, MachineError, "libvirt has no network 'missing'"),
+    ({"libvirt_pool": "missing"}, MachineError, "libvirt has no storage pool 'missing'"),
+    ({"libvirt_cpus": "0"}, UsageError, "--libvirt-cpus: 0 is less than 1"),
+    ({"libvirt_memory": "100"}, UsageError, "--libvirt-memory: 100 is less than 256 MiB"),
+    ({"libvirt_disk_size": "0"}, UsageError, "--libvirt-disk-size: 0 is less than 1 GiB"),
+    ({"libvirt_image": "debian-12", "libvirt_image_sha256": "a" * 64}, UsageError, "not to an alias"),
+    ({"libvirt_image": "/no/such/image.qcow2"}, UsageError, "is not a file"),
+    ({"libvirt_uri": "qemu+ssh://host/system", "libvirt_network": "user"}, UsageError, "is remote"),
+    ({"libvirt_domain_type": "kvm"}, MachineError, "cannot run kvm x86_64 guests"),
+])
+def test_pre_create_check_refuses(overrides, error, text):
+    with pytest.raises(error, match=text.replace("(", r"\(").replace("+", r"\+")):
+        LibvirtDriver.pre_create_check(options(**overrides))
+
+
+def test_pre_create_check_accepts_a_good_request():
+    LibvirtDriver.pre_create_check(options(libvirt_domain_type="qemu", libvirt_image="ubuntu-24.04"))
+
+
+def test_domain_type_auto_prefers_kvm_and_falls_back_to_qemu(monkeypatch):
+    monkeypatch.undo()
+    resolve = libvirt_driver.resolve_domain_type
+    assert domain.hvm_types(FakeConn(True).caps) == {"qemu", "kvm"}
+    assert resolve(FakeConn(True), "auto") == "kvm"
+    assert resolve(FakeConn(False), "auto") == "qemu"
+    assert resolve(FakeConn(True), "qemu") == "qemu"
+    with pytest.raises(MachineError, match="cannot run kvm x86_64 guests"):
+        resolve(FakeConn(False), "kvm")
+
+
+def test_aliases_pin_official_images():
+    for image in catalog.IMAGES.values():
+        assert image.url.startswith("https://") and (image.sha256 or image.sha512)
+    assert catalog.resolve(None, None) is catalog.IMAGES[catalog.DEFAULT]
+
+
+def test_image_info(tmp_path):
+    qcow = tmp_path / "a.qcow2"
+    qcow.write_bytes(b"QFI\xfb" + bytes(20) + (5 << 30).to_bytes(8, "big") + bytes(100))
+    assert storage.image_info(qcow) == ("qcow2", 5 << 30)
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(bytes(4096))
+    assert storage.image_info(raw) == ("raw", 4096)
+
+
+def test_free_ports_differ_and_are_free():
+    ports = network.free_ports(2)
+    assert len(set(ports)) == 2 and all(network.port_free(p) for p in ports)
+
+
+def test_remove_of_a_machine_that_made_nothing_is_a_no_op(tmp_path):
+    store = Store(tmp_path)
+    machine = store.reserve("web", "libvirt", options())
+    driver = LibvirtDriver(machine, store)
+    driver.remove()
+    assert driver.state().value == "Stopped"
+
+
+def test_parallel_creates_download_an_image_once(tmp_path):
+    """Machines created together wait for one download (under the cache lock) and share its file."""
+    body = b"qcow2 image " * 100_000
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        image = catalog.resolve(f"http://127.0.0.1:{server.server_port}/image.qcow2",
+                                hashlib.sha256(body).hexdigest())
+        with ThreadPoolExecutor(4) as pool:
+            paths = list(pool.map(lambda _: catalog.fetch(image, tmp_path / "cache"), range(4)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert requests == ["/image.qcow2"]
+    assert len(set(paths)) == 1 and paths[0].read_bytes() == body
+
+
+def test_start_keeps_free_forwarded_ports_and_replaces_taken_ones(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    machine = store.reserve("web", "libvirt", options(libvirt_network="user"))
+    driver = LibvirtDriver(machine, store)
+    ssh_port, engine_port = network.free_ports(2)
+    machine.record(ssh_port=ssh_port, engine_port=engine_port)
+    redefined = []
+    monkeypatch.setattr(driver, "_boot", lambda: None)
+    monkeypatch.setattr(driver, "_define", lambda: redefined.append(True))
+    driver.start()
+    assert (machine.resources["ssh_port"], machine.resources["engine_port"]) == (ssh_port, engine_port)
+    assert not redefined
+    with socket.socket() as squatter:
+        squatter.bind((network.LOOPBACK, engine_port))
+        driver.start()
+    assert engine_port not in (machine.resources["ssh_port"], machine.resources["engine_port"])
+    assert redefined == [True]
+
+
+def test_the_guest_address_is_its_newest_ipv4_lease():
+    class Net:
+        def DHCPLeases(self, mac: str) -> list[dict]:
+            assert mac == "52:54:00:ab:cd:ef"
+            return [{"type": 0, "ipaddr": "192.168.122.10", "expirytime": 100},
+                    {"type": 1, "ipaddr": "fd00::10", "expirytime": 300},
+                    {"type": 0, "ipaddr": "192.168.122.11", "expirytime": 200}]
+
+    assert network.lease(Net(), "52:54:00:ab:cd:ef") == "192.168.122.11"
