@@ -21,7 +21,8 @@ from machine.paths import data_dir
 from machine.store import file_lock
 
 # Bump when the recipe below changes, so old caches are not reused for a different result.
-RECIPE = 4
+RECIPE = 5
+LOOP_DEVICES = 64
 PACKAGES = (
     "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "sudo", "kmod",
     "gnupg", "curl",
@@ -94,6 +95,8 @@ def _customise(root: Path) -> None:
     _install(root, "etc/systemd/journald.conf.d/pymachine.conf", "journald.conf")
     _install(root, "etc/systemd/system/pymachine-cgroup-delegate.service", "cgroup-delegate.service")
     _install(root, "etc/systemd/system/pymachine-loop-devices.service", "loop-devices.service")
+    _write(root / "usr/lib/pymachine/loop-devices.conf", _render("loop-devices.conf.j2", count=LOOP_DEVICES))
+    _install(root, "etc/systemd/system/ssh.service.d/pymachine.conf", "ssh-boot.conf")
     mounts = [_engine_data_mount(root, name, where) for name, where in ENGINE_VOLUMES.items()]
     _run(["systemctl", "--root", str(root), "enable", "systemd-networkd", "ssh",
           "pymachine-cgroup-delegate.service", "pymachine-loop-devices.service", *mounts])
@@ -107,13 +110,20 @@ def _customise(root: Path) -> None:
 def _engine_data_mount(root: Path, name: str, where: str) -> str:
     """A vendor mount unit binding the volume the driver passes in (VOLUMES_DIR/name) onto `where`."""
     unit = where.strip("/").replace("/", "-") + ".mount"
-    text = Environment(loader=FileSystemLoader(_TEMPLATES), keep_trailing_newline=True).get_template(
-        "engine-data.mount.j2").render(what=f"{VOLUMES_DIR}/{name}", where=where, unit=unit)
-    (root / "lib/systemd/system" / unit).write_text(text)
+    _write(root / "lib/systemd/system" / unit,
+           _render("engine-data.mount.j2", what=f"{VOLUMES_DIR}/{name}", where=where, unit=unit))
     return unit
 
 
-def _install(root: Path, dest: str, template: str) -> None:
-    target = root / dest
+def _render(template: str, **values: object) -> str:
+    return Environment(loader=FileSystemLoader(_TEMPLATES), keep_trailing_newline=True).get_template(
+        template).render(**values)
+
+
+def _write(target: Path, text: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_TEMPLATES / template, target)
+    target.write_text(text)
+
+
+def _install(root: Path, dest: str, template: str) -> None:
+    _write(root / dest, (_TEMPLATES / template).read_text())
