@@ -45,6 +45,7 @@ def floor_boot(machine_dir: Path, record: dict) -> float:
     """Boot the stopped machine's own layers with a bare nspawn command line; seconds to the SSH banner."""
     layer = machine_dir / "layer"
     script = (
+        f"ip neigh flush to {record['resources']['ip']} dev {BRIDGE} && "  # forget the killed machine's MAC
         f"mount -t overlay overlay -o lowerdir={record['resources']['base']},upperdir={layer}/upper,"
         f"workdir={layer}/work {layer}/root && exec systemd-nspawn --boot --register=no --keep-unit --quiet "
         f"--machine=floor-{record['id']} --directory={layer}/root --network-bridge={BRIDGE} --resolv-conf=off "

@@ -8,6 +8,7 @@ long as at least one lease does: the last `rm` takes them away.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -48,6 +49,12 @@ class Network:
     @property
     def comment(self) -> str:
         return f"pymachine:{self.bridge}"
+
+    @property
+    def mac(self) -> str:
+        """A locally administered unicast MAC derived from the bridge name, the same on every host."""
+        digest = hashlib.sha256(self.bridge.encode()).digest()[:5]
+        return ":".join(f"{b:02x}" for b in (0x02, *digest))
 
     @property
     def _state_file(self) -> Path:
@@ -91,6 +98,7 @@ class Network:
                     raise MachineError(f"no free address left in {self.subnet} on bridge {self.bridge}")
                 leases[address] = owner
             self._bring_up()
+            self._forget_neighbour(address)
             return address
 
     def release(self, owner: str) -> None:
@@ -98,6 +106,8 @@ class Network:
         with self._leases() as leases:
             for addr in [a for a, who in leases.items() if who == owner]:
                 del leases[addr]
+                if _link_exists(self.bridge):
+                    self._forget_neighbour(addr)
             if not leases:
                 self._tear_down()
 
@@ -115,7 +125,9 @@ class Network:
     def _bring_up(self) -> None:
         if not _link_exists(self.bridge):
             self._check_overlap()
-            _run("ip", "link", "add", self.bridge, "type", "bridge")
+            # A fixed address: a bridge otherwise takes its lowest port's MAC, and each change of it makes
+            # the host forget every machine's MAC and the machines lose their gateway's.
+            _run("ip", "link", "add", self.bridge, "address", self.mac, "type", "bridge")
             _run("ip", "addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
         for table, chain, spec in self._rules():
@@ -123,6 +135,11 @@ class Network:
                 # Insert first: a host running Docker sets the FORWARD policy to DROP.
                 _iptables("-t", table, "-I", chain, "1", *spec)
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+
+    def _forget_neighbour(self, address: str) -> None:
+        # The host keeps a dead machine's MAC as REACHABLE for up to 45 s and then probes it for 8 s more:
+        # a new machine on a reused address would be unreachable that long.
+        _run("ip", "neigh", "flush", "to", address, "dev", self.bridge)
 
     def _tear_down(self) -> None:
         for table, chain, spec in self._rules():

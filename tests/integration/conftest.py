@@ -67,6 +67,10 @@ def leftovers(record: dict, machine_dir: Path) -> list[str]:
                 pass
     if Path(f"/sys/class/net/vb-{unit}").exists():
         found.append(f"veth vb-{unit}")
+    ip = record["resources"].get("ip")
+    # A remembered MAC would make a new machine on the same address unreachable for up to a minute.
+    if ip and subprocess.run(["ip", "neigh", "show", "to", ip, "dev", BRIDGE], capture_output=True).stdout:
+        found.append(f"neighbour entry {ip}")
     for path in record["resources"].get("cgroups", []):
         if Path(path).exists():
             found.append(f"cgroup {path}")
