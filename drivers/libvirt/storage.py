@@ -101,10 +101,12 @@ def base_volume(pool: libvirt.virStoragePool, image: Path, lock_dir: Path) -> li
 def overlay(pool: libvirt.virStoragePool, name: str, base: libvirt.virStorageVol, base_format: str,
             capacity: int) -> libvirt.virStorageVol:
     """A qcow2 volume of `capacity` bytes whose unwritten blocks read from `base`."""
+    # qcow2 v3 (compat 1.1): only it records zero clusters, so the zeroes the guest writes (inode tables
+    # when cloud-init grows the root filesystem) stay holes instead of ~45 MiB of data. libvirt's default is 0.10.
     xml = f"""<volume>
   <name>{escape(name)}</name>
   <capacity unit='bytes'>{capacity}</capacity>
-  <target><format type='qcow2'/></target>
+  <target><format type='qcow2'/><compat>1.1</compat></target>
   <backingStore><path>{escape(base.path())}</path><format type='{base_format}'/></backingStore>
 </volume>"""
     lv = libvirt_module()

@@ -213,6 +213,7 @@ def test_create_boots_from_the_cloud_image_and_runs_containers(cli, pool, vm, tm
     # The disk is an overlay over the shared base volume in the pool, and the seed is a virtio disk.
     disk_xml = virsh("vol-dumpxml", "--pool", pool, r["disk"]).stdout
     assert "<backingStore>" in disk_xml and "pymachine-base-" in disk_xml
+    assert "<compat>1.1</compat>" in disk_xml  # zeroes the guest writes stay holes
     assert r["seed"] in volumes(pool)
     assert f"<pm:id>{record['id']}</pm:id>" in virsh("dumpxml", vm).stdout
     # The image came through the cache, named by its checksum.
