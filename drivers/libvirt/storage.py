@@ -102,7 +102,7 @@ def overlay(pool: libvirt.virStoragePool, name: str, base: libvirt.virStorageVol
             capacity: int) -> libvirt.virStorageVol:
     """A qcow2 volume of `capacity` bytes whose unwritten blocks read from `base`."""
     # qcow2 v3 (compat 1.1): only it records zero clusters, so the zeroes the guest writes (inode tables
-    # when cloud-init grows the root filesystem) stay holes instead of ~45 MiB of data. libvirt's default is 0.10.
+    # when cloud-init grows the root filesystem) stay holes instead of ~43 MiB of data. libvirt's default is 0.10.
     xml = f"""<volume>
   <name>{escape(name)}</name>
   <capacity unit='bytes'>{capacity}</capacity>
