@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -16,23 +16,25 @@ class CLI:
     """The `pymachine` command with its own home (and a shared image cache)."""
 
     env: dict[str, str]
+    # A wrapper for every call, e.g. `ip netns exec NS` for machines that live in a network namespace.
+    prefix: list[str] = field(default_factory=list)
 
     def __call__(self, *args: str, check: bool = True, input: str | None = None,
                  timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "machine", *args], env=self.env, capture_output=True,
-                              text=True, input=input, timeout=timeout)
+        proc = subprocess.run([*self.prefix, sys.executable, "-m", "machine", *args], env=self.env,
+                              capture_output=True, text=True, input=input, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"pymachine {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
         return proc
 
     def run(self, prefix: list[str], *args: str) -> subprocess.CompletedProcess[str]:
-        """Run pymachine under a wrapper command (e.g. `unshare --user`)."""
-        return subprocess.run([*prefix, sys.executable, "-m", "machine", *args], env=self.env,
+        """Run pymachine once under a wrapper command (e.g. `unshare --user`)."""
+        return subprocess.run([*prefix, *self.prefix, sys.executable, "-m", "machine", *args], env=self.env,
                               capture_output=True, text=True, timeout=600)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "machine", *args], env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen([*self.prefix, sys.executable, "-m", "machine", *args], env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     @property
     def home(self) -> Path:

@@ -180,16 +180,18 @@ class LibvirtDriver(Driver):
         dom = self._domain()
         if dom is None:
             raise MachineError(f"the domain of {self.machine.name} is gone from libvirt (remove the machine)")
+        mac = self.machine.resources["mac"]
+        net = None if self._user_net else _network(self.conn, self.opts["libvirt_network"])
+        stale = network.leases(net, mac) if net else set()
         lv = libvirt_module()
         try:
             dom.create()
         except lv.libvirtError as e:
             raise MachineError(f"cannot start {self.machine.name}: {message(e)}") from None
-        if self._user_net:
+        if net is None:
             address = network.LOOPBACK
         else:
-            net = _network(self.conn, self.opts["libvirt_network"])
-            address = network.wait_for_lease(net, self.machine.resources["mac"], LEASE_TIMEOUT, self.is_alive)
+            address = network.wait_for_lease(net, mac, stale, LEASE_TIMEOUT, self.is_alive)
         self._settle_address(address)
         endpoint = self.ssh_endpoint()
         network.wait_for_ssh(endpoint.host, endpoint.port, BOOT_TIMEOUT, self.is_alive)

@@ -6,7 +6,7 @@ import contextlib
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import TYPE_CHECKING
 
 from machine.errors import MachineError
@@ -43,12 +43,24 @@ def new_mac() -> str:
     return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
 
 
-def lease(net: libvirt.virNetwork, mac: str) -> str | None:
-    """The IPv4 address the network's DHCP server leased to `mac` most recently."""
-    leases = [x for x in net.DHCPLeases(mac) if x.get("type") == 0 and x.get("ipaddr")]  # 0: IPv4
-    if not leases:
-        return None
-    return max(leases, key=lambda x: x.get("expirytime", 0))["ipaddr"]
+Lease = tuple[str, int]  # (IPv4 address, expiry time)
+
+
+def leases(net: libvirt.virNetwork, mac: str) -> set[Lease]:
+    """The IPv4 leases the network's DHCP server holds for `mac`."""
+    return {(x["ipaddr"], x.get("expirytime", 0)) for x in net.DHCPLeases(mac)
+            if x.get("type") == 0 and x.get("ipaddr")}  # type 0: IPv4
+
+
+def lease(net: libvirt.virNetwork, mac: str, stale: Set[Lease] = frozenset()) -> str | None:
+    """The address of the newest lease of `mac` that is not among `stale` (the leases held before a boot).
+
+    A guest that was killed never released its lease, and a new boot may be given another address (a
+    reservation changed): only a lease granted or renewed since the boot tells where the guest is now.
+    A lease that never expires (expiry 0) is never renewed, and never moves: it always counts.
+    """
+    fresh = [x for x in leases(net, mac) if x not in stale or x[1] == 0]
+    return max(fresh, key=lambda x: x[1])[0] if fresh else None
 
 
 def wait_for_ssh(host: str, port: int, timeout: float, is_alive: Callable[[], bool]) -> None:
@@ -69,10 +81,11 @@ def wait_for_ssh(host: str, port: int, timeout: float, is_alive: Callable[[], bo
         time.sleep(0.2)
 
 
-def wait_for_lease(net: libvirt.virNetwork, mac: str, timeout: float, is_alive: Callable[[], bool]) -> str:
+def wait_for_lease(net: libvirt.virNetwork, mac: str, stale: Set[Lease], timeout: float,
+                   is_alive: Callable[[], bool]) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        address = lease(net, mac)
+        address = lease(net, mac, stale)
         if address:
             return address
         if not is_alive():

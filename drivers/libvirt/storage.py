@@ -7,6 +7,7 @@ only the blocks it writes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 from pathlib import Path
@@ -60,12 +61,18 @@ def create_default_pool(conn: libvirt.virConnect) -> libvirt.virStoragePool:
     path = Path.home() / ".local/share/libvirt/images" if session else Path("/var/lib/libvirt/images")
     xml = f"<pool type='dir'><name>default</name><target><path>{escape(str(path))}</path></target></pool>"
     lv = libvirt_module()
+    pool = None
     try:
         pool = conn.storagePoolDefineXML(xml, 0)
-        pool.build(lv.VIR_STORAGE_POOL_BUILD_NO_OVERWRITE)
+        pool.build(0)  # a directory pool: mkdir (the no-overwrite flag is for formatting a device)
         pool.create(0)
         pool.setAutostart(1)
     except lv.libvirtError as e:
+        if pool is not None:  # nothing half-made
+            with contextlib.suppress(lv.libvirtError):
+                if pool.isActive():
+                    pool.destroy()
+                pool.undefine()
         raise MachineError(f"cannot create the storage pool 'default' at {path}: {message(e)}") from None
     return pool
 

@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -21,11 +22,12 @@ BRIDGE = os.environ.get("PYMACHINE_TEST_BRIDGE", "pmtest0")
 SUBNET = os.environ.get("PYMACHINE_TEST_SUBNET", "10.231.250.0/24")
 # The base rootfs takes ~60 s to debootstrap; keep it between runs.
 CACHE = os.environ.get("PYMACHINE_TEST_CACHE", "/var/tmp/pymachine-test-cache")
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 pytestmark = pytest.mark.integration
 
 
-def machine_cli(home: Path, **extra: str) -> Iterator[CLI]:
+def machine_cli(home: Path, prefix: list[str] | None = None, **extra: str) -> Iterator[CLI]:
     """A CLI whose machines use the test bridge and image cache; every machine left at the end is removed."""
     env = {
         **os.environ,
@@ -36,7 +38,7 @@ def machine_cli(home: Path, **extra: str) -> Iterator[CLI]:
         **extra,
     }
     env.pop("DOCKER_HOST", None)
-    cli = CLI(env)
+    cli = CLI(env, prefix or [])
     yield cli
     names = cli("ls", "-q", check=False).stdout.split()
     if names:
@@ -46,6 +48,30 @@ def machine_cli(home: Path, **extra: str) -> Iterator[CLI]:
 @pytest.fixture
 def local(tmp_path: Path) -> Iterator[CLI]:
     yield from machine_cli(tmp_path / "home")
+
+
+def busybox_image(directory: Path) -> Path:
+    """A build context for an image made FROM scratch with a static busybox: there is no registry to pull from."""
+    context = directory / "busybox-image"
+    context.mkdir(exist_ok=True)
+    shutil.copy(BUSYBOX, context / "busybox")
+    (context / "Dockerfile").write_text('FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT ["/bin/busybox"]\n')
+    return context
+
+
+def docker_env(cli: CLI, machine: str) -> dict[str, str]:
+    """The environment `eval $(pymachine env MACHINE)` gives a bash user."""
+    exports = cli("env", "--shell", "bash", machine).stdout.splitlines()
+    values = dict(line.removeprefix("export ").split("=", 1) for line in exports if line.startswith("export "))
+    return cli.env | {key: value.strip('"') for key, value in values.items()}
+
+
+def docker(cli: CLI, machine: str, *args: str) -> str:
+    """The real docker CLI, pointed at the machine by `pymachine env` (and run where the CLI runs)."""
+    proc = subprocess.run([*cli.prefix, "docker", *args], env=docker_env(cli, machine), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"docker {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
 
 
 def machine_record(cli: CLI, name: str) -> dict:

@@ -14,12 +14,9 @@ import pytest
 
 from machine import certs
 from tests.conftest import CLI
-from tests.integration.conftest import machine_cli
+from tests.integration.conftest import busybox_image, machine_cli
 
 pytestmark = pytest.mark.integration
-
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory) -> Iterator[CLI]:
@@ -38,12 +35,7 @@ def docker(cli: CLI, machine: str | None, *args: str, check: bool = True, flags:
 
 
 def build_busybox(cli: CLI, machine: str, tmp_path: Path) -> None:
-    """An image made FROM scratch with a static busybox: there is no registry to pull from."""
-    context = tmp_path / "busybox-image"
-    context.mkdir(exist_ok=True)
-    shutil.copy(BUSYBOX, context / "busybox")
-    (context / "Dockerfile").write_text('FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT ["/bin/busybox"]\n')
-    docker(cli, machine, "build", "-q", "-t", "pm-busybox", str(context))
+    docker(cli, machine, "build", "-q", "-t", "pm-busybox", str(busybox_image(tmp_path)))
 
 
 @pytest.fixture(scope="module")

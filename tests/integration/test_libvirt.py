@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,31 +18,22 @@ import pytest
 
 from tests.conftest import CLI
 from tests.integration import cloudimage
-from tests.integration.conftest import machine_cli, machine_record, serve_directory
+from tests.integration.conftest import busybox_image, docker, docker_env, machine_cli, machine_record, serve_directory
+from tests.integration.libvirt_host import domains, require_libvirt, transient_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
 
 URI = "qemu:///system"
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-
-
-def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"virsh {' '.join(args)}: {proc.stderr}")
-    return proc
 
 
 def _daemon_answers() -> bool:
-    return virsh("version", check=False).returncode == 0
+    return virsh(URI, "version", check=False).returncode == 0
 
 
 @pytest.fixture(scope="session")
 def libvirtd(tmp_path_factory) -> Iterator[None]:
     """libvirtd and virtlogd for the session (reused when already running), stopped at the end."""
-    if shutil.which("libvirtd") is None or shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("needs libvirt-daemon-system and qemu-system-x86")
-    pytest.importorskip("libvirt")
+    require_libvirt()
     started = []
     if not _daemon_answers():
         run = tmp_path_factory.mktemp("libvirtd")
@@ -67,20 +57,8 @@ def libvirtd(tmp_path_factory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def pool(libvirtd, tmp_path_factory) -> Iterator[str]:
-    """A storage pool of the tests' own, in a temporary directory; removed with its volumes at the end."""
-    name = f"pmtest-{uuid.uuid4().hex[:8]}"
-    path = tmp_path_factory.mktemp("pool")
-    path.chmod(0o755)  # QEMU runs as libvirt-qemu
-    for parent in path.parents:
-        if parent != Path("/"):
-            parent.chmod(parent.stat().st_mode | 0o111)
-    # Transient: a run that is killed leaves no pool defined once libvirtd stops.
-    virsh("pool-create-as", name, "dir", "--target", str(path))
-    yield name
-    for vol in virsh("vol-list", name, check=False).stdout.split("\n"):
-        if vol.split():
-            virsh("vol-delete", "--pool", name, vol.split()[0], check=False)
-    virsh("pool-destroy", name, check=False)
+    with transient_pool(URI, tmp_path_factory.mktemp("pool")) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")
@@ -114,27 +92,12 @@ def cli(tmp_path_factory, pool, image_url) -> Iterator[CLI]:
     )
 
 
-def volumes(pool: str) -> list[str]:
-    return [line.split()[0] for line in virsh("vol-list", pool).stdout.splitlines() if line.split()]
 
 
-def domains() -> list[str]:
-    return virsh("list", "--all", "--name").stdout.split()
 
 
-def docker_env(cli: CLI, machine: str) -> dict[str, str]:
-    """The environment `eval $(pymachine env MACHINE)` gives a bash user."""
-    exports = cli("env", "--shell", "bash", machine).stdout.splitlines()
-    values = dict(line.removeprefix("export ").split("=", 1) for line in exports if line.startswith("export "))
-    return cli.env | {key: value.strip('"') for key, value in values.items()}
 
 
-def docker(cli: CLI, machine: str, *args: str) -> str:
-    """The real docker CLI, pointed at the machine by `pymachine env`."""
-    proc = subprocess.run(["docker", *args], env=docker_env(cli, machine), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, f"docker {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
 
 
 def error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -144,8 +107,8 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def assert_nothing_left(cli: CLI, pool: str, name: str) -> None:
-    assert name not in domains()
-    assert not [v for v in volumes(pool) if v.startswith(f"{name}-")]
+    assert name not in domains(URI)
+    assert not [v for v in volumes(URI, pool) if v.startswith(f"{name}-")]
     assert not (cli.home / "machines" / name).exists()
 
 
@@ -181,16 +144,16 @@ def test_a_foreign_domain_name_is_refused_and_left_alone(cli, pool, tmp_path):
     xml = tmp_path / "foreign.xml"
     xml.write_text("<domain type='qemu'><name>foreign</name><memory unit='MiB'>64</memory>"
                    "<os><type arch='x86_64'>hvm</type></os></domain>")
-    virsh("define", str(xml))
+    virsh(URI, "define", str(xml))
     try:
         proc = cli("create", "--driver", "libvirt", "--no-provision", "foreign", check=False)
         assert proc.returncode == 1
         assert "already has a domain named 'foreign' that pymachine did not create" in error_line(proc)
-        assert "foreign" in domains()  # untouched
-        assert not [v for v in volumes(pool) if v.startswith("foreign-")]
+        assert "foreign" in domains(URI)  # untouched
+        assert not [v for v in volumes(URI, pool) if v.startswith("foreign-")]
         assert not (cli.home / "machines" / "foreign").exists()
     finally:
-        virsh("undefine", "foreign", check=False)
+        virsh(URI, "undefine", "foreign", check=False)
 
 
 # -- one real machine through its whole life ------------------------------------------------------------------
@@ -211,20 +174,16 @@ def test_create_boots_from_the_cloud_image_and_runs_containers(cli, pool, vm, tm
     size = int(cli("ssh", vm, "--", "df -B1M --output=size /").stdout.split()[-1])
     assert size > 3000
     # The disk is an overlay over the shared base volume in the pool, and the seed is a virtio disk.
-    disk_xml = virsh("vol-dumpxml", "--pool", pool, r["disk"]).stdout
+    disk_xml = virsh(URI, "vol-dumpxml", "--pool", pool, r["disk"]).stdout
     assert "<backingStore>" in disk_xml and "pymachine-base-" in disk_xml
     assert "<compat>1.1</compat>" in disk_xml  # zeroes the guest writes stay holes
-    assert r["seed"] in volumes(pool)
-    assert f"<pm:id>{record['id']}</pm:id>" in virsh("dumpxml", vm).stdout
+    assert r["seed"] in volumes(URI, pool)
+    assert f"<pm:id>{record['id']}</pm:id>" in virsh(URI, "dumpxml", vm).stdout
     # The image came through the cache, named by its checksum.
     assert (Path(cli.env["PYMACHINE_CACHE"]) / "libvirt" / cli.env["PYMACHINE_LIBVIRT_IMAGE_SHA256"]).is_file()
 
     assert docker_env(cli, vm)["DOCKER_HOST"] == f"tcp://127.0.0.1:{r['engine_port']}"
-    context = tmp_path / "busybox-image"
-    context.mkdir()
-    shutil.copy(BUSYBOX, context / "busybox")
-    (context / "Dockerfile").write_text('FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT ["/bin/busybox"]\n')
-    docker(cli, vm, "build", "-q", "-t", "pm-busybox", str(context))
+    docker(cli, vm, "build", "-q", "-t", "pm-busybox", str(busybox_image(tmp_path)))
     assert docker(cli, vm, "run", "--rm", "pm-busybox", "echo", "hello from libvirt").strip() == "hello from libvirt"
 
 
@@ -254,9 +213,9 @@ def test_kill_then_rm_leaves_nothing(cli, pool, vm):
     cli("kill", vm)
     assert cli("status", vm).stdout.strip() == "Stopped"
     r = machine_record(cli, vm)["resources"]
-    pool_dir = Path(virsh("pool-dumpxml", pool).stdout.split("<path>")[1].split("</path>")[0])
+    pool_dir = Path(virsh(URI, "pool-dumpxml", pool).stdout.split("<path>")[1].split("</path>")[0])
     cli("rm", "-y", vm)
     assert_nothing_left(cli, pool, vm)
-    assert r["uuid"] not in virsh("list", "--all", "--uuid").stdout
-    assert r["disk"] not in volumes(pool) and r["seed"] not in volumes(pool)
+    assert r["uuid"] not in virsh(URI, "list", "--all", "--uuid").stdout
+    assert r["disk"] not in volumes(URI, pool) and r["seed"] not in volumes(URI, pool)
     assert not (pool_dir / r["disk"]).exists() and not (pool_dir / r["seed"]).exists()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -113,10 +115,10 @@ def test_remove_of_a_machine_that_made_nothing_is_a_no_op(tmp_path):
     assert driver.state().value == "Stopped"
 
 
-def test_parallel_creates_download_an_image_once(tmp_path):
-    """Machines created together wait for one download (under the cache lock) and share its file."""
-    body = b"qcow2 image " * 100_000
-    requests = []
+@contextlib.contextmanager
+def serving(body: bytes) -> Iterator[tuple[str, list[str]]]:
+    """A loopback HTTP server that answers every GET with `body`: its image URL, and the paths requested."""
+    requests: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -132,15 +134,36 @@ def test_parallel_creates_download_an_image_once(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        image = catalog.resolve(f"http://127.0.0.1:{server.server_port}/image.qcow2",
-                                hashlib.sha256(body).hexdigest())
-        with ThreadPoolExecutor(4) as pool:
-            paths = list(pool.map(lambda _: catalog.fetch(image, tmp_path / "cache"), range(4)))
+        yield f"http://127.0.0.1:{server.server_port}/image.qcow2", requests
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_parallel_creates_download_an_image_once(tmp_path):
+    """Machines created together wait for one download (under the cache lock) and share its file."""
+    body = b"qcow2 image " * 100_000
+    with serving(body) as (url, requests):
+        image = catalog.resolve(url, hashlib.sha256(body).hexdigest())
+        with ThreadPoolExecutor(4) as pool:
+            paths = list(pool.map(lambda _: catalog.fetch(image, tmp_path / "cache"), range(4)))
     assert requests == ["/image.qcow2"]
     assert len(set(paths)) == 1 and paths[0].read_bytes() == body
+
+
+def test_an_image_pinned_by_sha512_is_verified_once_then_served_from_the_cache(tmp_path):
+    """Debian publishes only SHA512SUMS: its aliases are pinned by sha512."""
+    body = b"debian cloud image " * 50_000
+    cache = tmp_path / "cache"
+    with serving(body) as (url, requests):
+        wrong = catalog.CloudImage(url, sha512="0" * 128)
+        with pytest.raises(MachineError, match="checksum mismatch"):
+            catalog.fetch(wrong, cache)
+        assert [p for p in cache.iterdir() if not p.name.startswith(".")] == []
+        image = catalog.CloudImage(url, sha512=hashlib.sha512(body).hexdigest())
+        first = catalog.fetch(image, cache)
+        assert catalog.fetch(image, cache) == first and first.read_bytes() == body
+    assert requests == ["/image.qcow2", "/image.qcow2"]  # the mismatch, then one verified download
 
 
 def test_start_keeps_free_forwarded_ports_and_replaces_taken_ones(tmp_path, monkeypatch):
@@ -171,3 +194,19 @@ def test_the_guest_address_is_its_newest_ipv4_lease():
                     {"type": 0, "ipaddr": "192.168.122.11", "expirytime": 200}]
 
     assert network.lease(Net(), "52:54:00:ab:cd:ef") == "192.168.122.11"
+
+
+def test_after_a_boot_only_a_lease_granted_or_renewed_since_counts():
+    held = {"52:54:00:ab:cd:ef": [{"type": 0, "ipaddr": "192.168.122.10", "expirytime": 100}]}
+
+    class Net:
+        def DHCPLeases(self, mac: str) -> list[dict]:
+            return held[mac]
+
+    net, mac = Net(), "52:54:00:ab:cd:ef"
+    stale = network.leases(net, mac)  # a killed guest never released its lease
+    assert network.lease(net, mac, stale) is None
+    held[mac].append({"type": 0, "ipaddr": "192.168.122.20", "expirytime": 4000})  # a reservation moved it
+    assert network.lease(net, mac, stale) == "192.168.122.20"
+    held[mac] = [{"type": 0, "ipaddr": "192.168.122.10", "expirytime": 0}]  # never expires, never moves
+    assert network.lease(net, mac, network.leases(net, mac)) == "192.168.122.10"
