@@ -1,4 +1,4 @@
-"""Helpers for tests that drive a real libvirtd: virsh, and a storage pool of the tests' own."""
+"""Helpers for tests that drive a real libvirtd: the test image, virsh, and a storage pool of the tests' own."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CLI
+from tests.integration import cloudimage
+
 
 def require_libvirt() -> None:
     if shutil.which("libvirtd") is None or shutil.which("qemu-system-x86_64") is None:
@@ -18,19 +21,31 @@ def require_libvirt() -> None:
     pytest.importorskip("libvirt")
 
 
-def virsh(uri: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True, timeout=120)
+def boot_image() -> tuple[Path, str]:
+    """The Debian 12 cloud image the tests boot (built once, then cached), and its sha256."""
+    if shutil.which("debootstrap") is None or shutil.which("extlinux") is None:
+        pytest.skip("needs debootstrap and extlinux to build the test image")
+    image = cloudimage.build()
+    return image, cloudimage.sha256(image)
+
+
+def virsh(uri: str, *args: str, check: bool = True, like: CLI | None = None) -> subprocess.CompletedProcess[str]:
+    """virsh on `uri`; `like` a test CLI: as its user, in its namespace, with its environment."""
+    prefix, env = (like.prefix, like.env) if like else ([], None)
+    proc = subprocess.run([*prefix, "virsh", "-q", "-c", uri, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"virsh {' '.join(args)}: {proc.stderr}")
     return proc
 
 
-def domains(uri: str) -> list[str]:
-    return virsh(uri, "list", "--all", "--name").stdout.split()
+def domains(uri: str, like: CLI | None = None) -> list[str]:
+    return virsh(uri, "list", "--all", "--name", like=like).stdout.split()
 
 
-def volumes(uri: str, pool: str) -> list[str]:
-    return [line.split()[0] for line in virsh(uri, "vol-list", pool).stdout.splitlines() if line.split()]
+def volumes(uri: str, pool: str, like: CLI | None = None) -> list[str]:
+    return [line.split()[0] for line in virsh(uri, "vol-list", pool, like=like).stdout.splitlines()
+            if line.split()]
 
 
 @contextlib.contextmanager
@@ -40,10 +55,10 @@ def transient_pool(uri: str, path: Path) -> Iterator[str]:
     Transient: a run that is killed leaves no pool defined once its libvirtd stops.
     """
     name = f"pmtest-{uuid.uuid4().hex[:8]}"
-    for directory in (path, *path.parents):
-        if directory != Path("/"):  # QEMU runs as libvirt-qemu
-            directory.chmod(directory.stat().st_mode | 0o111)
-    path.chmod(0o755)
+    path.chmod(0o755)  # QEMU runs as libvirt-qemu: it reads the pool and must traverse to it
+    for parent in path.parents:
+        if parent != Path("/"):
+            parent.chmod(parent.stat().st_mode | 0o111)
     virsh(uri, "pool-create-as", name, "dir", "--target", str(path))
     try:
         yield name

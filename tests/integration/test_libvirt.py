@@ -7,7 +7,6 @@ no traffic to any other address. One VM is shared by the lifecycle tests (a TCG 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -17,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CLI
-from tests.integration import cloudimage
 from tests.integration.conftest import busybox_image, docker, docker_env, machine_cli, machine_record, serve_directory
-from tests.integration.libvirt_host import domains, require_libvirt, transient_pool, virsh, volumes
+from tests.integration.libvirt_host import boot_image, domains, require_libvirt, transient_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
 
@@ -64,10 +62,7 @@ def pool(libvirtd, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def image_url() -> Iterator[tuple[str, str]]:
     """(URL, sha256) of the test cloud image, served by a loopback HTTP server for the session."""
-    if shutil.which("debootstrap") is None or shutil.which("extlinux") is None:
-        pytest.skip("needs debootstrap and extlinux to build the test image")
-    image = cloudimage.build()
-    digest = cloudimage.sha256(image)
+    image, digest = boot_image()
     with serve_directory(image.parent) as (base, _):
         yield f"{base}/{image.name}", digest
 

@@ -19,9 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import CLI
-from tests.integration import cloudimage
 from tests.integration.conftest import busybox_image, docker, docker_env, machine_cli, machine_record
-from tests.integration.libvirt_host import domains, require_libvirt, transient_pool, virsh, volumes
+from tests.integration.libvirt_host import boot_image, domains, require_libvirt, transient_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
 
@@ -104,10 +103,8 @@ def pool(netns_libvirt, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, netns_libvirt, pool) -> Iterator[CLI]:
-    if shutil.which("debootstrap") is None or shutil.which("extlinux") is None:
-        pytest.skip("needs debootstrap and extlinux to build the test image")
     uri, prefix = netns_libvirt
-    image = cloudimage.build()
+    image, digest = boot_image()
     tmp = tmp_path_factory.mktemp("libvirt-network")
     yield from machine_cli(
         tmp / "home",
@@ -118,7 +115,7 @@ def cli(tmp_path_factory, netns_libvirt, pool) -> Iterator[CLI]:
         PYMACHINE_LIBVIRT_NETWORK=NETWORK,
         PYMACHINE_LIBVIRT_DOMAIN_TYPE="qemu",  # nested KVM is broken on the CI hosts
         PYMACHINE_LIBVIRT_IMAGE=str(image),  # a local path this time (the other module downloads a URL)
-        PYMACHINE_LIBVIRT_IMAGE_SHA256=cloudimage.sha256(image),
+        PYMACHINE_LIBVIRT_IMAGE_SHA256=digest,
         PYMACHINE_LIBVIRT_MEMORY="1024",
         PYMACHINE_LIBVIRT_DISK_SIZE="4",
         DOCKER_CONFIG=str(tmp / "docker-config"),

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CLI
-from tests.integration import cloudimage
 from tests.integration.conftest import machine_cli, machine_record
-from tests.integration.libvirt_host import require_libvirt
+from tests.integration.libvirt_host import boot_image, domains, require_libvirt, virsh, volumes
 
 pytestmark = pytest.mark.integration
 
@@ -41,10 +40,8 @@ def _stop_session_daemons(runtime: Path) -> None:
 @pytest.fixture(scope="module")
 def cli() -> Iterator[CLI]:
     require_libvirt()
-    if shutil.which("debootstrap") is None or shutil.which("extlinux") is None:
-        pytest.skip("needs debootstrap and extlinux to build the test image")
     user = pwd.getpwnam(USER)
-    image = cloudimage.build()  # world-readable, in the shared test cache
+    image, digest = boot_image()  # world-readable, in the shared test cache
     home = Path(tempfile.mkdtemp(prefix="pmtest-session-"))  # outside pytest's root-only tmp
     runtime = home / "run"
     runtime.mkdir(mode=0o700)
@@ -64,21 +61,13 @@ def cli() -> Iterator[CLI]:
             PYMACHINE_LIBVIRT_NETWORK="user",
             PYMACHINE_LIBVIRT_DOMAIN_TYPE="qemu",
             PYMACHINE_LIBVIRT_IMAGE=str(image),
-            PYMACHINE_LIBVIRT_IMAGE_SHA256=cloudimage.sha256(image),
+            PYMACHINE_LIBVIRT_IMAGE_SHA256=digest,
             PYMACHINE_LIBVIRT_MEMORY="1024",
             PYMACHINE_LIBVIRT_DISK_SIZE="4",
         )
     finally:
         _stop_session_daemons(runtime)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def virsh(cli: CLI, *args: str) -> str:
-    """virsh as the user, on the user's session."""
-    proc = subprocess.run([*cli.prefix, "virsh", "-q", "-c", URI, *args], env=cli.env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, f"virsh {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
 
 
 def _owner_of_qemu(domain: str) -> int | None:
@@ -92,7 +81,7 @@ def _owner_of_qemu(domain: str) -> int | None:
 
 
 def test_an_unprivileged_user_runs_a_machine_on_the_session_libvirtd(cli):
-    assert virsh(cli, "pool-list", "--all").strip() == ""  # a new user: no pool yet
+    assert virsh(URI, "pool-list", "--all", like=cli).stdout.strip() == ""  # a new user: no pool yet
     cli("create", "--driver", "libvirt", "--no-provision", "s1", timeout=900)
     assert cli("status", "s1").stdout.strip() == "Running"
     assert cli("ssh", "s1", "--", "hostname").stdout.strip() == "s1"
@@ -103,8 +92,8 @@ def test_an_unprivileged_user_runs_a_machine_on_the_session_libvirtd(cli):
     assert r["pool"] == "default" and (images / r["disk"]).is_file() and (images / r["seed"]).is_file()
 
     cli("rm", "-y", "s1")
-    assert virsh(cli, "list", "--all", "--name").strip() == ""
-    assert [line.split()[0] for line in virsh(cli, "vol-list", "default").splitlines()] == [
+    assert domains(URI, like=cli) == []
+    assert volumes(URI, "default", like=cli) == [
         f"pymachine-base-{cli.env['PYMACHINE_LIBVIRT_IMAGE_SHA256'][:16]}.qcow2"]
     assert not (images / r["disk"]).exists() and not (images / r["seed"]).exists()
     assert _owner_of_qemu("s1") is None
