@@ -92,7 +92,18 @@ class Driver(ABC):
 
     @abstractmethod
     def remove(self) -> None:
-        """Destroy the host and everything recorded for it; safe to call on a half-made machine."""
+        """Destroy the host and everything it may have made, found by the machine's identity and its journal.
+
+        Safe on a half-made machine and on one recovered from its journal (some resources never recorded);
+        tries every resource and raises one MachineError naming those it could not remove.
+        """
+
+    @abstractmethod
+    def leftovers(self) -> list[str]:
+        """What of the machine still exists outside its directory, one short phrase each; empty when nothing.
+
+        `rm` keeps the machine's record while anything is left, and `ls` shows it.
+        """
 
     @abstractmethod
     def state(self) -> State: ...

@@ -1,7 +1,10 @@
 """The on-disk store under $PYMACHINE_HOME: shared certs, one directory per machine, a cache of images.
 
-Every write is atomic (temp file, fsync, rename) so a crash never leaves a torn config.json, and a
-per-machine lock file serialises the commands that change one machine.
+A machine has two records. `journal` is append-only: its first line is the machine's identity, and every resource
+is appended (and fsynced) before or at the moment it is made; a crash can tear only its last line. `config.json` is
+the current state, replaced atomically. When config.json is damaged or missing, the journal still says what exists,
+so `rm -f` can find and remove it. A per-machine lock serialises the commands that change one machine: a command
+takes the lock, then loads the record.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from machine.errors import MachineError, UsageError
 
 HOME_ENV = "PYMACHINE_HOME"
 CACHE_ENV = "PYMACHINE_CACHE"
+LOCK_TIMEOUT = 120.0
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -41,11 +45,27 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _flock(fd: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise MachineError(f"{what} is busy: another pymachine command holds its lock") from None
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -53,18 +73,22 @@ def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
     """Hold an exclusive flock on `path` (a lock file, or a directory), waiting at most `timeout` seconds."""
     fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise MachineError(f"{what} is busy: another pymachine command holds its lock") from None
-                time.sleep(0.05)
+        _flock(fd, timeout, what)
         yield
     finally:
         os.close(fd)
+
+
+class RecordDamaged(MachineError):
+    """config.json is missing or unreadable; the journal may still tell what the machine made."""
+
+
+# config.json's fields and their types; name, driver and id are what every command needs.
+_FIELDS: dict[str, type] = {
+    "name": str, "driver": str, "id": str, "options": dict, "resources": dict, "state": str, "created": str,
+    "engine": dict,
+}
+_REQUIRED = ("name", "driver", "id")
 
 
 @dataclass
@@ -86,6 +110,10 @@ class Machine:
         return self.dir / "config.json"
 
     @property
+    def journal_path(self) -> Path:
+        return self.dir / "journal"
+
+    @property
     def key_path(self) -> Path:
         return self.dir / "id_ed25519"
 
@@ -98,12 +126,51 @@ class Machine:
         write_atomic(self.config_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
     def record(self, **resources: Any) -> None:
-        """Persist driver resources as soon as they exist, so a failed create can be undone."""
+        """Journal resources before (or as) they are made, so a failed or killed create can always be undone."""
+        _append(self.journal_path, {"resources": resources})
         self.resources.update(resources)
         self.save()
 
-    def lock(self, timeout: float = 120.0) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.dir / "lock", timeout, f"machine {self.name!r}")
+
+def _append(journal: Path, entry: dict[str, Any]) -> None:
+    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replay(journal: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(identity, resources) from a journal; a torn or damaged line is skipped."""
+    identity: dict[str, Any] = {}
+    resources: dict[str, Any] = {}
+    try:
+        lines = journal.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return identity, resources
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("identity"), dict) and not identity:
+            identity = entry["identity"]
+        elif isinstance(entry, dict) and isinstance(entry.get("resources"), dict):
+            resources.update(entry["resources"])
+    return identity, resources
+
+
+def _validate(name: str, record: Any) -> dict[str, Any]:
+    """The fields of a parsed config.json, or RecordDamaged saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise RecordDamaged(f"machine {name!r} has a damaged config.json (not an object)")
+    for key in _REQUIRED:
+        if key not in record:
+            raise RecordDamaged(f"machine {name!r} has a damaged config.json (no {key!r})")
+    for key, kind in _FIELDS.items():
+        if key in record and not isinstance(record[key], kind):
+            raise RecordDamaged(f"machine {name!r} has a damaged config.json ({key!r} is not a {kind.__name__})")
+    return {k: v for k, v in record.items() if k in _FIELDS}
 
 
 class Store:
@@ -127,47 +194,100 @@ class Store:
         )
 
     def exists(self, name: str) -> bool:
-        return (self.machines_dir / name).is_dir()
+        try:
+            return self._dir(name).is_dir()
+        except MachineError:
+            return False
+
+    def _dir(self, name: str) -> Path:
+        """machines/<name>; a name that would point elsewhere (`..`, a slash, a hidden entry) names no machine."""
+        if not name or "/" in name or name.startswith(".") or "\0" in name:
+            raise MachineError(f"no machine named {name!r}")
+        return self.machines_dir / name
 
     def load(self, name: str) -> Machine:
-        path = self.machines_dir / name / "config.json"
+        """The machine's record; RecordDamaged when config.json is missing or unreadable."""
+        directory = self._dir(name)
         try:
-            record = json.loads(path.read_text())
+            text = (directory / "config.json").read_text()
         except FileNotFoundError:
-            if self.exists(name):
-                raise MachineError(f"machine {name!r} has no config.json; remove it with `rm -f {name}`") from None
+            if directory.is_dir():
+                raise RecordDamaged(f"machine {name!r} has no config.json") from None
             raise MachineError(f"no machine named {name!r}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecordDamaged(f"machine {name!r}: cannot read config.json: {e}") from None
+        try:
+            record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise MachineError(f"machine {name!r} has a corrupt config.json: {e}") from None
-        return Machine(dir=path.parent, **record)
+            raise RecordDamaged(f"machine {name!r} has a corrupt config.json ({e})") from None
+        fields = _validate(name, record)
+        fields["name"] = name  # the directory names the machine, whatever a hand-edited record says
+        return Machine(dir=directory, **fields)
 
-    def reserve(self, name: str, driver: str, options: dict[str, Any], engine: dict[str, Any] | None = None) -> Machine:
-        """Create machines/<name>/ with its config.json in one atomic rename; refuse a taken name."""
+    def recover(self, name: str) -> Machine:
+        """The machine as its journal tells it, for removing one whose config.json is damaged."""
+        directory = self._dir(name)
+        identity, resources = _replay(directory / "journal")
+        if not all(isinstance(identity.get(k), str) for k in ("driver", "id")):
+            raise MachineError(f"machine {name!r} has neither a readable config.json nor a journal: pymachine cannot "
+                               f"tell what it made; inspect {directory} and remove it by hand")
+        options = identity.get("options") if isinstance(identity.get("options"), dict) else {}
+        return Machine(name=name, driver=identity["driver"], id=identity["id"], dir=directory, options=options,
+                       resources=resources, state="error", created=str(identity.get("created", "")))
+
+    @contextlib.contextmanager
+    def locked(self, name: str, recover: bool = False, timeout: float = LOCK_TIMEOUT) -> Iterator[Machine]:
+        """Take the machine's lock, then load its record (from the journal, with `recover`, if it is damaged)."""
+        directory = self._dir(name)
+        try:
+            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except (FileNotFoundError, NotADirectoryError):
+            raise MachineError(f"no machine named {name!r}") from None
+        try:
+            _flock(fd, timeout, f"machine {name!r}")
+            if os.fstat(fd).st_nlink == 0:  # removed (the directory renamed away) while we waited
+                raise MachineError(f"machine {name!r} was removed while this command waited for it")
+            try:
+                machine = self.load(name)
+            except RecordDamaged:
+                if not recover:
+                    raise
+                machine = self.recover(name)
+            yield machine
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def reserve(self, name: str, driver: str, options: dict[str, Any],
+                engine: dict[str, Any] | None = None) -> Iterator[Machine]:
+        """Create machines/<name>/ (identity journaled, config.json, lock held) in one rename; refuse a taken name."""
         self._ensure(self.machines_dir)
         staging = Path(tempfile.mkdtemp(dir=self.machines_dir, prefix=f".{name}."))
-        machine = Machine(
-            name=name,
-            driver=driver,
-            id=secrets.token_hex(4),
-            dir=staging,
-            options=options,
-            engine=engine or {},
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
+        machine = Machine(name=name, driver=driver, id=secrets.token_hex(4), dir=staging, options=options,
+                          engine=engine or {}, created=datetime.now(UTC).isoformat(timespec="seconds"))
+        _append(machine.journal_path, {"identity": {"name": name, "driver": driver, "id": machine.id,
+                                                    "options": options, "created": machine.created}})
         machine.save()
-        target = self.machines_dir / name
+        fd = os.open(staging / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.rename(staging, target)
-        except OSError as e:
-            shutil.rmtree(staging)
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise UsageError(f"machine {name!r} already exists") from None
-            raise
-        machine.dir = target
-        return machine
+            fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else can know the staging directory yet
+            try:
+                os.rename(staging, self.machines_dir / name)
+            except OSError as e:
+                shutil.rmtree(staging)
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise UsageError(f"machine {name!r} already exists") from None
+                raise
+            machine.dir = self.machines_dir / name
+            yield machine
+        finally:
+            os.close(fd)
 
     def delete(self, machine: Machine) -> None:
-        shutil.rmtree(machine.dir, ignore_errors=True)
+        """Remove the machine's directory: renamed away first, so no command can open its lock file meanwhile."""
+        trash = self.machines_dir / f".removed.{machine.name}.{secrets.token_hex(4)}"
+        os.rename(machine.dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def cache(self, *parts: str) -> Path:
         return self._ensure(self.cache_dir.joinpath(*parts))

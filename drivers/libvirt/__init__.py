@@ -88,14 +88,22 @@ class LibvirtDriver(Driver):
     def _user_net(self) -> bool:
         return self.opts["libvirt_network"] == network.USER
 
+    # Volume names carry the machine's identity: `rm -f` finds them even if their record never reached the journal.
+    @property
+    def _disk_name(self) -> str:
+        return f"{self.machine.name}-{self.machine.id}.qcow2"
+
+    @property
+    def _seed_name(self) -> str:
+        return f"{self.machine.name}-{self.machine.id}-seed.iso"
+
     def _domain(self) -> libvirt.virDomain | None:
         """This machine's domain, or None if it has none (never a domain pymachine did not create)."""
         recorded = self.machine.resources.get("uuid")
-        if recorded is None:
-            return None
         lv = libvirt_module()
         try:
-            dom = self.conn.lookupByUUIDString(recorded)
+            # The UUID is journaled before the domain is defined; the name (with our metadata) is a fallback.
+            dom = self.conn.lookupByUUIDString(recorded) if recorded else self.conn.lookupByName(self.machine.name)
         except lv.libvirtError as e:
             if is_missing(e):
                 return None
@@ -129,17 +137,14 @@ class LibvirtDriver(Driver):
         with ui.step("uploading the base image into the storage pool (once per image)"):
             base = storage.base_volume(pool, image, self.store.cache("libvirt"))
 
-        disk = f"{name}-{self.machine.id}.qcow2"
-        self.machine.record(pool=pool.name(), domain_type=domain_type, mac=network.new_mac())
-        storage.overlay(pool, disk, base, fmt, capacity)
-        self.machine.record(disk=disk)
+        self.machine.record(pool=pool.name(), domain_type=domain_type, mac=network.new_mac(), disk=self._disk_name)
+        storage.overlay(pool, self._disk_name, base, fmt, capacity)
 
         host_key = sshkeys.new_keypair(f"root@{name}")
         user_key = sshkeys.public_line(self.machine.key_path.read_bytes(), f"pymachine@{name}")
         files = seed.render(name, f"pymachine-{self.machine.id}", user_key, host_key, self.machine.resources["mac"])
-        seed_name = f"{name}-{self.machine.id}-seed.iso"
-        storage.upload_bytes(pool, seed_name, seed.iso(files))
-        self.machine.record(seed=seed_name, host_key=host_key.public_line)
+        self.machine.record(seed=self._seed_name, host_key=host_key.public_line)
+        storage.upload_bytes(pool, self._seed_name, seed.iso(files))
 
         if self._user_net:
             ssh_port, engine_port = network.free_ports(2)
@@ -246,32 +251,57 @@ class LibvirtDriver(Driver):
                     raise MachineError(f"cannot kill {self.machine.name}: {message(e)}") from None
 
     def remove(self) -> None:
-        r = self.machine.resources
-        dom = self._domain()
-        if dom is not None:
-            lv = libvirt_module()
-            self.kill()
-            flags = (lv.VIR_DOMAIN_UNDEFINE_NVRAM | lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                     | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        errors = []
+        for step in (self._undefine, self._delete_volumes):
             try:
-                dom.undefineFlags(flags)
-            except lv.libvirtError as e:
-                raise MachineError(f"cannot undefine the domain of {self.machine.name}: {message(e)}") from None
-        if "pool" in r:
-            pool = storage.find_pool(self.conn, r["pool"])
-            for volume in (r.get("seed"), r.get("disk")):
-                if pool is not None and volume:
-                    storage.delete(pool, volume)
+                step()
+            except MachineError as e:
+                errors.append(str(e))
+        if errors:
+            raise MachineError("; ".join(errors))
+
+    def _undefine(self) -> None:
+        dom = self._domain()
+        if dom is None:
+            return
+        lv = libvirt_module()
+        self.kill()
+        flags = (lv.VIR_DOMAIN_UNDEFINE_NVRAM | lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                 | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        try:
+            dom.undefineFlags(flags)
+        except lv.libvirtError as e:
+            raise MachineError(f"cannot undefine the domain of {self.machine.name}: {message(e)}") from None
+
+    def _volumes(self) -> tuple[libvirt.virStoragePool | None, tuple[str, str]]:
+        pool_name = self.machine.resources.get("pool", self.opts.get("libvirt_pool"))
+        pool = storage.find_pool(self.conn, pool_name) if pool_name else None
+        return pool, (self._seed_name, self._disk_name)
+
+    def _delete_volumes(self) -> None:
+        pool, names = self._volumes()
+        for volume in names if pool is not None else ():
+            storage.delete(pool, volume)
+
+    def leftovers(self) -> list[str]:
+        try:
+            dom = self._domain()
+            pool, names = self._volumes()
+            left = [f"domain {dom.name()}"] if dom is not None else []
+            return left + [f"volume {v}" for v in names if pool is not None and storage.find(pool, v) is not None]
+        except MachineError as e:  # libvirtd unreachable: nothing can be said to be gone
+            return [f"unknown ({e})"]
 
     # -- queries ------------------------------------------------------------------------------------------
     def state(self) -> State:
+        lv = libvirt_module()
         try:
             dom = self._domain()
-        except MachineError:
-            return State.ERROR  # libvirtd unreachable: say so in `ls` rather than fail it
-        if dom is None:
-            return State.ERROR if "uuid" in self.machine.resources else State.STOPPED
-        return domain.state(dom)
+            if dom is None:
+                return State.ERROR if "uuid" in self.machine.resources else State.STOPPED
+            return domain.state(dom)
+        except (MachineError, lv.libvirtError):
+            return State.ERROR  # libvirtd unreachable, or the domain vanished while asked: say so in `ls`
 
     def ip(self) -> str | None:
         return self.machine.resources.get("ip")

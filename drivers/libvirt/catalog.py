@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from machine import images
 from machine.errors import MachineError, UsageError
+from machine.store import write_atomic
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ def fetch(image: CloudImage, cache: Path) -> Path:
     # The cache is keyed by sha256: remember which sha256 the verified sha512 stands for.
     known = cache / f"sha512-{image.sha512[:32]}"
     sha256 = known.read_text().strip() if known.is_file() else None
+    if sha256 is not None and not _SHA256.fullmatch(sha256):
+        sha256 = None  # a marker from before writes were atomic, torn by a crash: verify again
     path = images.fetch(image.url, cache, sha256)
     if sha256 is None:
         digest = hashlib.sha512()
@@ -59,5 +65,5 @@ def fetch(image: CloudImage, cache: Path) -> Path:
             path.unlink()
             raise MachineError(f"checksum mismatch for {image.url}: expected sha512 {image.sha512}, "
                                f"got {digest.hexdigest()}")
-        known.write_text(path.name + "\n")
+        write_atomic(known, (path.name + "\n").encode(), 0o644)
     return path

@@ -130,11 +130,11 @@ class LocalDriver(Driver):
         if leased != address:
             self._network.release(str(self.machine.dir))
             raise MachineError(f"address {address} of {self.machine.name} was taken by another machine")
-        paths = cgroups.create(self.machine.id)
+        paths = cgroups.paths(self.machine.id)
         self.machine.record(cgroups=paths)
+        cgroups.create(paths)
         env = {
             **os.environ,
-            "PM_CGROUPS": " ".join(f"{p}/cgroup.procs" for p in paths),
             "PM_LOWER": self.machine.resources["base"],
             "PM_UPPER": str(self._layer("upper")),
             "PM_WORK": str(self._layer("work")),
@@ -158,6 +158,8 @@ class LocalDriver(Driver):
                 ["unshare", "--mount", "--propagation", "private", "--",
                  "sh", str(_TEMPLATES / "supervisor.sh"), *nspawn],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                # Born inside the machine's cgroups: a kill at any moment leaves no process that rm cannot find.
+                preexec_fn=lambda: cgroups.join(paths),
             )
         self.machine.record(pid=proc.pid, pid_start=_start_time(proc.pid))
 
@@ -191,10 +193,30 @@ class LocalDriver(Driver):
         cgroups.remove(paths)
 
     def remove(self) -> None:
-        self.kill()
-        if "ip" in self.machine.resources:
-            self._network.release(str(self.machine.dir))
+        errors = []
+        # Each step on its own: a step that fails must not keep the next from removing what it can.
+        for step in (self.kill, self._release_address):
+            try:
+                step()
+            except MachineError as e:
+                errors.append(str(e))
         shutil.rmtree(self.machine.dir / "layer", ignore_errors=True)
+        if errors:
+            raise MachineError("; ".join(errors))
+
+    def _release_address(self) -> None:
+        # By owner, not by the recorded address: a create killed between leasing and recording leased one too.
+        self._network.release(str(self.machine.dir))
+
+    def leftovers(self) -> list[str]:
+        paths = self.machine.resources.get("cgroups", [])
+        pids, groups = sorted(cgroups.processes(paths)), cgroups.existing(paths)
+        left = [f"{len(pids)} processes"] if pids else []
+        left += [f"{len(groups)} cgroups (pymachine/{self.machine.id})"] if groups else []
+        address = self._network.leased_to(str(self.machine.dir))
+        if address:
+            left.append(f"address {address} on {self._network.bridge}")
+        return left
 
     # -- queries ------------------------------------------------------------------------------------------
     def state(self) -> State:

@@ -15,6 +15,8 @@ import signal
 import time
 from pathlib import Path
 
+from machine.errors import MachineError
+
 
 def _hierarchies() -> list[tuple[Path, str]]:
     """(mount point, this process's cgroup path relative to it) for every cgroup hierarchy mounted."""
@@ -41,20 +43,28 @@ def _hierarchies() -> list[tuple[Path, str]]:
     return found
 
 
-def create(machine_id: str) -> list[str]:
-    """Make the machine's cgroups; return their directories (join them by writing to cgroup.procs)."""
-    made = []
+def paths(machine_id: str) -> list[str]:
+    """The machine's cgroup directories below this process's own cgroups, in every hierarchy."""
+    found = []
     for mount_point, own in _hierarchies():
-        path = mount_point
-        for part in [*Path(own).parts, "pymachine", machine_id]:
-            if part in (".", "/"):
-                continue
-            path = path / part
+        parts = [p for p in (*Path(own).parts, "pymachine", machine_id) if p not in (".", "/")]
+        found.append(str(mount_point.joinpath(*parts)))
+    return found
+
+
+def create(paths: list[str]) -> None:
+    """Make the machine's cgroups (join one by writing a PID to its cgroup.procs)."""
+    for top in paths:
+        for path in reversed([Path(top), *Path(top).parents]):
             if not path.exists():
                 path.mkdir()
                 _inherit_cpuset(path)
-        made.append(str(path))
-    return made
+
+
+def join(paths: list[str]) -> None:
+    """Move the calling process into the machine's cgroups (run in a child before it execs)."""
+    for top in paths:
+        Path(top, "cgroup.procs").write_text(f"{os.getpid()}\n")
 
 
 def _inherit_cpuset(path: Path) -> None:
@@ -84,17 +94,29 @@ def kill_all(paths: list[str], timeout: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"processes {sorted(pids)} survived SIGKILL")
+            raise MachineError(f"processes {', '.join(map(str, sorted(pids)))} survived SIGKILL for {timeout:.0f}s "
+                               f"(stuck in the kernel, e.g. on a hung mount)")
         time.sleep(0.05)
 
 
 def remove(paths: list[str]) -> None:
     """Remove the machine's (empty) cgroups, deepest first, and `pymachine/` when it is the last."""
+    failed = []
     for top in paths:
         if not os.path.isdir(top):
             continue
         for dirpath, _dirs, _files in os.walk(top, topdown=False):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.rmdir(dirpath)
-        with contextlib.suppress(OSError):
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                failed.append(f"{dirpath} ({e.strerror})")
+        with contextlib.suppress(OSError):  # another machine's cgroups still in it
             os.rmdir(os.path.dirname(top))
+    if failed:
+        raise MachineError(f"cannot remove cgroup {', '.join(failed)}")
+
+
+def existing(paths: list[str]) -> list[str]:
+    return [p for p in paths if os.path.isdir(p)]

@@ -101,6 +101,14 @@ class Network:
             self._forget_neighbour(address)
             return address
 
+    def leased_to(self, owner: str) -> str | None:
+        """The address `owner` holds on this bridge, if any (read without the lock: a report, not a decision)."""
+        try:
+            state = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return next((addr for addr, who in state.get("leases", {}).items() if who == owner), None)
+
     def release(self, owner: str) -> None:
         """Drop `owner`'s lease; the last one out takes the bridge and its rules with it."""
         with self._leases() as leases:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import drivers
 from drivers.base import Driver
 from machine.ssh import Connection
@@ -16,8 +19,16 @@ def driver_for(store: Store, machine: Machine) -> Driver:
 
 
 def load(store: Store, name: str) -> tuple[Machine, Driver]:
+    """The machine and its driver, for a command that only looks (config.json is replaced atomically)."""
     machine = store.load(name)
     return machine, driver_for(store, machine)
+
+
+@contextlib.contextmanager
+def locked(store: Store, name: str, recover: bool = False) -> Iterator[tuple[Machine, Driver]]:
+    """The machine and its driver under the machine's lock, for a command that changes it."""
+    with store.locked(name, recover=recover) as machine:
+        yield machine, driver_for(store, machine)
 
 
 def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT) -> Connection:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from drivers.base import Driver, State
 from machine import certs, dockercontext
 from machine import provision as plan
-from machine.commands.common import connect, engine_url, load
+from machine.commands.common import connect, engine_url, load, locked
 from machine.errors import MachineError
 from machine.paths import roles_dir
 from machine.store import Machine, Store
@@ -56,32 +56,27 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
     return recap
 
 
-def _running(store: Store, name: str) -> tuple[Machine, Driver]:
-    machine, driver = load(store, name)
-    if driver.state() != State.RUNNING:
-        raise MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
-    return machine, driver
+def _provision_running(store: Store, name: str, **kwargs: Any) -> Recap:
+    """Run the roles on a running machine, under its lock."""
+    with locked(store, name) as (machine, driver):
+        if driver.state() != State.RUNNING:
+            raise MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
+        return run_provisioning(store, machine, driver, **kwargs)
 
 
 def provision(store: Store, name: str, *, check: bool = False, diff: bool = False, tags: tuple[str, ...] = (),
               reporter=None) -> Recap:
-    machine, driver = _running(store, name)
-    with machine.lock():
-        return run_provisioning(store, machine, driver, check=check, diff=diff, tags=tags, reporter=reporter)
+    return _provision_running(store, name, check=check, diff=diff, tags=tags, reporter=reporter)
 
 
 def regenerate_certs(store: Store, name: str, reporter=None) -> Recap:
     """Issue a new server certificate (for the machine's current addresses) and restart the engine with it."""
-    machine, driver = _running(store, name)
-    with machine.lock():
-        return run_provisioning(store, machine, driver, renew_certs=True, reporter=reporter)
+    return _provision_running(store, name, renew_certs=True, reporter=reporter)
 
 
 def upgrade(store: Store, name: str, reporter=None) -> Recap:
     """Upgrade the engine packages to the newest version the configured source offers."""
-    machine, driver = _running(store, name)
-    with machine.lock():
-        return run_provisioning(store, machine, driver, extra={"engine_package_state": "latest"}, reporter=reporter)
+    return _provision_running(store, name, extra={"engine_package_state": "latest"}, reporter=reporter)
 
 
 def _checked_cert_dir(store: Store, name: str) -> tuple[Driver, Path]:

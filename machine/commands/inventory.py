@@ -5,7 +5,9 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from machine import ui
 from machine.commands.common import load
+from machine.errors import MachineError
 from machine.store import Store
 
 
@@ -30,8 +32,11 @@ def inventory(store: Store) -> dict[str, Any]:
     """{group: {"hosts": [...]}} with a group per driver, and every host's variables under _meta."""
     hostvars: dict[str, dict[str, Any]] = {}
     for name in store.names():
-        if load(store, name)[1].ip():
-            hostvars[name] = host_vars(store, name)
+        try:
+            if load(store, name)[1].ip():
+                hostvars[name] = host_vars(store, name)
+        except MachineError as e:  # one broken machine must not take the whole inventory down
+            ui.err(f"warning: {e}")
     groups: dict[str, list[str]] = {}
     for name, variables in hostvars.items():
         groups.setdefault(f"pymachine_{variables['pymachine_driver']}", []).append(name)

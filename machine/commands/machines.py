@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import time
@@ -12,11 +11,11 @@ from urllib.parse import urlparse
 import drivers
 from drivers.base import Driver, State
 from machine import certs, dockercontext, sshkeys, ui
-from machine.commands.common import connect, engine_url, load
+from machine.commands.common import connect, engine_url, locked
 from machine.commands.engine import run_provisioning, server_pair
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
-from machine.store import Machine, Store, write_atomic
+from machine.store import Machine, RecordDamaged, Store, write_atomic
 
 # dockerd starts after sshd in a boot, and much later in a guest that QEMU emulates (TCG).
 ENGINE_READY_TIMEOUT = 180.0
@@ -35,18 +34,19 @@ def parse_driver_options(driver_name: str, raw: dict[str, Any]) -> dict[str, Any
 
 # -- create ------------------------------------------------------------------------------------------------
 def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options: dict[str, Any] | None = None,
-           engine: dict[str, Any] | None = None, keep_on_failure: bool = False, reporter=None) -> Machine:
-    """Make, boot and (given `engine`, from provision.engine_config) provision a machine, or leave nothing."""
+           engine: dict[str, Any] | None = None, provision: bool = True, keep_on_failure: bool = False,
+           reporter=None) -> Machine:
+    """Make and boot a machine and, with `provision`, install its engine (configured by `engine`, from
+    provision.engine_config, recorded either way for a later `provision`); on failure leave nothing."""
     validate_name(name)
     values = parse_driver_options(driver_name, options or {})
     if store.exists(name):
         raise UsageError(f"machine {name!r} already exists")
     cls = drivers.get(driver_name)
     cls.pre_create_check(values)
-    machine = store.reserve(name, driver_name, values, engine)
-    driver = cls(machine, store)
-    try:
-        with machine.lock():
+    with store.reserve(name, driver_name, values, engine) as machine:
+        driver = cls(machine, store)
+        try:
             keys = sshkeys.new_keypair(f"pymachine@{name}")
             write_atomic(machine.key_path, keys.private_openssh, 0o600)
             write_atomic(machine.key_path.with_suffix(".pub"), (keys.public_line + "\n").encode(), 0o644)
@@ -54,25 +54,32 @@ def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options:
                 driver.create()
             with ui.step(f"waiting for SSH on {name}"), connect(machine, driver):
                 pass
-            if engine is None:
+            if provision:
+                run_provisioning(store, machine, driver, reporter=reporter)
+            else:
                 machine.state = "ready"
                 machine.save()
+        except BaseException:
+            if keep_on_failure:
+                machine.state = "error"
+                machine.save()
             else:
-                run_provisioning(store, machine, driver, reporter=reporter)
-    except BaseException:
-        if keep_on_failure:
-            machine.state = "error"
-            machine.save()
-        else:
-            remove_machine(store, machine, driver)
-        raise
+                _roll_back(store, machine, driver)
+            raise
     return machine
+
+
+def _roll_back(store: Store, machine: Machine, driver: Driver) -> None:
+    """Undo a failed create; a failed undo is reported, but the create's own error is the one raised."""
+    try:
+        remove_machine(store, machine, driver, force=True)
+    except Exception as e:
+        ui.err(f"warning: cleaning up after the failed create of {machine.name} failed: {e}")
 
 
 # -- lifecycle ---------------------------------------------------------------------------------------------
 def start(store: Store, name: str) -> None:
-    machine, driver = load(store, name)
-    with machine.lock():
+    with locked(store, name) as (machine, driver):
         if driver.state() == State.RUNNING:
             return
         before = engine_url(driver)
@@ -82,14 +89,12 @@ def start(store: Store, name: str) -> None:
 
 
 def stop(store: Store, name: str) -> None:
-    machine, driver = load(store, name)
-    with machine.lock():
+    with locked(store, name) as (_, driver):
         driver.stop()
 
 
 def restart(store: Store, name: str) -> None:
-    machine, driver = load(store, name)
-    with machine.lock():
+    with locked(store, name) as (machine, driver):
         before = engine_url(driver)
         driver.restart()
         connect(machine, driver).close()
@@ -139,32 +144,36 @@ def _wait_engine(machine: Machine, url: str, timeout: float = ENGINE_READY_TIMEO
 
 
 def kill(store: Store, name: str) -> None:
-    machine, driver = load(store, name)
-    with machine.lock():
+    with locked(store, name) as (_, driver):
         driver.kill()
 
 
 def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool = False) -> None:
+    """Remove what the machine made, then its directory; while anything is left, keep the record and say what.
+
+    Without `force` any error of the driver stops the removal; with it, only what is really left does.
+    """
     dockercontext.remove(machine.name)
+    error: MachineError | None = None
     try:
         driver.remove()
-    except MachineError:
-        if not force:
-            raise
+    except MachineError as e:
+        error = e
+    left = driver.leftovers()
+    if left or (error and not force):
+        machine.state = "error"
+        machine.save()  # a record recovered from the journal is written back: the evidence stays
+        detail = f"{error}; " if error else ""
+        what = f"left: {', '.join(left)}" if left else "nothing left; `rm -f` forgets it"
+        raise MachineError(f"could not remove {machine.name}: {detail}{what} (its record is kept: run "
+                           f"`pymachine rm -f {machine.name}` again)")
     store.delete(machine)
 
 
 def rm(store: Store, name: str, force: bool = False) -> None:
-    """Remove a machine and all it owns; with `force`, also one whose driver cannot clean up."""
-    if not store.exists(name):
-        raise MachineError(f"no machine named {name!r}")
+    """Remove a machine and all it owns; with `force`, also one whose config.json is damaged (from its journal)."""
     try:
-        machine, driver = load(store, name)
-    except MachineError:
-        if not force:
-            raise
-        shutil.rmtree(store.machines_dir / name, ignore_errors=True)
-        return
-    with machine.lock():
-        remove_machine(store, machine, driver, force)
-
+        with locked(store, name, recover=force) as (machine, driver):
+            remove_machine(store, machine, driver, force)
+    except RecordDamaged as e:
+        raise MachineError(f"{e}: `pymachine rm -f {name}` removes what its journal records") from None

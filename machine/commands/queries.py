@@ -7,11 +7,11 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from drivers.base import State
+from drivers.base import Driver, State
 from machine import __version__
-from machine.commands.common import engine_url, load
+from machine.commands.common import driver_for, engine_url, load
 from machine.errors import MachineError, UsageError
-from machine.store import Store
+from machine.store import RecordDamaged, Store
 
 
 def describe(store: Store, name: str) -> dict[str, Any]:
@@ -21,11 +21,29 @@ def describe(store: Store, name: str) -> dict[str, Any]:
         state, url = driver.state(), engine_url(driver)
         if machine.state == "creating" and state == State.STOPPED:
             state = State.ERROR
-        row = {"name": name, "driver": machine.driver, "state": state.value, "url": url, "error": ""}
+        error = _left(driver) if machine.state == "error" else ""
+        row = {"name": name, "driver": machine.driver, "state": state.value, "url": url, "error": error}
+    except RecordDamaged as e:
+        row = {"name": name, "driver": "", "state": State.ERROR.value, "url": "", "error": _damaged(store, name, e)}
     except MachineError as e:
         row = {"name": name, "driver": "", "state": State.ERROR.value, "url": "", "error": str(e)}
     row["active"] = bool(row["url"]) and os.environ.get("DOCKER_HOST") == row["url"]
     return row
+
+
+def _left(driver: Driver) -> str:
+    left = driver.leftovers()
+    return f"left: {', '.join(left)}" if left else ""
+
+
+def _damaged(store: Store, name: str, damage: RecordDamaged) -> str:
+    """What is wrong with a damaged record and, from the journal, what of the machine still exists."""
+    try:
+        machine = store.recover(name)
+        left = _left(driver_for(store, machine)) or "nothing left"
+    except MachineError as e:
+        return f"{damage}; {e}"
+    return f"{damage}; {left} (`pymachine rm -f {name}` removes it)"
 
 
 def parse_filters(filters: Iterable[str]) -> dict[str, list[str]]:

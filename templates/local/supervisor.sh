@@ -1,9 +1,8 @@
 # pymachine's supervisor for one local machine, run by the driver inside a private mount namespace
 # (`unshare --mount`), so the overlay mounted here disappears with the process, whatever happens to it.
-# It joins the machine's delegated cgroups, mounts the copy-on-write root, and runs systemd-nspawn,
+# It is started inside the machine's delegated cgroups, mounts the copy-on-write root, and runs systemd-nspawn,
 # booting again when the machine reboots itself (nspawn exits 133 for that).
 set -u
-for procs in $PM_CGROUPS; do echo $$ > "$procs"; done
 mount -t overlay overlay -o "lowerdir=$PM_LOWER,upperdir=$PM_UPPER,workdir=$PM_WORK" "$PM_ROOT" || exit 1
 stopping=0
 trap 'stopping=1; kill -TERM "$child" 2>/dev/null' TERM INT

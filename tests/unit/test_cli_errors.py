@@ -1,55 +1,18 @@
-"""Bad input: one clear line on stderr, a non-zero exit, no traceback, nothing written."""
+"""The CLI as a process (`python -m machine`): what the in-process corpus of tests/unit/test_bad_input.py
+cannot show, that the entry point itself prints one line and exits with the right status."""
 
-import pytest
-
-from machine.store import Store
-
-
-def assert_one_line_error(proc, code, text):
-    assert proc.returncode == code, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pymachine: error:"), proc.stderr
-    assert text in lines[0]
-    assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("name", ["", "..", "a/b", "has space", "x" * 64, "-x", "dot.ted"])
-def test_invalid_names_are_refused(cli, name):
-    proc = cli("create", "--no-provision", "--", name, check=False)
-    assert_one_line_error(proc, 2, "name")
-    assert not (cli.home / "machines").exists() or not any((cli.home / "machines").iterdir())
-
-
-def test_taken_name_unknown_driver_and_options(cli):
-    Store(cli.home).reserve("web1", "local", {})
-    assert_one_line_error(cli("create", "web1", check=False), 2, "already exists")
-    assert_one_line_error(cli("create", "-d", "warp", "web2", check=False), 2, "unknown driver 'warp'")
-    assert_one_line_error(cli("create", "--no-such-flag", "web2", check=False), 2, "--no-such-flag")
-    assert_one_line_error(cli("create", "--local-subnet", "10.0.0.1/24", "web2", check=False), 2, "host bits")
-    bad_sha = cli("create", "--local-image-sha256", "ab", "--local-image", "/etc/hostname", "w", check=False)
-    assert_one_line_error(bad_sha, 2, "not a sha256")
-    assert Store(cli.home).names() == ["web1"]
-
-
-@pytest.mark.parametrize("command", [["status"], ["ip"], ["url"], ["inspect"], ["ssh"], ["start"], ["stop"],
-                                     ["kill"], ["restart"], ["rm", "-y"]])
-def test_missing_machine(cli, command):
-    proc = cli(*command, "ghost", check=False)
-    assert proc.returncode == 1
-    assert "no machine named 'ghost'" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_rm_without_a_terminal_needs_yes(cli):
-    Store(cli.home).reserve("web1", "local", {})
-    assert_one_line_error(cli("rm", "web1", check=False, input=""), 2, "pass -y")
-    assert Store(cli.home).names() == ["web1"]
-
-
-def test_scp_needs_a_machine_side(cli):
-    assert_one_line_error(cli("scp", "/etc/hostname", "/tmp/x", check=False), 2, "MACHINE:PATH")
+from tests.unit.test_bad_input import assert_refused
 
 
 def test_version_and_empty_ls(cli):
     assert cli("version").stdout.startswith("pymachine version ")
     assert cli("ls", "--format", "json").stdout.strip() == "[]"
-    assert_one_line_error(cli("active", check=False), 1, "no active machine")
+    assert not cli.home.exists()  # looking writes nothing
+
+
+def test_the_entry_point_reports_usage_errors_and_failures_in_one_line(cli):
+    assert_refused(cli("create", "--", "-x", check=False), 2, "invalid machine name '-x'")
+    assert_refused(cli("frobnicate", check=False), 2, "No such command 'frobnicate'")
+    assert_refused(cli("active", check=False), 1, "no active machine")
+    assert_refused(cli("status", "ghost", check=False), 1, "no machine named 'ghost'")
+    assert not cli.home.exists()

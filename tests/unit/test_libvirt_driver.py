@@ -109,10 +109,11 @@ def test_free_ports_differ_and_are_free():
 
 def test_remove_of_a_machine_that_made_nothing_is_a_no_op(tmp_path):
     store = Store(tmp_path)
-    machine = store.reserve("web", "libvirt", options())
-    driver = LibvirtDriver(machine, store)
-    driver.remove()
-    assert driver.state().value == "Stopped"
+    with store.reserve("web", "libvirt", options()) as machine:
+        driver = LibvirtDriver(machine, store)
+        driver.remove()
+        assert driver.state().value == "Stopped"
+        assert driver.leftovers() == []
 
 
 @contextlib.contextmanager
@@ -168,7 +169,8 @@ def test_an_image_pinned_by_sha512_is_verified_once_then_served_from_the_cache(t
 
 def test_start_keeps_free_forwarded_ports_and_replaces_taken_ones(tmp_path, monkeypatch):
     store = Store(tmp_path)
-    machine = store.reserve("web", "libvirt", options(libvirt_network="user"))
+    with store.reserve("web", "libvirt", options(libvirt_network="user")) as machine:
+        pass
     driver = LibvirtDriver(machine, store)
     ssh_port, engine_port = network.free_ports(2)
     machine.record(ssh_port=ssh_port, engine_port=engine_port)

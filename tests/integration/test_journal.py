@@ -1,0 +1,183 @@
+"""The journal under faults, with real local machines: a create killed at every step, damaged records, and many
+commands at once on one store. Whatever happens, `rm -f` leaves nothing, and no command shows a traceback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from machine.store import Store
+from tests.conftest import CLI
+from tests.integration.conftest import bridge_leftovers, leftovers, machine_record
+
+pytestmark = pytest.mark.integration
+
+# The journal lines a local create writes: identity, base image, address, cgroups, supervisor.
+LOCAL_STEPS = 5
+
+
+def journal_record(cli: CLI, name: str) -> dict:
+    """What leftovers() needs (id and resources), replayed from the journal: config.json may be damaged."""
+    record: dict = {"resources": {}}
+    for line in (cli.home / "machines" / name / "journal").read_text().splitlines():
+        entry = json.loads(line)
+        if "identity" in entry:
+            record["id"] = entry["identity"]["id"]
+        else:
+            record["resources"].update(entry["resources"])
+    return record
+
+
+def kill_at(cli: CLI, name: str, lines: int) -> None:
+    """Start `create NAME` and SIGKILL it once its journal has `lines` lines (or let it finish first)."""
+    journal = cli.home / "machines" / name / "journal"
+    proc = cli.popen("create", "--no-provision", name)
+    while proc.poll() is None:
+        try:
+            if len(journal.read_text().splitlines()) >= lines:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def assert_one_line(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("pymachine: "), proc.stderr
+
+
+@pytest.mark.parametrize("step", range(1, LOCAL_STEPS + 1))
+def test_a_create_killed_at_any_step_is_removed_without_a_trace(local, step):
+    name = f"k{step}"
+    kill_at(local, name, step)
+    record = journal_record(local, name)
+    machine_dir = local.home / "machines" / name
+    proc = local("rm", "-f", name, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert leftovers(record, machine_dir) == []
+    assert not list((local.home / "machines").iterdir())  # no staging or trash directory either
+    assert bridge_leftovers() == []
+
+
+DAMAGE = {
+    "empty": "",
+    "truncated": '{"na',
+    "a list": "[]",
+    "no id": '{"name": "d", "driver": "local"}',
+    "wrong types": '{"name": "d", "driver": "local", "id": "x", "resources": "none"}',
+    "missing": None,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_record_gives_one_line_everywhere_and_rm_f_removes_everything(local, damage):
+    local("create", "--no-provision", "d")
+    record = machine_record(local, "d")
+    config = local.home / "machines/d/config.json"
+    if DAMAGE[damage] is None:
+        config.unlink()
+    else:
+        config.write_text(DAMAGE[damage])
+    commands = (["status"], ["ip"], ["url"], ["inspect"], ["env"], ["config"], ["start"], ["stop"], ["kill"],
+                ["restart"], ["provision"], ["regenerate-certs"], ["upgrade"], ["ssh"], ["rm", "-y"])
+    with ThreadPoolExecutor(len(commands)) as pool:
+        for command, proc in zip(commands, pool.map(lambda argv: local(*argv, "d", check=False), commands),
+                                 strict=True):
+            assert proc.returncode == 1, (command, proc.stderr)
+            assert_one_line(proc)
+    listed = local("ls", "--format", "json")
+    [row] = json.loads(listed.stdout)
+    assert row["state"] == "Error" and f"{len(record['resources']['cgroups'])} cgroups" in row["error"], row
+    assert_one_line(local("inventory", check=False))
+    # The machine still runs: nothing above took it down, and its address is still its own.
+    assert leftovers(record, local.home / "machines/d") != []
+    proc = local("rm", "-f", "d", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert leftovers(record, local.home / "machines/d") == []
+    assert bridge_leftovers() == []
+
+
+def test_rm_keeps_the_record_while_something_is_left(local):
+    """A cgroup that cannot be removed (something is mounted on a child of it) keeps the record, and rm says so."""
+    local("create", "--no-provision", "held")
+    record = machine_record(local, "held")
+    busy = Path(record["resources"]["cgroups"][0]) / "busy"
+    busy.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "busy", str(busy)], check=True)
+    try:
+        proc = local("rm", "-f", "held", check=False)
+        assert proc.returncode == 1 and "left: 1 cgroups" in proc.stderr and "record is kept" in proc.stderr
+        assert_one_line(proc)
+        [row] = json.loads(local("ls", "--format", "json").stdout)
+        assert row["state"] == "Stopped" and row["error"] == f"left: 1 cgroups (pymachine/{record['id']})"
+    finally:
+        subprocess.run(["umount", str(busy)], check=True)
+    local("rm", "-f", "held")
+    assert leftovers(record, local.home / "machines/held") == []
+
+
+ROLES = ("kernel", "storage", "bridge", "engine", "tls")
+
+
+@pytest.fixture
+def quick_roles(tmp_path: Path) -> Path:
+    """A user's own copy of the roles (PYMACHINE_ROLES_PATH) that only records each run on the machine."""
+    for role in ROLES:
+        tasks = tmp_path / "roles" / role / "tasks"
+        tasks.mkdir(parents=True)
+        (tasks / "main.yml").write_text(
+            f"- name: record the run\n  ansible.builtin.shell: echo {role} >> /root/provisioned\n")
+    return tmp_path / "roles"
+
+
+def test_twenty_commands_at_once_on_one_store(local, quick_roles):
+    """Creates, ls, provision and rm of the same and of different machines: no corrupt record, no lost update,
+    no address given twice, no traceback."""
+    local.env["PYMACHINE_ROLES_PATH"] = str(quick_roles)
+    for name in ("p1", "p2", "r1", "r2"):
+        local("create", "--no-provision", name)
+    before = {name: machine_record(local, name) for name in ("p1", "p2")}
+    commands = [
+        *(["create", "--no-provision", f"c{i}"] for i in range(6)),
+        ["create", "--no-provision", "same"], ["create", "--no-provision", "same"],
+        *(["ls"] for _ in range(4)),
+        ["provision", "p1"], ["provision", "p1"], ["provision", "p2"], ["provision", "p2"],
+        ["rm", "-y", "r1"], ["rm", "-y", "r1"], ["rm", "-y", "r2"], ["rm", "-y", "r2"],
+    ]
+    assert len(commands) == 20
+    with ThreadPoolExecutor(len(commands)) as pool:
+        results = list(pool.map(lambda argv: (argv, local(*argv, check=False, timeout=300)), commands))
+    for argv, proc in results:
+        assert_one_line(proc)
+        assert proc.returncode == 0 or argv[0] in ("create", "rm"), (argv, proc.stderr)
+    outcomes = {tuple(argv): [] for argv, _ in results}
+    for argv, proc in results:
+        outcomes[tuple(argv)].append(proc.returncode)
+    # Of two creates of one name and two removals of one machine, exactly one succeeds.
+    assert sorted(outcomes[("create", "--no-provision", "same")]) == [0, 2]  # 2: the name is taken
+    assert sorted(outcomes[("rm", "-y", "r1")]) == [0, 1] and sorted(outcomes[("rm", "-y", "r2")]) == [0, 1]
+    assert all(rc == [0] for argv, rc in outcomes.items() if argv[:2] == ("create", "--no-provision")
+               and argv[2].startswith("c"))
+    store = Store(local.home)
+    names = store.names()
+    assert sorted(names) == sorted([*(f"c{i}" for i in range(6)), "same", "p1", "p2"])
+    addresses = [store.load(name).resources["ip"] for name in names]
+    assert len(set(addresses)) == len(addresses)
+    for name in ("p1", "p2"):
+        after = store.load(name)
+        # Both provisions ran, one after the other, and neither lost what create had recorded.
+        assert after.state == "ready" and after.resources == before[name]["resources"]
+        runs = local("ssh", name, "--", "grep", "-c", "kernel", "/root/provisioned").stdout.strip()
+        assert runs == "2"
+    status = {name: local("status", name).stdout.strip() for name in names}
+    assert set(status.values()) == {"Running"}
