@@ -109,8 +109,10 @@ def test_a_damaged_record_gives_one_line_everywhere_and_rm_f_removes_everything(
 
 def test_rm_keeps_the_record_while_something_is_left(local):
     """A cgroup that cannot be removed (something is mounted on a child of it) keeps the record, and rm says so."""
-    local("create", "--no-provision", "held")
+    local("create", "--no-provision", "--engine-install", "distro", "--engine-storage-driver", "btrfs", "held")
     record = machine_record(local, "held")
+    # The engine options of a create without provisioning are kept for a later `provision`.
+    assert (record["engine"]["engine_install"], record["engine"]["engine_storage_driver"]) == ("distro", "btrfs")
     busy = Path(record["resources"]["cgroups"][0]) / "busy"
     busy.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "busy", str(busy)], check=True)

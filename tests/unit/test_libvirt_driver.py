@@ -212,3 +212,16 @@ def test_after_a_boot_only_a_lease_granted_or_renewed_since_counts():
     assert network.lease(net, mac, stale) == "192.168.122.20"
     held[mac] = [{"type": 0, "ipaddr": "192.168.122.10", "expirytime": 0}]  # never expires, never moves
     assert network.lease(net, mac, network.leases(net, mac)) == "192.168.122.10"
+
+
+def test_a_torn_sha512_marker_is_verified_again_not_trusted(tmp_path):
+    body = b"debian cloud image " * 50_000
+    cache = tmp_path / "cache"
+    with serving(body) as (url, requests):
+        image = catalog.CloudImage(url, sha512=hashlib.sha512(body).hexdigest())
+        first = catalog.fetch(image, cache)
+        marker = cache / f"sha512-{image.sha512[:32]}"
+        marker.write_text(first.name[:20])  # what a crash in the middle of a non-atomic write left
+        assert catalog.fetch(image, cache) == first
+    assert requests == ["/image.qcow2", "/image.qcow2"]
+    assert marker.read_text().strip() == first.name
