@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from machine import certs
+from machine import certs, commands
+from machine.store import Store
 from tests.conftest import CLI
 from tests.integration.conftest import busybox_image, machine_cli
 
@@ -59,11 +61,7 @@ def test_engine_runs_containers_over_mutual_tls(cli, web, tmp_path):
     nat = cli("ssh", web, "--", "iptables -t nat -S POSTROUTING").stdout
     assert "-s 10.250.7.0/24 ! -o docker0 -j MASQUERADE" in nat
 
-    # The same through `eval $(pymachine env web)`, as a user types it.
-    script = f'eval "$({sys.executable} -m machine env --shell bash web)"; docker run --rm pm-busybox hostname'
-    proc = subprocess.run(["bash", "-c", script], env=cli.env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    # …and through the machine's docker context.
+    # The same through the machine's docker context (and through `pymachine env`: test_env_in_each_shell).
     server_os = docker(cli, None, "--context", "web", "version", "--format", "{{.Server.Os}}", flags=[]).stdout
     assert server_os.strip() == "linux"
 
@@ -153,9 +151,57 @@ def test_env_refuses_a_stale_certificate_until_regenerated(cli, web):
     assert docker(cli, web, "info", "--format", "{{.Driver}}").stdout.strip() == "overlay2"
 
 
-def test_upgrade_keeps_the_engine_running(cli, web):
+# How each shell loads `pymachine env` output, and then clears it with `--unset`.
+SOURCE = {
+    "bash": 'eval "$(pymachine env --shell bash {args})"',
+    "sh": 'eval "$(pymachine env --shell sh {args})"',
+    "zsh": 'eval "$(pymachine env --shell zsh {args})"',
+    "fish": "pymachine env --shell fish {args} | source",
+}
+DOCKER_VARS = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "DOCKER_MACHINE_NAME")
+
+
+@pytest.mark.parametrize("shell", list(SOURCE))
+def test_env_in_each_shell_reaches_the_engine_and_unset_clears_it(cli, web, shell):
+    """PowerShell and cmd are not installable here: tests/unit/test_shellenv.py compares their syntax as text."""
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed (scripts/setup installs it)")
+    script = "\n".join([SOURCE[shell].format(args=web), "docker info --format '{{.Name}}'",
+                        SOURCE[shell].format(args="--unset"), "env"])
+    # The installed `pymachine` command, found on PATH as a user's shell finds it.
+    env = cli.env | {"PATH": f"{Path(sys.executable).parent}:{cli.env['PATH']}"}
+    proc = subprocess.run([shell, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    engine_name, *exported = proc.stdout.splitlines()
+    assert engine_name == web  # the machine's engine answered, over TLS with the machine's certificates
+    assert [line for line in exported if line.startswith(DOCKER_VARS)] == []
+    assert f"DOCKER_CONFIG={cli.env['DOCKER_CONFIG']}" in exported  # --unset clears only what env sets
+
+
+def apt_policy(cli: CLI, machine: str, package: str) -> tuple[str, str]:
+    """(Installed, Candidate) versions of `package` on the machine, as apt sees them."""
+    out = cli("ssh", machine, "--", f"apt-cache policy {package}").stdout
+    versions = dict(re.findall(r"^\s+(Installed|Candidate): (\S+)$", out, re.M))
+    return versions["Installed"], versions["Candidate"]
+
+
+def test_upgrade_installs_the_candidate_engine_and_then_changes_nothing(cli, web, tmp_path):
+    # The mirror offers one docker.io, the one create installed. Make the machine out of date by recording an
+    # older installed version in dpkg's database: apt then sees an upgrade that `pymachine upgrade` must make.
+    cli("ssh", web, "--", r"sed -i '/^Package: docker.io$/,/^$/ s/^\(Version: .*\)$/\1~pmold/' /var/lib/dpkg/status")
+    installed, candidate = apt_policy(cli, web, "docker.io")
+    assert installed == f"{candidate}~pmold"
+
     cli("upgrade", web, timeout=900)
+    assert apt_policy(cli, web, "docker.io") == (candidate, candidate)
+    assert cli("ssh", web, "--", "systemctl is-active docker").stdout.strip() == "active"
     assert docker(cli, web, "version", "--format", "{{.Server.Version}}").stdout.strip()
+    build_busybox(cli, web, tmp_path)
+    assert docker(cli, web, "run", "--rm", "pm-busybox", "echo", "upgraded").stdout.strip() == "upgraded"
+
+    # Already the newest: a second upgrade changes nothing. (The CLI prints its recap only on a terminal.)
+    recap = commands.upgrade(Store(cli.home), web)
+    assert (recap.failed, recap.changed) == (0, 0), recap.line
 
 
 def test_podman_serves_the_docker_api_over_tls(cli, tmp_path):

@@ -50,23 +50,23 @@ class Command(Module):
         cmd = self.command_line()
         guard = ""
         if p["creates"]:
-            guard += f"if [ -e {q(p['creates'])} ]; then echo {_SKIP}; exit 0; fi\n"
+            guard += f"if [ -e {q(p['creates'])} ]; then echo {_SKIP} creates; exit 0; fi\n"
         if p["removes"]:
-            guard += f"if [ ! -e {q(p['removes'])} ]; then echo {_SKIP}; exit 0; fi\n"
+            guard += f"if [ ! -e {q(p['removes'])} ]; then echo {_SKIP} removes; exit 0; fi\n"
         if self.ctx.check:
             if not guard:
                 return {"changed": False, "skipped": True, "msg": "command would have run if not in check mode"}
-            would_skip = self.sh(guard + "true", what="probe").stdout.strip() == _SKIP
-            return {"changed": not would_skip, "msg": "command would have run if not in check mode"}
+            reason = self._skip_reason(self.sh(guard + "true", what="probe").stdout)
+            return {"changed": not reason, "msg": reason or "command would have run if not in check mode"}
         chdir = f"cd {q(p['chdir'])} || exit 1\n" if p["chdir"] else ""
         stdin = None
         if p["stdin"] is not None:
             stdin = (p["stdin"] + ("\n" if p["stdin_add_newline"] else "")).encode()
         res = self.ctx.run(guard + chdir + cmd, stdin=stdin)
-        if res.stdout.strip() == _SKIP and guard:
-            which = p["creates"] or p["removes"]
+        reason = self._skip_reason(res.stdout) if guard else None
+        if reason:
             return {"changed": False, "rc": 0, "stdout": "", "stderr": "", "stdout_lines": [], "stderr_lines": [],
-                    "msg": f"skipped, since {which} {'exists' if p['creates'] else 'does not exist'}"}
+                    "msg": reason}
         strip = (lambda s: s.rstrip("\r\n")) if p["strip_empty_ends"] else (lambda s: s)
         out, err = strip(res.stdout), strip(res.stderr)
         result = {"changed": True, "cmd": cmd, "rc": res.rc, "stdout": out, "stderr": err,
@@ -74,6 +74,14 @@ class Command(Module):
         if res.rc != 0:
             result.update(failed=True, msg="non-zero return code")
         return result
+
+
+    def _skip_reason(self, output: str) -> str | None:
+        """Why the guard skipped the command (its output names the option), or None if it did not."""
+        p = self.params
+        reasons = {f"{_SKIP} creates": f"skipped, since {p['creates']} exists",
+                   f"{_SKIP} removes": f"skipped, since {p['removes']} does not exist"}
+        return reasons.get(output.strip())
 
 
 class Shell(Command):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from machine.roles import RoleError, load_role, validate
-from machine.roles.loader import load_play
+from machine.roles import RoleError, load_role, run_roles, validate
+from machine.roles.loader import handler_names, load_play
+from machine.roles.modules import MODULES
 
 
 def refused(roles_path, name="r") -> str:
@@ -60,18 +61,55 @@ def test_unknown_module_in_an_imported_file(roles):
     assert refused(path) == "roles/r/tasks/main.yml:1: roles/r/tasks/more.yml:2: unknown module 'nope'"
 
 
-def test_fully_qualified_names_and_handlers_by_listen(roles):
+def test_fully_qualified_names_resolve_to_the_modules(roles):
     path = roles("r", tasks="""
         - ansible.builtin.command: "true"
-          notify: [restart things]
         - ansible.posix.sysctl: {name: net.ipv4.ip_forward, value: 1}
         - community.general.modprobe: {name: overlay}
-        """, handlers="""
-        - name: restart a
-          ansible.builtin.debug: msg=a
-          listen: restart things
         """)
-    validate(["r"], path)
+    tasks = load_role("r", path).tasks
+    assert [t.module for t in tasks] == [MODULES["command"], MODULES["sysctl"], MODULES["modprobe"]]
+    assert [t.args for t in tasks] == [{"_raw_params": "true"}, {"name": "net.ipv4.ip_forward", "value": 1},
+                                       {"name": "overlay"}]
+
+
+LISTENING = """
+    - name: restart a
+      ansible.builtin.shell: echo a >> {log}
+      listen: restart things
+    - name: restart b
+      shell: echo b >> {log}
+      listen: [other topic, restart things]
+    - name: bystander
+      shell: echo bystander >> {log}
+    """
+
+
+def test_handlers_are_found_by_name_and_by_listen_topic(roles, tmp_path):
+    path = roles("r", tasks='- command: "true"\n  notify: restart things\n',
+                 handlers=LISTENING.format(log=tmp_path / "log"))
+    names = {key: [h.name for h in handlers] for key, handlers in handler_names(load_play(["r"], path)).items()}
+    assert names == {
+        "restart a": ["restart a"], "r : restart a": ["restart a"],
+        "restart b": ["restart b"], "r : restart b": ["restart b"],
+        "bystander": ["bystander"], "r : bystander": ["bystander"],
+        "restart things": ["restart a", "restart b"], "other topic": ["restart b"],
+    }
+
+
+def test_notifying_a_listen_topic_runs_every_handler_listening_once(shell, roles, tmp_path):
+    log = tmp_path / "log"
+    path = roles("r", tasks="""
+        - name: change
+          ansible.builtin.command: "true"
+          notify: restart things
+        - name: change again
+          command: "true"
+          notify: [other topic]
+        """, handlers=LISTENING.format(log=log))
+    recap = run_roles(shell, ["r"], path)
+    assert (recap.failed, recap.changed) == (0, 4), recap.failure
+    assert log.read_text().split() == ["a", "b"]
 
 
 def test_dependencies_run_first_and_once(roles):

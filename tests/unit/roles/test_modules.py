@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from machine.roles.modules import MODULES, Context
+from machine.roles.modules import MODULES, Context, ModuleFailure
 from machine.roles.remote import Remote
 from machine.roles.templating import Templar, Vars
 
@@ -27,8 +27,10 @@ def mod(shell, tmp_path):
                       check=check, diff=diff)
         try:
             result = MODULES[module](ctx, args).run()
-        except Exception as e:  # ModuleFailure, reported as the executor would
-            result = {"failed": True, "msg": str(e)}
+        except ModuleFailure as e:
+            # Registered as the executor does. Any other exception is a crash and must fail the test, so it is
+            # not caught here (the executor's own net for those is tested with the executor).
+            result = {"changed": False, "failed": True, "msg": e.msg, **e.extra}
         result["_commands"] = len(shell.commands) - before
         return result
 
@@ -40,24 +42,41 @@ def mode(path: Path) -> int:
     return path.stat().st_mode & 0o7777
 
 
+# A failed result also has changed=False: `not res["changed"]` alone would pass when the module failed.
+def changed(result: dict) -> dict:
+    assert result["changed"] and not result.get("failed"), result
+    return result
+
+
+def ok(result: dict) -> dict:
+    assert not result["changed"] and not result.get("failed"), result
+    return result
+
+
+def failure(result: dict) -> str:
+    """The message of a failed result (the module refused: nothing changed)."""
+    assert result.get("failed") and not result["changed"], result
+    return result["msg"]
+
+
 def test_copy_content_is_idempotent_with_one_probe(mod, tmp_path):
     dest = tmp_path / "etc" / "app.conf"
     dest.parent.mkdir()
-    first = mod("copy", dest=str(dest), content="a=1\n", mode="0640")
-    assert first["changed"] and dest.read_text() == "a=1\n" and mode(dest) == 0o640
-    again = mod("copy", dest=str(dest), content="a=1\n", mode="0640")
-    assert not again["changed"] and again["_commands"] == 1
+    changed(mod("copy", dest=str(dest), content="a=1\n", mode="0640"))
+    assert dest.read_text() == "a=1\n" and mode(dest) == 0o640
+    assert ok(mod("copy", dest=str(dest), content="a=1\n", mode="0640"))["_commands"] == 1
     # Only the mode drifted: just a chmod, no rewrite.
     dest.chmod(0o600)
-    fix = mod("copy", dest=str(dest), content="a=1\n", mode="0640")
-    assert fix["changed"] and "mode 0600 -> 0640" in fix["msg"] and mode(dest) == 0o640
+    inode = dest.stat().st_ino
+    fix = changed(mod("copy", dest=str(dest), content="a=1\n", mode="0640"))
+    assert fix["msg"] == "mode 0600 -> 0640" and mode(dest) == 0o640 and dest.stat().st_ino == inode
 
 
 def test_copy_check_mode_and_diff(mod, tmp_path):
     dest = tmp_path / "f.txt"
     dest.write_text("old\n")
-    res = mod("copy", dest=str(dest), content="new\n", check=True, diff=True)
-    assert res["changed"] and dest.read_text() == "old\n"
+    res = changed(mod("copy", dest=str(dest), content="new\n", check=True, diff=True))
+    assert dest.read_text() == "old\n"
     assert "-old\n+new\n" in res["diff"]
     assert res["_commands"] == 1
 
@@ -65,104 +84,125 @@ def test_copy_check_mode_and_diff(mod, tmp_path):
 def test_copy_src_from_role_files_into_a_directory(mod, tmp_path):
     (mod.role / "files" / "hello.txt").write_text("hi\n")
     (tmp_path / "dir").mkdir()
-    assert mod("copy", src="hello.txt", dest=str(tmp_path / "dir"))["changed"]
+    assert changed(mod("copy", src="hello.txt", dest=str(tmp_path / "dir")))["dest"] == str(tmp_path / "dir/hello.txt")
     assert (tmp_path / "dir" / "hello.txt").read_text() == "hi\n"
-    assert not mod("copy", src="hello.txt", dest=str(tmp_path / "dir"))["changed"]
-    assert "could not find src 'nope.txt'" in mod("copy", src="nope.txt", dest=str(tmp_path))["msg"]
+    ok(mod("copy", src="hello.txt", dest=str(tmp_path / "dir")))
+    assert failure(mod("copy", src="nope.txt", dest=str(tmp_path))) == \
+        "could not find src 'nope.txt' (searched the role's files/)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "role"]
 
 
 def test_copy_validate_refuses_bad_content(mod, tmp_path):
     dest = tmp_path / "v.conf"
-    res = mod("copy", dest=str(dest), content="bad\n", validate="grep -q good %s")
-    assert res["failed"] and not dest.exists() and not list(tmp_path.glob(".pm.*"))
+    assert failure(mod("copy", dest=str(dest), content="bad\n", validate="grep -q good %s")) == \
+        f"writing {dest} failed (rc=1)"
+    assert not dest.exists() and not list(tmp_path.glob(".pm.*"))
+    changed(mod("copy", dest=str(dest), content="good\n", validate="grep -q good %s"))
+    assert dest.read_text() == "good\n" and not list(tmp_path.glob(".pm.*"))
 
 
 def test_template_renders_with_variables(mod, tmp_path):
     (mod.role / "templates" / "t.conf.j2").write_text("{% for p in ports %}\nlisten {{ p }}\n{% endfor %}\n")
     dest = tmp_path / "t.conf"
-    res = mod("template", src="t.conf.j2", dest=str(dest), variables={"ports": [80, 443]}, diff=True)
-    assert res["changed"] and dest.read_text() == "listen 80\nlisten 443\n"
+    res = changed(mod("template", src="t.conf.j2", dest=str(dest), variables={"ports": [80, 443]}, diff=True))
+    assert dest.read_text() == "listen 80\nlisten 443\n"
     assert "+listen 443" in res["diff"]
-    assert not mod("template", src="t.conf.j2", dest=str(dest), variables={"ports": [80, 443]})["changed"]
-    assert mod("template", src="t.conf.j2", dest=str(dest), variables={"ports": [80]})["changed"]
     assert res["checksum"] == hashlib.sha256(b"listen 80\nlisten 443\n").hexdigest()
+    ok(mod("template", src="t.conf.j2", dest=str(dest), variables={"ports": [80, 443]}))
+    changed(mod("template", src="t.conf.j2", dest=str(dest), variables={"ports": [80]}))
+    assert dest.read_text() == "listen 80\n"
 
 
 def test_file_states(mod, tmp_path):
     d = tmp_path / "a" / "b"
-    assert mod("file", path=str(d), state="directory", mode="0750")["changed"]
+    changed(mod("file", path=str(d), state="directory", mode="0750"))
     assert d.is_dir() and mode(d) == 0o750
-    again = mod("file", path=str(d), state="directory", mode="0750")
-    assert not again["changed"] and again["_commands"] == 1
+    assert ok(mod("file", path=str(d), state="directory", mode="0750"))["_commands"] == 1
     link = tmp_path / "link"
-    assert mod("file", path=str(link), src=str(d), state="link")["changed"]
+    changed(mod("file", path=str(link), src=str(d), state="link"))
     assert os.readlink(link) == str(d)
-    assert not mod("file", path=str(link), src=str(d), state="link")["changed"]
+    ok(mod("file", path=str(link), src=str(d), state="link"))
     f = tmp_path / "touched"
-    assert mod("file", path=str(f), state="touch", modification_time="preserve", access_time="preserve")["changed"]
-    assert not mod("file", path=str(f), state="touch", modification_time="preserve",
-                   access_time="preserve")["changed"]
-    assert "does not exist" in mod("file", path=str(tmp_path / "missing"), state="file")["msg"]
-    assert mod("file", path=str(tmp_path / "a"), state="absent")["changed"] and not d.exists()
-    assert not mod("file", path=str(tmp_path / "a"), state="absent")["changed"]
-    res = mod("file", path=str(tmp_path / "x"), state="directory", check=True)
-    assert res["changed"] and not (tmp_path / "x").exists()
+    changed(mod("file", path=str(f), state="touch", modification_time="preserve", access_time="preserve"))
+    assert f.is_file() and f.read_bytes() == b""
+    ok(mod("file", path=str(f), state="touch", modification_time="preserve", access_time="preserve"))
+    missing = tmp_path / "missing"
+    assert failure(mod("file", path=str(missing), state="file")) == \
+        f"file {missing} does not exist (use state=touch to create it)"
+    assert not missing.exists()
+    changed(mod("file", path=str(tmp_path / "a"), state="absent"))
+    assert not (tmp_path / "a").exists()
+    ok(mod("file", path=str(tmp_path / "a"), state="absent"))
+    changed(mod("file", path=str(tmp_path / "x"), state="directory", check=True))
+    assert not (tmp_path / "x").exists()
 
 
 def test_lineinfile(mod, tmp_path):
     conf = tmp_path / "sshd_config"
     conf.write_text("# comment\nPermitRootLogin yes\nPort 22")
-    res = mod("lineinfile", path=str(conf), regexp=r"^#?PermitRootLogin", line="PermitRootLogin no", diff=True)
-    assert res["changed"] and "-PermitRootLogin yes\n+PermitRootLogin no" in res["diff"]
+    res = changed(mod("lineinfile", path=str(conf), regexp=r"^#?PermitRootLogin", line="PermitRootLogin no",
+                      diff=True))
+    assert "-PermitRootLogin yes\n+PermitRootLogin no" in res["diff"]
     assert conf.read_text() == "# comment\nPermitRootLogin no\nPort 22"
-    assert not mod("lineinfile", path=str(conf), regexp=r"^#?PermitRootLogin", line="PermitRootLogin no")["changed"]
-    assert mod("lineinfile", path=str(conf), line="UseDNS no")["changed"]
-    assert conf.read_text().endswith("Port 22\nUseDNS no\n")
-    assert mod("lineinfile", path=str(conf), line="Banner x", insertafter="^# comment")["changed"]
+    ok(mod("lineinfile", path=str(conf), regexp=r"^#?PermitRootLogin", line="PermitRootLogin no"))
+    changed(mod("lineinfile", path=str(conf), line="UseDNS no"))
+    assert conf.read_text() == "# comment\nPermitRootLogin no\nPort 22\nUseDNS no\n"
+    changed(mod("lineinfile", path=str(conf), line="Banner x", insertafter="^# comment"))
     assert conf.read_text().splitlines()[1] == "Banner x"
-    assert mod("lineinfile", path=str(conf), regexp="^Banner", state="absent")["changed"]
-    assert "Banner" not in conf.read_text()
-    assert mod("lineinfile", path=str(conf), regexp=r"^Port (\d+)", line=r"Port \g<1>0", backrefs=True)["changed"]
-    assert "Port 220\n" in conf.read_text()
+    changed(mod("lineinfile", path=str(conf), regexp="^Banner", state="absent"))
+    assert conf.read_text() == "# comment\nPermitRootLogin no\nPort 22\nUseDNS no\n"
+    changed(mod("lineinfile", path=str(conf), regexp=r"^Port (\d+)", line=r"Port \g<1>0", backrefs=True))
+    assert conf.read_text() == "# comment\nPermitRootLogin no\nPort 220\nUseDNS no\n"
     missing = tmp_path / "new.conf"
-    assert "does not exist" in mod("lineinfile", path=str(missing), line="x=1")["msg"]
-    assert mod("lineinfile", path=str(missing), line="x=1", create=True, mode="0600")["changed"]
+    assert failure(mod("lineinfile", path=str(missing), line="x=1")) == f"Destination {missing} does not exist !"
+    assert not missing.exists()
+    changed(mod("lineinfile", path=str(missing), line="x=1", create=True, mode="0600"))
     assert missing.read_text() == "x=1\n" and mode(missing) == 0o600
-    res = mod("lineinfile", path=str(missing), line="y=2", check=True)
-    assert res["changed"] and missing.read_text() == "x=1\n"
+    changed(mod("lineinfile", path=str(missing), line="y=2", check=True))
+    assert missing.read_text() == "x=1\n"
 
 
 def test_sysctl_file_only(mod, tmp_path):
     conf = tmp_path / "99-test.conf"
     conf.write_text("# keep me\nvm.swappiness = 10\n")
-    res = mod("sysctl", name="vm.swappiness", value="20", sysctl_file=str(conf), reload=False, diff=True)
-    assert res["changed"] and "+vm.swappiness=20" in res["diff"]
+    res = changed(mod("sysctl", name="vm.swappiness", value="20", sysctl_file=str(conf), reload=False, diff=True))
+    assert "+vm.swappiness=20" in res["diff"]
     assert conf.read_text() == "# keep me\nvm.swappiness=20\n"
-    again = mod("sysctl", name="vm.swappiness", value=20, sysctl_file=str(conf), reload=False)
-    assert not again["changed"] and again["_commands"] == 1
-    assert mod("sysctl", name="net.ipv4.tcp_rmem", value="4096  87380 6291456", sysctl_file=str(conf),
-               reload=False)["changed"]
-    assert not mod("sysctl", name="net.ipv4.tcp_rmem", value="4096 87380\t6291456", sysctl_file=str(conf),
-                   reload=False)["changed"]
-    assert mod("sysctl", name="vm.swappiness", state="absent", sysctl_file=str(conf), reload=False)["changed"]
-    assert "swappiness" not in conf.read_text()
+    assert ok(mod("sysctl", name="vm.swappiness", value=20, sysctl_file=str(conf), reload=False))["_commands"] == 1
+    changed(mod("sysctl", name="net.ipv4.tcp_rmem", value="4096  87380 6291456", sysctl_file=str(conf),
+                reload=False))
+    assert conf.read_text() == "# keep me\nvm.swappiness=20\nnet.ipv4.tcp_rmem=4096 87380 6291456\n"
+    # Whitespace inside a value is not a difference (the kernel prints tabs).
+    ok(mod("sysctl", name="net.ipv4.tcp_rmem", value="4096 87380\t6291456", sysctl_file=str(conf), reload=False))
+    changed(mod("sysctl", name="vm.swappiness", state="absent", sysctl_file=str(conf), reload=False))
+    assert conf.read_text() == "# keep me\nnet.ipv4.tcp_rmem=4096 87380 6291456\n"
 
 
 def test_command_and_shell(mod, tmp_path):
     marker = tmp_path / "done"
-    res = mod("command", _raw_params=f"touch {marker}", creates=str(marker))
-    assert res["changed"] and marker.exists()
-    res = mod("command", _raw_params=f"touch {marker}", creates=str(marker))
-    assert not res["changed"] and "exists" in res["msg"]
-    res = mod("command", _raw_params="echo 'a  b' $HOME |")
+    changed(mod("command", _raw_params=f"touch {marker}", creates=str(marker)))
+    assert marker.exists()
+    res = ok(mod("command", _raw_params=f"rm {marker}", creates=str(marker)))
+    assert res["msg"] == f"skipped, since {marker} exists" and marker.exists()
+    res = changed(mod("command", _raw_params="echo 'a  b' $HOME |"))
     assert res["stdout"] == "a  b $HOME |"  # no shell: words are passed through
+    # A non-zero exit: the command ran (changed, as in Ansible) and failed.
     res = mod("shell", cmd="echo one; echo two >&2; exit 4", chdir=str(tmp_path))
-    assert (res["rc"], res["stdout"], res["stderr"], res["failed"]) == (4, "one", "two", True)
-    assert mod("shell", _raw_params="pwd", chdir=str(tmp_path))["stdout"] == str(tmp_path)
-    assert mod("command", argv=["printf", "%s", "x y"])["stdout"] == "x y"
-    assert mod("shell", _raw_params="cat", stdin="fed")["stdout"] == "fed"
-    assert mod("command", _raw_params="false", check=True)["skipped"]
-    assert not mod("command", _raw_params="x", removes=str(tmp_path / "absent"), check=True)["changed"]
+    assert (res["rc"], res["stdout"], res["stderr"], res["changed"], res["failed"], res["msg"]) == (
+        4, "one", "two", True, True, "non-zero return code")
+    assert changed(mod("shell", _raw_params="pwd", chdir=str(tmp_path)))["stdout"] == str(tmp_path)
+    assert changed(mod("command", argv=["printf", "%s", "x y"]))["stdout"] == "x y"
+    assert changed(mod("shell", _raw_params="cat", stdin="fed"))["stdout"] == "fed"
+    res = ok(mod("command", _raw_params=f"touch {tmp_path / 'not-in-check'}", check=True))
+    assert res["skipped"] and not (tmp_path / "not-in-check").exists()
+    assert changed(mod("command", _raw_params=f"rm {marker}", removes=str(marker), check=True))["_commands"] == 1
+    assert marker.exists()
+    ok(mod("command", _raw_params="x", removes=str(tmp_path / "absent"), check=True))
+
+
+def test_command_check_mode_says_why_it_would_not_run(mod, tmp_path):
+    res = ok(mod("command", _raw_params="x", removes=str(tmp_path / "absent"), check=True))
+    assert res["msg"] == f"skipped, since {tmp_path / 'absent'} does not exist"
 
 
 def test_command_free_form_inline_options():
@@ -177,23 +217,32 @@ def test_get_url_file_url_with_checksum(mod, tmp_path):
     dest = tmp_path / "dl" / "payload"
     dest.parent.mkdir()
     args = {"url": f"file://{src}", "dest": str(dest), "checksum": f"sha256:{digest}", "mode": "0600"}
-    assert mod("get_url", **args)["changed"]
+    assert changed(mod("get_url", **args))["msg"] == f"downloaded file://{src}"
     assert dest.read_bytes() == src.read_bytes() and mode(dest) == 0o600
-    again = mod("get_url", **args)
-    assert not again["changed"] and again["_commands"] == 1
-    bad = mod("get_url", **{**args, "dest": str(tmp_path / "dl" / "other"), "checksum": "sha256:" + "0" * 64})
-    assert bad["failed"] and "checksum mismatch" in bad["msg"] and not (tmp_path / "dl" / "other").exists()
-    assert mod("get_url", **{**args, "checksum": "crc:1"})["failed"]
+    assert ok(mod("get_url", **args))["_commands"] == 1
+    other = tmp_path / "dl" / "other"
+    msg = failure(mod("get_url", **{**args, "dest": str(other), "checksum": "sha256:" + "0" * 64}))
+    assert msg == f"downloading file://{src} failed (rc=1): checksum mismatch: got sha256:{digest}, expected " \
+                  f"sha256:{'0' * 64}"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["payload"]  # no partial download left
+    assert failure(mod("get_url", **{**args, "checksum": "crc:1"})) == \
+        "checksum must be '<algorithm>:<hex digest>' with one of md5, sha1, sha224, sha256, sha384, sha512"
 
 
 def test_wait_for_path(mod, tmp_path):
     flag = tmp_path / "ready"
     flag.write_text("state=up\n")
-    assert not mod("wait_for", path=str(flag), search_regex="state=up", timeout=2)["changed"]
-    res = mod("wait_for", path=str(tmp_path / "never"), timeout=1, sleep=1)
-    assert res["failed"] and "Timeout when waiting for" in res["msg"]
-    assert not mod("wait_for", path=str(tmp_path / "never"), state="absent", timeout=1).get("failed")
+    ok(mod("wait_for", path=str(flag), search_regex="state=up", timeout=2))
+    assert failure(mod("wait_for", path=str(tmp_path / "never"), timeout=1, sleep=1)) == \
+        f"Timeout when waiting for {tmp_path / 'never'}"
+    assert failure(mod("wait_for", path=str(flag), search_regex="state=down", timeout=1, sleep=1)) == \
+        f"Timeout when waiting for {flag}"
+    ok(mod("wait_for", path=str(tmp_path / "never"), state="absent", timeout=1))
+    assert failure(mod("wait_for", path=str(flag), state="absent", timeout=1, sleep=1)) == \
+        f"Timeout when waiting for {flag} to stop"
 
 
 def test_symbolic_modes_are_refused(mod, tmp_path):
-    assert "only octal modes" in mod("copy", dest=str(tmp_path / "x"), content="x", mode="u+rw")["msg"]
+    assert failure(mod("copy", dest=str(tmp_path / "x"), content="x", mode="u+rw")) == \
+        "mode 'u+rw': only octal modes (e.g. '0644') are supported"
+    assert not (tmp_path / "x").exists()
