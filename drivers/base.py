@@ -66,7 +66,8 @@ class Driver(ABC):
 
     @property
     def opts(self) -> dict[str, Any]:
-        return self.machine.options
+        # Defaults under the record: a record written before an option existed still reads every option.
+        return {o.key: o.default for o in self.options} | self.machine.options
 
     @classmethod
     def pre_create_check(cls, options: dict[str, Any]) -> None:

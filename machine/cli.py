@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 import click
@@ -15,6 +16,7 @@ from rich.table import Table
 import drivers
 from machine import commands, provision, shellenv, ui
 from machine.errors import MachineError, UsageError
+from machine.names import validate_name
 from machine.store import Store
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -22,6 +24,23 @@ _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 def _store() -> Store:
     return Store()
+
+
+def _names(ctx: click.Context, param: click.Parameter,
+           value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+    """Refuse a machine name that no machine can have (`..`, a slash, …) before any command looks it up: it
+    would name a path outside the store."""
+    for name in (value,) if isinstance(value, str) else value or ():
+        validate_name(name)
+    return value
+
+
+def _name_argument(name: str = "name", **kwargs: object) -> Callable[[Callable], Callable]:
+    return click.argument(name, callback=_names, **kwargs)
+
+
+def _names_argument() -> Callable[[Callable], Callable]:
+    return _name_argument("names", nargs=-1, required=True)
 
 
 def _reporter(kind: str):
@@ -37,7 +56,8 @@ def _reporter(kind: str):
 def cli(debug: bool) -> None:
     """Create container hosts and reach their engine over mutual TLS."""
     if debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger().setLevel(logging.DEBUG)  # also where logging was configured before (an embedding)
 
 
 def _driver_options(command: Callable) -> Callable:
@@ -95,7 +115,7 @@ def _engine_config(o: dict) -> dict:
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("name")
+@_name_argument()
 @click.option("-d", "--driver", default=drivers.DEFAULT, show_default=True, help="Driver that makes the host.")
 @click.option("--no-provision", is_flag=True, help="Only make the host; install no engine.")
 @click.option("--keep-on-failure", is_flag=True, help="Keep what was made if create fails (to debug it).")
@@ -104,38 +124,43 @@ def _engine_config(o: dict) -> dict:
 def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, **options: object) -> None:
     """Create a machine, install its engine and expose it over mutual TLS."""
     engine = _engine_config(options)
-    commands.create(_store(), name, driver, options, engine=None if no_provision else engine,
+    if not no_provision:
+        provision.check_roles()
+    commands.create(_store(), name, driver, options, engine=engine, provision=not no_provision,
                     keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"))
     ui.note(f"[green]{name}[/] is ready: `eval $(pymachine env {name})`")
 
 
 @cli.command("provision", context_settings=_CONTEXT)
-@click.argument("name")
+@_name_argument()
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", is_flag=True, help="Show the changes made to files.")
 @click.option("--tags", default="", metavar="TAG,…", help="Only run tasks with these tags.")
 def provision_(name: str, check: bool, diff: bool, tags: str) -> None:
     """Run the provisioning roles again (idempotent)."""
     selected = tuple(t for t in tags.split(",") if t)
+    provision.check_roles(selected)
     commands.provision(_store(), name, check=check, diff=diff, tags=selected, reporter=_reporter("tasks"))
 
 
 @cli.command("regenerate-certs", context_settings=_CONTEXT)
-@click.argument("names", nargs=-1, required=True)
+@_names_argument()
 def regenerate_certs(names: tuple[str, ...]) -> None:
     """Issue new engine certificates for the machines' current addresses."""
+    provision.check_roles()
     _each(lambda store, name: commands.regenerate_certs(store, name, reporter=_reporter("progress")), names)
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("names", nargs=-1, required=True)
+@_names_argument()
 def upgrade(names: tuple[str, ...]) -> None:
     """Upgrade the machines' engine to the newest version."""
+    provision.check_roles()
     _each(lambda store, name: commands.upgrade(store, name, reporter=_reporter("progress")), names)
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("name", required=False)
+@_name_argument(required=False)
 @click.option("--shell", type=click.Choice(shellenv.SHELLS), help="Syntax to print (default: from $SHELL).")
 @click.option("-u", "--unset", is_flag=True, help="Print the commands that unset the variables.")
 def env(name: str | None, shell: str | None, unset: bool) -> None:
@@ -151,7 +176,7 @@ def env(name: str | None, shell: str | None, unset: bool) -> None:
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("name")
+@_name_argument()
 def config(name: str) -> None:
     """Print the docker CLI's TLS flags for a machine."""
     click.echo("\n".join(commands.config(_store(), name)))
@@ -189,11 +214,11 @@ for _name, _fn, _help in [
     ("ip", commands.ip, "Print a machine's IP address."),
     ("url", commands.url, "Print a machine's engine URL."),
 ]:
-    cli.command(_name, help=_help, context_settings=_CONTEXT)(click.argument("name")(_one_name(_fn)))
+    cli.command(_name, help=_help, context_settings=_CONTEXT)(_name_argument()(_one_name(_fn)))
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("name")
+@_name_argument()
 def inspect(name: str) -> None:
     """Print a machine's details as JSON."""
     click.echo(json.dumps(commands.inspect(_store(), name), indent=2))
@@ -201,7 +226,8 @@ def inspect(name: str) -> None:
 
 @cli.command(context_settings=_CONTEXT)
 @click.option("--list", "list_", is_flag=True, help="JSON for Ansible's dynamic inventory protocol.")
-@click.option("--host", metavar="NAME", help="One machine's variables as JSON (dynamic inventory protocol).")
+@click.option("--host", metavar="NAME", callback=_names,
+              help="One machine's variables as JSON (dynamic inventory protocol).")
 def inventory(list_: bool, host: str | None) -> None:
     """Print the machines as an Ansible inventory: `ansible -i <(pymachine inventory) all -m ping`."""
     store = _store()
@@ -226,16 +252,18 @@ def version() -> None:
 
 
 def _each(action: Callable[[Store, str], None], names: tuple[str, ...]) -> None:
-    """Apply `action` to every name, reporting each failure; fail if any did."""
-    store, failed = _store(), 0
+    """Apply `action` to every name, reporting each failure (whatever it is: one machine's trouble must not
+    keep the others from being stopped or removed); fail with the worst exit status if any did."""
+    store, status = _store(), 0
     for name in names:
         try:
             action(store, name)
-        except MachineError as e:
-            ui.err(f"error: {name}: {e}")
-            failed += 1
-    if failed:
-        raise SystemExit(1)
+        except Exception as e:  # any failure: reported like main() reports it, then on to the next name
+            ui.err(f"error: {name}: {_describe(e)}")
+            _debug_traceback()
+            status = max(status, _exit_code(e))
+    if status:
+        raise SystemExit(status)
 
 
 for _name, _fn, _help in [
@@ -248,12 +276,12 @@ for _name, _fn, _help in [
         _each(_fn, names)
 
     cli.command(_name, help=_help, context_settings=_CONTEXT)(
-        click.argument("names", nargs=-1, required=True)(_lifecycle)
+        _names_argument()(_lifecycle)
     )
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("names", nargs=-1, required=True)
+@_names_argument()
 @click.option("-f", "--force", is_flag=True, help="Remove even if the driver cannot clean up; implies -y.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(names: tuple[str, ...], force: bool, yes: bool) -> None:
@@ -267,7 +295,7 @@ def rm(names: tuple[str, ...], force: bool, yes: bool) -> None:
 
 
 @cli.command(context_settings={**_CONTEXT, "ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("name")
+@_name_argument()
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def ssh(name: str, command: tuple[str, ...]) -> None:
     """Log into a machine, or run COMMAND there and exit with its status."""
@@ -281,6 +309,29 @@ def ssh(name: str, command: tuple[str, ...]) -> None:
 def scp(recursive: bool, source: str, destination: str) -> None:
     """Copy files between the host and machines (MACHINE:PATH names a machine's side)."""
     commands.scp(_store(), source, destination, recursive)
+
+
+def _describe(error: Exception) -> str:
+    """One line for the user: a failure's own message, the file an OS error is about, or an internal error."""
+    if isinstance(error, MachineError):
+        text = str(error)
+    elif isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        text = f"internal error: {detail} (run with --debug for the traceback)"
+    # A message may quote a tool's multi-line output; the user still gets one line per failure.
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _exit_code(error: Exception) -> int:
+    return error.exit_code if isinstance(error, MachineError) else 1
+
+
+def _debug_traceback() -> None:
+    """With --debug (the root logger at DEBUG), the traceback of the exception being handled."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        traceback.print_exc()
 
 
 def main() -> None:
@@ -298,6 +349,7 @@ def main() -> None:
     except KeyboardInterrupt:
         ui.err("interrupted")
         raise SystemExit(130) from None
-    except MachineError as e:
-        ui.err(f"error: {e}")
-        raise SystemExit(e.exit_code) from None
+    except Exception as e:  # the user sees one line, never a traceback (unless --debug)
+        ui.err(f"error: {_describe(e)}")
+        _debug_traceback()
+        raise SystemExit(_exit_code(e)) from None

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import re
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -42,12 +45,25 @@ def _open(source: str):
         except (urllib.error.URLError, OSError) as e:
             raise MachineError(f"cannot download {source}: {getattr(e, 'reason', e)}") from None
         return response, int(response.headers.get("Content-Length") or 0)
-    path = Path(source)
-    return path.open("rb"), path.stat().st_size
+    try:
+        stream = Path(source).open("rb")  # noqa: SIM115 - fetch closes it (`with stream`)
+    except OSError as e:
+        raise MachineError(f"cannot read {source}: {e.strerror}") from None
+    return stream, os.fstat(stream.fileno()).st_size
 
 
 def fetch(source: str, cache_dir: Path, sha256: str | None = None) -> Path:
-    """Return the cached file for `source`, downloading it once; a checksum mismatch caches nothing."""
+    """Return the cached file for `source`, downloading it once; a checksum mismatch, a full disk or any other
+    failure caches nothing (not even a partial file)."""
+    try:
+        return _fetch(source, cache_dir, sha256)
+    except OSError as e:  # the cache's side: reading the source fails as a MachineError of its own
+        detail = e.strerror or str(e)
+        raise MachineError(f"cannot store {source} in the image cache {cache_dir}: {detail} "
+                           f"(PYMACHINE_CACHE chooses another directory)") from None
+
+
+def _fetch(source: str, cache_dir: Path, sha256: str | None) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     if sha256:
         cached = cache_dir / sha256.lower()
@@ -57,17 +73,10 @@ def fetch(source: str, cache_dir: Path, sha256: str | None = None) -> Path:
         if sha256 and (cache_dir / sha256.lower()).is_file():
             return cache_dir / sha256.lower()  # another process fetched it while we waited
         stream, size = _open(source)
-        digest = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download.")
         try:
             with stream, os.fdopen(fd, "wb") as out, _progress(source, size) as advance:
-                while chunk := stream.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    advance(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
-            actual = digest.hexdigest()
+                actual = _copy(source, stream, out, advance)
             if sha256 and actual != sha256.lower():
                 raise MachineError(f"checksum mismatch for {source}: expected {sha256.lower()}, got {actual}")
             target = cache_dir / actual
@@ -76,6 +85,27 @@ def fetch(source: str, cache_dir: Path, sha256: str | None = None) -> Path:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _copy(source: str, stream: BinaryIO, out: BinaryIO, advance: Callable[[int], None]) -> str:
+    """Copy `stream` to `out` (flushed to disk); return the sha256 of what was copied."""
+    digest = hashlib.sha256()
+    while chunk := _read(source, stream):
+        digest.update(chunk)
+        out.write(chunk)
+        advance(len(chunk))
+    out.flush()
+    os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def _read(source: str, stream: BinaryIO) -> bytes:
+    """The next chunk of the source; a connection that breaks (or ends short of its length) fails the download."""
+    try:
+        return stream.read(1 << 20)
+    except (OSError, http.client.HTTPException) as e:
+        detail = (e.strerror or e) if isinstance(e, OSError) else repr(e)
+        raise MachineError(f"cannot read {source}: {detail}") from None
 
 
 @contextlib.contextmanager

@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from machine.errors import UsageError
+from machine.paths import roles_dir
 
 ROLES = ("kernel", "storage", "tls", "engine", "bridge")
 ENGINES = ("docker", "podman")
 INSTALL_METHODS = ("official", "distro")
 STORAGE_DRIVERS = ("overlay2", "btrfs", "zfs", "vfs", "fuse-overlayfs", "devicemapper", "aufs")
+# The roles refuse the others for podman too, but only once the machine exists; say it before.
+PODMAN_STORAGE_DRIVERS = ("overlay2", "btrfs", "zfs", "vfs", "fuse-overlayfs")
+# Drivers that put the engine's data on --engine-storage-device; the others ignore a device.
+DEVICE_STORAGE_DRIVERS = ("btrfs", "zfs", "devicemapper")
 TLS_DIR = "/etc/docker/tls"
+# Tags Ansible gives a meaning of its own; every other tag selects the tasks that carry it.
+_SPECIAL_TAGS = frozenset({"all", "always", "never", "tagged", "untagged"})
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# daemon.json keys that have a flag of their own: an --engine-opt would silently override that flag.
+_OPT_FLAGS = {
+    "storage-driver": "--engine-storage-driver", "bip": "--engine-bip", "mtu": "--engine-mtu",
+    "icc": "--[no-]engine-icc", "iptables": "--[no-]engine-iptables", "ip-forward": "--[no-]engine-ip-forward",
+    "labels": "--engine-label", "registry-mirrors": "--engine-registry-mirror",
+    "insecure-registries": "--engine-insecure-registry", "default-address-pools": "--engine-default-address-pool",
+}
+# The engine is reachable only over mutual TLS: its listeners and certificates are pymachine's alone.
+_TLS_OPTS = frozenset({"hosts", "tls", "tlsverify", "tlscacert", "tlscert", "tlskey"})
 
 
 def _pairs(flag: str, items: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -33,8 +55,31 @@ def _json_value(text: str) -> Any:
         return text
 
 
+def _engine_opts(items: tuple[str, ...]) -> dict[str, Any]:
+    opts = _pairs("engine-opt", items)
+    for key in opts:
+        if key in _TLS_OPTS:
+            raise UsageError(f"--engine-opt {key}: pymachine sets it (the engine listens only on its unix socket "
+                             f"and on mutual TLS)")
+        if key in _OPT_FLAGS:
+            raise UsageError(f"--engine-opt {key}: use {_OPT_FLAGS[key]}")
+    return {k: _json_value(v) for k, v in opts.items()}
+
+
+def _engine_env(items: tuple[str, ...]) -> dict[str, str]:
+    env = _pairs("engine-env", items)
+    for key in env:
+        if not _ENV_NAME.fullmatch(key):
+            raise UsageError(f"--engine-env: {key!r} is not a variable name (letters, digits, _; not a digit first)")
+    return env
+
+
 def _address_pool(item: str) -> dict[str, Any]:
     fields = _pairs("engine-default-address-pool", item.split(","))
+    unknown = sorted(set(fields) - {"base", "size"})
+    if unknown:
+        raise UsageError(f"--engine-default-address-pool: {item!r}: unknown field {unknown[0]!r} "
+                         f"(use base=CIDR,size=N)")
     try:
         base = ipaddress.ip_network(fields["base"], strict=True)
         size = int(fields["size"])
@@ -43,6 +88,100 @@ def _address_pool(item: str) -> dict[str, Any]:
     if not base.prefixlen <= size <= base.max_prefixlen:
         raise UsageError(f"--engine-default-address-pool: size {size} does not fit in {base}")
     return {"base": str(base), "size": size}
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_dns_name(text: str, wildcard: bool = False) -> bool:
+    """A DNS name of hostname labels; with `wildcard`, the first label may be `*` (as certificates allow)."""
+    labels = text.removesuffix(".").split(".")
+    if wildcard and len(labels) > 1 and labels[0] == "*":
+        labels = labels[1:]
+    return 0 < len(text) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
+
+
+def _tls_san(value: str) -> str:
+    if not (_is_ip(value) or _is_dns_name(value, wildcard=True)):
+        raise UsageError(f"--tls-san: {value!r} is neither an IP address nor a DNS name")
+    return value
+
+
+def _is_host_port(text: str) -> bool:
+    """HOST or HOST:PORT (an IPv6 address in brackets), nothing else: no scheme, user or path."""
+    try:
+        parts = urlsplit(f"//{text}")
+        port = parts.port
+    except ValueError:  # a port that is not a number, or out of range
+        return False
+    host = parts.hostname or ""
+    return (not parts.path and not parts.username and port != 0 and "://" not in text
+            and (_is_ip(host) or _is_dns_name(host)))
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return "/" in text
+
+
+def _insecure_registry(value: str) -> str:
+    """A registry as dockerd's insecure-registries take it: HOST[:PORT], or a CIDR of registries."""
+    if not (_is_host_port(value) or _is_network(value)):
+        raise UsageError(f"--engine-insecure-registry: {value!r} is not HOST[:PORT] (no scheme) or a CIDR")
+    return value
+
+
+def _registry_mirror(value: str) -> str:
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise UsageError(f"--engine-registry-mirror: {value!r}: {e}") from None
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not (_is_ip(host) or _is_dns_name(host)) or port == 0:
+        raise UsageError(f"--engine-registry-mirror: {value!r} is not an http(s) URL")
+    return value
+
+
+def _check_bip(bip: str) -> None:
+    try:
+        interface = ipaddress.ip_interface(bip)
+    except ValueError:
+        raise UsageError(f"--engine-bip: {bip!r} is not an address with a prefix (e.g. 10.250.0.1/24)") from None
+    if interface.version != 4:
+        raise UsageError(f"--engine-bip: {bip} is not IPv4 (the engine's default bridge is IPv4)")
+    if interface.ip == interface.network.network_address:
+        raise UsageError(f"--engine-bip: {bip} is a network address; give the bridge's own (e.g. .1)")
+
+
+def _check_storage(engine: str, storage_driver: str, storage_device: str | None) -> None:
+    if storage_driver == "aufs":
+        raise UsageError("--engine-storage-driver aufs: no current engine supports aufs; use overlay2")
+    if engine == "podman" and storage_driver not in PODMAN_STORAGE_DRIVERS:
+        raise UsageError(f"--engine-storage-driver {storage_driver}: podman supports "
+                         f"{', '.join(PODMAN_STORAGE_DRIVERS)}")
+    if storage_device is None:
+        return
+    if storage_driver not in DEVICE_STORAGE_DRIVERS:
+        raise UsageError(f"--engine-storage-device needs --engine-storage-driver "
+                         f"{' or '.join(DEVICE_STORAGE_DRIVERS)} (not {storage_driver})")
+    if not storage_device.startswith("/"):
+        raise UsageError(f"--engine-storage-device: {storage_device!r} is not an absolute path (e.g. /dev/vdb)")
+
+
+def _check_choices(engine: str, install: str, storage_driver: str) -> None:
+    for flag, value, allowed in [("engine", engine, ENGINES), ("engine-install", install, INSTALL_METHODS),
+                                 ("engine-storage-driver", storage_driver, STORAGE_DRIVERS)]:
+        if value not in allowed:
+            raise UsageError(f"--{flag}: {value!r} is not one of {', '.join(allowed)}")
 
 
 def engine_config(
@@ -64,19 +203,10 @@ def engine_config(
     tls_san: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Validate create's engine flags and return them as the machine's recorded engine settings."""
-    for flag, value, allowed in [("engine", engine, ENGINES), ("engine-install", install, INSTALL_METHODS),
-                                 ("engine-storage-driver", storage_driver, STORAGE_DRIVERS)]:
-        if value not in allowed:
-            raise UsageError(f"--{flag}: {value!r} is not one of {', '.join(allowed)}")
-    if storage_driver == "aufs":
-        raise UsageError("--engine-storage-driver aufs: no current engine supports aufs; use overlay2")
+    _check_choices(engine, install, storage_driver)
+    _check_storage(engine, storage_driver, storage_device)
     if bip:
-        try:
-            interface = ipaddress.ip_interface(bip)
-        except ValueError:
-            raise UsageError(f"--engine-bip: {bip!r} is not an address with a prefix (e.g. 10.250.0.1/24)") from None
-        if interface.ip == interface.network.network_address:
-            raise UsageError(f"--engine-bip: {bip} is a network address; give the bridge's own (e.g. .1)")
+        _check_bip(bip)
     if mtu is not None and not 68 <= mtu <= 65535:
         raise UsageError(f"--engine-mtu: {mtu} is not between 68 and 65535")
     _pairs("engine-label", labels)
@@ -85,18 +215,18 @@ def engine_config(
         "engine_install": install,
         "engine_storage_driver": storage_driver,
         "engine_storage_device": storage_device or "",
-        "engine_opts": {k: _json_value(v) for k, v in _pairs("engine-opt", opts).items()},
+        "engine_opts": _engine_opts(opts),
         "engine_labels": list(labels),
-        "engine_env": _pairs("engine-env", env),
-        "engine_insecure_registries": list(insecure_registries),
-        "engine_registry_mirrors": list(registry_mirrors),
+        "engine_env": _engine_env(env),
+        "engine_insecure_registries": [_insecure_registry(r) for r in insecure_registries],
+        "engine_registry_mirrors": [_registry_mirror(m) for m in registry_mirrors],
         "engine_bip": bip or "",
         "engine_default_address_pools": [_address_pool(p) for p in address_pools],
         "engine_mtu": mtu or 0,
         "engine_icc": icc,
         "engine_iptables": iptables,
         "engine_ip_forward": ip_forward,
-        "tls_san": list(tls_san),
+        "tls_san": [_tls_san(name) for name in tls_san],
     }
 
 
@@ -105,3 +235,18 @@ def role_vars(engine: dict[str, Any], ca_pem: str, server_cert: str, server_key:
     settings = {k: v for k, v in engine.items() if k != "tls_san"}
     return {**settings, "tls_dir": TLS_DIR, "tls_ca_cert": ca_pem, "tls_server_cert": server_cert,
             "tls_server_key": server_key}
+
+
+def check_roles(tags: Sequence[str] = ()) -> None:
+    """Refuse broken roles (YAML, an unknown module or keyword, a missing or broken template) before a machine
+    is made or touched, and a tag no task has: Ansible would run nothing for a misspelt tag, and succeed."""
+    from machine.roles.loader import as_list, load_play, walk  # the heaviest import; only provisioning needs it
+
+    runs = load_play(list(ROLES), roles_dir())
+    tasks = [task for run in runs for task in walk([*run.role.tasks, *run.role.handlers])]
+    if not tags or any(task.action == "include_tasks" and task.tasks is None for task in tasks):
+        return  # the tasks of a file named by a template, and so their tags, are only known when it runs
+    known = {str(tag) for task in tasks for tag in as_list(task.get("tags"))}
+    unknown = [tag for tag in tags if tag not in known | _SPECIAL_TAGS]
+    if unknown:
+        raise UsageError(f"--tags: {unknown[0]!r} is not a tag of the roles (they have {', '.join(sorted(known))})")

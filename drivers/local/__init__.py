@@ -125,7 +125,10 @@ class LocalDriver(Driver):
     def start(self) -> None:
         if self.state() == State.RUNNING:
             return
-        address = self.machine.resources["ip"]
+        address = self.machine.resources.get("ip")
+        if address is None:
+            raise MachineError(f"machine {self.machine.name!r} was never fully created (it has no address): remove "
+                               f"it with `pymachine rm -f {self.machine.name}`")
         leased = self._network.lease(str(self.machine.dir), wanted=address)
         if leased != address:
             self._network.release(str(self.machine.dir))

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from machine.roles.modules import MODULES, Module
 from machine.roles.modules.base import split_kv
-from machine.roles.templating import is_template
+from machine.roles.templating import Templar, is_template
 from machine.roles.yamlload import LineDict, RoleError, load_yaml
 
 # Keywords a task may carry (besides its module), and those a block may carry.
@@ -31,6 +32,11 @@ INCLUDE = {"include_tasks": "include_tasks", "ansible.builtin.include_tasks": "i
            "import_tasks": "import_tasks", "ansible.builtin.import_tasks": "import_tasks"}
 META = ("meta", "ansible.builtin.meta")
 META_ACTIONS = frozenset({"flush_handlers", "noop", "end_host", "end_play"})
+# Modules whose literal `src` is a file of the role, and the role directory Ansible searches for it first.
+_SOURCES = {"template": "templates", "copy": "files"}
+# Keywords whose values are templated when the task runs, and whether each is a condition (a bare expression).
+_TEMPLATED = (("when", True), ("changed_when", True), ("failed_when", True), ("until", True),
+              ("loop", False), ("with_items", False))
 # import_tasks is resolved at load time, so per-run keywords make no sense on it (Ansible refuses them too).
 _STATIC_FORBIDDEN = frozenset({"loop", "with_items", "loop_control", "register", "notify", "until"})
 
@@ -76,6 +82,12 @@ class Role:
     def search_paths(self, kind: str) -> list[Path]:
         """Where Ansible looks for a template/copy `src` of this role's tasks."""
         return [self.path / kind, self.path / "tasks", self.path]
+
+    def find_source(self, kind: str, name: str) -> Path | None:
+        """The file a template/copy `src` names: absolute, or the first match in search_paths(kind)."""
+        path = Path(name)
+        candidates = [path] if path.is_absolute() else [d / path for d in self.search_paths(kind)]
+        return next((c for c in candidates if c.is_file()), None)
 
     def task_file(self, name: str, stack: tuple[Path, ...] = ()) -> list[Task]:
         """Tasks of `name`, relative to the role's tasks/ directory (loaded and validated once)."""
@@ -246,9 +258,30 @@ def _task(data: LineDict, role: Role, handler: bool, stack: tuple[Path, ...]) ->
         problem = module.check_args(args)
         if problem:
             raise RoleError(f"{data.where(action)}: {problem}")
+        _check_source(module, args, role, data.where(action))
         task = Task(data, action, args, role, module)
     _check_keywords(task)
     return task
+
+
+@cache
+def _templar() -> Templar:
+    return Templar()
+
+
+def _check_source(module: type[Module], args: Mapping[str, Any], role: Role, where: str) -> None:
+    """A literal template/copy `src` must exist, and a template must compile: refused before the play runs
+    rather than halfway through it, on the machine."""
+    kind = _SOURCES.get(module.names[0])
+    src = args.get("src")
+    if kind is None or not isinstance(src, str) or is_template(src):
+        return
+    path = role.find_source(kind, src)
+    if path is None:
+        raise RoleError(f"{where}: could not find src '{src}' (searched {role.display}/{kind}/)")
+    if kind == "templates":
+        shown = f"{role.display}/{path.relative_to(role.path)}" if path.is_relative_to(role.path) else str(path)
+        _templar().check_file(path, shown)
 
 
 def _module_args(module: type[Module], action: str, raw: Any, data: LineDict) -> dict[str, Any]:
@@ -292,7 +325,24 @@ def _include(data: LineDict, action: str, raw: Any, role: Role, stack: tuple[Pat
     return task
 
 
+def _check_templates(task: Task) -> None:
+    """Compile the task's conditions, loop and arguments, so that a Jinja syntax error or an unknown filter is
+    refused (naming the keyword's line) before the play starts, not when the task is reached."""
+    for key, condition in _TEMPLATED:
+        if key in task.data:
+            try:
+                _templar().check(task.data[key], condition)
+            except RoleError as e:
+                raise RoleError(f"{task.data.where(key)}: {e}") from None
+    if task.module is not None:
+        try:
+            _templar().check(task.args)
+        except RoleError as e:
+            raise RoleError(f"{task.where}: {e}") from None
+
+
 def _check_keywords(task: Task) -> None:
+    _check_templates(task)
     d = task.data
     if "loop" in d and "with_items" in d:
         raise RoleError(f"{d.where('with_items')}: use either loop or with_items, not both")

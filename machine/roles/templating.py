@@ -40,6 +40,11 @@ def is_template(value: str) -> bool:
     return not isinstance(value, Unsafe) and ("{{" in value or "{%" in value or "{#" in value)
 
 
+def _statement(expr: str) -> str:
+    """A bare expression as a statement that stores its value, so that it is evaluated, not printed."""
+    return "{% set pm_result_ = (" + expr.strip() + "\n) %}"
+
+
 class Vars(Mapping[str, Any]):
     """Layered variables, highest layer last. Values of `raw` layers (facts, registered results) are never
     templated again; the others are templated on first use and cached for the lifetime of this object."""
@@ -131,9 +136,37 @@ class Templar:
         except jinja2.TemplateSyntaxError as e:
             raise TemplateFailure(f"{path.name}:{e.lineno}: template syntax error: {e.message}") from None
 
+    def check(self, value: Any, condition: bool = False) -> None:
+        """Compile every template in `value` (a condition's bare expression too) without evaluating anything:
+        a syntax error or an unknown filter raises TemplateFailure before the play starts."""
+        if isinstance(value, str):
+            if is_template(value):
+                self._compile(value)
+            elif condition and not isinstance(value, Unsafe):
+                self._compile(_statement(value), value)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                self.check(key)
+                self.check(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                self.check(item, condition)
+
+    def check_file(self, path: Path, display: str) -> None:
+        """Compile a template file as the template module will (unknown filters included), without rendering
+        it: a syntax error is refused before the play starts, naming `display:line`."""
+        try:
+            source = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RoleError(f"{display}: cannot read the template: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            self._file_env.compile(source, path.name, str(path))
+        except jinja2.TemplateSyntaxError as e:
+            raise RoleError(f"{display}:{e.lineno}: template syntax error: {e.message}") from None
+
     # -- internals -------------------------------------------------------------------------------------
     def _expression(self, expr: str, variables: Mapping[str, Any]) -> Any:
-        template = self._compile("{% set pm_result_ = (" + expr.strip() + "\n) %}")
+        template = self._compile(_statement(expr), expr)
         context = template.new_context(variables, shared=True)
         self._consume(template, context)
         result = context.vars["pm_result_"]
@@ -146,11 +179,12 @@ class Templar:
         return result
 
     @lru_cache(maxsize=4096)  # noqa: B019 - one Templar per run; compiling dominates a no-op run otherwise
-    def _compile(self, source: str) -> jinja2.Template:
+    def _compile(self, source: str, shown: str | None = None) -> jinja2.Template:
+        """The compiled template; a syntax error names `shown` (what the role wrote), or else `source`."""
         try:
             return self.env.from_string(source)
         except jinja2.TemplateSyntaxError as e:
-            raise TemplateFailure(f"template syntax error in {source!r}: {e.message}") from None
+            raise TemplateFailure(f"template syntax error in {shown or source!r}: {e.message}") from None
 
     def _render(self, template: jinja2.Template, variables: Mapping[str, Any]) -> str:
         # shared=True hands Jinja our lazy mapping instead of a copy that would template every variable.

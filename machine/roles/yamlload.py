@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ def _loader(display: str) -> type:
             data.key_lines = {}
             for key_node, value_node in node.value:
                 key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):  # `? [a, b]`: a valid YAML key that no dict can hold
+                    raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
+                                                            key_node.start_mark)
                 data[key] = self.construct_object(value_node, deep=True)
                 data.key_lines[key] = key_node.start_mark.line + 1
             return data
@@ -57,6 +61,8 @@ def load_yaml(path: Path, display: str) -> Any:
         text = path.read_text()
     except OSError as e:
         raise RoleError(f"{display}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise RoleError(f"{display}: not UTF-8 text (byte {e.start})") from None
     try:
         return yaml.load(text, Loader=_loader(display))
     except yaml.MarkedYAMLError as e:
