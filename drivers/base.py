@@ -40,16 +40,19 @@ class Option:
 
     def parse(self, raw: Any) -> Any:
         """Turn a flag or environment value into this option's type, or raise UsageError."""
+        where = f"--{self.name}"
+        if raw is None and self.env in os.environ:
+            raw, where = os.environ[self.env], self.env  # name what the user set, not a flag they never typed
         if raw is None:
-            raw = os.environ.get(self.env, self.default)
+            raw = self.default
         if raw is None:
             return None
         try:
             value = _BOOL[str(raw).lower()] if self.type is bool else self.type(raw)
         except (ValueError, KeyError):
-            raise UsageError(f"--{self.name}: {raw!r} is not a valid {self.type.__name__}") from None
+            raise UsageError(f"{where}: {raw!r} is not a valid {self.type.__name__}") from None
         if self.choices and value not in self.choices:
-            raise UsageError(f"--{self.name}: {raw!r} is not one of {', '.join(self.choices)}")
+            raise UsageError(f"{where}: {raw!r} is not one of {', '.join(self.choices)}")
         return value
 
 

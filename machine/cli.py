@@ -124,8 +124,6 @@ def _engine_config(o: dict) -> dict:
 def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, **options: object) -> None:
     """Create a machine, install its engine and expose it over mutual TLS."""
     engine = _engine_config(options)
-    if not no_provision:
-        provision.check_roles()
     commands.create(_store(), name, driver, options, engine=engine, provision=not no_provision,
                     keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"))
     ui.note(f"[green]{name}[/] is ready: `eval $(pymachine env {name})`")
@@ -139,7 +137,6 @@ def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, **
 def provision_(name: str, check: bool, diff: bool, tags: str) -> None:
     """Run the provisioning roles again (idempotent)."""
     selected = tuple(t for t in tags.split(",") if t)
-    provision.check_roles(selected)
     commands.provision(_store(), name, check=check, diff=diff, tags=selected, reporter=_reporter("tasks"))
 
 
@@ -147,7 +144,6 @@ def provision_(name: str, check: bool, diff: bool, tags: str) -> None:
 @_names_argument()
 def regenerate_certs(names: tuple[str, ...]) -> None:
     """Issue new engine certificates for the machines' current addresses."""
-    provision.check_roles()
     _each(lambda store, name: commands.regenerate_certs(store, name, reporter=_reporter("progress")), names)
 
 
@@ -155,7 +151,6 @@ def regenerate_certs(names: tuple[str, ...]) -> None:
 @_names_argument()
 def upgrade(names: tuple[str, ...]) -> None:
     """Upgrade the machines' engine to the newest version."""
-    provision.check_roles()
     _each(lambda store, name: commands.upgrade(store, name, reporter=_reporter("progress")), names)
 
 

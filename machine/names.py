@@ -4,7 +4,7 @@ import re
 
 from machine.errors import UsageError
 
-_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def validate_name(name: str) -> str:
@@ -13,7 +13,7 @@ def validate_name(name: str) -> str:
         raise UsageError("a machine name must not be empty")
     if len(name) > 63:
         raise UsageError(f"invalid machine name {name[:20]!r}…: longer than 63 characters")
-    if not _LABEL.fullmatch(name):
+    if not LABEL.fullmatch(name):
         raise UsageError(
             f"invalid machine name {name!r}: use letters, digits and inner hyphens (a hostname label)"
         )

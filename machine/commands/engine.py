@@ -57,7 +57,8 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
 
 
 def _provision_running(store: Store, name: str, **kwargs: Any) -> Recap:
-    """Run the roles on a running machine, under its lock."""
+    """Run the roles on a running machine, under its lock; broken roles or an unknown tag are refused first."""
+    plan.check_roles(kwargs.get("tags", ()))
     with locked(store, name) as (machine, driver):
         if driver.state() != State.RUNNING:
             raise MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import drivers
 from drivers.base import Driver, State
 from machine import certs, dockercontext, sshkeys, ui
+from machine import provision as plan
 from machine.commands.common import connect, engine_url, locked
 from machine.commands.engine import run_provisioning, server_pair
 from machine.errors import MachineError, UsageError
@@ -43,6 +44,8 @@ def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options:
     if store.exists(name):
         raise UsageError(f"machine {name!r} already exists")
     cls = drivers.get(driver_name)
+    if provision:
+        plan.check_roles()
     cls.pre_create_check(values)
     with store.reserve(name, driver_name, values, engine) as machine:
         driver = cls(machine, store)

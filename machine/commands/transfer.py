@@ -12,6 +12,7 @@ from pathlib import Path
 from drivers.base import State
 from machine.commands.common import connect, load
 from machine.errors import MachineError, UsageError
+from machine.names import LABEL as _LABEL
 from machine.store import Store
 
 
@@ -57,6 +58,9 @@ def scp(store: Store, source: str, destination: str, recursive: bool = False) ->
     src_machine, src_path = _split(store, source)
     dst_machine, dst_path = _split(store, destination)
     if src_machine is None and dst_machine is None:
+        named = [head for head, sep, _ in (source.partition(":"), destination.partition(":")) if sep and head]
+        if named and _LABEL.fullmatch(named[0]):
+            raise MachineError(f"no machine named {named[0]!r}")
         raise UsageError("one side of scp must be MACHINE:PATH")
     if src_machine is not None and dst_machine is not None:
         with tempfile.TemporaryDirectory() as tmp:
