@@ -22,13 +22,16 @@ class State(StrEnum):
 
 @dataclass(frozen=True)
 class Option:
-    """A driver flag: `--{name}` on the command line, `PYMACHINE_{NAME}` in the environment."""
+    """A driver flag: `--{name}` on the command line, `PYMACHINE_{NAME}` (or `env_alias`) in the environment."""
 
     name: str
     help: str
     default: Any = None
     type: type = str
     choices: tuple[str, ...] = ()
+    multiple: bool = False  # a repeatable flag; comma-separated in the environment; parsed to a list
+    env_alias: str | None = None  # a variable users already set for the same thing (AWS_DEFAULT_REGION)
+    secret: bool = False  # used by the command that is given it, never written to the store
 
     @property
     def key(self) -> str:
@@ -41,12 +44,19 @@ class Option:
     def parse(self, raw: Any) -> Any:
         """Turn a flag or environment value into this option's type, or raise UsageError."""
         where = f"--{self.name}"
-        if raw is None and self.env in os.environ:
-            raw, where = os.environ[self.env], self.env  # name what the user set, not a flag they never typed
+        if raw is None or raw == ():  # not on the command line (click gives () for a repeatable flag)
+            raw = None
+            variable = next((v for v in (self.env, self.env_alias) if v and v in os.environ), None)
+            if variable:
+                raw, where = os.environ[variable], variable  # name what the user set, not a flag never typed
         if raw is None:
             raw = self.default
-        if raw is None:
-            return None
+        if not self.multiple:
+            return None if raw is None else self._one(raw, where)
+        items = raw.split(",") if isinstance(raw, str) else list(raw or ())
+        return [self._one(item, where) for item in items if item != ""]
+
+    def _one(self, raw: Any, where: str) -> Any:
         try:
             value = _BOOL[str(raw).lower()] if self.type is bool else self.type(raw)
         except (ValueError, KeyError):
@@ -63,14 +73,24 @@ class Driver(ABC):
     name: ClassVar[str]
     options: ClassVar[tuple[Option, ...]] = ()
 
-    def __init__(self, machine: Machine, store: Store) -> None:
+    def __init__(self, machine: Machine, store: Store, secrets: dict[str, Any] | None = None) -> None:
         self.machine = machine
         self.store = store
+        self._secrets = secrets
 
     @property
     def opts(self) -> dict[str, Any]:
-        # Defaults under the record: a record written before an option existed still reads every option.
-        return {o.key: o.default for o in self.options} | self.machine.options
+        # Defaults under the record: a record written before an option existed still reads every option. Secrets
+        # are never recorded: the create that was given them passes them in, later commands read the environment.
+        secrets = self._secrets if self._secrets is not None else {o.key: o.parse(None) for o in self.options
+                                                                    if o.secret}
+        return {o.key: o.default for o in self.options} | self.machine.options | secrets
+
+    @classmethod
+    def split_secrets(cls, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(what may be recorded, the secrets) of parsed option values."""
+        secret = {o.key for o in cls.options if o.secret}
+        return ({k: v for k, v in values.items() if k not in secret}, {k: v for k, v in values.items() if k in secret})
 
     @classmethod
     def pre_create_check(cls, options: dict[str, Any]) -> None:

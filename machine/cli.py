@@ -66,8 +66,9 @@ def _driver_options(command: Callable) -> Callable:
         for opt in reversed(drivers.get(name).options):
             kind = click.BOOL if opt.type is bool else click.STRING
             default = f" [default: {opt.default}]" if opt.default is not None else ""
-            command = click.option(f"--{opt.name}", opt.key, type=kind, default=None,
-                                   help=f"{opt.help}{default} (env {opt.env})")(command)
+            env = opt.env + (f" or {opt.env_alias}" if opt.env_alias else "")
+            command = click.option(f"--{opt.name}", opt.key, type=kind, default=None, multiple=opt.multiple,
+                                   help=f"{opt.help}{default} (env {env})")(command)
     return command
 
 

@@ -26,7 +26,7 @@ def parse_driver_options(driver_name: str, raw: dict[str, Any]) -> dict[str, Any
     """Typed values of the chosen driver's options; a flag of another driver is an error."""
     cls = drivers.get(driver_name)
     own = {o.key for o in cls.options}
-    foreign = sorted(k for k, v in raw.items() if v is not None and k not in own)
+    foreign = sorted(k for k, v in raw.items() if v not in (None, ()) and k not in own)
     if foreign:
         flag = "--" + foreign[0].replace("_", "-")
         raise UsageError(f"{flag} is not an option of the {driver_name} driver")
@@ -47,8 +47,9 @@ def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options:
     if provision:
         plan.check_roles()
     cls.pre_create_check(values)
-    with store.reserve(name, driver_name, values, engine) as machine:
-        driver = cls(machine, store)
+    recorded, secrets = cls.split_secrets(values)
+    with store.reserve(name, driver_name, recorded, engine) as machine:
+        driver = cls(machine, store, secrets)
         try:
             keys = sshkeys.new_keypair(f"pymachine@{name}")
             write_atomic(machine.key_path, keys.private_openssh, 0o600)

@@ -17,6 +17,23 @@ def test_option_parsing_types_env_and_choices(monkeypatch):
         Option("x-mode", "", "a", choices=("a", "b")).parse("c")
 
 
+def test_repeatable_options_aliases_and_secrets(monkeypatch):
+    tags = Option("x-tag", "", type=str, multiple=True)
+    assert tags.parse(()) == [] and tags.parse(("a=1", "b=2")) == ["a=1", "b=2"]
+    monkeypatch.setenv("PYMACHINE_X_TAG", "a=1,b=2")
+    assert tags.parse(()) == ["a=1", "b=2"]
+    with pytest.raises(UsageError, match="--x-port: 'http' is not a valid int"):
+        Option("x-port", "", type=int, multiple=True).parse(("22", "http"))
+    region = Option("x-region", "", "us-east-1", env_alias="X_DEFAULT_REGION")
+    monkeypatch.setenv("X_DEFAULT_REGION", "eu-west-3")
+    assert region.parse(None) == "eu-west-3"
+    monkeypatch.setenv("PYMACHINE_X_REGION", "eu-north-1")  # pymachine's own variable comes first
+    assert region.parse(None) == "eu-north-1"
+    monkeypatch.setenv("PYMACHINE_X_REGION", "")
+    with pytest.raises(UsageError, match="PYMACHINE_X_REGION"):
+        Option("x-region", "", choices=("a",)).parse(None)
+
+
 def test_driver_options_get_defaults_and_refuse_foreign_flags():
     values = commands.parse_driver_options("local", {"local_subnet": "10.9.0.0/24"})
     assert values["local_subnet"] == "10.9.0.0/24" and values["local_release"] == "bookworm"
