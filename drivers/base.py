@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from machine.errors import UsageError
+from machine.errors import MachineError, UsageError
 from machine.ssh import Endpoint
 from machine.store import Machine, Store
 
@@ -69,9 +69,14 @@ class Option:
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
+ENGINE_PORT = 2376
+
+
 class Driver(ABC):
     name: ClassVar[str]
     options: ClassVar[tuple[Option, ...]] = ()
+    # Who pymachine logs in as; provisioning escalates with sudo (Ansible's become) when it is not root.
+    ssh_user: str = "root"
 
     def __init__(self, machine: Machine, store: Store, secrets: dict[str, Any] | None = None) -> None:
         self.machine = machine
@@ -95,6 +100,11 @@ class Driver(ABC):
     @classmethod
     def pre_create_check(cls, options: dict[str, Any]) -> None:
         """Refuse, before anything is written, a create that cannot succeed on this host."""
+
+    @classmethod
+    def check_engine(cls, options: dict[str, Any], engine: dict[str, Any]) -> None:
+        """Refuse, before anything is written, engine settings (provision.engine_config) that the host this
+        driver makes with `options` cannot run: raise UsageError in one line naming the option that would work."""
 
     @abstractmethod
     def create(self) -> None:
@@ -132,11 +142,25 @@ class Driver(ABC):
     @abstractmethod
     def state(self) -> State: ...
 
-    @abstractmethod
-    def ip(self) -> str | None: ...
+    # -- where the host is: defaults from the resources a driver records (`ip`, and forwarded ports if any) --
+    def ip(self) -> str | None:
+        return self.machine.resources.get("ip")
 
-    @abstractmethod
-    def ssh_endpoint(self) -> Endpoint: ...
+    def ssh_endpoint(self) -> Endpoint:
+        address = self.ip()
+        if address is None:
+            raise MachineError(f"machine {self.machine.name!r} has no address yet")
+        return Endpoint(address, self.machine.resources.get("ssh_port", 22), self.ssh_user)
+
+    def engine_url(self) -> str:
+        """Where the docker CLI reaches the engine ("" before the host has an address)."""
+        address = self.ip()
+        return f"tcp://{address}:{self.machine.resources.get('engine_port', ENGINE_PORT)}" if address else ""
+
+    def cert_names(self) -> list[str]:
+        """The addresses and DNS names the engine's certificate must carry (a cloud host has several)."""
+        address = self.ip()
+        return [address] if address else []
 
     def is_alive(self) -> bool:
         """Cheap liveness check used while waiting for SSH, so a host that died fails fast."""

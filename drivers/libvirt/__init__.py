@@ -18,7 +18,6 @@ from drivers.libvirt import catalog, domain, network, seed, storage
 from drivers.libvirt.connection import connect, is_missing, libvirt_module, message
 from machine import sshkeys, ui
 from machine.errors import MachineError, UsageError
-from machine.ssh import Endpoint
 from machine.store import write_atomic
 
 if TYPE_CHECKING:
@@ -302,16 +301,6 @@ class LibvirtDriver(Driver):
             return domain.state(dom)
         except (MachineError, lv.libvirtError):
             return State.ERROR  # libvirtd unreachable, or the domain vanished while asked: say so in `ls`
-
-    def ip(self) -> str | None:
-        return self.machine.resources.get("ip")
-
-    def ssh_endpoint(self) -> Endpoint:
-        address = self.ip()
-        if address is None:
-            raise MachineError(f"machine {self.machine.name!r} has no address yet")
-        port = self.machine.resources["ssh_port"] if self._user_net else 22
-        return Endpoint(address, port, "root")
 
 
 def resolve_domain_type(conn: libvirt.virConnect, wanted: str) -> str:

@@ -10,7 +10,6 @@ from drivers.base import Driver
 from machine.ssh import Connection
 from machine.store import Machine, Store
 
-ENGINE_PORT = 2376
 SSH_READY_TIMEOUT = 120.0
 
 
@@ -37,7 +36,4 @@ def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT
 
 
 def engine_url(driver: Driver) -> str:
-    address = driver.ip()
-    # A driver that reaches the engine through a forwarded host port (libvirt's user networking) records it.
-    port = driver.machine.resources.get("engine_port", ENGINE_PORT)
-    return f"tcp://{address}:{port}" if address else ""
+    return driver.engine_url()

@@ -26,7 +26,7 @@ def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -
     """CA, server cert and key for the machine; the server cert is reissued when it misses a name."""
     ca, client = certs.ensure_ca(store.certs())
     server = server_pair(machine)
-    names = {n for n in (driver.ip(), machine.name, *machine.engine.get("tls_san", [])) if n}
+    names = {n for n in (*driver.cert_names(), machine.name, *machine.engine.get("tls_san", [])) if n}
     if renew or not server.cert.exists() or not names <= certs.sans_of(server.cert):
         certs.issue_server(ca, server, machine.name, sorted(names))
     # DOCKER_CERT_PATH is the machine directory, laid out as the docker CLI expects.
@@ -46,7 +46,8 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
     variables = {**plan.role_vars(machine.engine, ca_pem, server_cert, server_key), **(extra or {})}
     with connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, list(plan.ROLES), roles_dir(), variables, check=check, diff=diff,
-                          tags=list(tags) or None, reporter=reporter, host_name=machine.name)
+                          tags=list(tags) or None, reporter=reporter, host_name=machine.name,
+                          become=conn.endpoint.user != "root")
     if recap.failed:
         raise MachineError(f"provisioning {machine.name} failed: {recap.failure}")
     if not check:

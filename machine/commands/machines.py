@@ -47,6 +47,7 @@ def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options:
     if provision:
         plan.check_roles()
     cls.pre_create_check(values)
+    cls.check_engine(values, engine or {})
     recorded, secrets = cls.split_secrets(values)
     with store.reserve(name, driver_name, recorded, engine) as machine:
         driver = cls(machine, store, secrets)
