@@ -2,25 +2,54 @@
 
 Host keys are pinned in the machine's own known_hosts: the first key seen (or the one a driver wrote there
 before boot) is the only one accepted afterwards.
+
+A transport that dies under a command or a transfer raises ConnectionLost; `reconnect()` opens the same
+connection again (same pinned key), so a caller can re-run what was interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import select
 import socket
 import stat
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from machine.errors import MachineError
+from machine.store import write_atomic
 
 log = logging.getLogger("pymachine.ssh")
 
 if TYPE_CHECKING:
     import paramiko
+
+# Keepalives every 15 s; a peer that acknowledges nothing for 30 s (a host that vanished without closing the
+# connection) fails the socket instead of leaving a command waiting for TCP's ~15 min of retransmissions.
+_KEEPALIVE = 15
+_USER_TIMEOUT_MS = 30_000
+
+# Run on a second channel after Ctrl-C: sshd starts every channel's command in a session of its own (setsid),
+# so the interrupted command and all it started form one process group, led by a child of this connection's
+# sshd process. Terminate every such group but this script's own. Work that must not die half-way (dpkg)
+# runs in a session of its own (machine.roles.remote.detached) and is left to finish.
+_STOP_OTHER_SESSIONS = r"""
+f() { s=$(cat /proc/$1/stat 2>/dev/null) || return 1; set -- ${s##*) }; echo "$2 $4"; }
+set -- $(f $$); own=$2
+set -- $(f $own); sshd=$1
+for d in /proc/[0-9]*; do
+  p=${d#/proc/}; [ "$p" = "$own" ] && continue
+  x=$(f $p) || continue; set -- $x
+  [ "$1" = "$sshd" ] && kill -TERM -- -$p 2>/dev/null
+done
+true
+"""
 
 
 def _paramiko():
@@ -52,16 +81,29 @@ class HostKeyMismatch(MachineError):
     pass
 
 
+class ConnectionLost(MachineError):
+    """The transport died under a command or a transfer; `Connection.reconnect()` may bring it back."""
+
+
 class Connection:
     """An authenticated SSH session to one host."""
 
-    def __init__(self, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float = 10.0) -> None:
+    def __init__(self, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float = 10.0,
+                 is_alive: Callable[[], bool] | None = None) -> None:
         self.endpoint = endpoint
-        self._key = _paramiko().Ed25519Key.from_private_key_file(str(key_path))
+        try:
+            self._key = _paramiko().Ed25519Key.from_private_key_file(str(key_path))
+        except (OSError, _paramiko().SSHException) as e:
+            raise MachineError(f"cannot read the ssh key {key_path}: {e}") from None
         self._known_hosts = known_hosts
         self._timeout = timeout
+        self._is_alive = is_alive
         self._transport: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
+
+    @property
+    def _where(self) -> str:
+        return f"{self.endpoint.host}:{self.endpoint.port}"
 
     # -- connecting -------------------------------------------------------------------------------------
     def open(self) -> Connection:
@@ -70,6 +112,8 @@ class Connection:
         # Every command opens a channel; with Nagle's algorithm each open waits out the peer's delayed ACK
         # (~40 ms), which alone would make a no-op run of 40 tasks take 2 s instead of 0.2 s.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _USER_TIMEOUT_MS)
         transport = _paramiko().Transport(sock)
         pinned = self._pinned_key()
         if pinned is not None:
@@ -82,54 +126,75 @@ class Connection:
         except BaseException:
             transport.close()
             raise
-        transport.set_keepalive(15)
+        transport.set_keepalive(_KEEPALIVE)
         self._transport = transport
         return self
 
     def _pinned_key(self) -> paramiko.PKey | None:
         if not self._known_hosts.exists():
             return None
-        keys = _paramiko().HostKeys(str(self._known_hosts)).lookup(self.endpoint.known_hosts_name)
+        try:
+            keys = _paramiko().HostKeys(str(self._known_hosts)).lookup(self.endpoint.known_hosts_name)
+        except (OSError, UnicodeDecodeError, _paramiko().SSHException, _paramiko().hostkeys.InvalidHostKey) as e:
+            # Not worth retrying like a host that boots: the file will not mend itself.
+            raise MachineError(f"cannot read the pinned host key in {self._known_hosts}: {e}") from None
         return next(iter(keys.values()), None) if keys else None
 
     def _verify(self, key: paramiko.PKey, pinned: paramiko.PKey | None) -> None:
         if pinned is None:
-            with self._known_hosts.open("a") as f:
-                f.write(f"{self.endpoint.known_hosts_name} {key.get_name()} {key.get_base64()}\n")
-            self._known_hosts.chmod(0o600)
+            self._pin(key)
         elif key != pinned:
             raise HostKeyMismatch(
                 f"host key of {self.endpoint.known_hosts_name} changed (got {key.fingerprint}, pinned "
                 f"{pinned.fingerprint}); refusing to connect"
             )
 
-    @classmethod
-    def wait_ready(cls, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float = 120.0,
-                   is_alive=None) -> Connection:
-        """Connect, retrying with backoff while the host boots; `is_alive()` lets a dead host fail fast."""
+    def _pin(self, key: paramiko.PKey) -> None:
+        """Add `key` to known_hosts, replacing the file whole: a crash never leaves half a line in it."""
+        old = self._known_hosts.read_bytes() if self._known_hosts.exists() else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        line = f"{self.endpoint.known_hosts_name} {key.get_name()} {key.get_base64()}\n"
+        write_atomic(self._known_hosts, old + line.encode(), 0o600)
+
+    def _open_retrying(self, timeout: float, failure: str) -> Connection:
+        """open(), retrying with backoff for `timeout` seconds while the host does not answer (yet)."""
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
             try:
-                return cls(endpoint, key_path, known_hosts, timeout=min(10.0, timeout)).open()
+                return self.open()
             except (HostKeyMismatch, _paramiko().AuthenticationException) as e:
-                raise MachineError(f"ssh to {endpoint.host}:{endpoint.port}: {e}") from None
+                raise MachineError(f"ssh to {self._where}: {e}") from None
             except (EOFError, _paramiko().SSHException, OSError) as e:  # what a host says while it boots
-                if time.monotonic() + delay > deadline or (is_alive is not None and not is_alive()):
-                    raise MachineError(
-                        f"ssh to {endpoint.host}:{endpoint.port} did not answer within {timeout:.0f}s: {e}"
-                    ) from None
+                if time.monotonic() + delay > deadline or (self._is_alive is not None and not self._is_alive()):
+                    raise MachineError(f"{failure} {self._where} did not answer within {timeout:.0f}s: {e}") from None
                 log.debug("ssh not ready (%s); retrying in %.2fs", e, delay)
                 time.sleep(delay)
                 # A booting machine answers within a second or two: poll often, so no boot waits for a
                 # long sleep to end; a refused connection costs almost nothing.
                 delay = min(delay * 1.5, 0.25)
 
+    @classmethod
+    def wait_ready(cls, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float = 120.0,
+                   is_alive: Callable[[], bool] | None = None) -> Connection:
+        """Connect, retrying with backoff while the host boots; `is_alive()` lets a dead host fail fast."""
+        conn = cls(endpoint, key_path, known_hosts, timeout=min(10.0, timeout), is_alive=is_alive)
+        return conn._open_retrying(timeout, "ssh to")
+
+    def reconnect(self, timeout: float = 60.0) -> None:
+        """Open the connection again after ConnectionLost; MachineError if the host stays away `timeout` s."""
+        self.close()
+        log.warning("%s: the ssh connection was lost; reconnecting (up to %.0fs)", self._where, timeout)
+        self._open_retrying(timeout, "lost the ssh connection:")
+
     def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
-        if self._transport is not None:
-            self._transport.close()
+        # On a dead transport, closing its channels and socket can only fail the same way again.
+        with contextlib.suppress(EOFError, OSError, _paramiko().SSHException):
+            if self._sftp is not None:
+                self._sftp.close()
+            if self._transport is not None:
+                self._transport.close()
         self._sftp = self._transport = None
 
     def __enter__(self) -> Connection:
@@ -140,39 +205,31 @@ class Connection:
 
     @property
     def transport(self) -> paramiko.Transport:
-        if self._transport is None or not self._transport.is_active():
-            raise MachineError(f"ssh connection to {self.endpoint.host} is closed")
+        if self._transport is None:
+            raise MachineError(f"ssh connection to {self._where} is closed")
+        if not self._transport.is_active():
+            raise self._lost(self._transport.get_exception())
         return self._transport
+
+    def _lost(self, cause: BaseException | None) -> ConnectionLost:
+        reason = "closed by the host" if cause is None else str(cause) or type(cause).__name__
+        return ConnectionLost(f"lost the ssh connection to {self._where} ({reason})")
+
+    def _alive(self) -> bool:
+        return self._transport is not None and self._transport.is_active()
 
     # -- commands ---------------------------------------------------------------------------------------
     def run(self, command: str, *, stdin: bytes | None = None, check: bool = False,
             timeout: float | None = None, stream=None) -> Result:
-        """Run `command` through the remote shell; `stream(kind, data)` sees output as it arrives."""
+        """Run `command` through the remote shell; `stream(kind, data)` sees output as it arrives.
+
+        Ctrl-C terminates the command on the host (its process group) before it is re-raised."""
         log.debug("%s$ %s", self.endpoint.host, command)
-        chan = self.transport.open_session()
         try:
-            chan.exec_command(command)
-            if stdin is not None:
-                chan.sendall(stdin)
-            chan.shutdown_write()
-            out, err = bytearray(), bytearray()
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                drained = _drain(chan.recv_ready, chan.recv, out, "stdout", stream)
-                drained |= _drain(chan.recv_stderr_ready, chan.recv_stderr, err, "stderr", stream)
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
-                if not drained:
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise MachineError(f"{self.endpoint.host}: command timed out after {timeout}s: {command}")
-                    if chan.eof_received:
-                        # After EOF the channel stays readable; wait for the exit status instead of spinning.
-                        chan.status_event.wait(0.5)
-                    else:
-                        select.select([chan], [], [], 0.5)
-            result = Result(chan.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace"))
-        finally:
-            chan.close()
+            result = self._exec(command, stdin, timeout, stream)
+        except KeyboardInterrupt:
+            self._stop_remote()
+            raise
         log.debug("%s rc=%d", self.endpoint.host, result.rc)
         if check and result.rc != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()
@@ -181,7 +238,68 @@ class Connection:
             )
         return result
 
+    def _exec(self, command: str, stdin: bytes | None, timeout: float | None, stream) -> Result:
+        """One command on a channel of its own; ConnectionLost if the transport dies before it ends."""
+        try:
+            chan = self.transport.open_session()
+        except (EOFError, _paramiko().SSHException, OSError) as e:
+            raise self._lost(e) from None
+        try:
+            try:
+                out, err = self._converse(chan, command, stdin, timeout, stream)
+            except (EOFError, _paramiko().SSHException, OSError) as e:
+                raise self._lost(e) from None
+            # Without an exit status, the channel ended with the transport under it (a command killed by a
+            # signal also has none, but its channel saw EOF on a live transport).
+            if chan.exit_status == -1 and not (chan.eof_received and self._alive()):
+                raise self._lost(self._transport.get_exception() if self._transport else None)
+            return Result(chan.exit_status, out.decode(errors="replace"), err.decode(errors="replace"))
+        finally:
+            chan.close()
+
+    def _converse(self, chan, command: str, stdin: bytes | None, timeout: float | None,
+                  stream) -> tuple[bytearray, bytearray]:
+        chan.exec_command(command)
+        if stdin is not None:
+            chan.sendall(stdin)
+        chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            drained = _drain(chan.recv_ready, chan.recv, out, "stdout", stream)
+            drained |= _drain(chan.recv_stderr_ready, chan.recv_stderr, err, "stderr", stream)
+            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                return out, err
+            if not drained:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise MachineError(f"{self.endpoint.host}: command timed out after {timeout}s: {command}")
+                if chan.eof_received:
+                    # After EOF the channel stays readable; wait for the exit status instead of spinning.
+                    chan.status_event.wait(0.5)
+                else:
+                    select.select([chan], [], [], 0.5)
+
+    def _stop_remote(self) -> None:
+        """After Ctrl-C: end what the interrupted command started on the host, if the host can be told."""
+        if not self._alive():
+            return
+        with contextlib.suppress(MachineError):
+            self._exec(_STOP_OTHER_SESSIONS, None, 5.0, None)
+
     # -- files ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _file_errors(self, remote: str) -> Iterator[None]:
+        """SFTP and local file errors as one-line MachineErrors naming the path; ConnectionLost if the
+        transport died under the transfer."""
+        try:
+            yield
+        except MachineError:
+            raise
+        except (EOFError, OSError, _paramiko().SSHException, _paramiko().SFTPError) as e:
+            if not self._alive():
+                raise self._lost(e) from None
+            raise MachineError(_file_error(self.endpoint.host, remote, e)) from None
+
     @property
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:
@@ -189,27 +307,29 @@ class Connection:
         return self._sftp
 
     def put(self, local: Path, remote: str, recursive: bool = False) -> None:
-        if local.is_dir():
-            if not recursive:
-                raise MachineError(f"{local} is a directory (use -r)")
-            self._mkdir(remote, local.stat().st_mode)
-            for child in sorted(local.iterdir()):
-                self.put(child, str(PurePosixPath(remote) / child.name), recursive=True)
-            return
-        self.sftp.put(str(local), remote)
-        self.sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
+        with self._file_errors(remote):
+            if local.is_dir():
+                if not recursive:
+                    raise MachineError(f"{local} is a directory (use -r)")
+                self._mkdir(remote, local.stat().st_mode)
+                for child in sorted(local.iterdir()):
+                    self.put(child, str(PurePosixPath(remote) / child.name), recursive=True)
+                return
+            self.sftp.put(str(local), remote)
+            self.sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
 
     def get(self, remote: str, local: Path, recursive: bool = False) -> None:
-        attrs = self.sftp.stat(remote)
-        if stat.S_ISDIR(attrs.st_mode or 0):
-            if not recursive:
-                raise MachineError(f"{remote} is a directory (use -r)")
-            local.mkdir(mode=stat.S_IMODE(attrs.st_mode or 0o755), exist_ok=True)
-            for entry in sorted(self.sftp.listdir(remote)):
-                self.get(str(PurePosixPath(remote) / entry), local / entry, recursive=True)
-            return
-        self.sftp.get(remote, str(local))
-        local.chmod(stat.S_IMODE(attrs.st_mode or 0o644))
+        with self._file_errors(remote):
+            attrs = self.sftp.stat(remote)
+            if stat.S_ISDIR(attrs.st_mode or 0):
+                if not recursive:
+                    raise MachineError(f"{remote} is a directory (use -r)")
+                local.mkdir(mode=stat.S_IMODE(attrs.st_mode or 0o755), exist_ok=True)
+                for entry in sorted(self.sftp.listdir(remote)):
+                    self.get(str(PurePosixPath(remote) / entry), local / entry, recursive=True)
+                return
+            self.sftp.get(remote, str(local))
+            local.chmod(stat.S_IMODE(attrs.st_mode or 0o644))
 
     def _mkdir(self, remote: str, mode: int) -> None:
         try:
@@ -220,10 +340,23 @@ class Connection:
         self.sftp.mkdir(remote, stat.S_IMODE(mode))
 
     def remote_is_dir(self, remote: str) -> bool:
-        try:
-            return stat.S_ISDIR(self.sftp.stat(remote).st_mode or 0)
-        except FileNotFoundError:
-            return False
+        with self._file_errors(remote):
+            try:
+                return stat.S_ISDIR(self.sftp.stat(remote).st_mode or 0)
+            except FileNotFoundError:
+                return False
+
+
+def _file_error(host: str, remote: str, e: BaseException) -> str:
+    """`path: reason` for a local file; `host:path: reason` for the remote side (SFTP's errors name no file)."""
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {(e.strerror or str(e)).lower()}"
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOENT, errno.EACCES):
+        reason = os.strerror(code).lower()
+    else:
+        reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+    return f"{host}:{remote}: {reason}"
 
 
 def _drain(ready, recv, buffer: bytearray, kind: str, stream) -> bool:

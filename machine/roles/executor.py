@@ -16,9 +16,15 @@ from machine.roles.remote import Become, Remote, Runner
 from machine.roles.report import Failure, Recap, Reporter, SilentReporter, TaskInfo, TaskResult
 from machine.roles.templating import OMIT, Templar, TemplateFailure, Vars, to_bool
 from machine.roles.yamlload import RoleError
+from machine.ssh import ConnectionLost
 
 _HIDDEN = "the output has been hidden due to the fact that 'no_log: true' was specified for this result"
 _UNTAGGED = frozenset({"untagged"})
+# A lost connection is re-opened and the interrupted task run again from its start (tasks are idempotent):
+# a host that stays away this long is unreachable, and a task that loses it this often (one that reboots the
+# host, say) fails instead of looping.
+RECONNECT_TIMEOUT = 60.0
+RECONNECTS_PER_TASK = 3
 
 
 class _HostFailed(Exception):
@@ -108,6 +114,7 @@ class Play:
         self.handlers = handler_names(self.runs)
         self.handler_order = [(h, run) for run in self.runs for h in run.role.handlers]
         self.notified: set[int] = set()
+        self.reconnects = 0
 
     # -- the play -------------------------------------------------------------------------------------
     def run(self) -> Recap:
@@ -139,12 +146,27 @@ class Play:
         self.reporter.task_result(self.host, info, TaskResult("ok"))
 
     def _remote_call(self, fn: Any) -> Any:
+        """fn() (one task's remote work), run again from its start after each reconnect."""
+        lost = 0
+        while True:
+            try:
+                return fn()
+            except RoleError:
+                raise
+            except ConnectionLost as e:
+                lost += 1
+                if lost > RECONNECTS_PER_TASK:
+                    raise _Unreachable(f"{e}, {RECONNECTS_PER_TASK} times in one task") from None
+                self._reconnect()
+            except MachineError as e:
+                raise _Unreachable(str(e)) from None
+
+    def _reconnect(self) -> None:
         try:
-            return fn()
-        except RoleError:
-            raise
+            self.remote.reconnect(RECONNECT_TIMEOUT)
         except MachineError as e:
             raise _Unreachable(str(e)) from None
+        self.reconnects += 1
 
     # -- variables --------------------------------------------------------------------------------------
     def variables(self, run: RoleRun, scope: Scope, task_vars: Mapping[str, Any] | None = None) -> Vars:
@@ -326,7 +348,10 @@ class Play:
             return "; ".join(f"item={r.get('item')!r}: {Play._failure_msg(r)}" for r in failed)
         msg = str(result.get("msg") or "failed")
         detail = str(result.get("stderr") or "").strip().splitlines()
-        return msg + (f" (rc={result['rc']}): {detail[-1]}" if "rc" in result and detail else "")
+        # A module's own message may already end with the command's last error line: say it once.
+        if "rc" not in result or not detail or detail[-1] in msg:
+            return msg
+        return f"{msg} (rc={result['rc']}): {detail[-1]}"
 
     def _notify(self, task: Task, run: RoleRun, scope: Scope) -> None:
         variables = self.variables(run, scope, task.get("vars"))
@@ -377,8 +402,14 @@ class Play:
 
     def _call_module(self, task: Task, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         assert task.module is not None
+        reconnects = self.reconnects
         try:
-            return self._remote_call(lambda: task.module(ctx, args).run())  # type: ignore[misc]
+            result = self._remote_call(lambda: task.module(ctx, args).run())  # type: ignore[misc]
+            if self.reconnects != reconnects and not ctx.check and not result.get("failed"):
+                # The interrupted run may have made the change the re-run then found done: count it, so that
+                # the handlers it notifies still run.
+                result["changed"] = True
+            return result
         except ModuleFailure as e:
             return {"changed": False, "failed": True, "msg": e.msg, **e.extra}
         except TemplateFailure:

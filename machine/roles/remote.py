@@ -18,6 +18,8 @@ class Runner(Protocol):
     def run(self, command: str, *, stdin: bytes | None = None, check: bool = False,
             timeout: float | None = None) -> Any: ...
 
+    def reconnect(self, timeout: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class Become:
@@ -46,8 +48,26 @@ class Remote:
             env: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
         return self.conn.run(self.command(script, become, env), stdin=stdin, timeout=timeout)
 
+    def reconnect(self, timeout: float) -> None:
+        """Re-open the connection after machine.ssh.ConnectionLost (raised by `run`)."""
+        self.conn.reconnect(timeout)
+
 
 # -- shell snippets shared by the modules ------------------------------------------------------------------
+def detached(script: str) -> str:
+    """Run `script` in a session of its own, its output kept in a file and shown when it ends.
+
+    A package manager killed half-way leaves the host broken. Writing to the SSH channel, it would die of
+    SIGPIPE when the connection drops; in the channel's session, Ctrl-C would stop it (machine.ssh stops the
+    interrupted command's process group). Detached, it finishes either way, and the next run waits for its
+    lock. The file is unlinked at once (read through a second descriptor): nothing is left behind."""
+    return "\n".join([
+        'log=$(mktemp) || exit 1; exec 3>"$log" 4<"$log"; rm -f "$log"',
+        f"setsid -w sh -c {q(script)} >&3 2>&1 </dev/null 3>&- 4<&-; rc=$?",
+        "exec 3>&-; cat <&4; exit $rc",
+    ])
+
+
 def stat_line() -> str:
     """Print `kind|mode|owner|group|link-target` of $p (a link itself, not its target), or `absent`; leave the
     kind in $t and the size in $sz for the snippets that follow. One fork, for speed on no-op runs."""

@@ -5,11 +5,14 @@ All names of a task go into one transaction; the probe asks the package database
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure
-from machine.roles.remote import q
+from machine.roles.remote import detached, q
+
+log = logging.getLogger("pymachine.roles")
 
 _MARK = "@@pm@@"
 _STATES = ("present", "installed", "absent", "removed", "latest")
@@ -26,6 +29,9 @@ class _Packages(Module):
         "state": Arg(default="present", choices=_STATES),
         "update_cache": Arg(default=False, aliases=("update-cache",), type="bool"),
     }
+
+    # Set by plan(): the package database was left half-way by an interrupted run and must be repaired.
+    repair = False
 
     def plan(self) -> tuple[list[str], list[str], bool]:
         """(to install or upgrade, to remove, whether the cache needs a refresh), from one probe."""
@@ -45,13 +51,46 @@ class _Packages(Module):
             result["msg"] = f"remove: {' '.join(remove)}"
         if self.ctx.check:
             # A cache refresh alone counts as a change only when the task names no packages (as Ansible).
-            result["changed"] = result["changed"] or (refresh and not names)
+            result["changed"] = result["changed"] or (refresh and not names) or self.repair
             return result
-        if install or remove or refresh:
+        if install or remove or refresh or self.repair:
             changed = self.apply(install, remove, refresh)
             result["cache_updated"] = refresh
-            result["changed"] = changed or (refresh and not names)
+            result["changed"] = changed or (refresh and not names) or self.repair
         return result
+
+
+# The locks apt and dpkg take (POSIX record locks, listed in /proc/locks by device and inode).
+_APT_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock",
+              "/var/cache/apt/archives/lock")
+# dpkg's journal: files here mean a dpkg run was cut short; apt then refuses to work ("dpkg was
+# interrupted, you must manually run 'dpkg --configure -a'").
+_DPKG_JOURNAL = "/var/lib/dpkg/updates"
+
+
+def lock_holder_function(locks: tuple[str, ...] = _APT_LOCKS) -> str:
+    """Shell function `holder`: prints `PID COMMAND` of a process holding one of `locks` and succeeds, or
+    fails when none is held. /proc/locks names a lock's file as `major:minor:inode` (hex device numbers, the
+    kernel's split of st_dev); one stat and one awk keep it cheap enough for every probe."""
+    return (
+        "holder() { p=$(stat -c '%d %i' " + " ".join(q(x) for x in locks) + " 2>/dev/null | awk "
+        "'FILENAME == \"-\" { k[sprintf(\"%02x:%02x:%.0f\", int($1 / 256) % 4096, "
+        "$1 % 256 + int($1 / 1048576) % 4096 * 256, $2)]; next } "
+        "$2 == \"POSIX\" && ($6 in k) { print $5; exit }' - /proc/locks); "
+        "[ -n \"$p\" ] && echo \"$p $(cat /proc/$p/comm 2>/dev/null)\"; }"
+    )
+
+
+def wait_for_locks(timeout: int, locks: tuple[str, ...] = _APT_LOCKS) -> str:
+    """Shell lines waiting (at most `timeout` s) until nobody holds one of `locks`."""
+    return "\n".join([
+        lock_holder_function(locks), "w=0",
+        "while h=$(holder); do",
+        f"  if [ $w -ge {timeout} ]; then echo \"the dpkg lock is still held by process ${{h%% *}} (${{h#* }})"
+        f" after {timeout}s\" >&2; exit 1; fi",
+        "  sleep 1; w=$((w + 1))",
+        "done",
+    ])
 
 
 class Apt(_Packages):
@@ -59,11 +98,12 @@ class Apt(_Packages):
     args: ClassVar[dict[str, Arg]] = {
         **_Packages.args, "cache_valid_time": Arg(default=0, type="int"),
         "install_recommends": Arg(type="bool"), "purge": Arg(default=False, type="bool"),
-        "autoremove": Arg(default=False, type="bool"),
+        "autoremove": Arg(default=False, type="bool"), "lock_timeout": Arg(default=60, type="int"),
     }
     # Ansible reads the cache age from this stamp (written by apt's own hooks on Ubuntu, by us elsewhere).
     _STAMP = "/var/lib/apt/periodic/update-success-stamp"
     _FORMAT = "${Package}|${db:Status-Abbrev}|${Version}\n"
+    holder = ""  # `PID COMMAND` of whoever held an apt or dpkg lock at the probe
 
     def plan(self) -> tuple[list[str], list[str], bool]:
         p = self.params
@@ -71,17 +111,21 @@ class Apt(_Packages):
         bases = " ".join(q(_base(n)) for n in names)
         latest = f"apt-cache policy {bases} 2>/dev/null" if p["state"] == "latest" and names else "true"
         query = f"dpkg-query -W -f={q(self._FORMAT)} {bases} 2>/dev/null" if names else "true"
+        # The lock holder and the journal ride along in the probe: no round trip of their own.
         out = self.sh(
             f"date +%s; stat -c %Y {self._STAMP} 2>/dev/null || stat -c %Y /var/lib/apt/lists 2>/dev/null || echo 0; "
+            f"{lock_holder_function()}; holder || echo; "
+            f"for f in {_DPKG_JOURNAL}/[0-9]*; do [ -e \"$f\" ] && echo interrupted || echo; break; done; "
             f"echo {_MARK}; {query}; echo {_MARK}; {latest}; true", what="probe").stdout
         head, dpkg, policy = out.split(_MARK + "\n")
-        now, stamp = (int(x) for x in head.split()[:2])
+        now, stamp, self.holder, journal = head.split("\n")[:4]
+        self.repair = journal == "interrupted"
         installed = {}
         for line in dpkg.splitlines():
             pkg, status, version = [*line.split("|"), "", ""][:3]
             if status.startswith("ii"):
                 installed[pkg.split(":")[0]] = version
-        refresh = p["update_cache"] and (p["cache_valid_time"] <= 0 or now - stamp > p["cache_valid_time"])
+        refresh = p["update_cache"] and (p["cache_valid_time"] <= 0 or int(now) - int(stamp) > p["cache_valid_time"])
         if p["state"] in ("absent", "removed"):
             return [], [n for n in names if _base(n) in installed], refresh
         missing = [n for n in names if _base(n) not in installed
@@ -95,8 +139,17 @@ class Apt(_Packages):
 
     def apply(self, install: list[str], remove: list[str], refresh: bool) -> bool:
         p = self.params
-        opts = "-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
+        timeout = p["lock_timeout"]
+        if self.holder:
+            pid, _, command = self.holder.partition(" ")
+            log.warning("%s: waiting up to %ds for the dpkg lock held by process %s (%s)",
+                        self.ctx.facts.get("hostname", "host"), timeout, pid, command or "?")
+        # apt waits on its own too (DPkg::Lock::Timeout), for whoever takes a lock after the wait below.
+        opts = (f"-y -q -o DPkg::Lock::Timeout={timeout} -o Dpkg::Options::=--force-confdef "
+                "-o Dpkg::Options::=--force-confold")
         steps = ["export DEBIAN_FRONTEND=noninteractive", "set -e"]
+        if self.repair:
+            steps.append("dpkg --configure -a")
         if refresh:
             steps += ["apt-get -q update", f"mkdir -p {q(self._STAMP.rsplit('/', 1)[0])}", f"touch {self._STAMP}"]
         if install:
@@ -106,7 +159,7 @@ class Apt(_Packages):
         if remove:
             extra = (" --purge" if p["purge"] else "") + (" --auto-remove" if p["autoremove"] else "")
             steps.append(f"apt-get {opts}{extra} remove {' '.join(q(n) for n in remove)}")
-        out = self.sh("\n".join(steps), what="apt-get").stdout
+        out = self.sh(wait_for_locks(timeout) + "\n" + detached("\n".join(steps)), what="apt-get").stdout
         counts = re.findall(r"(\d+) upgraded, (\d+) newly installed, (\d+) to remove", out)
         return any(int(x) for c in counts for x in c)
 
@@ -137,6 +190,8 @@ class Dnf(_Packages):
         return missing, [], p["update_cache"]
 
     def apply(self, install: list[str], remove: list[str], refresh: bool) -> bool:
+        # No lock handling here: dnf (4) and yum wait for each other's lock on their own ("Waiting for
+        # process with pid N to finish", unless exit_on_lock is set), as rpm does for its transaction lock.
         cmd = self.command
         steps = ["set -e"]
         if refresh:
@@ -149,7 +204,7 @@ class Dnf(_Packages):
                 steps.append(f"{cmd} -y upgrade {' '.join(q(n) for n in install)}")
         if remove:
             steps.append(f"{cmd} -y remove {' '.join(q(n) for n in remove)}")
-        out = self.sh("\n".join(steps), what=cmd).stdout
+        out = self.sh(detached("\n".join(steps)), what=cmd).stdout
         return bool(install or remove) and not re.search(r"^Nothing to do", out, re.M)
 
 
