@@ -64,6 +64,7 @@ class Endpoint:
     host: str
     port: int = 22
     user: str = "root"
+    name: str = ""  # the machine's name, for messages about its files (`web1:/etc/x`, as the user wrote it)
 
     @property
     def known_hosts_name(self) -> str:
@@ -81,6 +82,19 @@ class HostKeyMismatch(MachineError):
     pass
 
 
+def load_key(path: Path) -> paramiko.PKey:
+    """A private key of any type paramiko knows (Ed25519, ECDSA, RSA), or one line saying why not."""
+    paramiko = _paramiko()
+    try:
+        return paramiko.PKey.from_path(path)
+    except paramiko.PasswordRequiredException:
+        raise MachineError(f"the ssh key {path} is encrypted: pymachine needs a key without a passphrase (make "
+                           f"one with `ssh-keygen -t ed25519 -N ''`, or remove it with `ssh-keygen -p -f {path}`)"
+                           ) from None
+    except (OSError, ValueError, paramiko.SSHException) as e:
+        raise MachineError(f"cannot read the ssh key {path}: {e}") from None
+
+
 class ConnectionLost(MachineError):
     """The transport died under a command or a transfer; `Connection.reconnect()` may bring it back."""
 
@@ -91,10 +105,7 @@ class Connection:
     def __init__(self, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float = 10.0,
                  is_alive: Callable[[], bool] | None = None) -> None:
         self.endpoint = endpoint
-        try:
-            self._key = _paramiko().Ed25519Key.from_private_key_file(str(key_path))
-        except (OSError, _paramiko().SSHException) as e:
-            raise MachineError(f"cannot read the ssh key {key_path}: {e}") from None
+        self._key = load_key(key_path)
         self._known_hosts = known_hosts
         self._timeout = timeout
         self._is_alive = is_alive
@@ -298,7 +309,7 @@ class Connection:
         except (EOFError, OSError, _paramiko().SSHException, _paramiko().SFTPError) as e:
             if not self._alive():
                 raise self._lost(e) from None
-            raise MachineError(_file_error(self.endpoint.host, remote, e)) from None
+            raise MachineError(_file_error(self.endpoint.name or self.endpoint.host, remote, e)) from None
 
     @property
     def sftp(self) -> paramiko.SFTPClient:

@@ -91,11 +91,13 @@ def base_volume(pool: libvirt.virStoragePool, image: Path, lock_dir: Path) -> li
     """The pool's copy of a cached image (named by its sha256, the cache file's name), uploaded once."""
     fmt, _ = image_info(image)
     name = f"pymachine-base-{image.name[:16]}.{fmt}"
+    size = image.stat().st_size
     with file_lock(lock_dir / ".pool.lock", timeout=3600, what=f"base volume {name}"):
         existing = find(pool, name)
-        if existing is not None:
+        if existing is not None and _physical_size(existing) == size:
             return existing
-        size = image.stat().st_size
+        if existing is not None:  # torn by an upload that was killed: never a disk's backing file
+            existing.delete()
         vol = _create(pool, name, fmt, size, mode="0644")
         try:
             _upload(pool, vol, image.open("rb"), size)
@@ -121,6 +123,14 @@ def overlay(pool: libvirt.virStoragePool, name: str, base: libvirt.virStorageVol
         return pool.createXML(xml, 0)
     except lv.libvirtError as e:
         raise MachineError(f"cannot create volume {name}: {message(e)}") from None
+
+
+def _physical_size(vol: libvirt.virStorageVol) -> int:
+    lv = libvirt_module()
+    try:
+        return vol.infoFlags(lv.VIR_STORAGE_VOL_GET_PHYSICAL)[2]
+    except lv.libvirtError as e:
+        raise MachineError(f"volume {vol.name()}: {message(e)}") from None
 
 
 def upload_bytes(pool: libvirt.virStoragePool, name: str, data: bytes) -> libvirt.virStorageVol:

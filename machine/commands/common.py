@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import drivers
@@ -31,7 +32,8 @@ def locked(store: Store, name: str, recover: bool = False) -> Iterator[tuple[Mac
 
 
 def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT) -> Connection:
-    return Connection.wait_ready(driver.ssh_endpoint(), machine.key_path, machine.known_hosts_path,
+    endpoint = dataclasses.replace(driver.ssh_endpoint(), name=machine.name)
+    return Connection.wait_ready(endpoint, machine.key_path, machine.known_hosts_path,
                                  timeout=timeout, is_alive=driver.is_alive)
 
 

@@ -80,15 +80,10 @@ def _copy(store: Store, name: str, remote: str, local: Path, download: bool, rec
     machine, driver = load(store, name)
     if driver.state() != State.RUNNING:
         raise MachineError(f"machine {name!r} is not running")
-    with connect(machine, driver, timeout=10) as conn:
-        try:
-            if download:
-                target = local / Path(remote.rstrip("/")).name if local.is_dir() else local
-                conn.get(remote, target, recursive)
-            else:
-                target = remote.rstrip("/") + "/" + local.name if conn.remote_is_dir(remote) else remote
-                conn.put(local, target, recursive)
-        except FileNotFoundError as e:
-            raise MachineError(f"{name}: {e.filename or remote}: no such file or directory") from None
-        except PermissionError as e:
-            raise MachineError(f"{name}: {e.filename or remote}: permission denied") from None
+    with connect(machine, driver, timeout=10) as conn:  # its file errors are one line naming NAME:PATH
+        if download:
+            target = local / Path(remote.rstrip("/")).name if local.is_dir() else local
+            conn.get(remote, target, recursive)
+        else:
+            target = remote.rstrip("/") + "/" + local.name if conn.remote_is_dir(remote) else remote
+            conn.put(local, target, recursive)

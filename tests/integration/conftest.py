@@ -10,12 +10,14 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import CLI
+from tests.integration.libvirt_host import boot_image, require_libvirt, virsh
 
 # Overridable so that two runs on one host do not share a bridge.
 BRIDGE = os.environ.get("PYMACHINE_TEST_BRIDGE", "pmtest0")
@@ -139,3 +141,44 @@ def serve_directory(directory: Path) -> Iterator[tuple[str, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- a libvirtd for the libvirt modules, and the test image they boot ---------------------------------------
+URI = "qemu:///system"
+
+
+def _daemon_answers() -> bool:
+    return virsh(URI, "version", check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory) -> Iterator[None]:
+    """libvirtd and virtlogd for the session (reused when already running), stopped at the end."""
+    require_libvirt()
+    started = []
+    if not _daemon_answers():
+        run = tmp_path_factory.mktemp("libvirtd")
+        Path("/run/libvirt").mkdir(exist_ok=True)
+        for daemon in ("virtlogd", "libvirtd"):
+            pidfile = run / f"{daemon}.pid"
+            subprocess.run([daemon, "--daemon", f"--pid-file={pidfile}"], check=True, timeout=30)
+            started.append(pidfile)
+        deadline = time.monotonic() + 30
+        while not _daemon_answers():
+            assert time.monotonic() < deadline, "libvirtd did not answer within 30 s"
+            time.sleep(0.2)
+    yield
+    for pidfile in reversed(started):
+        pid = int(pidfile.read_text())
+        os.kill(pid, 15)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def image_url() -> Iterator[tuple[str, str]]:
+    """(URL, sha256) of the test cloud image, served by a loopback HTTP server for the session."""
+    image, digest = boot_image()
+    with serve_directory(image.parent) as (base, _):
+        yield f"{base}/{image.name}", digest

@@ -109,9 +109,9 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CLI]:
 def test_scp_of_a_missing_path_on_the_machine(machine: CLI, tmp_path: Path):
     before = snapshot(machine.home)
     assert_refused(machine("scp", "bad1:/nonexistent", str(tmp_path / "x"), check=False), 1,
-                   ":/nonexistent: no such file or directory")
+                   "bad1:/nonexistent: no such file or directory")
     assert_refused(machine("scp", "/etc/hostname", "bad1:/nonexistent/dir/x", check=False), 1,
-                   ":/nonexistent/dir/x: no such file or directory")
+                   "bad1:/nonexistent/dir/x: no such file or directory")
     assert_refused(machine("scp", str(tmp_path), "bad1:/tmp", check=False), 1, "-r")
     assert list(tmp_path.iterdir()) == []
     assert machine("ssh", "bad1", "--", "test", "-e", f"/tmp/{tmp_path.name}", check=False).returncode == 1

@@ -6,65 +6,23 @@ no traffic to any other address. One VM is shared by the lifecycle tests (a TCG 
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import CLI
-from tests.integration.conftest import busybox_image, docker, docker_env, machine_cli, machine_record, serve_directory
-from tests.integration.libvirt_host import boot_image, domains, require_libvirt, transient_pool, virsh, volumes
+from tests.integration.conftest import URI, busybox_image, docker, docker_env, machine_cli, machine_record
+from tests.integration.libvirt_host import domains, transient_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
-
-URI = "qemu:///system"
-
-
-def _daemon_answers() -> bool:
-    return virsh(URI, "version", check=False).returncode == 0
-
-
-@pytest.fixture(scope="session")
-def libvirtd(tmp_path_factory) -> Iterator[None]:
-    """libvirtd and virtlogd for the session (reused when already running), stopped at the end."""
-    require_libvirt()
-    started = []
-    if not _daemon_answers():
-        run = tmp_path_factory.mktemp("libvirtd")
-        Path("/run/libvirt").mkdir(exist_ok=True)
-        for daemon in ("virtlogd", "libvirtd"):
-            pidfile = run / f"{daemon}.pid"
-            subprocess.run([daemon, "--daemon", f"--pid-file={pidfile}"], check=True, timeout=30)
-            started.append(pidfile)
-        deadline = time.monotonic() + 30
-        while not _daemon_answers():
-            assert time.monotonic() < deadline, "libvirtd did not answer within 30 s"
-            time.sleep(0.2)
-    yield
-    for pidfile in reversed(started):
-        pid = int(pidfile.read_text())
-        os.kill(pid, 15)
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-
 
 @pytest.fixture(scope="session")
 def pool(libvirtd, tmp_path_factory) -> Iterator[str]:
     with transient_pool(URI, tmp_path_factory.mktemp("pool")) as name:
         yield name
-
-
-@pytest.fixture(scope="session")
-def image_url() -> Iterator[tuple[str, str]]:
-    """(URL, sha256) of the test cloud image, served by a loopback HTTP server for the session."""
-    image, digest = boot_image()
-    with serve_directory(image.parent) as (base, _):
-        yield f"{base}/{image.name}", digest
 
 
 @pytest.fixture(scope="module")
