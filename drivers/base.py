@@ -77,6 +77,8 @@ class Driver(ABC):
     options: ClassVar[tuple[Option, ...]] = ()
     # Who pymachine logs in as; provisioning escalates with sudo (Ansible's become) when it is not root.
     ssh_user: str = "root"
+    # Whether pymachine makes the machine's key pair, or the user brings one (an adopted host).
+    makes_key: ClassVar[bool] = True
 
     def __init__(self, machine: Machine, store: Store, secrets: dict[str, Any] | None = None) -> None:
         self.machine = machine

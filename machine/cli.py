@@ -64,10 +64,12 @@ def _driver_options(command: Callable) -> Callable:
     """Every driver's flags on `create`; commands.create refuses those of a driver not chosen."""
     for name in reversed(drivers.names()):
         for opt in reversed(drivers.get(name).options):
-            kind = click.BOOL if opt.type is bool else click.STRING
             default = f" [default: {opt.default}]" if opt.default is not None else ""
             env = opt.env + (f" or {opt.env_alias}" if opt.env_alias else "")
-            command = click.option(f"--{opt.name}", opt.key, type=kind, default=None, multiple=opt.multiple,
+            # A yes/no option is a flag pair, as docker-machine's are (`--ec2-spot`, `--no-ec2-spot`); None when
+            # neither is given, so that the environment and the default still apply.
+            flags = f"--{opt.name}/--no-{opt.name}" if opt.type is bool else f"--{opt.name}"
+            command = click.option(flags, opt.key, default=None, multiple=opt.multiple,
                                    help=f"{opt.help}{default} (env {env})")(command)
     return command
 
@@ -120,13 +122,18 @@ def _engine_config(o: dict) -> dict:
 @click.option("-d", "--driver", default=drivers.DEFAULT, show_default=True, help="Driver that makes the host.")
 @click.option("--no-provision", is_flag=True, help="Only make the host; install no engine.")
 @click.option("--keep-on-failure", is_flag=True, help="Keep what was made if create fails (to debug it).")
+@click.option("--no-connect", is_flag=True,
+              help="Make the host and return without waiting for SSH; implies --no-provision.")
 @_engine_options
 @_driver_options
-def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, **options: object) -> None:
+def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, no_connect: bool,
+           **options: object) -> None:
     """Create a machine, install its engine and expose it over mutual TLS."""
     engine = _engine_config(options)
+    no_provision = no_provision or no_connect
     commands.create(_store(), name, driver, options, engine=engine, provision=not no_provision,
-                    keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"))
+                    keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"),
+                    connect=not no_connect)
     ui.note(f"[green]{name}[/] is ready: `eval $(pymachine env {name})`")
 
 
@@ -280,14 +287,18 @@ for _name, _fn, _help in [
 @_names_argument()
 @click.option("-f", "--force", is_flag=True, help="Remove even if the driver cannot clean up; implies -y.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-def rm(names: tuple[str, ...], force: bool, yes: bool) -> None:
+@click.option("--uninstall", is_flag=True,
+              help="First remove from the host what provisioning installed (engine packages, daemon.json, the "
+                   "engine's certificates, pymachine's systemd drop-ins); for an adopted (generic) host.")
+def rm(names: tuple[str, ...], force: bool, yes: bool, uninstall: bool) -> None:
     """Remove machines and everything they own."""
     if not (yes or force):
         if not sys.stdin.isatty():
             raise UsageError("refusing to remove without confirmation: pass -y")
         if not click.confirm(f"Remove {', '.join(names)}?"):
             raise SystemExit(1)
-    _each(lambda store, name: commands.rm(store, name, force), names)
+    _each(lambda store, name: commands.rm(store, name, force, uninstall=uninstall,
+                                          reporter=_reporter("progress") if uninstall else None), names)
 
 
 @cli.command(context_settings={**_CONTEXT, "ignore_unknown_options": True, "allow_interspersed_args": False})

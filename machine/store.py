@@ -115,7 +115,8 @@ class Machine:
 
     @property
     def key_path(self) -> Path:
-        return self.dir / "id_ed25519"
+        # pymachine's own key, or the copy of a key the user brought (a driver records its file name).
+        return self.dir / self.resources.get("ssh_key_file", "id_ed25519")
 
     @property
     def known_hosts_path(self) -> Path:

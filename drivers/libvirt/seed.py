@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 from drivers.libvirt.domain import templates
+from machine import cloudinit
 from machine.errors import MachineError
 from machine.sshkeys import KeyPair
 
@@ -16,16 +17,11 @@ FILES = ("user-data", "meta-data", "network-config")
 
 
 def render(hostname: str, instance_id: str, user_key: str, host_key: KeyPair, mac: str) -> dict[str, str]:
+    """The seed's files; user-data is the one every cloud-image driver shares (pymachine logs in as root here)."""
     env = templates()
-    values = {
-        "hostname": hostname,
-        "instance_id": instance_id,
-        "user_key": user_key,
-        "host_private": host_key.private_openssh.decode(),
-        "host_public": host_key.public_line,
-        "mac": mac,
-    }
-    return {name: env.get_template(f"{name}.j2").render(**values) for name in FILES}
+    values = {"hostname": hostname, "instance_id": instance_id, "mac": mac}
+    return {"user-data": cloudinit.user_data(hostname, "root", user_key, host_key),
+            **{name: env.get_template(f"{name}.j2").render(**values) for name in FILES if name != "user-data"}}
 
 
 def iso(files: dict[str, str]) -> bytes:

@@ -2,7 +2,8 @@
 
 Each machine is a copy-on-write overlay over a cached base rootfs, with its own network namespace, a
 static address on a host bridge with NAPT, its own cgroups, and sshd with a host key generated and pinned
-before the first boot.
+before the first boot. By default (`--local-isolation userns`) it also has a user namespace of its own: its
+root is an unprivileged host UID from a range leased to it (drivers/local/userns.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -19,16 +21,19 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from drivers.base import Driver, Option, State
-from drivers.local import cgroups, rootfs
+from drivers.local import cgroups, rootfs, userns
 from drivers.local.network import Network, host_nameservers
 from machine import images, sshkeys
 from machine.errors import MachineError, UsageError
 from machine.paths import data_dir
-from machine.ssh import Endpoint
 
 _TEMPLATES = data_dir("templates") / "local"
 _RELEASE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 STOP_TIMEOUT = 30.0
+ISOLATIONS = ("userns", "privileged")
+# Engine storage a user-namespaced machine cannot host: these need loop or block devices (mknod, losetup,
+# mounting a block filesystem), which the kernel grants only to the host's root.
+_DEVICE_STORAGE = ("btrfs", "zfs", "devicemapper")
 
 
 class LocalDriver(Driver):
@@ -40,6 +45,9 @@ class LocalDriver(Driver):
         Option("local-image-sha256", "expected sha256 of --local-image"),
         Option("local-bridge", "host bridge the machines plug into", "pmbr0"),
         Option("local-subnet", "IPv4 subnet of the bridge; the host is its first address", "10.231.0.0/24"),
+        Option("local-isolation", "userns: the machine's root is an unprivileged host UID (its own user "
+               "namespace); privileged: the machine's root is the host's root (loop devices, btrfs, zfs)",
+               "userns", choices=ISOLATIONS),
     )
 
     # -- checks -------------------------------------------------------------------------------------------
@@ -55,13 +63,25 @@ class LocalDriver(Driver):
             raise UsageError("--local-image-sha256 needs --local-image")
         if os.geteuid() != 0:
             raise MachineError("the local driver needs root (it runs systemd-nspawn and configures a bridge)")
-        tools = ["systemd-nspawn", "unshare", "ip", "iptables", "tar" if options["local_image"] else "debootstrap"]
+        tools = ["systemd-nspawn", "ip", "iptables", "tar" if options["local_image"] else "debootstrap"]
         missing = [t for t in tools if shutil.which(t) is None]
         if missing:
             raise MachineError(
                 f"the local driver needs {', '.join(missing)} on PATH (Debian: apt-get install "
                 f"systemd-container debootstrap iptables iproute2)"
             )
+
+    @classmethod
+    def check_engine(cls, options: dict, engine: dict) -> None:
+        if options.get("local_isolation") != "userns":
+            return
+        storage = engine.get("engine_storage_driver", "")
+        if engine.get("engine_storage_device"):
+            raise UsageError("--engine-storage-device: a machine with --local-isolation userns cannot use block "
+                             "devices; add --local-isolation privileged")
+        if storage in _DEVICE_STORAGE:
+            raise UsageError(f"--engine-storage-driver {storage}: a machine with --local-isolation userns cannot "
+                             f"mount loop devices; add --local-isolation privileged, or use overlay2")
 
     # -- paths and records --------------------------------------------------------------------------------
     @property
@@ -86,7 +106,16 @@ class LocalDriver(Driver):
         self.machine.record(base=str(base))
         address = self._network.lease(str(self.machine.dir))
         self.machine.record(ip=address)
+        shift = None
+        if o["local_isolation"] == "userns":
+            shift = userns.lease(str(self.machine.dir))
+            self.machine.record(uid_range=[shift, userns.RANGE])
         self._write_identity(address)
+        if shift is not None:
+            # Stored in the machine's range: its root owns its files, and the engine's data.
+            userns.shift_tree(self._layer("upper"), shift)
+            for name in rootfs.ENGINE_VOLUMES:
+                os.chown(self._layer(f"volumes/{name}"), shift, shift)
         self.start()
 
     def _write_identity(self, address: str) -> None:
@@ -111,9 +140,12 @@ class LocalDriver(Driver):
             "etc/ssh/ssh_host_ed25519_key.pub": host_key.public_line + "\n",
             "root/.ssh/authorized_keys": user_key + "\n",
         }
+        base = Path(self.machine.resources["base"])
+        for name in rootfs.ENGINE_VOLUMES:  # the volumes' mount points, made here rather than by nspawn as root
+            _mkdirs_like(base, upper, Path(rootfs.VOLUMES_DIR.lstrip("/"), name))
         for rel, text in [*files.items(), *secret.items()]:
             path = upper / rel
-            _mkdirs_like(Path(self.machine.resources["base"]), upper, Path(rel).parent)
+            _mkdirs_like(base, upper, Path(rel).parent)
             path.unlink(missing_ok=True)  # resolv.conf may be a symlink in the base
             path.write_text(text)
             path.chmod(0o600 if rel in secret and not rel.endswith(".pub") else 0o644)
@@ -133,12 +165,32 @@ class LocalDriver(Driver):
         if leased != address:
             self._network.release(str(self.machine.dir))
             raise MachineError(f"address {address} of {self.machine.name} was taken by another machine")
+        # A machine is user-namespaced when its create leased it a range (not by the option: a machine made
+        # before the option existed reads its default).
+        shift = self._uid_shift()
+        lower, tree = self.machine.resources["base"], None
+        if shift is not None:
+            userns.lease(str(self.machine.dir), wanted=shift)  # still its own (raises if not)
+            tree = userns.idmapped_tree(lower, shift)  # first: a base that cannot be idmapped changes nothing
+            lower = str(self._layer("lower"))
+        try:
+            self._boot(shift, lower, tree)
+        finally:
+            if tree is not None:
+                os.close(tree)
+
+    def _boot(self, shift: int | None, lower: str, tree: int | None) -> None:
+        """Start the supervisor in the machine's cgroups and a mount namespace of its own (with `tree`, the
+        idmapped base, mounted on `lower`), booting the machine with nspawn."""
         paths = cgroups.paths(self.machine.id)
         self.machine.record(cgroups=paths)
         cgroups.create(paths)
+        if shift is not None:
+            cgroups.delegate(paths, shift)
+            Path(lower).mkdir(exist_ok=True)
         env = {
             **os.environ,
-            "PM_LOWER": self.machine.resources["base"],
+            "PM_LOWER": lower,
             "PM_UPPER": str(self._layer("upper")),
             "PM_WORK": str(self._layer("work")),
             "PM_ROOT": str(self._layer("root")),
@@ -148,23 +200,52 @@ class LocalDriver(Driver):
             f"--machine={self._unit}", f"--hostname={self.machine.name}",
             f"--directory={self._layer('root')}", f"--network-bridge={self._network.bridge}",
             "--resolv-conf=off", "--link-journal=no", "--console=passive",
-            # What a container engine inside needs: all capabilities, keyrings and BPF (runc uses both).
+            # What a container engine inside needs: all capabilities (in a user namespace, over its own
+            # namespaces only), keyrings and BPF (runc uses both).
             "--capability=all", "--system-call-filter=@keyring bpf",
+            # Plain binds in both modes: the volumes hold the machine's own UIDs (an idmapped bind would store
+            # its root's files as the host's root, and a setuid file made inside would be setuid-root here).
             *(f"--bind={self._layer('volumes/' + name)}:{rootfs.VOLUMES_DIR}/{name}" for name in rootfs.ENGINE_VOLUMES),
-            # fuse-overlayfs (a storage driver, and rootless engines) needs the FUSE device, a btrfs or zfs
-            # loop file the loop devices (templates/local/loop-devices.service makes their nodes).
-            *(f"--bind={dev}" for dev in ("/dev/fuse", "/dev/loop-control") if Path(dev).exists()),
+            *self._devices(shift),
         ]
-        log = (self.machine.dir / "console.log").open("ab")
-        with log:
+        if shift is not None:
+            nspawn += [f"--private-users={shift}:{userns.RANGE}", "--private-users-ownership=off"]
+
+        def enter() -> None:
+            # In the child, before it execs the supervisor: born inside the machine's cgroups (a kill at any
+            # moment leaves no process that rm cannot find), in a mount namespace of its own (the overlay and
+            # the idmapped base vanish with it).
+            cgroups.join(paths)
+            userns.private_mount_namespace()
+            if tree is not None:
+                userns.attach(tree, lower)
+
+        with (self.machine.dir / "console.log").open("ab") as log:
             proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--",
-                 "sh", str(_TEMPLATES / "supervisor.sh"), *nspawn],
+                ["sh", str(_TEMPLATES / "supervisor.sh"), *nspawn],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                # Born inside the machine's cgroups: a kill at any moment leaves no process that rm cannot find.
-                preexec_fn=lambda: cgroups.join(paths),
+                preexec_fn=enter,
             )
         self.machine.record(pid=proc.pid, pid_start=_start_time(proc.pid))
+
+    def _uid_shift(self) -> int | None:
+        uid_range = self.machine.resources.get("uid_range")
+        return int(uid_range[0]) if uid_range else None
+
+    def _devices(self, shift: int | None) -> list[str]:
+        """nspawn flags passing devices in: fuse-overlayfs (a storage driver, and rootless engines) needs FUSE,
+        a btrfs or zfs loop file the loop devices (templates/local/loop-devices.service makes their nodes)."""
+        if shift is None:
+            return [f"--bind={dev}" for dev in ("/dev/fuse", "/dev/loop-control") if Path(dev).exists()]
+        if not Path("/dev/fuse").exists():
+            return []
+        # The host's /dev/fuse is root's alone (0600): a node of the machine's own, which FUSE allows anyone.
+        fuse = self._layer("dev/fuse")
+        if not fuse.exists():
+            fuse.parent.mkdir(exist_ok=True)
+            os.mknod(fuse, 0o666 | stat.S_IFCHR, os.makedev(10, 229))
+            fuse.chmod(0o666)
+        return [f"--bind={fuse}:/dev/fuse"]
 
     def _supervisor(self) -> int | None:
         """The supervisor's PID while it runs (PIDs get reused, so its start time must match too)."""
@@ -198,7 +279,7 @@ class LocalDriver(Driver):
     def remove(self) -> None:
         errors = []
         # Each step on its own: a step that fails must not keep the next from removing what it can.
-        for step in (self.kill, self._release_address):
+        for step in (self.kill, self._release_address, self._release_uids):
             try:
                 step()
             except MachineError as e:
@@ -211,6 +292,10 @@ class LocalDriver(Driver):
         # By owner, not by the recorded address: a create killed between leasing and recording leased one too.
         self._network.release(str(self.machine.dir))
 
+    def _release_uids(self) -> None:
+        # By owner too, and whatever the option says: a create killed before recording its range leased one.
+        userns.release(str(self.machine.dir))
+
     def leftovers(self) -> list[str]:
         paths = self.machine.resources.get("cgroups", [])
         pids, groups = sorted(cgroups.processes(paths)), cgroups.existing(paths)
@@ -219,6 +304,9 @@ class LocalDriver(Driver):
         address = self._network.leased_to(str(self.machine.dir))
         if address:
             left.append(f"address {address} on {self._network.bridge}")
+        first = userns.leased_to(str(self.machine.dir))
+        if first is not None:
+            left.append(f"UID range {first}-{first + userns.RANGE - 1}")
         return left
 
     # -- queries ------------------------------------------------------------------------------------------
@@ -227,14 +315,6 @@ class LocalDriver(Driver):
             return State.RUNNING
         return State.STOPPED
 
-    def ip(self) -> str | None:
-        return self.machine.resources.get("ip")
-
-    def ssh_endpoint(self) -> Endpoint:
-        address = self.ip()
-        if address is None:
-            raise MachineError(f"machine {self.machine.name!r} has no address yet")
-        return Endpoint(address, 22, "root")
 
 
 def _start_time(pid: int) -> int | None:

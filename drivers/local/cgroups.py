@@ -67,6 +67,16 @@ def join(paths: list[str]) -> None:
         Path(top, "cgroup.procs").write_text(f"{os.getpid()}\n")
 
 
+def delegate(paths: list[str], uid: int) -> None:
+    """Hand the machine's cgroups to its root (host UID `uid`, in a user namespace): it may then create cgroups
+    below them and move its processes. The limit files stay the host root's."""
+    for top in paths:
+        os.chown(top, uid, uid)
+        for name in ("cgroup.procs", "tasks", "cgroup.clone_children", "cgroup.subtree_control", "cgroup.threads"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(os.path.join(top, name), uid, uid)
+
+
 def _inherit_cpuset(path: Path) -> None:
     # A new cgroup v1 cpuset starts with no CPUs and no memory nodes; a process cannot join it until set.
     for name in ("cpuset.cpus", "cpuset.mems"):

@@ -13,9 +13,11 @@ from drivers.base import Driver, State
 from machine import certs, dockercontext, sshkeys, ui
 from machine import provision as plan
 from machine.commands.common import connect, engine_url, locked
+from machine.commands.common import connect as _connect  # `create` has a parameter named connect
 from machine.commands.engine import run_provisioning, server_pair
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
+from machine.paths import roles_dir
 from machine.store import Machine, RecordDamaged, Store, write_atomic
 
 # dockerd starts after sshd in a boot, and much later in a guest that QEMU emulates (TCG).
@@ -36,9 +38,11 @@ def parse_driver_options(driver_name: str, raw: dict[str, Any]) -> dict[str, Any
 # -- create ------------------------------------------------------------------------------------------------
 def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options: dict[str, Any] | None = None,
            engine: dict[str, Any] | None = None, provision: bool = True, keep_on_failure: bool = False,
-           reporter=None) -> Machine:
+           reporter=None, connect: bool = True) -> Machine:
     """Make and boot a machine and, with `provision`, install its engine (configured by `engine`, from
-    provision.engine_config, recorded either way for a later `provision`); on failure leave nothing."""
+    provision.engine_config, recorded either way for a later `provision`); on failure leave nothing.
+    Without `connect`, return once the host is made, without waiting for SSH (and so without provisioning)."""
+    provision = provision and connect
     validate_name(name)
     values = parse_driver_options(driver_name, options or {})
     if store.exists(name):
@@ -52,13 +56,15 @@ def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options:
     with store.reserve(name, driver_name, recorded, engine) as machine:
         driver = cls(machine, store, secrets)
         try:
-            keys = sshkeys.new_keypair(f"pymachine@{name}")
-            write_atomic(machine.key_path, keys.private_openssh, 0o600)
-            write_atomic(machine.key_path.with_suffix(".pub"), (keys.public_line + "\n").encode(), 0o644)
+            if cls.makes_key:
+                keys = sshkeys.new_keypair(f"pymachine@{name}")
+                write_atomic(machine.key_path, keys.private_openssh, 0o600)
+                write_atomic(machine.key_path.with_suffix(".pub"), (keys.public_line + "\n").encode(), 0o644)
             with ui.step(f"creating {name} ({driver_name})"):
                 driver.create()
-            with ui.step(f"waiting for SSH on {name}"), connect(machine, driver):
-                pass
+            if connect:
+                with ui.step(f"waiting for SSH on {name}"), _connect(machine, driver):
+                    pass
             if provision:
                 run_provisioning(store, machine, driver, reporter=reporter)
             else:
@@ -175,10 +181,32 @@ def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool =
     store.delete(machine)
 
 
-def rm(store: Store, name: str, force: bool = False) -> None:
-    """Remove a machine and all it owns; with `force`, also one whose config.json is damaged (from its journal)."""
+def rm(store: Store, name: str, force: bool = False, uninstall: bool = False, reporter=None) -> None:
+    """Remove a machine and all it owns; with `force`, also one whose config.json is damaged (from its journal).
+    With `uninstall`, first take off the host what provisioning installed (role `uninstall`)."""
     try:
         with locked(store, name, recover=force) as (machine, driver):
+            if uninstall:
+                _uninstall(machine, driver, reporter)
             remove_machine(store, machine, driver, force)
     except RecordDamaged as e:
         raise MachineError(f"{e}: `pymachine rm -f {name}` removes what its journal records") from None
+
+
+UNINSTALL_ROLE = "uninstall"
+
+
+def _uninstall(machine: Machine, driver: Driver, reporter=None) -> None:
+    """Run the `uninstall` role on the running host, as provisioning runs its roles; the record stays if it fails."""
+    from machine.roles import run_roles
+
+    roles = roles_dir()
+    if driver.state() != State.RUNNING:
+        raise MachineError(f"machine {machine.name!r} is not running: --uninstall needs it up")
+    settings = {k: v for k, v in machine.engine.items() if k != "tls_san"} | {"tls_dir": plan.TLS_DIR}
+    with _connect(machine, driver, timeout=30) as conn:
+        recap = run_roles(conn, [UNINSTALL_ROLE], roles, settings, reporter=reporter, host_name=machine.name,
+                          become=conn.endpoint.user != "root")
+    if recap.failed:
+        raise MachineError(f"uninstalling from {machine.name} failed (nothing removed from the store): "
+                           f"{recap.failure}")

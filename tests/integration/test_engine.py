@@ -16,7 +16,8 @@ import pytest
 from machine import certs, commands
 from machine.store import Store
 from tests.conftest import CLI
-from tests.integration.conftest import busybox_image, machine_cli
+from tests.integration.conftest import busybox_image, machine_cli, machine_record
+from tests.integration.test_local_userns import assert_in_its_range, host_ids, machine_processes
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +65,36 @@ def test_engine_runs_containers_over_mutual_tls(cli, web, tmp_path):
     # The same through the machine's docker context (and through `pymachine env`: test_env_in_each_shell).
     server_os = docker(cli, None, "--context", "web", "version", "--format", "{{.Server.Os}}", flags=[]).stdout
     assert server_os.strip() == "linux"
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []  # gone meanwhile
+
+
+def test_the_machine_and_its_containers_run_as_unprivileged_host_uids(cli, web, tmp_path):
+    """The default isolation: a user namespace. Nothing of the machine, not even a --privileged container of its
+    engine, is the host's root; the engine's data is stored in the machine's range."""
+    shift, count = assert_in_its_range(cli, web)
+    build_busybox(cli, web, tmp_path)
+    docker(cli, web, "run", "-d", "--name", "sleeper", "pm-busybox", "sleep", "600")
+    docker(cli, web, "run", "-d", "--privileged", "--name", "privileged", "pm-busybox", "sleep", "600")
+    try:
+        record = machine_record(cli, web)
+        sleepers = [pid for pid in machine_processes(record) if cmdline(pid)[:3] == ["/bin/busybox", "sleep", "600"]]
+        assert len(sleepers) == 2
+        for pid in sleepers:
+            assert all(shift <= i < shift + count for i in host_ids(pid)), host_ids(pid)
+        # Root in the privileged container is the machine's root, not the host's: it cannot make device nodes.
+        proc = docker(cli, web, "exec", "privileged", "/bin/busybox", "mknod", "/sda", "b", "8", "0", check=False)
+        assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, proc.stderr
+        assert "dockerd" in machine_processes(record).values()
+    finally:
+        docker(cli, web, "rm", "-f", "sleeper", "privileged")
+    layers = cli.home / "machines" / web / "layer/volumes/docker"
+    assert {path.stat().st_uid for path in layers.iterdir()} == {shift}  # image, container and network data
 
 
 def test_engine_refuses_clients_without_our_certificate(cli, web, tmp_path):
@@ -215,7 +246,9 @@ def test_podman_serves_the_docker_api_over_tls(cli, tmp_path):
 
 
 def test_btrfs_on_a_loop_file_survives_a_restart_and_rm_releases_it(cli):
-    cli("create", "--engine-install", "distro", "--engine-storage-driver", "btrfs", "cow", timeout=900)
+    # Loop devices are the host root's: only a privileged machine can host btrfs on a loop file.
+    cli("create", "--local-isolation", "privileged", "--engine-install", "distro", "--engine-storage-driver", "btrfs",
+        "cow", timeout=900)
     assert docker(cli, "cow", "info", "--format", "{{.Driver}}").stdout.strip() == "btrfs"
     cli("restart", "cow")
     assert cli("ssh", "cow", "--", "findmnt -n -o FSTYPE /var/lib/docker").stdout.strip() == "btrfs"

@@ -4,9 +4,7 @@ commands at once on one store. Whatever happens, `rm -f` leaves nothing, and no 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,12 +12,12 @@ import pytest
 
 from machine.store import Store
 from tests.conftest import CLI
-from tests.integration.conftest import bridge_leftovers, leftovers, machine_record
+from tests.integration.conftest import bridge_leftovers, kill_create_at, leftovers, machine_record
 
 pytestmark = pytest.mark.integration
 
-# The journal lines a local create writes: identity, base image, address, cgroups, supervisor.
-LOCAL_STEPS = 5
+# The journal lines a local create writes: identity, base image, address, UID range, cgroups, supervisor.
+LOCAL_STEPS = 6
 
 
 def journal_record(cli: CLI, name: str) -> dict:
@@ -35,18 +33,7 @@ def journal_record(cli: CLI, name: str) -> dict:
 
 
 def kill_at(cli: CLI, name: str, lines: int) -> None:
-    """Start `create NAME` and SIGKILL it once its journal has `lines` lines (or let it finish first)."""
-    journal = cli.home / "machines" / name / "journal"
-    proc = cli.popen("create", "--no-provision", name)
-    while proc.poll() is None:
-        try:
-            if len(journal.read_text().splitlines()) >= lines:
-                break
-        except FileNotFoundError:
-            pass
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    kill_create_at(cli, name, lines, "--no-provision")
 
 
 def assert_one_line(proc: subprocess.CompletedProcess[str]) -> None:
@@ -109,7 +96,8 @@ def test_a_damaged_record_gives_one_line_everywhere_and_rm_f_removes_everything(
 
 def test_rm_keeps_the_record_while_something_is_left(local):
     """A cgroup that cannot be removed (something is mounted on a child of it) keeps the record, and rm says so."""
-    local("create", "--no-provision", "--engine-install", "distro", "--engine-storage-driver", "btrfs", "held")
+    local("create", "--no-provision", "--local-isolation", "privileged", "--engine-install", "distro",
+          "--engine-storage-driver", "btrfs", "held")
     record = machine_record(local, "held")
     # The engine options of a create without provisioning are kept for a later `provision`.
     assert (record["engine"]["engine_install"], record["engine"]["engine_storage_driver"]) == ("distro", "btrfs")

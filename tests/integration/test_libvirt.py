@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CLI
-from tests.integration.conftest import URI, busybox_image, docker, docker_env, machine_cli, machine_record
+from tests.integration.conftest import URI, busybox_image, docker, docker_env, libvirt_cli, machine_record
 from tests.integration.libvirt_host import domains, transient_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
@@ -28,21 +28,8 @@ def pool(libvirtd, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, pool, image_url) -> Iterator[CLI]:
     tmp = tmp_path_factory.mktemp("libvirt")
-    url, sha256 = image_url
-    yield from machine_cli(
-        tmp / "home",
-        # A cache of the module's own, so the download, its checksum and the cache are exercised for real.
-        PYMACHINE_CACHE=str(tmp / "cache"),
-        PYMACHINE_LIBVIRT_POOL=pool,
-        PYMACHINE_LIBVIRT_NETWORK="user",
-        PYMACHINE_LIBVIRT_DOMAIN_TYPE="qemu",  # nested KVM is broken on the CI hosts
-        PYMACHINE_LIBVIRT_IMAGE=url,
-        PYMACHINE_LIBVIRT_IMAGE_SHA256=sha256,
-        PYMACHINE_LIBVIRT_MEMORY="1024",
-        PYMACHINE_LIBVIRT_DISK_SIZE="4",
-        DOCKER_CONFIG=str(tmp / "docker-config"),
-        DOCKER_BUILDKIT="0",
-    )
+    yield from libvirt_cli(tmp, pool, image_url, PYMACHINE_LIBVIRT_MEMORY="1024",
+                           DOCKER_CONFIG=str(tmp / "docker-config"), DOCKER_BUILDKIT="0")
 
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import CLI
 from tests.integration import cloudimage
-from tests.integration.conftest import URI, machine_cli
+from tests.integration.conftest import URI, libvirt_cli
 from tests.integration.libvirt_host import domains, transient_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
@@ -173,19 +173,8 @@ def pool(libvirtd) -> Iterator[Pool]:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, pool, image_url) -> Iterator[CLI]:
-    tmp = tmp_path_factory.mktemp("libvirt-journal")
-    url, sha256 = image_url
-    yield from machine_cli(
-        tmp / "home",
-        PYMACHINE_CACHE=str(tmp / "cache"),
-        PYMACHINE_LIBVIRT_POOL=pool.name,
-        PYMACHINE_LIBVIRT_NETWORK="user",
-        PYMACHINE_LIBVIRT_DOMAIN_TYPE="qemu",  # nested KVM is broken on the CI hosts
-        PYMACHINE_LIBVIRT_IMAGE=url,
-        PYMACHINE_LIBVIRT_IMAGE_SHA256=sha256,
-        PYMACHINE_LIBVIRT_MEMORY="512",
-        PYMACHINE_LIBVIRT_DISK_SIZE="4",
-    )
+    yield from libvirt_cli(tmp_path_factory.mktemp("libvirt-journal"), pool.name, image_url,
+                           PYMACHINE_LIBVIRT_MEMORY="512")
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ LIBVIRT_DRIVER = [
 ]
 
 COMMANDS = [
-    usage("create", "-d", "warp", "w", text="unknown driver 'warp' (choose from local, libvirt"),
+    usage("create", "-d", "warp", "w", text="unknown driver 'warp' (choose from local, libvirt, ec2"),
     usage("create", "-d", "", "w", text="unknown driver ''"),
     usage("frobnicate", text="No such command 'frobnicate'"),
     usage("create", "--no-such-flag", "w", text="No such option '--no-such-flag'"),

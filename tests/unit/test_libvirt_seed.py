@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from drivers.libvirt import seed
-from machine import sshkeys
+from machine import cloudinit, sshkeys
 
 pycdlib = pytest.importorskip("pycdlib")
 
@@ -30,6 +30,12 @@ def test_user_data_gives_root_our_key_and_the_pinned_host_key(files):
     assert data["ssh_authorized_keys"] == ["ssh-ed25519 AAAAuser pymachine@web"]
     assert data["ssh_keys"] == {"ed25519_private": files["host_private"], "ed25519_public": files["host_public"]}
     assert data["ssh_genkeytypes"] == ["ed25519"] and data["ssh_deletekeys"] is True
+
+
+def test_user_data_is_the_shared_cloud_init_user_data_for_root():
+    host = sshkeys.new_keypair("root@web")
+    rendered = seed.render("web", "pymachine-0123abcd", "ssh-ed25519 AAAAuser pymachine@web", host, MAC)
+    assert rendered["user-data"] == cloudinit.user_data("web", "root", "ssh-ed25519 AAAAuser pymachine@web", host)
 
 
 def test_meta_data_and_network_config(files):

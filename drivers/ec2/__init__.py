@@ -1,0 +1,575 @@
+"""The EC2 driver: an Amazon EC2 instance (or one of an EC2-compatible cloud, through --ec2-endpoint).
+
+create imports the machine's key as a key pair, makes a security group that opens SSH and the engine's port only
+to the CIDRs the user names, and launches an instance of the region's current Debian 12 image with IMDSv2
+required, its root volume as asked, and cloud-init user-data that pins the host key pymachine generated. Every
+resource is named `pymachine-<name>-<id>` and tagged with the machine's id and store at launch, and journaled
+before it is made, so `rm -f` finds it from the journal, or by name and tag when its id never got there.
+Credentials come from boto3's chain (environment, profile, SSO, instance role) and are never recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import time
+from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar
+
+from drivers.base import Driver, Option, State
+from drivers.ec2 import api, images
+from drivers.ec2.api import TAG_HOME, TAG_ID, EC2Error, tag_filter, tags_of, translated
+from machine import cloudinit, sshkeys, ui
+from machine.errors import MachineError, UsageError
+from machine.store import write_atomic
+
+DEFAULT_REGION = "us-east-1"  # docker-machine's default, when neither a flag, the environment nor a profile names one
+SSH_PORT = 22
+ENGINE_PORT = 2376
+VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")
+# A launched instance reaches `running` in ~10-30 s, stops in ~30-60 s (a spot instance longer); a terminated
+# one frees its network interface, and so its security group, up to a few minutes later.
+WAIT = {"Delay": 5, "MaxAttempts": 120}
+GROUP_RELEASE_TIMEOUT = 300.0
+LIVE = ("pending", "running", "shutting-down", "stopping", "stopped")
+STATES = {"pending": State.STARTING, "running": State.RUNNING, "stopping": State.STOPPED, "stopped": State.STOPPED,
+          "shutting-down": State.ERROR, "terminated": State.ERROR}
+
+
+class EC2Driver(Driver):
+    name = "ec2"
+    options = (
+        Option("ec2-region", f"AWS region (default: the profile's, else {DEFAULT_REGION})",
+               env_alias="AWS_DEFAULT_REGION"),
+        Option("ec2-profile", "profile of ~/.aws/config and ~/.aws/credentials", env_alias="AWS_PROFILE"),
+        Option("ec2-access-key", "AWS access key id (default: boto3's credential chain); never recorded",
+               secret=True),
+        Option("ec2-secret-key", "AWS secret access key (default: boto3's credential chain); never recorded",
+               secret=True),
+        Option("ec2-endpoint", "EC2 API endpoint URL (an EC2-compatible cloud, a test server)"),
+        Option("ec2-zone", "availability zone, e.g. us-east-1a (default: EC2's choice, or the subnet's)"),
+        Option("ec2-instance-type", "instance type", "t3.small"),
+        Option("ec2-ami", "image id (default: the newest official Debian 12 image of the region and the instance "
+                          "type's architecture)"),
+        Option("ec2-vpc-id", "VPC (default: the subnet's, else the region's default VPC)"),
+        Option("ec2-subnet-id", "subnet (default: a subnet of the VPC, in --ec2-zone if given)"),
+        Option("ec2-security-group", "existing security group (id or name) to use instead of creating one; "
+                                     "repeatable", multiple=True),
+        Option("ec2-allowed-cidr", "CIDR that may reach SSH (22) and the engine (2376) through the group pymachine "
+                                   "creates, e.g. 203.0.113.7/32; repeatable; required unless "
+                                   "--ec2-security-group", multiple=True),
+        Option("ec2-root-size", "root volume size in GiB", 16, int),
+        Option("ec2-volume-type", "root volume type", "gp3", choices=VOLUME_TYPES),
+        Option("ec2-volume-encrypted", "encrypt the root volume", False, bool),
+        Option("ec2-kms-key", "KMS key (id, alias or ARN) encrypting the root volume; implies encryption"),
+        Option("ec2-tags", "KEY=VALUE tag of the instance, its volume and what create makes; repeatable",
+               multiple=True),
+        Option("ec2-spot", "launch a spot instance (persistent request, stopped when interrupted)", False, bool),
+        Option("ec2-spot-max-price", "highest hourly price of the spot instance in USD (default: on-demand)"),
+        Option("ec2-use-private-address", "reach the machine at its private address (from inside the VPC)",
+               False, bool),
+        Option("ec2-iam-instance-profile", "IAM instance profile (name or ARN) of the instance"),
+        Option("ec2-ssh-user", "user pymachine logs in as (made by cloud-init, with passwordless sudo)", "admin"),
+    )
+
+    # What pre_create_check found (region, image, subnet, VPC, groups), for create in the same process: the
+    # checks already cost the API calls that create needs the answers of.
+    _checked: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    # -- identity, connection ---------------------------------------------------------------------------
+    @property
+    def ssh_user(self) -> str:  # type: ignore[override]
+        return self.opts["ec2_ssh_user"] or "admin"
+
+    @property
+    def _base(self) -> str:
+        """The name of the key pair and of the security group: the machine's identity, found by `rm -f`."""
+        return f"pymachine-{self.machine.name}-{self.machine.id}"
+
+    @property
+    def _region(self) -> str:
+        return self.machine.resources.get("region") or resolve_region(self.opts)
+
+    @property
+    def _ec2(self) -> Any:
+        return _client(self.opts, self._region)
+
+    @property
+    def _listing_key(self) -> tuple[Any, ...]:
+        return self.opts["ec2_endpoint"], self._region, self.opts["ec2_profile"]
+
+    def _tags(self, name: str | None = None) -> list[dict[str, str]]:
+        tags = {**parse_tags(self.opts["ec2_tags"]), "Name": name or self.machine.name, TAG_ID: self.machine.id,
+                TAG_HOME: str(self.store.home), api.TAG_NAME: self.machine.name}
+        return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+    # -- checks -------------------------------------------------------------------------------------------
+    @classmethod
+    def pre_create_check(cls, options: dict[str, Any]) -> None:
+        cls._checked[_options_key(options)] = check(options)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def create(self) -> None:
+        o, r = self.opts, self.machine.resources
+        found = self._checked.pop(_options_key(o), None) or check(o)
+        ec2 = _client(o, found["region"])
+        self.machine.record(region=found["region"], ami=found["ami"], key_name=self._base)
+        public = sshkeys.public_line(self.machine.key_path.read_bytes(), f"pymachine@{self.machine.name}")
+        with translated(f"importing key pair {self._base}"):
+            pair = ec2.import_key_pair(KeyName=self._base, PublicKeyMaterial=public.encode(), TagSpecifications=[
+                {"ResourceType": "key-pair", "Tags": self._tags(self._base)}])
+        self.machine.record(key_pair_id=pair.get("KeyPairId", ""))
+
+        groups = list(found["groups"])
+        if not groups:
+            self.machine.record(group_name=self._base)
+            with translated(f"creating security group {self._base}"):
+                group = ec2.create_security_group(
+                    GroupName=self._base, VpcId=found["vpc"],
+                    Description=f"pymachine machine {self.machine.name} ({self.machine.id}): SSH and engine",
+                    TagSpecifications=[{"ResourceType": "security-group", "Tags": self._tags(self._base)}])
+            self.machine.record(group_id=group["GroupId"])
+            with translated(f"opening ports {SSH_PORT} and {ENGINE_PORT} of {self._base}"):
+                ec2.authorize_security_group_ingress(GroupId=group["GroupId"],
+                                                     IpPermissions=ingress(o["ec2_allowed_cidr"]))
+            groups = [group["GroupId"]]
+
+        host_key = sshkeys.new_keypair(f"root@{self.machine.name}")
+        user_data = cloudinit.user_data(self.machine.name, self.ssh_user, public, host_key)
+        # The token makes RunInstances idempotent: boto3's retry of a launch whose answer was lost returns the
+        # same instance instead of a second one (EC2 remembers the token).
+        self.machine.record(host_key=host_key.public_line, client_token=f"pymachine-{self.machine.id}")
+        with translated(f"launching {self.machine.name}"):
+            launched = ec2.run_instances(**self._launch(found, groups, user_data, r["client_token"]))
+        instance_id = launched["Instances"][0]["InstanceId"]
+        self.machine.record(instance_id=instance_id)
+        api.Listing.forget(self._listing_key)
+        self._wait("instance_running", instance_id, "running")
+        self._settle(instance_id)
+
+    def _launch(self, found: dict[str, Any], groups: list[str], user_data: str, token: str) -> dict[str, Any]:
+        o = self.opts
+        ebs: dict[str, Any] = {"VolumeSize": o["ec2_root_size"], "VolumeType": o["ec2_volume_type"],
+                               "DeleteOnTermination": True}
+        if o["ec2_volume_encrypted"] or o["ec2_kms_key"]:
+            ebs["Encrypted"] = True  # only when asked: False would override the account's default encryption
+        if o["ec2_kms_key"]:
+            ebs["KmsKeyId"] = o["ec2_kms_key"]
+        kinds = ["instance", "volume"] + (["spot-instances-request"] if o["ec2_spot"] else [])
+        spec: dict[str, Any] = {
+            "ImageId": found["ami"], "InstanceType": o["ec2_instance_type"], "MinCount": 1, "MaxCount": 1,
+            "KeyName": self._base, "SecurityGroupIds": groups, "UserData": user_data, "ClientToken": token,
+            "BlockDeviceMappings": [{"DeviceName": found["root_device"], "Ebs": ebs}],
+            # IMDSv2 only: a process in a container that can reach 169.254.169.254 cannot replay a plain GET.
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 2},
+            "TagSpecifications": [{"ResourceType": kind, "Tags": self._tags()} for kind in kinds],
+        }
+        if found["subnet"]:
+            spec["SubnetId"] = found["subnet"]
+        elif o["ec2_zone"]:
+            spec["Placement"] = {"AvailabilityZone": o["ec2_zone"]}
+        if o["ec2_iam_instance_profile"]:
+            profile = o["ec2_iam_instance_profile"]
+            spec["IamInstanceProfile"] = {"Arn": profile} if profile.startswith("arn:") else {"Name": profile}
+        if o["ec2_spot"]:
+            # Persistent and stopped on interruption: only such a spot instance can be stopped and started.
+            options: dict[str, Any] = {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
+            if o["ec2_spot_max_price"]:
+                options["MaxPrice"] = o["ec2_spot_max_price"]
+            spec["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+        return spec
+
+    def _wait(self, waiter: str, instance_id: str, what: str) -> None:
+        with translated(f"waiting for {self.machine.name} to be {what}"):
+            self._ec2.get_waiter(waiter).wait(InstanceIds=[instance_id], WaiterConfig=WAIT)
+
+    def _describe(self, instance_id: str) -> dict[str, Any] | None:
+        """The instance now (not the listing), or None when EC2 no longer knows it."""
+        try:
+            with translated(f"describing {self.machine.name}"):
+                reservations = self._ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        except EC2Error as e:
+            if e.code == "InvalidInstanceID.NotFound":
+                return None
+            raise
+        return next((i for res in reservations for i in res["Instances"]), None)
+
+    def _settle(self, instance_id: str) -> None:
+        """Record where the instance is now (a stopped instance comes back with a new public address) and pin,
+        for that address, the host key its user-data carries."""
+        instance = self._describe(instance_id)
+        if instance is None:
+            raise MachineError(f"the instance of {self.machine.name} ({instance_id}) is gone from EC2")
+        public, private = instance.get("PublicIpAddress"), instance.get("PrivateIpAddress")
+        address = private if self.opts["ec2_use_private_address"] else public
+        if not address:
+            ui.err(f"warning: {self.machine.name} has no public address (its subnet assigns none): using its "
+                   f"private address {private}")
+            address = private
+        self.machine.record(ip=address, public_ip=public or "", private_ip=private or "",
+                            public_dns=instance.get("PublicDnsName") or "",
+                            private_dns=instance.get("PrivateDnsName") or "")
+        key_type, key_b64 = self.machine.resources["host_key"].split()[:2]
+        write_atomic(self.machine.known_hosts_path, f"{address} {key_type} {key_b64}\n".encode(), 0o600)
+
+    def _instance_id(self) -> str:
+        instance_id = self.machine.resources.get("instance_id")
+        if not instance_id:
+            raise MachineError(f"machine {self.machine.name!r} has no instance (remove it with `pymachine rm -f`)")
+        return instance_id
+
+    def start(self) -> None:
+        instance_id = self._instance_id()
+        instance = self._describe(instance_id)
+        state = instance["State"]["Name"] if instance else "terminated"
+        if state in ("shutting-down", "terminated"):
+            raise MachineError(f"the instance of {self.machine.name} ({instance_id}) is {state}: remove the machine "
+                               f"with `pymachine rm -f {self.machine.name}`")
+        api.Listing.forget(self._listing_key)
+        if state == "stopping":
+            self._wait("instance_stopped", instance_id, "stopped")
+        if state != "running":
+            with translated(f"starting {self.machine.name}"):
+                self._ec2.start_instances(InstanceIds=[instance_id])
+            self._wait("instance_running", instance_id, "running")
+        self._settle(instance_id)
+
+    def stop(self, force: bool = False) -> None:
+        instance_id = self._instance_id()
+        api.Listing.forget(self._listing_key)
+        with translated(f"{'killing' if force else 'stopping'} {self.machine.name}"):
+            self._ec2.stop_instances(InstanceIds=[instance_id], Force=force)
+        self._wait("instance_stopped", instance_id, "stopped")
+
+    def kill(self) -> None:
+        """A forced stop: EC2 stops the instance without waiting for its OS to shut down."""
+        self.stop(force=True)
+
+    def restart(self) -> None:
+        """A reboot, as docker-machine does: the instance keeps its addresses, so its certificate stays valid
+        (a stop and start would give it a new public address)."""
+        api.Listing.forget(self._listing_key)
+        with translated(f"rebooting {self.machine.name}"):
+            self._ec2.reboot_instances(InstanceIds=[self._instance_id()])
+
+    # -- removal ------------------------------------------------------------------------------------------
+    def _instances(self) -> list[dict[str, Any]]:
+        """The machine's instances that are not terminated: the recorded one, and any carrying its id tag (a
+        launch whose id never reached the journal), unless the tag says another store made it."""
+        recorded = self.machine.resources.get("instance_id")
+        with translated(f"finding the instances of {self.machine.name}"):
+            found = [i for res in self._ec2.describe_instances(Filters=tag_filter(self.machine.id))["Reservations"]
+                     for i in res["Instances"]]
+        found = [i for i in found if i["InstanceId"] == recorded
+                 or tags_of(i).get(TAG_HOME, str(self.store.home)) == str(self.store.home)]
+        if recorded and recorded not in {i["InstanceId"] for i in found}:
+            instance = self._describe(recorded)
+            found += [instance] if instance else []
+        return [i for i in found if i["State"]["Name"] != "terminated"]
+
+    def _spot_requests(self, instances: list[dict[str, Any]]) -> set[str]:
+        requests = {i["SpotInstanceRequestId"] for i in instances if i.get("SpotInstanceRequestId")}
+        if self.opts["ec2_spot"]:
+            with translated(f"finding the spot requests of {self.machine.name}"):
+                found = self._ec2.describe_spot_instance_requests(Filters=[
+                    *tag_filter(self.machine.id), {"Name": "state", "Values": ["open", "active", "disabled"]}])
+            requests |= {s["SpotInstanceRequestId"] for s in found["SpotInstanceRequests"]}
+        return requests
+
+    def _groups(self) -> list[str]:
+        """The security group pymachine made for this machine (never one the user passed)."""
+        recorded = self.machine.resources.get("group_id")
+        if recorded:
+            return [recorded]
+        with translated(f"finding security group {self._base}"):
+            found = self._ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [self._base]}])
+        return [g["GroupId"] for g in found["SecurityGroups"]]
+
+    def remove(self) -> None:
+        errors = []
+        for step in (self._terminate, self._delete_group, self._delete_key_pair):
+            try:
+                step()
+            except MachineError as e:
+                errors.append(str(e))
+        api.Listing.forget(self._listing_key)
+        if errors:
+            raise MachineError("; ".join(errors))
+
+    def _terminate(self) -> None:
+        instances = self._instances()
+        # A persistent spot request would launch the instance again: cancel it first.
+        requests = self._spot_requests(instances)
+        if requests:
+            with translated(f"cancelling the spot request of {self.machine.name}"):
+                self._ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=sorted(requests))
+        ids = [i["InstanceId"] for i in instances]
+        if not ids:
+            return
+        with translated(f"terminating {', '.join(ids)}"):
+            self._ec2.terminate_instances(InstanceIds=ids)
+            self._ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig=WAIT)
+
+    def _delete_group(self) -> None:
+        for group_id in self._groups():
+            deadline = time.monotonic() + GROUP_RELEASE_TIMEOUT
+            while True:
+                try:
+                    with translated(f"deleting security group {group_id}"):
+                        self._ec2.delete_security_group(GroupId=group_id)
+                    break
+                except EC2Error as e:
+                    if e.code == "InvalidGroup.NotFound":
+                        break
+                    # The terminated instance's network interface holds the group for a while after it is gone.
+                    if e.code != "DependencyViolation" or time.monotonic() > deadline:
+                        raise
+                    time.sleep(5)
+
+    def _delete_key_pair(self) -> None:
+        with translated(f"deleting key pair {self._base}"):
+            self._ec2.delete_key_pair(KeyName=self._base)  # succeeds when there is none
+
+    def leftovers(self) -> list[str]:
+        try:
+            left = [f"instance {i['InstanceId']} ({i['State']['Name']})" for i in self._instances()]
+            with translated(f"finding security group {self._base}"):
+                groups = self._ec2.describe_security_groups(
+                    Filters=[{"Name": "group-name", "Values": [self._base]}])["SecurityGroups"]
+            left += [f"security group {g['GroupId']}" for g in groups]
+            with translated(f"finding key pair {self._base}"):
+                pairs = self._ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [self._base]}])
+            left += [f"key pair {p['KeyName']}" for p in pairs["KeyPairs"]]
+            if self.opts["ec2_spot"]:
+                left += [f"spot request {s}" for s in self._spot_requests([])]
+            return left
+        except MachineError as e:  # EC2 unreachable, no credentials: nothing can be said to be gone
+            return [f"unknown ({e})"]
+
+    # -- queries ------------------------------------------------------------------------------------------
+    def state(self) -> State:
+        try:
+            found = api.Listing.instances(self._listing_key, self._ec2).get(self.machine.id, [])
+        except MachineError:
+            return State.ERROR  # no credentials, EC2 unreachable: say so in `ls`
+        recorded = self.machine.resources.get("instance_id")
+        instance = next((i for i in found if i["InstanceId"] == recorded), None)
+        if instance is None:
+            instance = next((i for i in found if i["State"]["Name"] != "terminated"), None)
+        if instance is None:
+            return State.ERROR if recorded else State.STOPPED
+        return STATES.get(instance["State"]["Name"], State.ERROR)
+
+    def is_alive(self) -> bool:
+        """Asked while waiting for SSH: the instance now, not the listing."""
+        try:
+            instance = self._describe(self._instance_id())
+        except MachineError:
+            return False
+        return instance is not None and instance["State"]["Name"] in ("pending", "running")
+
+    def cert_names(self) -> list[str]:
+        r = self.machine.resources
+        names = [r.get(k) for k in ("ip", "public_ip", "private_ip", "public_dns", "private_dns")]
+        return list(dict.fromkeys(n for n in names if n))
+
+
+# -- option checks: everything that can be refused is refused before the store or EC2 changes --------------
+def _options_key(options: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in options.items() if k not in ("ec2_access_key", "ec2_secret_key")},
+                      sort_keys=True, default=str)
+
+
+def _client(options: dict[str, Any], region: str) -> Any:
+    return api.client(options["ec2_profile"], region, options["ec2_endpoint"], options.get("ec2_access_key"),
+                      options.get("ec2_secret_key"))
+
+
+def resolve_region(options: dict[str, Any]) -> str:
+    if options["ec2_region"]:
+        return options["ec2_region"]
+    profile = api.session(options["ec2_profile"], options.get("ec2_access_key"), options.get("ec2_secret_key"))
+    return profile.region_name or DEFAULT_REGION
+
+
+def parse_tags(items: list[str] | None) -> dict[str, str]:
+    tags = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--ec2-tags {item!r}: use KEY=VALUE")
+        if key.lower().startswith("aws:") or key.startswith("pymachine-") or key == "Name":
+            raise UsageError(f"--ec2-tags {item!r}: {key} is reserved (aws:…, Name and pymachine-… are set by "
+                             f"EC2 and pymachine)")
+        tags[key] = value
+    return tags
+
+
+def parse_cidrs(items: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=True))
+        except ValueError as e:
+            raise UsageError(f"--ec2-allowed-cidr {item!r}: {e}") from None
+    return networks
+
+
+def ingress(cidrs: list[str]) -> list[dict[str, Any]]:
+    """SSH and the engine's TLS port, from the allowed CIDRs only."""
+    networks = parse_cidrs(cidrs)
+    v4 = [{"CidrIp": str(n), "Description": "pymachine"} for n in networks if n.version == 4]
+    v6 = [{"CidrIpv6": str(n), "Description": "pymachine"} for n in networks if n.version == 6]
+    return [{"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "IpRanges": v4, "Ipv6Ranges": v6}
+            for port in (SSH_PORT, ENGINE_PORT)]
+
+
+@contextlib.contextmanager
+def _refused(flag: str, what: str, *codes: str) -> Iterator[None]:
+    """An EC2 error with one of `codes` is the user's input refused: a UsageError naming the flag."""
+    try:
+        with translated(flag):
+            yield
+    except EC2Error as e:
+        if e.code not in codes:
+            raise
+        raise UsageError(f"{flag}: {what} ({e.code})") from None
+
+
+def _check_values(o: dict[str, Any]) -> None:
+    """What needs no API call: refused first, so a typo costs nothing."""
+    parse_tags(o["ec2_tags"])
+    if o["ec2_security_group"] and o["ec2_allowed_cidr"]:
+        raise UsageError("--ec2-allowed-cidr opens the security group pymachine creates; with --ec2-security-group "
+                         "none is created: open ports 22 and 2376 in your group instead")
+    if not o["ec2_security_group"] and not o["ec2_allowed_cidr"]:
+        raise UsageError("--ec2-allowed-cidr is required: say who may reach SSH and the engine, e.g. "
+                         "--ec2-allowed-cidr YOUR.IP/32 (or 0.0.0.0/0 explicitly for everyone)")
+    parse_cidrs(o["ec2_allowed_cidr"])
+    if o["ec2_root_size"] < 1:
+        raise UsageError(f"--ec2-root-size: {o['ec2_root_size']} is less than 1 GiB")
+    if o["ec2_spot_max_price"] is not None:
+        if not o["ec2_spot"]:
+            raise UsageError("--ec2-spot-max-price needs --ec2-spot")
+        try:
+            price = Decimal(o["ec2_spot_max_price"])
+        except InvalidOperation:
+            price = Decimal(0)
+        if not price.is_finite() or price <= 0:
+            raise UsageError(f"--ec2-spot-max-price: {o['ec2_spot_max_price']!r} is not a positive price in USD")
+    if o["ec2_endpoint"] and not o["ec2_endpoint"].startswith(("http://", "https://")):
+        raise UsageError(f"--ec2-endpoint: {o['ec2_endpoint']!r} is not an http(s) URL")
+    if not o["ec2_ssh_user"]:
+        raise UsageError("--ec2-ssh-user must not be empty")
+
+
+def _check_region(o: dict[str, Any], region: str) -> None:
+    if region in api.known_regions():
+        return
+    if o["ec2_endpoint"]:  # an EC2-compatible cloud names its own regions: ask it
+        try:
+            with translated("checking the region"):
+                if _client(o, region).describe_regions(RegionNames=[region])["Regions"]:
+                    return
+        except MachineError:
+            pass
+    raise UsageError(f"--ec2-region: unknown region {region!r}")
+
+
+def check(o: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a create that cannot succeed, in one line; return what create needs: region, image, root device,
+    VPC, subnet and the ids of reused security groups. Reads only: nothing is made."""
+    _check_values(o)
+    region = resolve_region(o)
+    _check_region(o, region)
+    profile = api.session(o["ec2_profile"], o.get("ec2_access_key"), o.get("ec2_secret_key"))
+    with translated("reading AWS credentials"):
+        if profile.get_credentials() is None:
+            raise MachineError("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
+                               "(or --ec2-profile), or configure ~/.aws/credentials")
+    ec2 = _client(o, region)
+    itype = o["ec2_instance_type"]
+    with _refused("--ec2-instance-type", f"{region} offers no instance type {itype!r}",
+                  "InvalidInstanceType", "InvalidParameterValue"):
+        described = ec2.describe_instance_types(InstanceTypes=[itype])["InstanceTypes"]
+    if not described:
+        raise UsageError(f"--ec2-instance-type: {region} offers no instance type {itype!r}")
+    architectures = described[0].get("ProcessorInfo", {}).get("SupportedArchitectures", ["x86_64"])
+
+    if o["ec2_ami"]:
+        with _refused("--ec2-ami", f"no image {o['ec2_ami']!r} in {region}", "InvalidAMIID.NotFound",
+                      "InvalidAMIID.Malformed", "InvalidAMIID.Unavailable"):
+            found = ec2.describe_images(ImageIds=[o["ec2_ami"]])["Images"]
+        if not found or found[0].get("State") != "available":
+            raise UsageError(f"--ec2-ami: no available image {o['ec2_ami']!r} in {region}")
+        image = found[0]
+        if image.get("Architecture") not in architectures:
+            raise UsageError(f"--ec2-ami {o['ec2_ami']} is {image.get('Architecture')}; {itype} runs "
+                             f"{', '.join(architectures)}")
+    else:
+        image = images.default_debian(ec2, region, architectures[0])
+
+    vpc, subnet = _check_network(o, ec2, region)
+    groups = _check_groups(o, ec2, vpc)
+    return {"region": region, "ami": image["ImageId"], "root_device": image.get("RootDeviceName", "/dev/xvda"),
+            "vpc": vpc, "subnet": subnet, "groups": groups}
+
+
+def _check_network(o: dict[str, Any], ec2: Any, region: str) -> tuple[str, str | None]:
+    """(VPC, subnet or None for the VPC's default subnet) that the instance and its group go in."""
+    zone, vpc, subnet = o["ec2_zone"], o["ec2_vpc_id"], o["ec2_subnet_id"]
+    if zone and not zone.startswith(region):
+        raise UsageError(f"--ec2-zone {zone} is not a zone of {region}")
+    if subnet:
+        with _refused("--ec2-subnet-id", f"no subnet {subnet!r} in {region}", "InvalidSubnetID.NotFound",
+                      "InvalidSubnetID.Malformed"):
+            found = ec2.describe_subnets(SubnetIds=[subnet])["Subnets"][0]
+        if vpc and found["VpcId"] != vpc:
+            raise UsageError(f"--ec2-subnet-id {subnet} is in {found['VpcId']}, not in --ec2-vpc-id {vpc}")
+        if zone and found["AvailabilityZone"] != zone:
+            raise UsageError(f"--ec2-subnet-id {subnet} is in {found['AvailabilityZone']}, not in --ec2-zone {zone}")
+        return found["VpcId"], subnet
+    if vpc:
+        filters = [{"Name": "vpc-id", "Values": [vpc]}] + (
+            [{"Name": "availability-zone", "Values": [zone]}] if zone else [])
+        with translated(f"--ec2-vpc-id {vpc}"):
+            subnets = ec2.describe_subnets(Filters=filters)["Subnets"]
+        if not subnets:
+            raise UsageError(f"--ec2-vpc-id: {vpc} has no subnet{' in ' + zone if zone else ''} in {region} "
+                             f"(or does not exist): pass --ec2-subnet-id")
+        best = max(subnets, key=lambda s: (s.get("DefaultForAz", False), s.get("AvailableIpAddressCount", 0)))
+        return vpc, best["SubnetId"]
+    with translated(f"finding the default VPC of {region}"):
+        defaults = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    if not defaults:
+        raise UsageError(f"{region} has no default VPC: pass --ec2-subnet-id (or --ec2-vpc-id)")
+    return defaults[0]["VpcId"], None
+
+
+def _check_groups(o: dict[str, Any], ec2: Any, vpc: str) -> list[str]:
+    wanted = o["ec2_security_group"]
+    if not wanted:
+        return []
+    ids = [g for g in wanted if g.startswith("sg-")]
+    names = [g for g in wanted if not g.startswith("sg-")]
+    found: list[dict[str, Any]] = []
+    with _refused("--ec2-security-group", f"not every group of {', '.join(wanted)} is in {vpc}",
+                  "InvalidGroup.NotFound", "InvalidGroupId.Malformed"):
+        if ids:
+            found += ec2.describe_security_groups(GroupIds=ids)["SecurityGroups"]
+        if names:
+            found += ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": names},
+                                                           {"Name": "vpc-id", "Values": [vpc]}])["SecurityGroups"]
+    known = {g["GroupId"] for g in found} | {g["GroupName"] for g in found}
+    missing = [g for g in wanted if g not in known]
+    if missing:
+        raise UsageError(f"--ec2-security-group: no group {missing[0]!r} in {vpc}")
+    elsewhere = [g["GroupId"] for g in found if g.get("VpcId") != vpc]
+    if elsewhere:
+        raise UsageError(f"--ec2-security-group {elsewhere[0]} is not in {vpc}")
+    return list(dict.fromkeys(g["GroupId"] for g in found))
+
+
+DRIVER = EC2Driver

@@ -1,0 +1,496 @@
+"""The EC2 driver through the real CLI and real boto3, against a real moto server on 127.0.0.1.
+
+Every effect is asserted through boto3 against the server (and its request log), never through pymachine's own
+record alone. moto's instances have no SSH and their addresses are not ours: nothing is ever sent to them.
+Machines are made with `create --no-connect`, and `start` (which waits for SSH in the CLI) runs the driver
+in-process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import drivers
+from drivers.ec2 import api, images
+from machine.errors import MachineError
+from machine.store import Store
+from tests.conftest import CLI
+from tests.ec2_moto import NEWEST, REGION, MotoServer, all_cloud_resources, cloud_leftovers, moto_server, sealed_env
+from tests.integration.conftest import kill_create_at
+
+pytestmark = pytest.mark.integration
+
+CIDRS = ("--ec2-allowed-cidr", "203.0.113.7/32")
+# The journal lines an EC2 create writes: identity; region, image and key pair name; key pair id; group name;
+# group id; host key and client token; instance id; addresses.
+EC2_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with moto_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+class Cloud:
+    """boto3 on the server, and what existed before the test (moto makes a volume per image)."""
+
+    def __init__(self, server: MotoServer) -> None:
+        server.reset()
+        self.server = server
+        self.ec2 = server.client()
+        self.baseline = all_cloud_resources(self.ec2)
+        server.recording.write_text("")  # the log holds pymachine's requests (and the test's own after this)
+
+    def new_resources(self) -> set[str]:
+        return all_cloud_resources(self.ec2) - self.baseline
+
+    def instance(self, instance_id: str) -> dict[str, Any]:
+        [reservation] = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        return reservation["Instances"][0]
+
+    def request(self, action: str) -> dict[str, str]:
+        """The parameters of the one `action` request pymachine made since the log was last cleared."""
+        [found] = [r for r in self.server.requests() if r["Action"] == [action]]
+        return {k: v[0] for k, v in found.items()}
+
+
+@pytest.fixture
+def cloud(moto: MotoServer) -> Cloud:
+    return Cloud(moto)
+
+
+@pytest.fixture
+def cli(cloud: Cloud, tmp_path: Path) -> Iterator[CLI]:
+    c = CLI(sealed_env(cloud.server, tmp_path / "home"))
+    yield c
+    names = c("ls", "-q", check=False).stdout.split()
+    if names:
+        c("rm", "-f", *names, check=False)
+
+
+def record(cli: CLI, name: str) -> dict[str, Any]:
+    return json.loads((cli.home / "machines" / name / "config.json").read_text())
+
+
+def create(cli: CLI, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return cli("create", "--driver", "ec2", "--no-connect", *args, name, check=check)
+
+
+def stored(cli: CLI) -> list[Path]:
+    """Everything in the store's machines directory, staging and trash directories included."""
+    machines = cli.home / "machines"
+    return list(machines.iterdir()) if machines.exists() else []
+
+
+def assert_one_line(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pymachine: "), proc.stderr
+
+
+def in_process(cli: CLI, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """This process set up as the CLI's (the same sealed environment), with boto3's caches empty."""
+    for key in [k for k in os.environ if k.startswith(("AWS_", "PYMACHINE_"))]:
+        monkeypatch.delenv(key)
+    for key, value in cli.env.items():
+        if key.startswith(("AWS_", "PYMACHINE_")) or key.lower() in ("http_proxy", "https_proxy", "no_proxy"):
+            monkeypatch.setenv(key, value)
+    api._CLIENTS.clear()
+    api._SESSIONS.clear()
+    api.Listing._cache.clear()
+    return Store(cli.home)
+
+
+def rules(group: dict[str, Any]) -> set[tuple[str, int, int, str]]:
+    found = set()
+    for p in group["IpPermissions"]:
+        for r in p.get("IpRanges", []):
+            found.add((p["IpProtocol"], p["FromPort"], p["ToPort"], r["CidrIp"]))
+        for r in p.get("Ipv6Ranges", []):
+            found.add((p["IpProtocol"], p["FromPort"], p["ToPort"], r["CidrIpv6"]))
+        assert not p.get("UserIdGroupPairs") and not p.get("PrefixListIds"), p
+    return found
+
+
+# -- create ---------------------------------------------------------------------------------------------------
+def test_create_makes_exactly_what_it_says(cli, cloud):
+    cidrs = ("203.0.113.7/32", "198.51.100.0/24", "2001:db8::/48")
+    create(cli, "web1", *(a for c in cidrs for a in ("--ec2-allowed-cidr", c)), "--ec2-root-size", "24",
+           "--ec2-volume-type", "gp2", "--ec2-volume-encrypted", "--ec2-kms-key", "alias/pm-test",
+           "--ec2-tags", "team=web", "--ec2-tags", "cost=42")
+    rec = record(cli, "web1")
+    mid, res, base = rec["id"], rec["resources"], f"pymachine-web1-{rec['id']}"
+    assert "ec2_access_key" not in rec["options"] and "testing" not in json.dumps(rec)
+    tags = {"Name": "web1", "pymachine-machine-id": mid, "pymachine-home": str(cli.home),
+            "pymachine-machine": "web1", "team": "web", "cost": "42"}
+
+    instance = cloud.instance(res["instance_id"])
+    assert instance["State"]["Name"] == "running"
+    assert instance["ImageId"] == NEWEST  # the newest released Debian 12 amd64 of Debian's account
+    assert instance["InstanceType"] == "t3.small" and instance["KeyName"] == base
+    assert api.tags_of(instance) == tags
+    assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    assert [g["GroupId"] for g in instance["SecurityGroups"]] == [res["group_id"]]
+
+    [volume] = cloud.ec2.describe_volumes(
+        Filters=[{"Name": "attachment.instance-id", "Values": [res["instance_id"]]}])["Volumes"]
+    assert (volume["Size"], volume["VolumeType"], volume["Encrypted"], volume["KmsKeyId"]) == (
+        24, "gp2", True, "alias/pm-test")
+    assert volume["Attachments"][0]["Device"] == "/dev/xvda"
+    assert api.tags_of(volume) == tags
+
+    # Tags at launch (no CreateTags afterwards), IMDSv2, an idempotency token from the machine's id.
+    run = cloud.request("RunInstances")
+    assert "CreateTags" not in cloud.server.actions()
+    specs = {run[f"TagSpecification.{i}.ResourceType"] for i in (1, 2)}
+    assert specs == {"instance", "volume"} and "TagSpecification.3.ResourceType" not in run
+    assert run["ClientToken"] == f"pymachine-{mid}" and run["MetadataOptions.HttpTokens"] == "required"
+    assert run["BlockDeviceMapping.1.Ebs.DeleteOnTermination"] == "true"
+
+    [group] = cloud.ec2.describe_security_groups(GroupIds=[res["group_id"]])["SecurityGroups"]
+    assert group["GroupName"] == base and api.tags_of(group)["pymachine-machine-id"] == mid
+    [default_vpc] = cloud.ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    assert group["VpcId"] == default_vpc["VpcId"]
+    assert rules(group) == {("tcp", port, port, c) for port in (22, 2376) for c in cidrs}
+    assert group["IpPermissionsEgress"]  # the default egress rule: the machine installs packages
+
+    [pair] = cloud.ec2.describe_key_pairs(KeyNames=[base])["KeyPairs"]
+    assert api.tags_of(pair)["pymachine-machine-id"] == mid
+
+    public_key = (cli.home / "machines/web1/id_ed25519.pub").read_text().split()[:2]
+    raw = cloud.ec2.describe_instance_attribute(InstanceId=res["instance_id"], Attribute="userData")
+    user_data = base64.b64decode(raw["UserData"]["Value"]).decode()
+    assert user_data.startswith("#cloud-config\n")
+    data = yaml.safe_load(user_data)
+    [user] = data["users"]
+    assert user["name"] == "admin" and user["sudo"] == "ALL=(ALL) NOPASSWD:ALL" and data["disable_root"] is True
+    assert [k.split()[:2] for k in user["ssh_authorized_keys"]] == [public_key]
+    assert data["ssh_keys"]["ed25519_public"] == res["host_key"]
+
+    # Addresses as EC2 has them, and the host key pinned for the address pymachine reaches.
+    assert (res["ip"], res["public_ip"], res["private_ip"]) == (
+        instance["PublicIpAddress"], instance["PublicIpAddress"], instance["PrivateIpAddress"])
+    assert res["public_dns"] == instance["PublicDnsName"]
+    known = (cli.home / "machines/web1/known_hosts").read_text().split()
+    assert known == [res["ip"], *res["host_key"].split()[:2]]
+
+    # The queries.
+    assert cli("status", "web1").stdout.strip() == "Running"
+    assert cli("ip", "web1").stdout.strip() == instance["PublicIpAddress"]
+    assert cli("url", "web1").stdout.strip() == f"tcp://{instance['PublicIpAddress']}:2376"
+    inspected = json.loads(cli("inspect", "web1").stdout)
+    assert inspected["ssh"]["user"] == "admin" and inspected["ssh"]["port"] == 22
+    assert inspected["state"] == "Running" and inspected["resources"]["instance_id"] == res["instance_id"]
+    [row] = json.loads(cli("ls", "--format", "json").stdout)
+    assert (row["name"], row["driver"], row["state"], row["error"]) == ("web1", "ec2", "Running", "")
+
+
+def test_the_engine_certificate_names_every_address(cli, cloud, monkeypatch):
+    create(cli, "web1", *CIDRS)
+    store = in_process(cli, monkeypatch)
+    machine = store.load("web1")
+    instance = cloud.instance(machine.resources["instance_id"])
+    names = drivers.get("ec2")(machine, store).cert_names()
+    assert set(names) == {instance["PublicIpAddress"], instance["PrivateIpAddress"], instance["PublicDnsName"],
+                          instance["PrivateDnsName"]}
+
+
+def test_private_address_zone_and_another_ssh_user(cli, cloud):
+    create(cli, "web1", *CIDRS, "--ec2-use-private-address", "--ec2-ssh-user", "deploy",
+           "--ec2-zone", "us-east-1c")
+    res = record(cli, "web1")["resources"]
+    instance = cloud.instance(res["instance_id"])
+    assert res["ip"] == instance["PrivateIpAddress"] and instance["Placement"]["AvailabilityZone"] == "us-east-1c"
+    assert json.loads(cli("inspect", "web1").stdout)["ssh"]["user"] == "deploy"
+    raw = cloud.ec2.describe_instance_attribute(InstanceId=res["instance_id"], Attribute="userData")
+    assert yaml.safe_load(base64.b64decode(raw["UserData"]["Value"]))["users"][0]["name"] == "deploy"
+
+
+def test_spot_instance(cli, cloud):
+    create(cli, "spot1", *CIDRS, "--ec2-spot", "--ec2-spot-max-price", "0.05")
+    rec = record(cli, "spot1")
+    assert cloud.instance(rec["resources"]["instance_id"])["InstanceLifecycle"] == "spot"
+    run = cloud.request("RunInstances")
+    assert run["InstanceMarketOptions.MarketType"] == "spot"
+    assert run["InstanceMarketOptions.SpotOptions.MaxPrice"] == "0.05"
+    assert run["InstanceMarketOptions.SpotOptions.SpotInstanceType"] == "persistent"
+    assert run["InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"] == "stop"
+    assert {run[f"TagSpecification.{i}.ResourceType"] for i in (1, 2, 3)} == {
+        "instance", "volume", "spot-instances-request"}
+    cli("rm", "-y", "spot1")
+    assert cloud_leftovers(cloud.ec2, rec["id"]) == []
+
+
+def test_an_existing_subnet_and_security_group(cli, cloud):
+    vpc = cloud.ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    subnet = cloud.ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24", AvailabilityZone="us-east-1b")
+    subnet_id = subnet["Subnet"]["SubnetId"]
+    group = cloud.ec2.create_security_group(GroupName="mine", Description="mine", VpcId=vpc)["GroupId"]
+    cloud.server.recording.write_text("")
+    create(cli, "web1", "--ec2-subnet-id", subnet_id, "--ec2-security-group", "mine")
+    rec = record(cli, "web1")
+    instance = cloud.instance(rec["resources"]["instance_id"])
+    assert instance["SubnetId"] == subnet_id and instance["Placement"]["AvailabilityZone"] == "us-east-1b"
+    assert [g["GroupId"] for g in instance["SecurityGroups"]] == [group]
+    assert "CreateSecurityGroup" not in cloud.server.actions()
+    cli("rm", "-y", "web1")
+    assert cloud_leftovers(cloud.ec2, rec["id"]) == []
+    # The user's group is theirs: rm leaves it.
+    assert cloud.ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"]
+
+
+# -- lifecycle ------------------------------------------------------------------------------------------------
+def test_stop_start_kill_restart_follow_the_instance(cli, cloud, monkeypatch):
+    create(cli, "web1", *CIDRS)
+    instance_id = record(cli, "web1")["resources"]["instance_id"]
+
+    cloud.server.recording.write_text("")
+    cli("stop", "web1")
+    assert cloud.instance(instance_id)["State"]["Name"] == "stopped"
+    assert cloud.request("StopInstances").get("Force", "false") == "false"
+    assert cli("status", "web1").stdout.strip() == "Stopped"
+    [row] = json.loads(cli("ls", "--format", "json").stdout)
+    assert row["state"] == "Stopped"
+
+    # `pymachine start` waits for SSH on the instance; moto's is not there: the driver's start runs here.
+    store = in_process(cli, monkeypatch)
+    cloud.server.recording.write_text("")
+    with store.locked("web1") as machine:
+        drivers.get("ec2")(machine, store).start()
+    now = cloud.instance(instance_id)
+    assert now["State"]["Name"] == "running" and "StartInstances" in cloud.server.actions()
+    # The addresses were read again after the start and recorded (a started instance gets a new public IP).
+    res = record(cli, "web1")["resources"]
+    assert (res["ip"], res["public_ip"], res["private_ip"]) == (
+        now["PublicIpAddress"], now["PublicIpAddress"], now["PrivateIpAddress"])
+    assert cli("status", "web1").stdout.strip() == "Running"
+
+    cloud.server.recording.write_text("")
+    cli("kill", "web1")
+    assert cloud.request("StopInstances")["Force"] == "true"
+    assert cloud.instance(instance_id)["State"]["Name"] == "stopped"
+    assert cli("status", "web1").stdout.strip() == "Stopped"
+
+    with store.locked("web1") as machine:
+        driver = drivers.get("ec2")(machine, store)
+        driver.start()
+        cloud.server.recording.write_text("")
+        driver.restart()  # a reboot: the instance keeps its address and so its certificate
+    assert cloud.request("RebootInstances")["InstanceId.1"] == instance_id
+    assert cli("status", "web1").stdout.strip() == "Running"
+
+
+def test_start_of_a_terminated_instance_says_to_remove_it(cli, cloud, monkeypatch):
+    create(cli, "web1", *CIDRS)
+    rec = record(cli, "web1")
+    cloud.ec2.terminate_instances(InstanceIds=[rec["resources"]["instance_id"]])
+    assert cli("status", "web1").stdout.strip() == "Error"
+    store = in_process(cli, monkeypatch)
+    with store.locked("web1") as machine, pytest.raises(MachineError, match="rm -f web1"):
+        drivers.get("ec2")(machine, store).start()
+    cli("rm", "-y", "web1")
+    assert cloud_leftovers(cloud.ec2, rec["id"]) == [] and cli("ls", "-q").stdout.strip() == ""
+
+
+# -- rm -------------------------------------------------------------------------------------------------------
+def test_rm_removes_everything_and_only_its_own(cli, cloud):
+    create(cli, "web1", *CIDRS)
+    create(cli, "web2", *CIDRS)
+    one, two = record(cli, "web1"), record(cli, "web2")
+    assert cloud_leftovers(cloud.ec2, one["id"])
+    cli("rm", "-y", "web1")
+    assert cloud_leftovers(cloud.ec2, one["id"]) == []
+    assert cloud.instance(one["resources"]["instance_id"])["State"]["Name"] == "terminated"
+    assert not (cli.home / "machines/web1").exists()
+    assert len(cloud_leftovers(cloud.ec2, two["id"])) == 4  # instance, volume, group, key pair
+    assert cli("status", "web2").stdout.strip() == "Running"
+    cli("rm", "-y", "web2")
+    assert cloud.new_resources() == set()
+
+
+def test_ls_asks_ec2_once_per_region(cli, cloud):
+    for name in ("a1", "a2", "a3"):
+        create(cli, name, *CIDRS)
+    create(cli, "w1", *CIDRS, "--ec2-region", "us-west-2")
+    cloud.server.recording.write_text("")
+    rows = json.loads(cli("ls", "--format", "json").stdout)
+    assert [(r["name"], r["state"]) for r in rows] == [(n, "Running") for n in ("a1", "a2", "a3", "w1")]
+    assert cloud.server.actions() == {"DescribeInstances": 2}
+    cli("rm", "-y", "a1", "a2", "a3", "w1")
+    assert cloud.new_resources() == set()
+
+
+# -- failures: one line, nothing made, nothing recorded ---------------------------------------------------------
+BAD = {
+    "no allowed cidr": ((), 2, "--ec2-allowed-cidr is required"),
+    "an AMI that does not exist": (("--ec2-ami", "ami-0123456789abcdef0", *CIDRS), 2, "--ec2-ami: no image"),
+    "a malformed AMI id": (("--ec2-ami", "debian", *CIDRS), 2, "--ec2-ami: no image"),
+    "an instance type EC2 refuses": (("--ec2-instance-type", "m9.enormous", *CIDRS), 2, "no instance type"),
+    "an unknown region": (("--ec2-region", "xx-nowhere-1", *CIDRS), 2, "unknown region 'xx-nowhere-1'"),
+    "a zone of another region": (("--ec2-zone", "eu-west-1a", *CIDRS), 2, "not a zone of us-east-1"),
+    "no Debian image for the architecture": (("--ec2-instance-type", "t4g.small", *CIDRS), 1,
+                                             "no Debian 12 image (debian-12-arm64-*"),
+    "a subnet that does not exist": (("--ec2-subnet-id", "subnet-0123456789abcdef0", *CIDRS), 2, "no subnet"),
+    "a group that does not exist": (("--ec2-security-group", "sg-0123456789abcdef0",), 2, "--ec2-security-group"),
+    "a cidr with host bits": (("--ec2-allowed-cidr", "10.1.2.3/8"), 2, "has host bits set"),
+    "a reserved tag": (("--ec2-tags", "pymachine-home=/x", *CIDRS), 2, "is reserved"),
+    "a price without spot": (("--ec2-spot-max-price", "0.1", *CIDRS), 2, "needs --ec2-spot"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_refused_up_front_and_leaves_nothing(cli, cloud, case):
+    args, code, message = BAD[case]
+    proc = create(cli, "bad", *args, check=False)
+    assert proc.returncode == code, proc.stderr
+    assert_one_line(proc)
+    assert message in proc.stderr
+    assert cloud.new_resources() == set()
+    assert not any(a.startswith(("Create", "Import", "Run", "Authorize")) for a in cloud.server.actions())
+    assert cli("ls", "-q").stdout.strip() == "" and not stored(cli)
+
+
+def test_a_subnet_of_another_vpc_is_refused(cli, cloud):
+    vpc = cloud.ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    subnet = cloud.ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24")["Subnet"]["SubnetId"]
+    [default_vpc] = cloud.ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    cloud.baseline = all_cloud_resources(cloud.ec2)
+    proc = create(cli, "bad", *CIDRS, "--ec2-vpc-id", default_vpc["VpcId"], "--ec2-subnet-id", subnet, check=False)
+    assert proc.returncode == 2
+    assert_one_line(proc)
+    assert f"--ec2-subnet-id {subnet} is in {vpc}, not in --ec2-vpc-id {default_vpc['VpcId']}" in proc.stderr
+    assert cloud.new_resources() == set() and cli("ls", "-q").stdout.strip() == ""
+
+
+def test_missing_credentials_are_refused_before_anything(cli, cloud):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        del cli.env[key]
+    proc = create(cli, "bad", *CIDRS, check=False)
+    assert proc.returncode == 1
+    assert_one_line(proc)
+    assert "no AWS credentials" in proc.stderr
+    assert cloud.server.actions() == {} and cli("ls", "-q").stdout.strip() == ""
+    # A profile that does not exist is bad input too.
+    proc = create(cli, "bad", *CIDRS, "--ec2-profile", "nosuch", check=False)
+    assert proc.returncode == 2 and "nosuch" in proc.stderr
+    assert_one_line(proc)
+
+
+def test_a_launch_ec2_refuses_is_rolled_back(cli, cloud):
+    """The key pair and group are made before RunInstances fails (an instance profile IAM does not know): the
+    create removes them, and its error is the one shown."""
+    proc = create(cli, "bad", *CIDRS, "--ec2-iam-instance-profile", "nosuch", check=False)
+    assert proc.returncode == 1
+    assert_one_line(proc)
+    assert "launching bad" in proc.stderr
+    assert {"ImportKeyPair", "CreateSecurityGroup", "RunInstances"} <= set(cloud.server.actions())
+    assert cloud.new_resources() == set()
+    assert cli("ls", "-q").stdout.strip() == "" and not stored(cli)
+
+
+def test_keep_on_failure_keeps_it_and_rm_f_removes_it(cli, cloud):
+    proc = create(cli, "bad", *CIDRS, "--ec2-iam-instance-profile", "nosuch", "--keep-on-failure", check=False)
+    assert proc.returncode == 1
+    rec = record(cli, "bad")
+    assert rec["state"] == "error"
+    left = cloud_leftovers(cloud.ec2, rec["id"])
+    assert sorted(x.split()[0] for x in left) == ["key", "security"]
+    [row] = json.loads(cli("ls", "--format", "json").stdout)
+    assert "security group" in row["error"] and "key pair" in row["error"]
+    cli("rm", "-f", "bad")
+    assert cloud.new_resources() == set() and cli("ls", "-q").stdout.strip() == ""
+
+
+# -- the default image ---------------------------------------------------------------------------------------
+def test_the_default_image_is_the_newest_debian_12_of_the_architecture(cloud):
+    image = images.default_debian(cloud.ec2, REGION, "x86_64")
+    assert image["ImageId"] == NEWEST and image["Name"].startswith("debian-12-amd64-")
+    with pytest.raises(MachineError, match=r"no Debian 12 image \(debian-12-arm64-\* of account 136693071363\) "
+                                           r"in us-east-1: pass --ec2-ami"):
+        images.default_debian(cloud.ec2, REGION, "arm64")
+
+
+# -- the journal under faults ---------------------------------------------------------------------------------
+def identity(cli: CLI, name: str) -> str:
+    first = (cli.home / "machines" / name / "journal").read_text().splitlines()[0]
+    return json.loads(first)["identity"]["id"]
+
+
+def kill_at(cli: CLI, name: str, lines: int) -> None:
+    kill_create_at(cli, name, lines, "--driver", "ec2", "--no-connect", *CIDRS)
+
+
+@pytest.mark.parametrize("step", range(1, EC2_STEPS + 1))
+def test_a_create_killed_at_any_step_is_removed_without_a_trace(cli, cloud, step):
+    kill_at(cli, "k", step)
+    machine_id = identity(cli, "k")
+    proc = cli("rm", "-f", "k", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert cloud_leftovers(cloud.ec2, machine_id) == []
+    assert cloud.new_resources() == set()
+    assert not stored(cli)
+
+
+DAMAGE = {"empty": "", "truncated": '{"na', "a list": "[]", "missing": None}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_record_is_shown_and_rm_f_removes_everything(cli, cloud, damage):
+    create(cli, "d", *CIDRS)
+    rec = record(cli, "d")
+    config = cli.home / "machines/d/config.json"
+    if DAMAGE[damage] is None:
+        config.unlink()
+    else:
+        config.write_text(DAMAGE[damage])
+    for command in ("status", "ip", "inspect", "stop", "kill"):
+        proc = cli(command, "d", check=False)
+        assert proc.returncode == 1, (command, proc.stderr)
+        assert_one_line(proc)
+    [row] = json.loads(cli("ls", "--format", "json").stdout)
+    assert row["state"] == "Error" and f"instance {rec['resources']['instance_id']} (running)" in row["error"]
+    assert "security group" in row["error"] and "key pair" in row["error"]
+    assert cloud.instance(rec["resources"]["instance_id"])["State"]["Name"] == "running"  # nothing took it down
+    proc = cli("rm", "-f", "d", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert cloud_leftovers(cloud.ec2, rec["id"]) == [] and cloud.new_resources() == set()
+
+
+def test_an_instance_whose_id_never_reached_the_journal_is_found_by_its_tag(cli, cloud):
+    """A create killed between RunInstances and the journal line of its id, simulated: the lines from the
+    instance id on are cut off and config.json is gone. rm -f finds the instance by its pymachine-machine-id tag,
+    the group and key pair by their names."""
+    create(cli, "lost", *CIDRS)
+    rec = record(cli, "lost")
+    journal = cli.home / "machines/lost/journal"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(line for line in lines if "instance_id" not in line and '"ip"' not in line
+                                 and "group_id" not in line) + "\n")
+    (cli.home / "machines/lost/config.json").unlink()
+    proc = cli("rm", "-f", "lost", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert cloud.instance(rec["resources"]["instance_id"])["State"]["Name"] == "terminated"
+    assert cloud_leftovers(cloud.ec2, rec["id"]) == [] and cloud.new_resources() == set()
+
+
+def test_another_stores_instance_with_the_same_id_is_never_touched(cli, cloud, tmp_path):
+    """Tags name the store too: an instance tagged with our machine id but another home is not ours."""
+    create(cli, "web1", *CIDRS)
+    rec = record(cli, "web1")
+    foreign = cloud.ec2.run_instances(ImageId=NEWEST, MinCount=1, MaxCount=1, TagSpecifications=[
+        {"ResourceType": "instance", "Tags": [{"Key": "pymachine-machine-id", "Value": rec["id"]},
+                                              {"Key": "pymachine-home", "Value": str(tmp_path / "elsewhere")}]}])
+    foreign_id = foreign["Instances"][0]["InstanceId"]
+    cli("rm", "-y", "web1")
+    assert cloud.instance(foreign_id)["State"]["Name"] == "running"
+    assert cloud.instance(rec["resources"]["instance_id"])["State"]["Name"] == "terminated"

@@ -1,0 +1,131 @@
+"""The EC2 driver without EC2: its options, the checks that need no API call, the user-data it launches with,
+the security group rules it asks for, and the names the engine's certificate carries."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import drivers
+from drivers.base import Option
+from drivers.ec2 import EC2Driver, _check_values, ingress, parse_tags
+from machine import cloudinit, sshkeys
+from machine.commands.machines import parse_driver_options
+from machine.errors import UsageError
+from machine.store import Machine, Store
+
+KEY = "ssh-ed25519 AAAAuser pymachine@web1"
+
+
+def values(**overrides) -> dict:
+    base = {o.key: o.default for o in EC2Driver.options} | {"ec2_security_group": [], "ec2_allowed_cidr": [],
+                                                            "ec2_tags": []}
+    return base | overrides
+
+
+def test_the_driver_is_registered_with_docker_machines_option_names():
+    assert drivers.get("ec2") is EC2Driver
+    names = {o.name for o in EC2Driver.options}
+    assert {"ec2-region", "ec2-zone", "ec2-instance-type", "ec2-ami", "ec2-vpc-id", "ec2-subnet-id",
+            "ec2-security-group", "ec2-allowed-cidr", "ec2-root-size", "ec2-volume-type", "ec2-volume-encrypted",
+            "ec2-kms-key", "ec2-tags", "ec2-spot", "ec2-spot-max-price", "ec2-use-private-address",
+            "ec2-iam-instance-profile", "ec2-ssh-user", "ec2-endpoint", "ec2-profile"} <= names
+    by_name: dict[str, Option] = {o.name: o for o in EC2Driver.options}
+    assert by_name["ec2-region"].env_alias == "AWS_DEFAULT_REGION"
+    assert by_name["ec2-profile"].env_alias == "AWS_PROFILE"
+    assert {o.name for o in EC2Driver.options if o.multiple} == {"ec2-security-group", "ec2-allowed-cidr",
+                                                                 "ec2-tags"}
+    assert {o.name for o in EC2Driver.options if o.secret} == {"ec2-access-key", "ec2-secret-key"}
+    assert by_name["ec2-ssh-user"].default == "admin"
+
+
+def test_keys_given_on_the_command_line_are_never_recorded(monkeypatch):
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    parsed = parse_driver_options("ec2", {"ec2_access_key": "AKIAEXAMPLE", "ec2_secret_key": "s3cret",
+                                          "ec2_allowed_cidr": ("10.0.0.0/8",)})
+    recorded, secrets = EC2Driver.split_secrets(parsed)
+    assert secrets == {"ec2_access_key": "AKIAEXAMPLE", "ec2_secret_key": "s3cret"}
+    assert "s3cret" not in repr(recorded) and recorded["ec2_allowed_cidr"] == ["10.0.0.0/8"]
+
+
+def test_the_ssh_user_is_the_option(tmp_path):
+    machine = Machine(name="web1", driver="ec2", id="0123abcd", dir=tmp_path, options={"ec2_ssh_user": "deploy"})
+    assert EC2Driver(machine, Store(tmp_path), {}).ssh_user == "deploy"
+    machine.options = {}
+    assert EC2Driver(machine, Store(tmp_path), {}).ssh_user == "admin"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({}, "--ec2-allowed-cidr is required"),
+    ({"ec2_allowed_cidr": ["10.0.0.0/8"], "ec2_security_group": ["sg-1"]}, "open ports 22 and 2376 in your group"),
+    ({"ec2_allowed_cidr": ["10.0.0.1/8"]}, "has host bits set"),
+    ({"ec2_allowed_cidr": ["everyone"]}, "does not appear to be an IPv4 or IPv6 network"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_root_size": 0}, "less than 1 GiB"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot_max_price": "0.1"}, "needs --ec2-spot"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot": True, "ec2_spot_max_price": "-1"}, "not a positive price"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot": True, "ec2_spot_max_price": "cheap"}, "not a positive price"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_tags": ["novalue"]}, "use KEY=VALUE"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_tags": ["aws:x=1"]}, "reserved"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_tags": ["pymachine-machine-id=1"]}, "reserved"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_endpoint": "127.0.0.1:5000"}, "not an http(s) URL"),
+])
+def test_values_refused_before_any_api_call(overrides, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _check_values(values(**overrides))
+
+
+def test_an_explicit_everyone_and_ipv6_are_accepted():
+    _check_values(values(ec2_allowed_cidr=["0.0.0.0/0", "::/0"]))
+    _check_values(values(ec2_security_group=["sg-0123"]))
+
+
+def test_tags_parse():
+    assert parse_tags(["team=web", "empty=", "eq=a=b"]) == {"team": "web", "empty": "", "eq": "a=b"}
+
+
+def test_the_group_opens_ssh_and_the_engine_to_the_allowed_cidrs_only():
+    rules = ingress(["203.0.113.7/32", "2001:db8::/48"])
+    assert rules == [
+        {"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
+         "IpRanges": [{"CidrIp": "203.0.113.7/32", "Description": "pymachine"}],
+         "Ipv6Ranges": [{"CidrIpv6": "2001:db8::/48", "Description": "pymachine"}]}
+        for port in (22, 2376)]
+
+
+def test_the_certificate_names_every_address_once(tmp_path):
+    machine = Machine(name="web1", driver="ec2", id="0123abcd", dir=tmp_path, resources={
+        "ip": "54.1.2.3", "public_ip": "54.1.2.3", "private_ip": "10.0.0.5",
+        "public_dns": "ec2-54-1-2-3.compute-1.amazonaws.com", "private_dns": "ip-10-0-0-5.ec2.internal"})
+    assert EC2Driver(machine, Store(tmp_path), {}).cert_names() == [
+        "54.1.2.3", "10.0.0.5", "ec2-54-1-2-3.compute-1.amazonaws.com", "ip-10-0-0-5.ec2.internal"]
+    machine.resources = {"ip": "10.0.0.5", "public_ip": "", "private_ip": "10.0.0.5", "public_dns": "",
+                         "private_dns": ""}
+    assert EC2Driver(machine, Store(tmp_path), {}).cert_names() == ["10.0.0.5"]
+
+
+# -- the shared cloud-init user-data, as EC2 launches it --------------------------------------------------------
+def test_ec2_user_data_makes_the_user_with_sudo_our_key_and_the_pinned_host_key():
+    host = sshkeys.new_keypair("root@web1")
+    text = cloudinit.user_data("web1", "admin", KEY, host)
+    assert text.startswith("#cloud-config\n")
+    data = yaml.safe_load(text)
+    assert data["hostname"] == "web1"
+    assert data["disable_root"] is True and "ssh_authorized_keys" not in data  # root gets no key
+    assert data["users"] == [{"name": "admin", "shell": "/bin/bash", "lock_passwd": True,
+                              "sudo": "ALL=(ALL) NOPASSWD:ALL", "ssh_authorized_keys": [KEY]}]
+    assert data["ssh_keys"] == {"ed25519_private": host.private_openssh.decode(),
+                                "ed25519_public": host.public_line}
+    assert data["ssh_genkeytypes"] == ["ed25519"] and data["ssh_deletekeys"] is True
+    assert len(text.encode()) < 16 * 1024  # EC2's limit on user-data
+
+
+def test_root_user_data_is_what_libvirt_boots_with():
+    host = sshkeys.new_keypair()
+    data = yaml.safe_load(cloudinit.user_data("web1", "root", KEY, host))
+    assert data["disable_root"] is False and data["ssh_authorized_keys"] == [KEY] and "users" not in data
+
+
+def test_a_user_name_cannot_break_out_of_the_yaml():
+    host = sshkeys.new_keypair()
+    data = yaml.safe_load(cloudinit.user_data("web1", 'admin"\nruncmd: [reboot]', KEY, host))
+    assert "runcmd" not in data and data["users"][0]["name"] == 'admin"\nruncmd: [reboot]'
