@@ -260,8 +260,9 @@ CORPUS = NAMES + ENGINE + LOCAL_DRIVER + LIBVIRT_DRIVER + COMMANDS + MISSING + E
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under `root` with its contents (None for a directory)."""
-    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+    """Every path under `root` with its contents (None for a directory, a device node or a socket)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+            for p in sorted(root.rglob("*"))}
 
 
 @dataclass
