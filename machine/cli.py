@@ -134,7 +134,10 @@ def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, no
     commands.create(_store(), name, driver, options, engine=engine, provision=not no_provision,
                     keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"),
                     connect=not no_connect)
-    ui.note(f"[green]{name}[/] is ready: `eval $(pymachine env {name})`")
+    if no_provision:
+        ui.note(f"[green]{name}[/] is made (no engine yet: `pymachine provision {name}` installs it)")
+    else:
+        ui.note(f"[green]{name}[/] is ready: `eval $(pymachine env {name})`")
 
 
 @cli.command("provision", context_settings=_CONTEXT)

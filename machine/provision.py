@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from machine.errors import UsageError
+from machine.names import LABEL
 from machine.paths import roles_dir
 
 ROLES = ("kernel", "storage", "tls", "engine", "bridge")
@@ -25,7 +26,6 @@ TLS_DIR = "/etc/docker/tls"
 _SPECIAL_TAGS = frozenset({"all", "always", "never", "tagged", "untagged"})
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # daemon.json keys that have a flag of their own: an --engine-opt would silently override that flag.
 _OPT_FLAGS = {
     "storage-driver": "--engine-storage-driver", "bip": "--engine-bip", "mtu": "--engine-mtu",
@@ -103,7 +103,7 @@ def _is_dns_name(text: str, wildcard: bool = False) -> bool:
     labels = text.removesuffix(".").split(".")
     if wildcard and len(labels) > 1 and labels[0] == "*":
         labels = labels[1:]
-    return 0 < len(text) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
+    return 0 < len(text) <= 253 and all(LABEL.fullmatch(label) for label in labels)
 
 
 def _tls_san(value: str) -> str:

@@ -67,6 +67,11 @@ class Endpoint:
     name: str = ""  # the machine's name, for messages about its files (`web1:/etc/x`, as the user wrote it)
 
     @property
+    def needs_become(self) -> bool:
+        """Provisioning needs root: a host reached as another user is provisioned through sudo."""
+        return self.user != "root"
+
+    @property
     def known_hosts_name(self) -> str:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
@@ -335,12 +340,14 @@ class Connection:
             if stat.S_ISDIR(attrs.st_mode or 0):
                 if not recursive:
                     raise MachineError(f"{remote} is a directory (use -r)")
-                local.mkdir(mode=stat.S_IMODE(attrs.st_mode or 0o755), exist_ok=True)
+                local.mkdir(mode=_plain_mode(attrs.st_mode, 0o755), exist_ok=True)
                 for entry in sorted(self.sftp.listdir(remote)):
+                    if entry in (".", "..") or "/" in entry:  # names come from the machine: never outside `local`
+                        raise MachineError(f"{remote}: the machine listed an entry named {entry!r}; refusing it")
                     self.get(str(PurePosixPath(remote) / entry), local / entry, recursive=True)
                 return
             self.sftp.get(remote, str(local))
-            local.chmod(stat.S_IMODE(attrs.st_mode or 0o644))
+            local.chmod(_plain_mode(attrs.st_mode, 0o644))
 
     def _mkdir(self, remote: str, mode: int) -> None:
         try:
@@ -368,6 +375,11 @@ def _file_error(host: str, remote: str, e: BaseException) -> str:
     else:
         reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
     return f"{host}:{remote}: {reason}"
+
+
+def _plain_mode(mode: int | None, default: int) -> int:
+    """Permission bits only: a file copied from a machine is never setuid or setgid here (pymachine runs as root)."""
+    return stat.S_IMODE(mode or default) & 0o777
 
 
 def _drain(ready, recv, buffer: bytearray, kind: str, stream) -> bool:

@@ -17,6 +17,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
@@ -26,14 +27,13 @@ from drivers.local.network import Network, host_nameservers
 from machine import images, sshkeys
 from machine.errors import MachineError, UsageError
 from machine.paths import data_dir
+from machine.provision import DEVICE_STORAGE_DRIVERS
+from machine.store import write_atomic
 
 _TEMPLATES = data_dir("templates") / "local"
 _RELEASE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 STOP_TIMEOUT = 30.0
 ISOLATIONS = ("userns", "privileged")
-# Engine storage a user-namespaced machine cannot host: these need loop or block devices (mknod, losetup,
-# mounting a block filesystem), which the kernel grants only to the host's root.
-_DEVICE_STORAGE = ("btrfs", "zfs", "devicemapper")
 
 
 class LocalDriver(Driver):
@@ -52,7 +52,7 @@ class LocalDriver(Driver):
 
     # -- checks -------------------------------------------------------------------------------------------
     @classmethod
-    def pre_create_check(cls, options: dict) -> None:
+    def pre_create_check(cls, options: dict[str, Any]) -> None:
         Network.parse(options["local_bridge"], options["local_subnet"])
         release = options["local_release"]
         if not release or not set(release) <= _RELEASE_CHARS:
@@ -72,14 +72,16 @@ class LocalDriver(Driver):
             )
 
     @classmethod
-    def check_engine(cls, options: dict, engine: dict) -> None:
+    def check_engine(cls, options: dict[str, Any], engine: dict[str, Any]) -> None:
         if options.get("local_isolation") != "userns":
             return
         storage = engine.get("engine_storage_driver", "")
         if engine.get("engine_storage_device"):
             raise UsageError("--engine-storage-device: a machine with --local-isolation userns cannot use block "
                              "devices; add --local-isolation privileged")
-        if storage in _DEVICE_STORAGE:
+        # These need loop or block devices (mknod, losetup, mounting a block filesystem), which the kernel grants
+        # only to the host's root.
+        if storage in DEVICE_STORAGE_DRIVERS:
             raise UsageError(f"--engine-storage-driver {storage}: a machine with --local-isolation userns cannot "
                              f"mount loop devices; add --local-isolation privileged, or use overlay2")
 
@@ -151,8 +153,7 @@ class LocalDriver(Driver):
             path.chmod(0o600 if rel in secret and not rel.endswith(".pub") else 0o644)
         (upper / "root/.ssh").chmod(0o700)  # sshd's StrictModes
         key_type, key_b64 = host_key.public_line.split()[:2]
-        self.machine.known_hosts_path.write_text(f"{address} {key_type} {key_b64}\n")
-        self.machine.known_hosts_path.chmod(0o600)
+        write_atomic(self.machine.known_hosts_path, f"{address} {key_type} {key_b64}\n".encode(), 0o600)
 
     def start(self) -> None:
         if self.state() == State.RUNNING:
@@ -221,11 +222,15 @@ class LocalDriver(Driver):
                 userns.attach(tree, lower)
 
         with (self.machine.dir / "console.log").open("ab") as log:
-            proc = subprocess.Popen(
-                ["sh", str(_TEMPLATES / "supervisor.sh"), *nspawn],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                preexec_fn=enter,
-            )
+            try:
+                proc = subprocess.Popen(
+                    ["sh", str(_TEMPLATES / "supervisor.sh"), *nspawn],
+                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                    preexec_fn=enter,
+                )
+            except (OSError, subprocess.SubprocessError) as e:  # subprocess names no step of `enter`
+                raise MachineError(f"cannot start {self.machine.name}: joining its cgroups, making its mount "
+                                   f"namespace or mounting its base failed ({e})") from None
         self.machine.record(pid=proc.pid, pid_start=_start_time(proc.pid))
 
     def _uid_shift(self) -> int | None:
@@ -269,17 +274,28 @@ class LocalDriver(Driver):
         self._cleanup_processes()
 
     def _cleanup_processes(self) -> None:
-        paths = self.machine.resources.get("cgroups", [])
-        cgroups.kill_all(paths)
+        self._kill_processes()
+        self._remove_cgroups()
+
+    def _kill_processes(self) -> None:
+        cgroups.kill_all(self.machine.resources.get("cgroups", []))
         pid = self.machine.resources.get("pid")
         if pid:
             _reap(pid)
-        cgroups.remove(paths)
+
+    def _remove_cgroups(self) -> None:
+        cgroups.remove(self.machine.resources.get("cgroups", []))
 
     def remove(self) -> None:
+        try:
+            self._kill_processes()
+        except MachineError as e:
+            # Processes that survive keep running as this machine: its address, its UID range and its files
+            # must not go to the next machine while they do.
+            raise MachineError(f"{e}; its address, UID range and files are kept until they are gone") from None
         errors = []
         # Each step on its own: a step that fails must not keep the next from removing what it can.
-        for step in (self.kill, self._release_address, self._release_uids):
+        for step in (self._remove_cgroups, self._release_address, self._release_uids):
             try:
                 step()
             except MachineError as e:

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from drivers.local import leases as host_leases
 from machine.errors import MachineError, UsageError
-from machine.store import file_lock, write_atomic
 
 STATE_DIR = Path(os.environ.get("PYMACHINE_NETWORK_STATE", "/var/lib/pymachine/networks"))
 _BRIDGE_NAME = re.compile(r"[a-zA-Z0-9_-]{1,15}")
@@ -62,23 +62,15 @@ class Network:
 
     @contextlib.contextmanager
     def _leases(self) -> Iterator[dict[str, str]]:
-        """The bridge's leases ({address: owner}) under the bridge lock; saved when the block ends."""
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        # Lock the directory itself: a lock file per bridge would outlive the bridge.
-        with file_lock(STATE_DIR, timeout=60, what=f"bridge {self.bridge}"):
-            state = json.loads(self._state_file.read_text()) if self._state_file.exists() else None
+        """The bridge's leases ({address: owner}) under the lock; saved when the block ends."""
+        meta = {"subnet": str(self.subnet)}
+        with host_leases.table(self._state_file, f"bridge {self.bridge}", meta) as (state, held):
             if state and state["subnet"] != str(self.subnet):
                 raise UsageError(
                     f"bridge {self.bridge} already serves {state['subnet']}; use that --local-subnet "
                     f"or another --local-bridge"
                 )
-            leases: dict[str, str] = dict(state["leases"]) if state else {}
-            yield leases
-            if leases:
-                payload = {"subnet": str(self.subnet), "leases": leases}
-                write_atomic(self._state_file, json.dumps(payload, indent=2).encode(), 0o644)
-            else:
-                self._state_file.unlink(missing_ok=True)
+            yield held
 
     def lease(self, owner: str, wanted: str | None = None) -> str:
         """Give `owner` (a machine directory) an address, keeping `wanted` when it is still its own."""
@@ -102,12 +94,8 @@ class Network:
             return address
 
     def leased_to(self, owner: str) -> str | None:
-        """The address `owner` holds on this bridge, if any (read without the lock: a report, not a decision)."""
-        try:
-            state = json.loads(self._state_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return next((addr for addr, who in state.get("leases", {}).items() if who == owner), None)
+        """The address `owner` holds on this bridge, if any (a report, not a decision)."""
+        return host_leases.held_by(self._state_file, owner)
 
     def release(self, owner: str) -> None:
         """Drop `owner`'s lease; the last one out takes the bridge and its rules with it."""

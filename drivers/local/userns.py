@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+from drivers.local import leases as host_leases
 from machine.errors import MachineError
-from machine.store import file_lock, write_atomic
 
 RANGE = 0x10000  # 65536 UIDs (and as many GIDs) per machine
 # The span systemd-nspawn --private-users=pick draws from, far above login users and /etc/subuid's usual ranges.
@@ -34,16 +33,8 @@ NSPAWN_LOCKS = Path("/run/systemd/nspawn-uid")  # ranges nspawn --private-users=
 @contextlib.contextmanager
 def _leases() -> Iterator[dict[str, str]]:
     """The host's UID-range leases ({first uid: owner}) under the lock; saved when the block ends."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    state_file = STATE_DIR / "leases.json"
-    with file_lock(STATE_DIR, timeout=60, what="the UID-range leases"):
-        state = json.loads(state_file.read_text()) if state_file.exists() else {}
-        leases: dict[str, str] = dict(state.get("leases", {}))
-        yield leases
-        if leases:
-            write_atomic(state_file, json.dumps({"size": RANGE, "leases": leases}, indent=2).encode(), 0o644)
-        else:
-            state_file.unlink(missing_ok=True)
+    with host_leases.table(STATE_DIR / "leases.json", "the UID-range leases", {"size": RANGE}) as (_, held):
+        yield held
 
 
 def _reserved() -> list[tuple[int, int]]:
@@ -62,9 +53,8 @@ def lease(owner: str, wanted: int | None = None) -> int:
     """Give `owner` (a machine directory) a range of RANGE UIDs and return its first; keep `wanted` when it is
     still the owner's (a machine's files are stored in its range: it can never move)."""
     with _leases() as leases:
-        for first, who in list(leases.items()):  # forget owners whose machine directory is gone
-            if who != owner and not Path(who).is_dir():
-                del leases[first]
+        # Never forgotten because the owner's directory is not there (a home on a filesystem not mounted now):
+        # its files are stored in the range, and another machine in it would share their owners. rm releases.
         if wanted is not None:
             if leases.get(str(wanted), owner) != owner:
                 raise MachineError(f"UID range {wanted}-{wanted + RANGE - 1} is leased to {leases[str(wanted)]}")
@@ -85,12 +75,9 @@ def lease(owner: str, wanted: int | None = None) -> int:
 
 
 def leased_to(owner: str) -> int | None:
-    """The first UID of the range `owner` holds, if any (read without the lock: a report, not a decision)."""
-    try:
-        state = json.loads((STATE_DIR / "leases.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return next((int(first) for first, who in state.get("leases", {}).items() if who == owner), None)
+    """The first UID of the range `owner` holds, if any (a report, not a decision)."""
+    first = host_leases.held_by(STATE_DIR / "leases.json", owner)
+    return int(first) if first is not None else None
 
 
 def release(owner: str) -> None:

@@ -35,7 +35,3 @@ def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT
     endpoint = dataclasses.replace(driver.ssh_endpoint(), name=machine.name)
     return Connection.wait_ready(endpoint, machine.key_path, machine.known_hosts_path,
                                  timeout=timeout, is_alive=driver.is_alive)
-
-
-def engine_url(driver: Driver) -> str:
-    return driver.engine_url()

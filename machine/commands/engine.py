@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from drivers.base import Driver, State
 from machine import certs, dockercontext
 from machine import provision as plan
-from machine.commands.common import connect, engine_url, load, locked
+from machine.commands.common import connect, load, locked
 from machine.errors import MachineError
 from machine.paths import roles_dir
 from machine.store import Machine, Store
@@ -47,13 +47,13 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
     with connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, list(plan.ROLES), roles_dir(), variables, check=check, diff=diff,
                           tags=list(tags) or None, reporter=reporter, host_name=machine.name,
-                          become=conn.endpoint.user != "root")
+                          become=conn.endpoint.needs_become)
     if recap.failed:
         raise MachineError(f"provisioning {machine.name} failed: {recap.failure}")
     if not check:
         machine.state = "ready"
         machine.save()
-        dockercontext.save(machine.name, engine_url(driver), machine.dir)
+        dockercontext.save(machine.name, driver.engine_url(), machine.dir)
     return recap
 
 
@@ -100,7 +100,7 @@ def env(store: Store, name: str) -> dict[str, str]:
     driver, cert_dir = _checked_cert_dir(store, name)
     return {
         "DOCKER_TLS_VERIFY": "1",
-        "DOCKER_HOST": engine_url(driver),
+        "DOCKER_HOST": driver.engine_url(),
         "DOCKER_CERT_PATH": str(cert_dir),
         "DOCKER_MACHINE_NAME": name,
     }
@@ -114,5 +114,5 @@ def config(store: Store, name: str) -> list[str]:
         f"--tlscacert={cert_dir / 'ca.pem'}",
         f"--tlscert={cert_dir / 'cert.pem'}",
         f"--tlskey={cert_dir / 'key.pem'}",
-        f"-H={engine_url(driver)}",
+        f"-H={driver.engine_url()}",
     ]

@@ -25,8 +25,7 @@ def host_vars(store: Store, name: str) -> dict[str, Any]:
         "ansible_ssh_common_args": shlex.join(ssh_args),
         "ansible_python_interpreter": "auto_silent",
         "pymachine_driver": machine.driver,
-        # Provisioning needs root: a host reached as another user is provisioned through sudo, as pymachine does.
-        **({"ansible_become": True} if endpoint.user != "root" else {}),
+        **({"ansible_become": True} if endpoint.needs_become else {}),
     }
 
 

@@ -12,7 +12,7 @@ import drivers
 from drivers.base import Driver, State
 from machine import certs, dockercontext, sshkeys, ui
 from machine import provision as plan
-from machine.commands.common import connect, engine_url, locked
+from machine.commands.common import connect, locked
 from machine.commands.common import connect as _connect  # `create` has a parameter named connect
 from machine.commands.engine import run_provisioning, server_pair
 from machine.errors import MachineError, UsageError
@@ -93,7 +93,7 @@ def start(store: Store, name: str) -> None:
     with locked(store, name) as (machine, driver):
         if driver.state() == State.RUNNING:
             return
-        before = engine_url(driver)
+        before = driver.engine_url()
         driver.start()
         connect(machine, driver).close()
         _follow_engine(machine, driver, before)
@@ -106,7 +106,7 @@ def stop(store: Store, name: str) -> None:
 
 def restart(store: Store, name: str) -> None:
     with locked(store, name) as (machine, driver):
-        before = engine_url(driver)
+        before = driver.engine_url()
         driver.restart()
         connect(machine, driver).close()
         _follow_engine(machine, driver, before)
@@ -122,7 +122,7 @@ def _follow_engine(machine: Machine, driver: Driver, before: str) -> None:
         ui.err(f"warning: {machine.name} came back at {driver.ip()}, which its engine certificate does not "
                f"name: run `pymachine regenerate-certs {machine.name}`")
         return
-    url = engine_url(driver)
+    url = driver.engine_url()
     if url != before:
         dockercontext.save(machine.name, url, machine.dir)
     with ui.step(f"waiting for the engine of {machine.name}"):
@@ -206,7 +206,7 @@ def _uninstall(machine: Machine, driver: Driver, reporter=None) -> None:
     settings = {k: v for k, v in machine.engine.items() if k != "tls_san"} | {"tls_dir": plan.TLS_DIR}
     with _connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, [UNINSTALL_ROLE], roles, settings, reporter=reporter, host_name=machine.name,
-                          become=conn.endpoint.user != "root")
+                          become=conn.endpoint.needs_become)
     if recap.failed:
         raise MachineError(f"uninstalling from {machine.name} failed (nothing removed from the store): "
                            f"{recap.failure}")

@@ -9,7 +9,7 @@ from typing import Any
 
 from drivers.base import Driver, State
 from machine import __version__
-from machine.commands.common import driver_for, engine_url, load
+from machine.commands.common import driver_for, load
 from machine.errors import MachineError, UsageError
 from machine.store import RecordDamaged, Store
 
@@ -18,7 +18,7 @@ def describe(store: Store, name: str) -> dict[str, Any]:
     """The row `ls` shows for one machine; a broken machine still gets a row, with its error."""
     try:
         machine, driver = load(store, name)
-        state, url = driver.state(), engine_url(driver)
+        state, url = driver.state(), driver.engine_url()
         if machine.state == "creating" and state == State.STOPPED:
             state = State.ERROR
         error = _left(driver) if machine.state == "error" else ""
@@ -88,7 +88,7 @@ def url(store: Store, name: str) -> str:
     _, driver = load(store, name)
     if driver.state() != State.RUNNING:
         raise MachineError(f"machine {name!r} is not running")
-    return engine_url(driver)
+    return driver.engine_url()
 
 
 def inspect(store: Store, name: str) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def inspect(store: Store, name: str) -> dict[str, Any]:
         "state": driver.state().value,
         "provisioning": machine.state,
         "ip": driver.ip(),
-        "url": engine_url(driver),
+        "url": driver.engine_url(),
         "ssh": {
             "host": endpoint.host, "port": endpoint.port, "user": endpoint.user,
             "key": str(machine.key_path), "known_hosts": str(machine.known_hosts_path),
