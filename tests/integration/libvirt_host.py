@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +67,18 @@ def transient_pool(uri: str, path: Path) -> Iterator[str]:
         for volume in volumes(uri, name):
             virsh(uri, "vol-delete", "--pool", name, volume, check=False)
         virsh(uri, "pool-destroy", name, check=False)
+
+
+@contextlib.contextmanager
+def scratch_pool(uri: str) -> Iterator[tuple[str, Path]]:
+    """(name, directory) of a transient pool in a directory of its own under /var/tmp, removed at the end.
+
+    Not under pytest's basetemp: every pytest that starts makes /tmp/pytest-of-<user> 0700 again, and QEMU
+    (running as libvirt-qemu) could then no longer reach the disks of a run that is still going.
+    """
+    path = Path(tempfile.mkdtemp(prefix="pmtest-pool-", dir="/var/tmp"))
+    try:
+        with transient_pool(uri, path) as name:
+            yield name, path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -15,13 +15,13 @@ import pytest
 
 from tests.conftest import CLI
 from tests.integration.conftest import URI, busybox_image, docker, docker_env, libvirt_cli, machine_record
-from tests.integration.libvirt_host import domains, transient_pool, virsh, volumes
+from tests.integration.libvirt_host import domains, scratch_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="session")
-def pool(libvirtd, tmp_path_factory) -> Iterator[str]:
-    with transient_pool(URI, tmp_path_factory.mktemp("pool")) as name:
+def pool(libvirtd) -> Iterator[str]:
+    with scratch_pool(URI) as (name, _):
         yield name
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +26,7 @@ import pytest
 from tests.conftest import CLI
 from tests.integration import cloudimage
 from tests.integration.conftest import URI, libvirt_cli
-from tests.integration.libvirt_host import domains, transient_pool, virsh, volumes
+from tests.integration.libvirt_host import domains, scratch_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
 
@@ -158,17 +156,9 @@ def rm_f_leaves_nothing(cli: CLI, pool: Pool, killed: Killed) -> None:
 # -- fixtures --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pool(libvirtd) -> Iterator[Pool]:
-    """A pool of the module's own: the torn-upload case below removes the base volume from it.
-
-    Not under pytest's basetemp: every pytest that starts resets /tmp/pytest-of-root to 0700, and QEMU (as
-    libvirt-qemu) could then no longer reach the disks of a run that is still going.
-    """
-    path = Path(tempfile.mkdtemp(prefix="pmtest-journal-pool-", dir="/var/tmp"))
-    try:
-        with transient_pool(URI, path) as name:
-            yield Pool(name, path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    """A pool of the module's own: the torn-upload case below removes the base volume from it."""
+    with scratch_pool(URI) as (name, path):
+        yield Pool(name, path)
 
 
 @pytest.fixture(scope="module")
