@@ -5,20 +5,21 @@ to the CIDRs the user names, and launches an instance of the region's current De
 required, its root volume as asked, and cloud-init user-data that pins the host key pymachine generated. Every
 resource is named `pymachine-<name>-<id>` and tagged with the machine's id and store at launch, and journaled
 before it is made, so `rm -f` finds it from the journal, or by name and tag when its id never got there.
-Credentials come from boto3's chain (environment, profile, SSO, instance role) and are never recorded.
+Credentials come from boto3's chain (environment, profile, SSO, instance role) and are never recorded; the
+account they act in is (STS GetCallerIdentity, before anything is made), and `rm` refuses other credentials'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
+import socket
 import time
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
-from typing import Any, ClassVar
+from typing import Any
 
-from drivers.base import Driver, Option, State
+from drivers.base import ENGINE_PORT, Driver, Option, State
 from drivers.ec2 import api, images
 from drivers.ec2.api import TAG_HOME, TAG_ID, EC2Error, tag_filter, tags_of, translated
 from machine import cloudinit, sshkeys, ui
@@ -26,13 +27,17 @@ from machine.errors import MachineError, UsageError
 from machine.store import write_atomic
 
 DEFAULT_REGION = "us-east-1"  # docker-machine's default, when neither a flag, the environment nor a profile names one
-SSH_PORT = 22
-ENGINE_PORT = 2376
+SSH_PORT = 22  # the group's rule; where pymachine connects is Driver.ssh_endpoint()
 VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")
 # A launched instance reaches `running` in ~10-30 s, stops in ~30-60 s (a spot instance longer); a terminated
 # one frees its network interface, and so its security group, up to a few minutes later.
 WAIT = {"Delay": 5, "MaxAttempts": 120}
 GROUP_RELEASE_TIMEOUT = 300.0
+# How often is_alive() asks EC2 while the command layer waits for SSH (it is called several times a second).
+ALIVE_INTERVAL = 5.0
+# A reboot that the OS does not perform within 4 minutes EC2 forces: by then SSH must have gone down.
+REBOOT_TIMEOUT = 300.0
+DEAD = ("shutting-down", "terminated")
 LIVE = ("pending", "running", "shutting-down", "stopping", "stopped")
 STATES = {"pending": State.STARTING, "running": State.RUNNING, "stopping": State.STOPPED, "stopped": State.STOPPED,
           "shutting-down": State.ERROR, "terminated": State.ERROR}
@@ -74,10 +79,6 @@ class EC2Driver(Driver):
         Option("ec2-ssh-user", "user pymachine logs in as (made by cloud-init, with passwordless sudo)", "admin"),
     )
 
-    # What pre_create_check found (region, image, subnet, VPC, groups), for create in the same process: the
-    # checks already cost the API calls that create needs the answers of.
-    _checked: ClassVar[dict[str, dict[str, Any]]] = {}
-
     # -- identity, connection ---------------------------------------------------------------------------
     @property
     def ssh_user(self) -> str:  # type: ignore[override]
@@ -87,6 +88,15 @@ class EC2Driver(Driver):
     def _base(self) -> str:
         """The name of the key pair and of the security group: the machine's identity, found by `rm -f`."""
         return f"pymachine-{self.machine.name}-{self.machine.id}"
+
+    @property
+    def _key_name(self) -> str:
+        """The key pair's name as the journal has it (the derived name for a record from before it did)."""
+        return self.machine.resources.get("key_name") or self._base
+
+    @property
+    def _group_name(self) -> str:
+        return self.machine.resources.get("group_name") or self._base
 
     @property
     def _region(self) -> str:
@@ -108,30 +118,46 @@ class EC2Driver(Driver):
     # -- checks -------------------------------------------------------------------------------------------
     @classmethod
     def pre_create_check(cls, options: dict[str, Any]) -> None:
-        cls._checked[_options_key(options)] = check(options)
+        check(options)
+
+    def _check_account(self) -> None:
+        """Refuse to act (and so to report resources gone) with credentials of another account than the one the
+        machine was made in: there EC2 finds nothing of it, and rm would forget a running instance."""
+        recorded = self.machine.resources.get("account")
+        if not recorded:
+            return  # a record from before accounts were recorded, or a cloud without STS
+        o = self.opts
+        current = api.caller_account(o["ec2_profile"], self._region, o["ec2_endpoint"], o.get("ec2_access_key"),
+                                     o.get("ec2_secret_key"))
+        if current and current != recorded:
+            raise MachineError(f"{self.machine.name} was made in AWS account {recorded}, but these credentials are "
+                               f"of account {current}: use credentials of account {recorded}")
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def create(self) -> None:
         o, r = self.opts, self.machine.resources
-        found = self._checked.pop(_options_key(o), None) or check(o)
+        # The checks again (reads only): what they found is what the launch needs, and keeping it from
+        # pre_create_check would take state shared between the two calls.
+        found = check(o)
         ec2 = _client(o, found["region"])
-        self.machine.record(region=found["region"], ami=found["ami"], key_name=self._base)
+        # The account first: rm with another account's credentials must refuse, not find nothing and forget.
+        self.machine.record(region=found["region"], ami=found["ami"], key_name=self._base, account=found["account"])
         public = sshkeys.public_line(self.machine.key_path.read_bytes(), f"pymachine@{self.machine.name}")
-        with translated(f"importing key pair {self._base}"):
-            pair = ec2.import_key_pair(KeyName=self._base, PublicKeyMaterial=public.encode(), TagSpecifications=[
-                {"ResourceType": "key-pair", "Tags": self._tags(self._base)}])
+        with translated(f"importing key pair {self._key_name}"):
+            pair = ec2.import_key_pair(KeyName=self._key_name, PublicKeyMaterial=public.encode(), TagSpecifications=[
+                {"ResourceType": "key-pair", "Tags": self._tags(self._key_name)}])
         self.machine.record(key_pair_id=pair.get("KeyPairId", ""))
 
         groups = list(found["groups"])
         if not groups:
             self.machine.record(group_name=self._base)
-            with translated(f"creating security group {self._base}"):
+            with translated(f"creating security group {self._group_name}"):
                 group = ec2.create_security_group(
-                    GroupName=self._base, VpcId=found["vpc"],
+                    GroupName=self._group_name, VpcId=found["vpc"],
                     Description=f"pymachine machine {self.machine.name} ({self.machine.id}): SSH and engine",
-                    TagSpecifications=[{"ResourceType": "security-group", "Tags": self._tags(self._base)}])
+                    TagSpecifications=[{"ResourceType": "security-group", "Tags": self._tags(self._group_name)}])
             self.machine.record(group_id=group["GroupId"])
-            with translated(f"opening ports {SSH_PORT} and {ENGINE_PORT} of {self._base}"):
+            with translated(f"opening ports {SSH_PORT} and {ENGINE_PORT} of {self._group_name}"):
                 ec2.authorize_security_group_ingress(GroupId=group["GroupId"],
                                                      IpPermissions=ingress(o["ec2_allowed_cidr"]))
             groups = [group["GroupId"]]
@@ -160,10 +186,13 @@ class EC2Driver(Driver):
         kinds = ["instance", "volume"] + (["spot-instances-request"] if o["ec2_spot"] else [])
         spec: dict[str, Any] = {
             "ImageId": found["ami"], "InstanceType": o["ec2_instance_type"], "MinCount": 1, "MaxCount": 1,
-            "KeyName": self._base, "SecurityGroupIds": groups, "UserData": user_data, "ClientToken": token,
+            "KeyName": self._key_name, "SecurityGroupIds": groups, "UserData": user_data, "ClientToken": token,
             "BlockDeviceMappings": [{"DeviceName": found["root_device"], "Ebs": ebs}],
-            # IMDSv2 only: a process in a container that can reach 169.254.169.254 cannot replay a plain GET.
-            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 2},
+            # IMDSv2 only, and its token's hop limit 1: the PUT answer does not survive the extra hop of a
+            # container behind the engine's bridge NAT, so containers cannot read user-data (which carries the
+            # host's SSH private key) nor the instance role's credentials. A container on the host network, and
+            # any local user of the instance, still can: user-data is readable on the instance itself.
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
             "TagSpecifications": [{"ResourceType": kind, "Tags": self._tags()} for kind in kinds],
         }
         if found["subnet"]:
@@ -249,19 +278,38 @@ class EC2Driver(Driver):
 
     def restart(self) -> None:
         """A reboot, as docker-machine does: the instance keeps its addresses, so its certificate stays valid
-        (a stop and start would give it a new public address)."""
+        (a stop and start would give it a new public address).
+
+        RebootInstances only queues the reboot, and EC2 shows no state for it: returning at once would let the
+        command layer's SSH connect reach the old boot. So when SSH answers before the reboot, wait until it
+        stops answering (the OS is shutting down); the command layer then waits for it to answer again. When it
+        does not answer from here before the reboot, nothing can be seen, and the reboot is not waited for.
+        """
+        instance_id = self._instance_id()
+        endpoint = self.ssh_endpoint() if self.ip() else None
+        was_up = endpoint is not None and port_answers(endpoint.host, endpoint.port)
         api.Listing.forget(self._listing_key)
         with translated(f"rebooting {self.machine.name}"):
-            self._ec2.reboot_instances(InstanceIds=[self._instance_id()])
+            self._ec2.reboot_instances(InstanceIds=[instance_id])
+        if endpoint is not None and was_up:
+            with ui.step(f"waiting for {self.machine.name} to go down for the reboot"):
+                wait_port_down(endpoint.host, endpoint.port, REBOOT_TIMEOUT, self.machine.name)
 
     # -- removal ------------------------------------------------------------------------------------------
-    def _instances(self) -> list[dict[str, Any]]:
+    def _instances(self, listed: bool = False) -> list[dict[str, Any]]:
         """The machine's instances that are not terminated: the recorded one, and any carrying its id tag (a
-        launch whose id never reached the journal), unless the tag says another store made it."""
+        launch whose id never reached the journal), unless the tag says another store made it.
+
+        `listed` reads the per-region listing (one DescribeInstances for every machine `ls` shows): every
+        pymachine instance carries its id tag from its launch, so only a recorded one missing there is asked for.
+        """
         recorded = self.machine.resources.get("instance_id")
-        with translated(f"finding the instances of {self.machine.name}"):
-            found = [i for res in self._ec2.describe_instances(Filters=tag_filter(self.machine.id))["Reservations"]
-                     for i in res["Instances"]]
+        if listed:
+            found = list(api.Listing.instances(self._listing_key, self._ec2).get(self.machine.id, []))
+        else:
+            with translated(f"finding the instances of {self.machine.name}"):
+                found = [i for res in self._ec2.describe_instances(Filters=tag_filter(self.machine.id))[
+                    "Reservations"] for i in res["Instances"]]
         found = [i for i in found if i["InstanceId"] == recorded
                  or tags_of(i).get(TAG_HOME, str(self.store.home)) == str(self.store.home)]
         if recorded and recorded not in {i["InstanceId"] for i in found}:
@@ -283,11 +331,13 @@ class EC2Driver(Driver):
         recorded = self.machine.resources.get("group_id")
         if recorded:
             return [recorded]
-        with translated(f"finding security group {self._base}"):
-            found = self._ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [self._base]}])
+        with translated(f"finding security group {self._group_name}"):
+            found = self._ec2.describe_security_groups(
+                Filters=[{"Name": "group-name", "Values": [self._group_name]}])
         return [g["GroupId"] for g in found["SecurityGroups"]]
 
     def remove(self) -> None:
+        self._check_account()
         errors = []
         for step in (self._terminate, self._delete_group, self._delete_key_pair):
             try:
@@ -329,18 +379,19 @@ class EC2Driver(Driver):
                     time.sleep(5)
 
     def _delete_key_pair(self) -> None:
-        with translated(f"deleting key pair {self._base}"):
-            self._ec2.delete_key_pair(KeyName=self._base)  # succeeds when there is none
+        with translated(f"deleting key pair {self._key_name}"):
+            self._ec2.delete_key_pair(KeyName=self._key_name)  # succeeds when there is none
 
     def leftovers(self) -> list[str]:
         try:
-            left = [f"instance {i['InstanceId']} ({i['State']['Name']})" for i in self._instances()]
-            with translated(f"finding security group {self._base}"):
+            self._check_account()  # another account's EC2 finds nothing: that is not "gone"
+            left = [f"instance {i['InstanceId']} ({i['State']['Name']})" for i in self._instances(listed=True)]
+            with translated(f"finding security group {self._group_name}"):
                 groups = self._ec2.describe_security_groups(
-                    Filters=[{"Name": "group-name", "Values": [self._base]}])["SecurityGroups"]
+                    Filters=[{"Name": "group-name", "Values": [self._group_name]}])["SecurityGroups"]
             left += [f"security group {g['GroupId']}" for g in groups]
-            with translated(f"finding key pair {self._base}"):
-                pairs = self._ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [self._base]}])
+            with translated(f"finding key pair {self._key_name}"):
+                pairs = self._ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [self._key_name]}])
             left += [f"key pair {p['KeyName']}" for p in pairs["KeyPairs"]]
             if self.opts["ec2_spot"]:
                 left += [f"spot request {s}" for s in self._spot_requests([])]
@@ -362,13 +413,23 @@ class EC2Driver(Driver):
             return State.ERROR if recorded else State.STOPPED
         return STATES.get(instance["State"]["Name"], State.ERROR)
 
+    _alive: tuple[float, bool] | None = None  # the last answer of is_alive() and when EC2 gave it
+
     def is_alive(self) -> bool:
-        """Asked while waiting for SSH: the instance now, not the listing."""
+        """Asked several times a second while waiting for SSH: the instance now (not the listing), asked at most
+        every ALIVE_INTERVAL. False only when EC2 says the instance is gone or going; an error in asking (a
+        throttled call, a dropped connection) is no reason to give up the wait."""
+        now = time.monotonic()
+        if self._alive is not None and now - self._alive[0] < ALIVE_INTERVAL:
+            return self._alive[1]
         try:
             instance = self._describe(self._instance_id())
         except MachineError:
-            return False
-        return instance is not None and instance["State"]["Name"] in ("pending", "running")
+            alive = True
+        else:
+            alive = instance is not None and instance["State"]["Name"] not in DEAD
+        self._alive = (now, alive)
+        return alive
 
     def cert_names(self) -> list[str]:
         r = self.machine.resources
@@ -376,12 +437,25 @@ class EC2Driver(Driver):
         return list(dict.fromkeys(n for n in names if n))
 
 
+def port_answers(host: str, port: int, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port_down(host: str, port: int, timeout: float, name: str) -> None:
+    """Return once a TCP connect to host:port fails (refused, reset, timed out); raise after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while port_answers(host, port):
+        if time.monotonic() > deadline:
+            raise MachineError(f"{name} was asked to reboot, but SSH at {host}:{port} still answers after "
+                               f"{timeout:.0f}s: run `pymachine restart {name}` again, or stop and start it")
+        time.sleep(0.5)
+
+
 # -- option checks: everything that can be refused is refused before the store or EC2 changes --------------
-def _options_key(options: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in options.items() if k not in ("ec2_access_key", "ec2_secret_key")},
-                      sort_keys=True, default=str)
-
-
 def _client(options: dict[str, Any], region: str) -> Any:
     return api.client(options["ec2_profile"], region, options["ec2_endpoint"], options.get("ec2_access_key"),
                       options.get("ec2_secret_key"))
@@ -480,7 +554,7 @@ def _check_region(o: dict[str, Any], region: str) -> None:
 
 def check(o: dict[str, Any]) -> dict[str, Any]:
     """Refuse a create that cannot succeed, in one line; return what create needs: region, image, root device,
-    VPC, subnet and the ids of reused security groups. Reads only: nothing is made."""
+    VPC, subnet, the ids of reused security groups and the credentials' account. Reads only: nothing is made."""
     _check_values(o)
     region = resolve_region(o)
     _check_region(o, region)
@@ -489,6 +563,8 @@ def check(o: dict[str, Any]) -> dict[str, Any]:
         if profile.get_credentials() is None:
             raise MachineError("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
                                "(or --ec2-profile), or configure ~/.aws/credentials")
+    account = api.caller_account(o["ec2_profile"], region, o["ec2_endpoint"], o.get("ec2_access_key"),
+                                 o.get("ec2_secret_key"))
     ec2 = _client(o, region)
     itype = o["ec2_instance_type"]
     with _refused("--ec2-instance-type", f"{region} offers no instance type {itype!r}",
@@ -514,7 +590,7 @@ def check(o: dict[str, Any]) -> dict[str, Any]:
     vpc, subnet = _check_network(o, ec2, region)
     groups = _check_groups(o, ec2, vpc)
     return {"region": region, "ami": image["ImageId"], "root_device": image.get("RootDeviceName", "/dev/xvda"),
-            "vpc": vpc, "subnet": subnet, "groups": groups}
+            "vpc": vpc, "subnet": subnet, "groups": groups, "account": account}
 
 
 def _check_network(o: dict[str, Any], ec2: Any, region: str) -> tuple[str, str | None]:

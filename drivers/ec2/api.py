@@ -24,14 +24,19 @@ LISTING_TTL = 10.0
 
 
 def boto3_module() -> Any:
+    """boto3, or the install hint: every use of boto3 or botocore goes through here first."""
     try:
         import boto3
+        import botocore.config
+        import botocore.exceptions
+        import botocore.parsers  # noqa: F401  (translated() catches its ResponseParserError)
     except ImportError:
         raise MachineError("the ec2 driver needs boto3: pip install 'pymachine[ec2]'") from None
     return boto3
 
 
 def botocore_exceptions() -> Any:
+    boto3_module()
     import botocore.exceptions
 
     return botocore.exceptions
@@ -61,7 +66,7 @@ def error_message(e: BaseException) -> str:
 @contextlib.contextmanager
 def translated(what: str) -> Iterator[None]:
     """boto3's exceptions (several lines, a traceback) as one MachineError line naming what was being done."""
-    exc = botocore_exceptions()
+    exc = botocore_exceptions()  # the install hint when boto3 is missing
     from botocore.parsers import ResponseParserError
 
     try:
@@ -81,6 +86,7 @@ def translated(what: str) -> Iterator[None]:
 
 _SESSIONS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
+_ACCOUNTS: dict[tuple[Any, ...], str] = {}
 
 
 def session(profile: str | None, access_key: str | None = None, secret_key: str | None = None) -> Any:
@@ -103,6 +109,7 @@ def client(profile: str | None, region: str, endpoint: str | None, access_key: s
     """The EC2 client of a region (made once per process: creating one costs ~50 ms of botocore loading)."""
     key = (profile, region, endpoint, access_key, secret_key)
     if key not in _CLIENTS:
+        boto3_module()
         from botocore.config import Config
 
         config = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=10, read_timeout=60,
@@ -110,6 +117,32 @@ def client(profile: str | None, region: str, endpoint: str | None, access_key: s
         _CLIENTS[key] = session(profile, access_key, secret_key).client(
             "ec2", region_name=region, endpoint_url=endpoint or None, config=config)
     return _CLIENTS[key]
+
+
+def caller_account(profile: str | None, region: str, endpoint: str | None, access_key: str | None = None,
+                   secret_key: str | None = None) -> str:
+    """The AWS account the credentials act in (STS GetCallerIdentity), asked once per process and credentials.
+
+    An EC2-compatible cloud (an endpoint) may serve no STS: its account is "" (unknown), and nothing is
+    compared. Against AWS, an error is an error.
+    """
+    key = (profile, region, endpoint, access_key, secret_key)
+    if key not in _ACCOUNTS:
+        boto3_module()
+        from botocore.config import Config
+
+        sts = session(profile, access_key, secret_key).client(
+            "sts", region_name=region, endpoint_url=endpoint or None,
+            config=Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=10, read_timeout=60,
+                          user_agent_extra="pymachine"))
+        try:
+            with translated("asking STS which AWS account the credentials are of"):
+                _ACCOUNTS[key] = str(sts.get_caller_identity()["Account"])
+        except MachineError:
+            if not endpoint:
+                raise
+            _ACCOUNTS[key] = ""
+    return _ACCOUNTS[key]
 
 
 def known_regions() -> set[str]:

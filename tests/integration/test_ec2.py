@@ -9,9 +9,13 @@ in-process.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ import pytest
 import yaml
 
 import drivers
-from drivers.ec2 import api, images
+from drivers.ec2 import EC2Driver, api, images
 from machine.errors import MachineError
 from machine.store import Store
 from tests.conftest import CLI
@@ -107,6 +111,7 @@ def in_process(cli: CLI, monkeypatch: pytest.MonkeyPatch) -> Store:
             monkeypatch.setenv(key, value)
     api._CLIENTS.clear()
     api._SESSIONS.clear()
+    api._ACCOUNTS.clear()
     api.Listing._cache.clear()
     return Store(cli.home)
 
@@ -140,6 +145,9 @@ def test_create_makes_exactly_what_it_says(cli, cloud):
     assert instance["InstanceType"] == "t3.small" and instance["KeyName"] == base
     assert api.tags_of(instance) == tags
     assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    # Hop limit 1: containers behind the engine's bridge NAT get no IMDSv2 token, so no user-data (the host key).
+    assert instance["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+    assert res["account"] == "123456789012"  # moto's default account, as STS says
     assert [g["GroupId"] for g in instance["SecurityGroups"]] == [res["group_id"]]
 
     [volume] = cloud.ec2.describe_volumes(
@@ -155,6 +163,7 @@ def test_create_makes_exactly_what_it_says(cli, cloud):
     specs = {run[f"TagSpecification.{i}.ResourceType"] for i in (1, 2)}
     assert specs == {"instance", "volume"} and "TagSpecification.3.ResourceType" not in run
     assert run["ClientToken"] == f"pymachine-{mid}" and run["MetadataOptions.HttpTokens"] == "required"
+    assert run["MetadataOptions.HttpPutResponseHopLimit"] == "1"
     assert run["BlockDeviceMapping.1.Ebs.DeleteOnTermination"] == "true"
 
     [group] = cloud.ec2.describe_security_groups(GroupIds=[res["group_id"]])["SecurityGroups"]
@@ -285,9 +294,40 @@ def test_stop_start_kill_restart_follow_the_instance(cli, cloud, monkeypatch):
         driver = drivers.get("ec2")(machine, store)
         driver.start()
         cloud.server.recording.write_text("")
-        driver.restart()  # a reboot: the instance keeps its address and so its certificate
+        # restart waits for SSH to go down (the reboot has begun). moto's addresses are never contacted: SSH is
+        # a listener here, closed 1.5 s into the reboot, as sshd is when the OS shuts down.
+        began = time.monotonic()
+        with local_sshd(after=1.5) as port:
+            machine.record(ip="127.0.0.1", ssh_port=port)
+            driver.restart()  # a reboot: the instance keeps its address and so its certificate
+            assert time.monotonic() - began >= 1.5
     assert cloud.request("RebootInstances")["InstanceId.1"] == instance_id
     assert cli("status", "web1").stdout.strip() == "Running"
+    # SSH not answering from here before the reboot: nothing to wait for, restart returns.
+    with store.locked("web1") as machine:
+        machine.record(ssh_port=free_closed_port())
+        began = time.monotonic()
+        drivers.get("ec2")(machine, store).restart()
+        assert time.monotonic() - began < 5
+
+
+def free_closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_sshd(after: float = 1.5) -> Iterator[int]:
+    """A TCP listener on 127.0.0.1 standing in for the instance's sshd, closed `after` seconds into the with."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    timer = threading.Timer(after, sock.close)
+    timer.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        timer.cancel()
+        sock.close()
 
 
 def test_start_of_a_terminated_instance_says_to_remove_it(cli, cloud, monkeypatch):
@@ -328,6 +368,93 @@ def test_ls_asks_ec2_once_per_region(cli, cloud):
     assert cloud.server.actions() == {"DescribeInstances": 2}
     cli("rm", "-y", "a1", "a2", "a3", "w1")
     assert cloud.new_resources() == set()
+
+
+def test_ls_of_machines_in_error_reads_the_instances_from_the_listing(cli, cloud):
+    """A machine in state `error` shows what is left of it: its instance from the one listing of the region,
+    the account from one STS call; its group and key pair cost one call each."""
+    for name in ("e1", "e2", "e3"):
+        create(cli, name, *CIDRS)
+        config = cli.home / "machines" / name / "config.json"
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"state": "error"}))
+    cloud.server.recording.write_text("")
+    rows = json.loads(cli("ls", "--format", "json").stdout)
+    assert all("instance i-" in r["error"] and "(running)" in r["error"] for r in rows), rows
+    assert cloud.server.actions() == {"DescribeInstances": 1, "GetCallerIdentity": 1,
+                                      "DescribeSecurityGroups": 3, "DescribeKeyPairs": 3}
+
+
+def other_account_env(cloud: Cloud, cli: CLI, account: str) -> dict[str, str]:
+    """The CLI's environment with credentials of `account` (moto maps an assumed role's keys to its account)."""
+    sts = boto3_client(cloud, "sts")
+    creds = sts.assume_role(RoleArn=f"arn:aws:iam::{account}:role/other",
+                            RoleSessionName="other-account")["Credentials"]
+    return cli.env | {"AWS_ACCESS_KEY_ID": creds["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
+                      "AWS_SESSION_TOKEN": creds["SessionToken"]}
+
+
+def boto3_client(cloud: Cloud, service: str) -> Any:
+    import boto3
+
+    return boto3.client(service, region_name=REGION, endpoint_url=cloud.server.url, aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+def test_rm_with_another_accounts_credentials_refuses_and_keeps_everything(cli, cloud):
+    create(cli, "web1", *CIDRS)
+    rec = record(cli, "web1")
+    assert rec["resources"]["account"] == "123456789012"
+    other = CLI(other_account_env(cloud, cli, "111111111111"))
+    for args in (("rm", "-y", "web1"), ("rm", "-f", "web1")):
+        proc = other(*args, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert_one_line(proc)
+        assert "123456789012" in proc.stderr and "111111111111" in proc.stderr
+        assert "left: unknown" in proc.stderr  # not "nothing left": the record stays
+    assert cloud.instance(rec["resources"]["instance_id"])["State"]["Name"] == "running"
+    assert len(cloud_leftovers(cloud.ec2, rec["id"])) == 4
+    [row] = json.loads(other("ls", "--format", "json").stdout)
+    assert "unknown" in row["error"] and "111111111111" in row["error"]
+    # The machine's own account removes it.
+    cli("rm", "-f", "web1")
+    assert cloud_leftovers(cloud.ec2, rec["id"]) == [] and cloud.new_resources() == set()
+
+
+def test_is_alive_asks_ec2_every_few_seconds_and_fails_only_for_a_gone_instance(cli, cloud, monkeypatch):
+    create(cli, "web1", *CIDRS)
+    store = in_process(cli, monkeypatch)
+    machine = store.load("web1")
+    instance_id = machine.resources["instance_id"]
+    driver = EC2Driver(machine, store)
+    cloud.server.recording.write_text("")
+    assert all(driver.is_alive() for _ in range(20))
+    assert cloud.server.actions() == {"DescribeInstances": 1}  # the last answer, for ALIVE_INTERVAL
+    cloud.ec2.stop_instances(InstanceIds=[instance_id])
+    monkeypatch.setattr("drivers.ec2.ALIVE_INTERVAL", 0.0)
+    assert driver.is_alive()  # stopped is not gone
+    cloud.ec2.terminate_instances(InstanceIds=[instance_id])
+    assert not driver.is_alive()
+    # EC2 not answering (a closed port here) is no reason to give up waiting.
+    machine.options = machine.options | {"ec2_endpoint": f"http://127.0.0.1:{free_closed_port()}"}
+    assert EC2Driver(machine, store).is_alive()
+
+
+def test_remove_and_leftovers_use_the_recorded_names(cli, cloud, monkeypatch):
+    """The journal names the key pair and group; the name derived from the machine is only the fallback."""
+    create(cli, "web1", *CIDRS)
+    store = in_process(cli, monkeypatch)
+    cloud.ec2.create_key_pair(KeyName="pymachine-recorded")
+    with store.locked("web1") as machine:
+        machine.record(key_name="pymachine-recorded")
+        driver = EC2Driver(machine, store)
+        assert "key pair pymachine-recorded" in driver.leftovers()
+        driver.remove()
+        assert driver.leftovers() == []
+    assert not cloud.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": ["pymachine-recorded"]}])[
+        "KeyPairs"]
+    cli("rm", "-f", "web1")
+    # The derived key pair (imported at create) was not deleted by the first remove: the recorded name is read.
+    assert cloud.new_resources() == {f"key pair pymachine-web1-{machine.id}"}
 
 
 # -- failures: one line, nothing made, nothing recorded ---------------------------------------------------------

@@ -3,15 +3,20 @@ the security group rules it asks for, and the names the engine's certificate car
 
 from __future__ import annotations
 
+import re
+import socket
+import sys
+import time
+
 import pytest
 import yaml
 
 import drivers
-from drivers.base import Option
-from drivers.ec2 import EC2Driver, _check_values, ingress, parse_tags
+from drivers.base import ENGINE_PORT, Option, State
+from drivers.ec2 import EC2Driver, _check_values, api, ingress, parse_tags, port_answers, wait_port_down
 from machine import cloudinit, sshkeys
 from machine.commands.machines import parse_driver_options
-from machine.errors import UsageError
+from machine.errors import MachineError, UsageError
 from machine.store import Machine, Store
 
 KEY = "ssh-ed25519 AAAAuser pymachine@web1"
@@ -129,3 +134,49 @@ def test_a_user_name_cannot_break_out_of_the_yaml():
     host = sshkeys.new_keypair()
     data = yaml.safe_load(cloudinit.user_data("web1", 'admin"\nruncmd: [reboot]', KEY, host))
     assert "runcmd" not in data and data["users"][0]["name"] == 'admin"\nruncmd: [reboot]'
+
+
+# -- boto3 missing: the install hint, from every entry ---------------------------------------------------------
+HINT = "pip install 'pymachine[ec2]'"
+
+
+def test_without_boto3_every_entry_gives_the_install_hint(tmp_path, monkeypatch):
+    for module in ("boto3", "botocore", "botocore.config", "botocore.exceptions", "botocore.parsers"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import boto3` raises ImportError
+    monkeypatch.setattr(api, "_CLIENTS", {})
+    monkeypatch.setattr(api, "_SESSIONS", {})
+    monkeypatch.setattr(api, "_ACCOUNTS", {})
+    with pytest.raises(MachineError, match=re.escape(HINT)), api.translated("anything"):
+        pass
+    for region in ("us-east-1", None):
+        with pytest.raises(MachineError, match=re.escape(HINT)):
+            EC2Driver.pre_create_check(values(ec2_allowed_cidr=["10.0.0.0/8"], ec2_region=region))
+    machine = Machine(name="web1", driver="ec2", id="0123abcd", dir=tmp_path,
+                      resources={"region": "us-east-1", "instance_id": "i-1", "account": "123456789012"})
+    driver = EC2Driver(machine, Store(tmp_path), {})
+    with pytest.raises(MachineError, match=re.escape(HINT)):
+        driver.remove()
+    [left] = driver.leftovers()
+    assert left.startswith("unknown (") and HINT in left
+    assert driver.state() == State.ERROR
+
+
+# -- restart: waiting for SSH to go down -----------------------------------------------------------------------
+def test_wait_port_down_returns_when_the_port_closes_and_gives_up_after_its_timeout():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert port_answers("127.0.0.1", port)
+        began = time.monotonic()
+        with pytest.raises(MachineError, match=f"web1 was asked to reboot, but SSH at 127.0.0.1:{port} still "
+                                               f"answers after 1s"):
+            wait_port_down("127.0.0.1", port, 1.0, "web1")
+        assert time.monotonic() - began < 5
+    assert not port_answers("127.0.0.1", port)
+    wait_port_down("127.0.0.1", port, 1.0, "web1")  # closed: returns at once
+
+
+def test_the_engine_port_is_the_base_drivers():
+    import drivers.ec2 as ec2
+
+    assert not hasattr(ec2, "ENGINE_PORT") or ec2.ENGINE_PORT is ENGINE_PORT
+    assert ingress(["10.0.0.0/8"])[1]["FromPort"] == ENGINE_PORT
