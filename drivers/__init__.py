@@ -7,7 +7,8 @@ import importlib
 from drivers.base import Driver
 from machine.errors import UsageError
 
-_MODULES = {"local": "drivers.local", "libvirt": "drivers.libvirt", "ec2": "drivers.ec2"}
+_MODULES = {"local": "drivers.local", "libvirt": "drivers.libvirt", "ec2": "drivers.ec2",
+            "generic": "drivers.generic"}
 
 DEFAULT = "local"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import select
@@ -89,10 +90,19 @@ class HostKeyMismatch(MachineError):
 
 def load_key(path: Path) -> paramiko.PKey:
     """A private key of any type paramiko knows (Ed25519, ECDSA, RSA), or one line saying why not."""
+    try:
+        return _load_key(Path(path), Path(path).stat().st_mtime_ns)
+    except OSError as e:
+        raise MachineError(f"cannot read the ssh key {path}: {e.strerror or e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _load_key(path: Path, _mtime_ns: int) -> paramiko.PKey:
+    # Cached by path and mtime: checking an RSA key costs ~0.4 s, and a run opens several connections.
     paramiko = _paramiko()
     try:
         return paramiko.PKey.from_path(path)
-    except paramiko.PasswordRequiredException:
+    except (paramiko.PasswordRequiredException, TypeError):  # TypeError: an encrypted key in OpenSSH's format
         raise MachineError(f"the ssh key {path} is encrypted: pymachine needs a key without a passphrase (make "
                            f"one with `ssh-keygen -t ed25519 -N ''`, or remove it with `ssh-keygen -p -f {path}`)"
                            ) from None

@@ -1,0 +1,214 @@
+"""The generic driver, for real: a local machine with an engine stands in for a server someone else made, and
+another home adopts it over SSH as a non-root user with passwordless sudo."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CLI
+from tests.integration.conftest import busybox_image, docker, machine_cli
+
+pytestmark = pytest.mark.integration
+
+USERS = r"""
+set -e
+for u in deploy nosudo; do
+  id -u "$u" >/dev/null 2>&1 || useradd -m -s /bin/sh "$u"
+  install -d -m 700 -o "$u" -g "$u" "/home/$u/.ssh"
+done
+echo 'deploy ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/deploy
+chmod 440 /etc/sudoers.d/deploy
+"""
+
+
+@dataclass
+class Server:
+    ip: str
+    keys: Path
+
+    def key(self, name: str) -> str:
+        return str(self.keys / name)
+
+
+def keygen(path: Path, kind: str, passphrase: str = "") -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", passphrase, "-C", path.name, "-f", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("generic")
+
+
+@pytest.fixture(scope="module")
+def owner(tmp) -> Iterator[CLI]:
+    """The home that made the server (its root access stands in for the server's owner)."""
+    yield from machine_cli(tmp / "owner")
+
+
+@pytest.fixture(scope="module")
+def adopter(tmp) -> Iterator[CLI]:
+    yield from machine_cli(tmp / "adopter", DOCKER_CONFIG=str(tmp / "docker-config"), DOCKER_BUILDKIT="0")
+
+
+@pytest.fixture
+def other(tmp_path) -> Iterator[CLI]:
+    """A third home, empty: nothing in it has adopted the server yet."""
+    yield from machine_cli(tmp_path / "other")
+
+
+@pytest.fixture(scope="module")
+def srv(owner, tmp) -> Server:
+    owner("create", "--engine-install", "distro", "srv", timeout=900)
+    keys = tmp / "keys"
+    keys.mkdir()
+    keygen(keys / "deploy", "rsa")
+    keygen(keys / "nosudo", "ed25519")
+    keygen(keys / "wrong", "ecdsa")
+    keygen(keys / "encrypted", "ed25519", passphrase="secret")
+    owner("ssh", "srv", "--", USERS)
+    for user in ("deploy", "nosudo"):
+        owner("ssh", "srv", "--", f"cat > /home/{user}/.ssh/authorized_keys && chown {user}: "
+              f"/home/{user}/.ssh/authorized_keys", input=(keys / f"{user}.pub").read_text())
+    return Server(owner("ip", "srv").stdout.strip(), keys)
+
+
+def host_fingerprint(owner: CLI) -> str:
+    out = owner("ssh", "srv", "--", "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").stdout
+    return out.split()[1]
+
+
+def adopt(cli: CLI, srv: Server, name: str, *extra: str, user: str = "deploy", key: str = "deploy",
+          check: bool = True) -> subprocess.CompletedProcess[str]:
+    return cli("create", "--driver", "generic", "--generic-ip-address", srv.ip, "--generic-ssh-user", user,
+               "--generic-ssh-key", srv.key(key), "--engine-install", "distro", *extra, name, check=check,
+               timeout=900)
+
+
+def package_status(owner: CLI, package: str) -> str:
+    return owner("ssh", "srv", "--", f"dpkg-query -W -f='${{db:Status-Abbrev}}' {package} 2>/dev/null; true"
+                 ).stdout.strip()
+
+
+def no_machines(cli: CLI) -> list[str]:
+    """What is in the store's machines directory (also hidden staging or removed directories)."""
+    directory = cli.home / "machines"
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def run_busybox(adopter: CLI, tmp: Path, text: str) -> str:
+    docker(adopter, "adopted", "build", "-q", "-t", "pm-busybox", str(busybox_image(tmp)))
+    return docker(adopter, "adopted", "run", "--rm", "pm-busybox", "echo", text).strip()
+
+
+def test_adopt_as_a_sudo_user_and_run_a_container_over_tls(adopter, owner, srv, tmp):
+    proc = adopt(adopter, srv, "adopted")
+    assert f"pymachine: pinned host key of {srv.ip}: {host_fingerprint(owner)}\n" in proc.stderr
+    machine_dir = adopter.home / "machines/adopted"
+    copy = machine_dir / "ssh_key"
+    assert copy.read_bytes() == (srv.keys / "deploy").read_bytes()
+    assert copy.stat().st_mode & 0o777 == 0o600
+    assert adopter("ssh", "adopted", "--", "id -un").stdout.strip() == "deploy"
+    assert adopter("status", "adopted").stdout.strip() == "Running"
+    assert adopter("url", "adopted").stdout.strip() == f"tcp://{srv.ip}:2376"
+    assert run_busybox(adopter, tmp, "hello from an adopted host") == "hello from an adopted host"
+
+
+def test_a_second_adopt_of_the_same_address_is_refused(adopter, srv):
+    proc = adopt(adopter, srv, "again", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"pymachine: error: {srv.ip}:22 is already adopted as machine 'adopted' "
+                                   f"(remove it first with `pymachine rm adopted`)")
+    assert "again" not in no_machines(adopter)
+
+
+def test_power_is_not_pymachines_but_restart_reboots_over_ssh(adopter, owner, srv, tmp):
+    for command in ("stop", "kill"):
+        proc = adopter(command, "adopted", check=False)
+        assert proc.returncode == 1
+        assert len(proc.stderr.splitlines()) == 1
+        assert "pymachine does not own its power" in proc.stderr
+    boot = "cut -d' ' -f22 /proc/1/stat"
+    before = owner("ssh", "srv", "--", boot).stdout
+    adopter("restart", "adopted")
+    assert owner("ssh", "srv", "--", boot).stdout != before  # systemd in srv started again
+    assert adopter("status", "adopted").stdout.strip() == "Running"
+    assert run_busybox(adopter, tmp, "back after the reboot") == "back after the reboot"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["unreachable", "wrong key", "encrypted key", "missing key", "no sudo",
+                                  "fingerprint mismatch"])
+def test_bad_input_is_one_line_and_leaves_nothing(other, srv, case):
+    wrong_fingerprint = "SHA256:" + "A" * 43
+    args, expected = {
+        "unreachable": (["--generic-ip-address", "127.0.0.1", "--generic-ssh-port", str(closed_port()),
+                         "--generic-ssh-key", srv.key("deploy")], "cannot reach 127.0.0.1:"),
+        "wrong key": (["--generic-ip-address", srv.ip, "--generic-ssh-user", "deploy",
+                       "--generic-ssh-key", srv.key("wrong")],
+                      f"as deploy with the key {srv.key('wrong')} was refused"),
+        "encrypted key": (["--generic-ip-address", srv.ip, "--generic-ssh-key", srv.key("encrypted")],
+                          f"the ssh key {srv.key('encrypted')} is encrypted"),
+        "missing key": (["--generic-ip-address", srv.ip, "--generic-ssh-key", srv.key("absent")],
+                        f"--generic-ssh-key: {srv.key('absent')}: no such file"),
+        "no sudo": (["--generic-ip-address", srv.ip, "--generic-ssh-user", "nosudo",
+                     "--generic-ssh-key", srv.key("nosudo")], "nosudo on "),
+        "fingerprint mismatch": (["--generic-ip-address", srv.ip, "--generic-ssh-user", "deploy",
+                                  "--generic-ssh-key", srv.key("deploy"), "--generic-host-key-fingerprint",
+                                  wrong_fingerprint], f"not {wrong_fingerprint} (--generic-host-key-fingerprint)"),
+    }[case]
+    proc = other("create", "--driver", "generic", "--engine-install", "distro", *args, "bad", check=False)
+    assert proc.returncode in (1, 2), proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pymachine: error: ") and expected in lines[0], proc.stderr
+    if case == "no sudo":
+        assert "cannot become root with passwordless sudo" in lines[0]
+    assert no_machines(other) == []
+
+
+def test_the_right_fingerprint_is_accepted(other, owner, srv):
+    fingerprint = host_fingerprint(owner)
+    proc = adopt(other, srv, "pinned", "--no-provision", "--generic-host-key-fingerprint", fingerprint)
+    assert f"pinned host key of {srv.ip}: {fingerprint}" in proc.stderr
+    assert other("ssh", "pinned", "--", "id -un").stdout.strip() == "deploy"
+
+
+def test_rm_forgets_the_host_and_touches_nothing(adopter, owner, srv):
+    listing = "ls /etc/docker/daemon.json /etc/docker/tls /etc/systemd/system/docker.service.d/pymachine.conf"
+    before = owner("ssh", "srv", "--", listing).stdout
+    adopter("rm", "-y", "adopted")
+    assert no_machines(adopter) == []
+    assert owner("ssh", "srv", "--", listing).stdout == before
+    assert package_status(owner, "docker.io") == "ii"
+    assert owner("ssh", "srv", "--", "systemctl is-active docker").stdout.strip() == "active"
+
+
+def test_rm_uninstall_removes_what_provisioning_installed(adopter, owner, srv):
+    adopt(adopter, srv, "adopted")
+    adopter("rm", "-y", "--uninstall", "adopted")
+    assert no_machines(adopter) == []
+    assert package_status(owner, "docker.io") in ("", "un", "pn")
+    left = owner("ssh", "srv", "--", "ls -d /etc/docker/daemon.json /etc/docker/tls "
+                 "/etc/systemd/system/docker.service.d /etc/sysctl.d/90-pymachine.conf 2>/dev/null; true").stdout
+    assert left.strip() == ""
+
+
+def test_a_changed_host_key_is_refused(other, owner, srv):
+    """Last: the server's host keys are regenerated, so its owner's own pin no longer holds either."""
+    adopt(other, srv, "keyed", "--no-provision")
+    owner("ssh", "srv", "--", "rm -f /etc/ssh/ssh_host_* && ssh-keygen -A && systemctl restart ssh")
+    proc = other("provision", "keyed", check=False)
+    assert proc.returncode == 1
+    assert len(proc.stderr.splitlines()) == 1
+    assert f"host key of {srv.ip} changed" in proc.stderr and "refusing to connect" in proc.stderr
