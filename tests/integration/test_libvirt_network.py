@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import CLI
 from tests.integration.conftest import busybox_image, docker, docker_env, machine_cli, machine_record
-from tests.integration.libvirt_host import boot_image, domains, require_libvirt, transient_pool, virsh, volumes
+from tests.integration.libvirt_host import boot_image, domains, require_libvirt, scratch_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
 
@@ -96,8 +96,8 @@ def netns_libvirt(tmp_path_factory) -> Iterator[tuple[str, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def pool(netns_libvirt, tmp_path_factory) -> Iterator[str]:
-    with transient_pool(netns_libvirt[0], tmp_path_factory.mktemp("netns-pool")) as name:
+def pool(netns_libvirt) -> Iterator[str]:
+    with scratch_pool(netns_libvirt[0]) as (name, _):
         yield name
 
 
