@@ -23,21 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import median_seconds  # bench/, the script's own directory
+
 from machine import commands
 from machine.store import Store
 
 BRIDGE = os.environ.get("PYMACHINE_TEST_BRIDGE", "pmtd0")
 SUBNET = os.environ.get("PYMACHINE_TEST_SUBNET", "10.231.244.0/24")
 CACHE = os.environ.get("PYMACHINE_TEST_CACHE", "/var/tmp/pymachine-test-cache")
-
-
-def median(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -100,8 +93,8 @@ def main() -> None:
             commands.create(store, "adopted", "generic", {
                 "generic_ip_address": address, "generic_ssh_user": "deploy", "generic_ssh_key": str(key)},
                 engine=engine)
-            rows.append(("provision again (no-op), as deploy", median(lambda: commands.provision(store, "adopted"),
-                                                                      rounds)))
+            no_op = median_seconds(lambda: commands.provision(store, "adopted"), rounds)
+            rows.append(("provision again (no-op), as deploy", no_op))
             commands.rm(store, "adopted")
         finally:
             commands.rm(owner, "srv", force=True)

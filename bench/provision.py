@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from timing import median_seconds  # bench/, the script's own directory
+
 from machine import commands
 from machine.commands.engine import run_provisioning
 from machine.store import Store
@@ -42,15 +44,6 @@ findmnt -n -o FSTYPE --target /var/lib/docker
 iptables -t nat -S POSTROUTING
 docker network inspect bridge --format '{{{{json .IPAM.Config}}}}'
 """
-
-
-def median_seconds(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -133,7 +133,7 @@ def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, no
     no_provision = no_provision or no_connect
     commands.create(_store(), name, driver, options, engine=engine, provision=not no_provision,
                     keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"),
-                    connect=not no_connect)
+                    wait_for_ssh=not no_connect)
     if no_provision:
         ui.note(f"[green]{name}[/] is made (no engine yet: `pymachine provision {name}` installs it)")
     else:

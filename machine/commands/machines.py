@@ -13,7 +13,6 @@ from drivers.base import Driver, State
 from machine import certs, dockercontext, sshkeys, ui
 from machine import provision as plan
 from machine.commands.common import connect, locked
-from machine.commands.common import connect as _connect  # `create` has a parameter named connect
 from machine.commands.engine import run_provisioning, server_pair
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
@@ -38,11 +37,11 @@ def parse_driver_options(driver_name: str, raw: dict[str, Any]) -> dict[str, Any
 # -- create ------------------------------------------------------------------------------------------------
 def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options: dict[str, Any] | None = None,
            engine: dict[str, Any] | None = None, provision: bool = True, keep_on_failure: bool = False,
-           reporter=None, connect: bool = True) -> Machine:
+           reporter=None, wait_for_ssh: bool = True) -> Machine:
     """Make and boot a machine and, with `provision`, install its engine (configured by `engine`, from
     provision.engine_config, recorded either way for a later `provision`); on failure leave nothing.
-    Without `connect`, return once the host is made, without waiting for SSH (and so without provisioning)."""
-    provision = provision and connect
+    Without `wait_for_ssh`, return once the host is made (and so without provisioning)."""
+    provision = provision and wait_for_ssh
     validate_name(name)
     values = parse_driver_options(driver_name, options or {})
     if store.exists(name):
@@ -62,8 +61,8 @@ def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options:
                 write_atomic(machine.key_path.with_suffix(".pub"), (keys.public_line + "\n").encode(), 0o644)
             with ui.step(f"creating {name} ({driver_name})"):
                 driver.create()
-            if connect:
-                with ui.step(f"waiting for SSH on {name}"), _connect(machine, driver):
+            if wait_for_ssh:
+                with ui.step(f"waiting for SSH on {name}"), connect(machine, driver):
                     pass
             if provision:
                 run_provisioning(store, machine, driver, reporter=reporter)
@@ -204,7 +203,7 @@ def _uninstall(machine: Machine, driver: Driver, reporter=None) -> None:
     if driver.state() != State.RUNNING:
         raise MachineError(f"machine {machine.name!r} is not running: --uninstall needs it up")
     settings = {k: v for k, v in machine.engine.items() if k != "tls_san"} | {"tls_dir": plan.TLS_DIR}
-    with _connect(machine, driver, timeout=30) as conn:
+    with connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, [UNINSTALL_ROLE], roles, settings, reporter=reporter, host_name=machine.name,
                           become=conn.endpoint.needs_become)
     if recap.failed:
