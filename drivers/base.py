@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -64,6 +65,19 @@ class Option:
         if self.choices and value not in self.choices:
             raise UsageError(f"{where}: {raw!r} is not one of {', '.join(self.choices)}")
         return value
+
+
+def each_step(*steps: Callable[[], None]) -> None:
+    """Run every step even when one fails (what `remove()` needs: a failed step must not keep the next from
+    removing what it can), then raise one MachineError naming each failure."""
+    errors = []
+    for step in steps:
+        try:
+            step()
+        except MachineError as e:
+            errors.append(str(e))
+    if errors:
+        raise MachineError("; ".join(errors))
 
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}

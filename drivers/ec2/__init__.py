@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from drivers.base import ENGINE_PORT, Driver, Option, State
+from drivers.base import ENGINE_PORT, Driver, Option, State, each_step
 from drivers.ec2 import api, images
 from drivers.ec2.api import TAG_HOME, TAG_ID, EC2Error, tag_filter, tags_of, translated
 from machine import cloudinit, sshkeys, ui
@@ -338,15 +338,10 @@ class EC2Driver(Driver):
 
     def remove(self) -> None:
         self._check_account()
-        errors = []
-        for step in (self._terminate, self._delete_group, self._delete_key_pair):
-            try:
-                step()
-            except MachineError as e:
-                errors.append(str(e))
-        api.Listing.forget(self._listing_key)
-        if errors:
-            raise MachineError("; ".join(errors))
+        try:
+            each_step(self._terminate, self._delete_group, self._delete_key_pair)
+        finally:
+            api.Listing.forget(self._listing_key)
 
     def _terminate(self) -> None:
         instances = self._instances()

@@ -13,7 +13,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from drivers.base import Driver, Option, State
+from drivers.base import Driver, Option, State, each_step
 from drivers.libvirt import catalog, domain, network, seed, storage
 from drivers.libvirt.connection import connect, is_missing, libvirt_module, message
 from machine import sshkeys, ui
@@ -250,14 +250,7 @@ class LibvirtDriver(Driver):
                     raise MachineError(f"cannot kill {self.machine.name}: {message(e)}") from None
 
     def remove(self) -> None:
-        errors = []
-        for step in (self._undefine, self._delete_volumes):
-            try:
-                step()
-            except MachineError as e:
-                errors.append(str(e))
-        if errors:
-            raise MachineError("; ".join(errors))
+        each_step(self._undefine, self._delete_volumes)
 
     def _undefine(self) -> None:
         dom = self._domain()

@@ -21,7 +21,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from drivers.base import Driver, Option, State
+from drivers.base import Driver, Option, State, each_step
 from drivers.local import cgroups, rootfs, userns
 from drivers.local.network import Network, host_nameservers
 from machine import images, sshkeys
@@ -293,16 +293,10 @@ class LocalDriver(Driver):
             # Processes that survive keep running as this machine: its address, its UID range and its files
             # must not go to the next machine while they do.
             raise MachineError(f"{e}; its address, UID range and files are kept until they are gone") from None
-        errors = []
-        # Each step on its own: a step that fails must not keep the next from removing what it can.
-        for step in (self._remove_cgroups, self._release_address, self._release_uids):
-            try:
-                step()
-            except MachineError as e:
-                errors.append(str(e))
-        shutil.rmtree(self.machine.dir / "layer", ignore_errors=True)
-        if errors:
-            raise MachineError("; ".join(errors))
+        try:
+            each_step(self._remove_cgroups, self._release_address, self._release_uids)
+        finally:
+            shutil.rmtree(self.machine.dir / "layer", ignore_errors=True)
 
     def _release_address(self) -> None:
         # By owner, not by the recorded address: a create killed between leasing and recording leased one too.
