@@ -111,6 +111,15 @@ def kill_create_at(cli: CLI, name: str, lines: int, *create_args: str) -> None:
     proc.communicate()
 
 
+def damage_record(cli: CLI, name: str, content: str | None) -> None:
+    """Replace the machine's config.json with `content` (None: delete it), as a crash or a hand edit would."""
+    config = cli.home / "machines" / name / "config.json"
+    if content is None:
+        config.unlink()
+    else:
+        config.write_text(content)
+
+
 def machine_record(cli: CLI, name: str) -> dict:
     return json.loads((cli.home / "machines" / name / "config.json").read_text())
 

@@ -29,7 +29,7 @@ from machine.errors import MachineError
 from machine.store import Store
 from tests.conftest import CLI
 from tests.ec2_moto import NEWEST, REGION, MotoServer, all_cloud_resources, cloud_leftovers, moto_server, sealed_env
-from tests.integration.conftest import kill_create_at
+from tests.integration.conftest import damage_record, kill_create_at
 
 pytestmark = pytest.mark.integration
 
@@ -575,11 +575,7 @@ DAMAGE = {"empty": "", "truncated": '{"na', "a list": "[]", "missing": None}
 def test_a_damaged_record_is_shown_and_rm_f_removes_everything(cli, cloud, damage):
     create(cli, "d", *CIDRS)
     rec = record(cli, "d")
-    config = cli.home / "machines/d/config.json"
-    if DAMAGE[damage] is None:
-        config.unlink()
-    else:
-        config.write_text(DAMAGE[damage])
+    damage_record(cli, "d", DAMAGE[damage])
     for command in ("status", "ip", "inspect", "stop", "kill"):
         proc = cli(command, "d", check=False)
         assert proc.returncode == 1, (command, proc.stderr)

@@ -12,7 +12,7 @@ import pytest
 
 from machine.store import Store
 from tests.conftest import CLI
-from tests.integration.conftest import bridge_leftovers, kill_create_at, leftovers, machine_record
+from tests.integration.conftest import bridge_leftovers, damage_record, kill_create_at, leftovers, machine_record
 
 pytestmark = pytest.mark.integration
 
@@ -70,11 +70,7 @@ DAMAGE = {
 def test_a_damaged_record_gives_one_line_everywhere_and_rm_f_removes_everything(local, damage):
     local("create", "--no-provision", "d")
     record = machine_record(local, "d")
-    config = local.home / "machines/d/config.json"
-    if DAMAGE[damage] is None:
-        config.unlink()
-    else:
-        config.write_text(DAMAGE[damage])
+    damage_record(local, "d", DAMAGE[damage])
     commands = (["status"], ["ip"], ["url"], ["inspect"], ["env"], ["config"], ["start"], ["stop"], ["kill"],
                 ["restart"], ["provision"], ["regenerate-certs"], ["upgrade"], ["ssh"], ["rm", "-y"])
     with ThreadPoolExecutor(len(commands)) as pool:
