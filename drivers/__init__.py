@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib
 
-from drivers.base import Driver
+from machine.drivers.base import Driver
 from machine.errors import UsageError
 
-_MODULES = {"local": "drivers.local", "libvirt": "drivers.libvirt", "ec2": "drivers.ec2",
-            "generic": "drivers.generic"}
+_MODULES = {"local": "machine.drivers.local", "libvirt": "machine.drivers.libvirt", "ec2": "machine.drivers.ec2",
+            "generic": "machine.drivers.generic"}
 
 DEFAULT = "local"
 

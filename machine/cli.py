@@ -13,8 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-import drivers
-from machine import commands, provision, shellenv, ui
+from machine import commands, drivers, provision, shellenv, ui
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
 from machine.store import Store
@@ -196,7 +195,8 @@ def ls_(filters: tuple[str, ...], fmt: str, quiet: bool) -> None:
     """List machines."""
     rows = commands.ls(_store(), filters)
     if quiet:
-        click.echo("\n".join(r["name"] for r in rows))
+        for r in rows:
+            click.echo(r["name"])
     elif fmt == "json":
         click.echo(json.dumps(rows, indent=2))
     else:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 
 import boto3
 
-from drivers.ec2.images import DEBIAN_OWNER
+from machine.drivers.ec2.images import DEBIAN_OWNER
 
 REGION = "us-east-1"
 OTHER_OWNER = "099720109477"

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from drivers.base import ENGINE_PORT, Driver, Option, State, each_step
-from drivers.ec2 import api, images
-from drivers.ec2.api import TAG_HOME, TAG_ID, EC2Error, tag_filter, tags_of, translated
 from machine import cloudinit, sshkeys, ui
+from machine.drivers.base import ENGINE_PORT, Driver, Option, State, each_step
+from machine.drivers.ec2 import api, images
+from machine.drivers.ec2.api import TAG_HOME, TAG_ID, EC2Error, tag_filter, tags_of, translated
 from machine.errors import MachineError, UsageError
 from machine.store import write_atomic
 

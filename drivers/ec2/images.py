@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drivers.ec2.api import translated
+from machine.drivers.ec2.api import translated
 from machine.errors import MachineError
 
 DEBIAN_OWNER = "136693071363"  # Debian's AWS account (https://wiki.debian.org/Cloud/AmazonEC2Image)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from drivers.base import Driver, Option, State
+from machine.drivers.base import Driver, Option, State
 from machine.errors import MachineError, UsageError
 from machine.ssh import Connection, Endpoint, load_key
 from machine.store import Machine, RecordDamaged, write_atomic

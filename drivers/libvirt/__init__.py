@@ -13,10 +13,10 @@ import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from drivers.base import Driver, Option, State, each_step
-from drivers.libvirt import catalog, domain, network, seed, storage
-from drivers.libvirt.connection import connect, is_missing, libvirt_module, message
 from machine import sshkeys, ui
+from machine.drivers.base import Driver, Option, State, each_step
+from machine.drivers.libvirt import catalog, domain, network, seed, storage
+from machine.drivers.libvirt.connection import connect, is_missing, libvirt_module, message
 from machine.errors import MachineError, UsageError
 from machine.store import write_atomic
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from drivers.base import State
-from drivers.libvirt.connection import libvirt_module
+from machine.drivers.base import State
+from machine.drivers.libvirt.connection import libvirt_module
 from machine.paths import data_dir
 
 if TYPE_CHECKING:

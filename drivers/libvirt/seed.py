@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 
-from drivers.libvirt.domain import templates
 from machine import cloudinit
+from machine.drivers.libvirt.domain import templates
 from machine.errors import MachineError
 from machine.sshkeys import KeyPair
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 from xml.sax.saxutils import escape
 
-from drivers.libvirt.connection import is_missing, libvirt_module, message
+from machine.drivers.libvirt.connection import is_missing, libvirt_module, message
 from machine.errors import MachineError
 from machine.store import file_lock
 

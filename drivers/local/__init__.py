@@ -21,10 +21,10 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from drivers.base import Driver, Option, State, each_step
-from drivers.local import cgroups, rootfs, userns
-from drivers.local.network import Network, host_nameservers
 from machine import images, sshkeys
+from machine.drivers.base import Driver, Option, State, each_step
+from machine.drivers.local import cgroups, rootfs, userns
+from machine.drivers.local.network import Network, host_nameservers
 from machine.errors import MachineError, UsageError
 from machine.paths import data_dir
 from machine.provision import DEVICE_STORAGE_DRIVERS

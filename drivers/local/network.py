@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.local import leases as host_leases
+from machine.drivers.local import leases as host_leases
 from machine.errors import MachineError, UsageError
 
 STATE_DIR = Path(os.environ.get("PYMACHINE_NETWORK_STATE", "/var/lib/pymachine/networks"))

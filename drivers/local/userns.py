@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from drivers.local import leases as host_leases
+from machine.drivers.local import leases as host_leases
 from machine.errors import MachineError
 
 RANGE = 0x10000  # 65536 UIDs (and as many GIDs) per machine

@@ -6,8 +6,8 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 
-import drivers
-from drivers.base import Driver
+from machine import drivers
+from machine.drivers.base import Driver
 from machine.ssh import Connection
 from machine.store import Machine, Store
 

@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drivers.base import Driver, State
 from machine import certs, dockercontext
 from machine import provision as plan
 from machine.commands.common import connect, load, locked
+from machine.drivers.base import Driver, State
 from machine.errors import MachineError
 from machine.paths import roles_dir
 from machine.store import Machine, Store

@@ -8,12 +8,11 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-import drivers
-from drivers.base import Driver, State
-from machine import certs, dockercontext, sshkeys, ui
+from machine import certs, dockercontext, drivers, sshkeys, ui
 from machine import provision as plan
 from machine.commands.common import connect, locked
 from machine.commands.engine import run_provisioning, server_pair
+from machine.drivers.base import Driver, State
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
 from machine.paths import roles_dir

@@ -7,9 +7,9 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from drivers.base import Driver, State
 from machine import __version__
 from machine.commands.common import driver_for, load
+from machine.drivers.base import Driver, State
 from machine.errors import MachineError, UsageError
 from machine.store import RecordDamaged, Store
 

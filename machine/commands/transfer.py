@@ -9,8 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from drivers.base import State
 from machine.commands.common import connect, load
+from machine.drivers.base import State
 from machine.errors import MachineError, UsageError
 from machine.names import LABEL as _LABEL
 from machine.store import Store

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-import drivers
-from drivers.ec2 import EC2Driver, api, images
+from machine import drivers
+from machine.drivers.ec2 import EC2Driver, api, images
 from machine.errors import MachineError
 from machine.store import Store
 from tests.conftest import CLI
@@ -430,7 +430,7 @@ def test_is_alive_asks_ec2_every_few_seconds_and_fails_only_for_a_gone_instance(
     assert all(driver.is_alive() for _ in range(20))
     assert cloud.server.actions() == {"DescribeInstances": 1}  # the last answer, for ALIVE_INTERVAL
     cloud.ec2.stop_instances(InstanceIds=[instance_id])
-    monkeypatch.setattr("drivers.ec2.ALIVE_INTERVAL", 0.0)
+    monkeypatch.setattr("machine.drivers.ec2.ALIVE_INTERVAL", 0.0)
     assert driver.is_alive()  # stopped is not gone
     cloud.ec2.terminate_instances(InstanceIds=[instance_id])
     assert not driver.is_alive()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.local import rootfs
+from machine.drivers.local import rootfs
 from tests.integration.conftest import CACHE, serve_directory
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.local import userns
+from machine.drivers.local import userns
 from tests.conftest import CLI
 from tests.integration.conftest import CACHE, bridge_leftovers, leftovers, machine_record
 from tests.integration.test_journal import assert_one_line, journal_record, kill_at

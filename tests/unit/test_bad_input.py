@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers.local import LocalDriver
 from machine.cli import main
+from machine.drivers.local import LocalDriver
 from machine.store import Store
 
 ROLES = Path(__file__).resolve().parents[2] / "roles"

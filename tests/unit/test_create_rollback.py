@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import drivers
-from drivers.base import Driver, State
-from machine import commands
+from machine import commands, drivers
+from machine.drivers.base import Driver, State
 from machine.errors import MachineError
 from machine.ssh import Endpoint
 from machine.store import Store

@@ -11,11 +11,10 @@ import time
 import pytest
 import yaml
 
-import drivers
-from drivers.base import ENGINE_PORT, Option, State
-from drivers.ec2 import EC2Driver, _check_values, api, ingress, parse_tags, port_answers, wait_port_down
-from machine import cloudinit, sshkeys
+from machine import cloudinit, drivers, sshkeys
 from machine.commands.machines import parse_driver_options
+from machine.drivers.base import ENGINE_PORT, Option, State
+from machine.drivers.ec2 import EC2Driver, _check_values, api, ingress, parse_tags, port_answers, wait_port_down
 from machine.errors import MachineError, UsageError
 from machine.store import Machine, Store
 
@@ -176,7 +175,7 @@ def test_wait_port_down_returns_when_the_port_closes_and_gives_up_after_its_time
 
 
 def test_the_engine_port_is_the_base_drivers():
-    import drivers.ec2 as ec2
+    import machine.drivers.ec2 as ec2
 
     assert not hasattr(ec2, "ENGINE_PORT") or ec2.ENGINE_PORT is ENGINE_PORT
     assert ingress(["10.0.0.0/8"])[1]["FromPort"] == ENGINE_PORT

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers import generic
-from drivers.base import State
 from machine.commands import parse_driver_options
+from machine.drivers import generic
+from machine.drivers.base import State
 from machine.errors import MachineError, UsageError
 from machine.store import Store
 

@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from drivers.base import State
-from drivers.libvirt import domain
+from machine.drivers.base import State
+from machine.drivers.libvirt import domain
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -23,7 +23,7 @@ QEMU = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 
 @pytest.fixture
 def conn():
-    from drivers.libvirt.connection import connect
+    from machine.drivers.libvirt.connection import connect
 
     c = connect("test:///default")
     yield c

@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import drivers
-import drivers.libvirt as libvirt_driver
-from drivers.libvirt import LibvirtDriver, catalog, domain, network, storage
+import machine.drivers.libvirt as libvirt_driver
+from machine import drivers
 from machine.commands.machines import parse_driver_options
+from machine.drivers.libvirt import LibvirtDriver, catalog, domain, network, storage
 from machine.errors import MachineError, UsageError
 from machine.store import Store
 

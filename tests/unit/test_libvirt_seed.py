@@ -7,8 +7,8 @@ import io
 import pytest
 import yaml
 
-from drivers.libvirt import seed
 from machine import cloudinit, sshkeys
+from machine.drivers.libvirt import seed
 
 pycdlib = pytest.importorskip("pycdlib")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.local import LocalDriver, userns
+from machine.drivers.local import LocalDriver, userns
 from machine.errors import MachineError, UsageError
 from machine.provision import engine_config
 

@@ -1,8 +1,8 @@
 import pytest
 
-from drivers.base import Option
-from drivers.local.network import Network
 from machine import commands
+from machine.drivers.base import Option
+from machine.drivers.local.network import Network
 from machine.errors import UsageError
 
 
