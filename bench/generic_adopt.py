@@ -7,7 +7,8 @@ passwordless sudo and an RSA key. Each round adopts it (a new machine, so a new 
 the engine restarts to load them), then `rm` forgets it (untimed). One home for every round: its CA is made once.
 Measured:
 - adopt only: `create --no-provision` (key copy, host key pinned, sudo checked), in-process;
-- adopt + provision: the whole `create` in-process, as deploy (become through sudo) and as root;
+- adopt + provision: the whole `create` in-process, as deploy (become through sudo) and as root, until a
+  mutual-TLS handshake with the engine shows the server certificate this adopt issued;
 - CLI: the same as deploy, as the `pymachine create` command (interpreter start included);
 - provision again: a no-op `provision` on the adopted host, in-process.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -60,11 +63,14 @@ def main() -> None:
             store = Store(tmp_path / "adopter")
 
             def adopt(user: str, key_file: Path, provision: bool = True) -> float:
-                """One adopt, timed; `rm` (which only forgets the host) afterwards, untimed."""
+                """One adopt, timed up to a TLS handshake with the engine showing its new certificate; `rm` (which
+                only forgets the host) afterwards, untimed."""
                 start = time.perf_counter()
-                commands.create(store, "adopted", "generic", {
+                adopted = commands.create(store, "adopted", "generic", {
                     "generic_ip_address": address, "generic_ssh_user": user, "generic_ssh_key": str(key_file),
                 }, engine=engine, provision=provision)
+                if provision:
+                    check_engine(adopted.dir, address)
                 seconds = time.perf_counter() - start
                 commands.rm(store, "adopted")
                 return seconds
@@ -101,6 +107,19 @@ def main() -> None:
     print(f"| generic driver, medians of {rounds} rounds | seconds |\n|---|---|")
     for what, seconds in rows:
         print(f"| {what} | {seconds:.2f} |")
+
+
+def check_engine(machine_dir: Path, address: str) -> None:
+    """One mutual-TLS handshake with the engine, as the docker CLI makes it; it must show the server certificate
+    this adopt issued (an engine not restarted would show the previous one)."""
+    context = ssl.create_default_context(cafile=machine_dir / "ca.pem")
+    context.load_cert_chain(machine_dir / "cert.pem", machine_dir / "key.pem")
+    with socket.create_connection((address, 2376), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=address) as tls:
+        shown = tls.getpeercert(binary_form=True)
+    issued = ssl.PEM_cert_to_DER_cert((machine_dir / "server.pem").read_text())
+    if shown != issued:
+        raise SystemExit("the engine does not show the certificate this adopt issued")
 
 
 if __name__ == "__main__":

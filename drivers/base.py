@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -181,3 +181,15 @@ class Driver(ABC):
     def is_alive(self) -> bool:
         """Cheap liveness check used while waiting for SSH, so a host that died fails fast."""
         return self.state() in (State.RUNNING, State.STARTING)
+
+    # -- swarm mode: where the machine's swarm peers reach it, and what lets them through ---------------
+    def swarm_address(self) -> str | None:
+        """The address the engine advertises to the other nodes of its swarm (they must reach it there)."""
+        return self.ip()
+
+    def open_swarm_ports(self, peers: Sequence[Driver]) -> None:
+        """Let this machine and `peers` (the other machines of the swarm it joins) reach each other's swarm ports
+        (2377/tcp, 7946/tcp+udp, 4789/udp). Nothing to do by default: a host firewall is the roles' business."""
+
+    def close_swarm_ports(self, peers: Sequence[Driver]) -> None:
+        """Take back what open_swarm_ports(peers) opened (the machine left the swarm)."""

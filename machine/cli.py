@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import click
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from machine import commands, drivers, provision, shellenv, ui
+from machine import commands, drivers, fleet, fleetfile, gotemplate, provision, shellenv, ui
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
 from machine.store import Store
@@ -34,19 +38,33 @@ def _names(ctx: click.Context, param: click.Parameter,
     return value
 
 
+def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Machine names for shell completion (`pymachine completion`); a broken store completes nothing."""
+    try:
+        return [name for name in _store().names() if name.startswith(incomplete)]
+    except OSError:
+        return []
+
+
 def _name_argument(name: str = "name", **kwargs: object) -> Callable[[Callable], Callable]:
-    return click.argument(name, callback=_names, **kwargs)
+    return click.argument(name, callback=_names, shell_complete=_complete_names, **kwargs)
 
 
 def _names_argument() -> Callable[[Callable], Callable]:
     return _name_argument("names", nargs=-1, required=True)
 
 
-def _reporter(kind: str):
+def _reporter(kind: str, stream: io.StringIO | None = None):
     """The progress reporter (imported late: the role engine is the slowest import and most commands skip it)."""
     from machine import report
 
-    return report.tasks() if kind == "tasks" else report.progress()
+    return report.tasks(stream) if kind == "tasks" else report.progress()
+
+
+def _parallel_option(command: Callable) -> Callable:
+    return click.option("--parallel", type=click.IntRange(min=1), metavar="N",
+                        help=f"Work on at most N machines at once [default: the number of machines, at most "
+                             f"{fleet.MAX_WORKERS}].")(command)
 
 
 @click.group(context_settings=_CONTEXT)
@@ -97,6 +115,8 @@ def _engine_options(command: Callable) -> Callable:
         click.option("--engine-icc/--no-engine-icc", default=True, help="Traffic between containers on the bridge."),
         click.option("--engine-iptables/--no-engine-iptables", default=True, help="Engine manages iptables (NAPT)."),
         click.option("--engine-ip-forward/--no-engine-ip-forward", default=True, help="Engine enables forwarding."),
+        click.option("--registry", is_flag=True, help="Also run a private registry (HTTPS on port 5000, certificate "
+                                                      "from the store's CA), trusted by every machine of the store."),
     ]
     for flag, metavar, text in reversed(multi):
         command = click.option(flag, multiple=True, metavar=metavar, help=text)(command)
@@ -106,18 +126,14 @@ def _engine_options(command: Callable) -> Callable:
 
 
 def _engine_config(o: dict) -> dict:
-    return provision.engine_config(
-        engine=o.pop("engine"), install=o.pop("engine_install"), storage_driver=o.pop("engine_storage_driver"),
-        storage_device=o.pop("engine_storage_device"), opts=o.pop("engine_opt"), labels=o.pop("engine_label"),
-        env=o.pop("engine_env"), insecure_registries=o.pop("engine_insecure_registry"),
-        registry_mirrors=o.pop("engine_registry_mirror"), bip=o.pop("engine_bip"),
-        address_pools=o.pop("engine_default_address_pool"), mtu=o.pop("engine_mtu"), icc=o.pop("engine_icc"),
-        iptables=o.pop("engine_iptables"), ip_forward=o.pop("engine_ip_forward"), tls_san=o.pop("tls_san"),
-    )
+    # One table maps create's engine flags (as click names them) and a fleet file's keys to engine_config.
+    return fleetfile.engine_config(o)
 
 
 @cli.command(context_settings=_CONTEXT)
-@_name_argument()
+@_names_argument()
+@click.option("--count", type=click.IntRange(min=1), metavar="N", help="Make NAME1 … NAMEN from the one NAME given.")
+@_parallel_option
 @click.option("-d", "--driver", default=drivers.DEFAULT, show_default=True, help="Driver that makes the host.")
 @click.option("--no-provision", is_flag=True, help="Only make the host; install no engine.")
 @click.option("--keep-on-failure", is_flag=True, help="Keep what was made if create fails (to debug it).")
@@ -125,43 +141,98 @@ def _engine_config(o: dict) -> dict:
               help="Make the host and return without waiting for SSH; implies --no-provision.")
 @_engine_options
 @_driver_options
-def create(name: str, driver: str, no_provision: bool, keep_on_failure: bool, no_connect: bool,
-           **options: object) -> None:
-    """Create a machine, install its engine and expose it over mutual TLS."""
+def create(names: tuple[str, ...], count: int | None, parallel: int | None, driver: str, no_provision: bool,
+           keep_on_failure: bool, no_connect: bool, **options: object) -> None:
+    """Create machines (in parallel), install their engine and expose it over mutual TLS."""
+    store = _store()
+    names = _new_names(store, names, count)
     engine = _engine_config(options)
     no_provision = no_provision or no_connect
-    commands.create(_store(), name, driver, options, engine=engine, provision=not no_provision,
-                    keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"),
-                    wait_for_ssh=not no_connect)
-    if no_provision:
-        ui.note(f"[green]{name}[/] is made (no engine yet: `pymachine provision {name}` installs it)")
+    if engine["registry_enabled"] and no_provision:
+        raise UsageError("--registry runs on the machine's engine: it cannot go with --no-provision or --no-connect")
+
+    def make(store: Store, name: str) -> None:
+        commands.create(store, name, driver, options, engine=engine, provision=not no_provision,
+                        keep_on_failure=keep_on_failure, reporter=None if no_provision else _reporter("progress"),
+                        wait_for_ssh=not no_connect)
+
+    done = "made (no engine yet)" if no_provision else "ready"
+    outcomes = _run(make, names, done, parallel, plain_for_one=True)
+    if len(names) == 1 and outcomes[0].error is not None:
+        raise outcomes[0].error  # one machine: its error as any command's, in one line
+    if engine["registry_enabled"]:  # once all are made: sharing locks every other machine in turn
+        for outcome in outcomes:
+            if outcome.error is None:
+                commands.share_registries(store, outcome.name)
+    if len(names) > 1:
+        _summarise(outcomes, done)
+    elif no_provision:
+        ui.note(f"[green]{names[0]}[/] is made (no engine yet: `pymachine provision {names[0]}` installs it)")
     else:
-        ui.note(f"[green]{name}[/] is ready: `eval $(pymachine env {name})`")
+        ui.note(f"[green]{names[0]}[/] is ready: `eval $(pymachine env {names[0]})`")
+
+
+def _new_names(store: Store, names: tuple[str, ...], count: int | None) -> list[str]:
+    """The names of the machines to make (NAME1 … NAMEN with --count), each valid, new and given once."""
+    if count is not None:
+        if len(names) != 1:
+            raise UsageError("--count makes NAME1 … NAMEN from one NAME: give exactly one")
+        names = tuple(validate_name(f"{names[0]}{i}") for i in range(1, count + 1))
+    twice = [name for name, n in Counter(names).items() if n > 1]
+    if twice:
+        raise UsageError(f"machine name {twice[0]!r} is given more than once")
+    taken = [name for name in names if store.exists(name)]
+    if len(taken) == 1:
+        raise UsageError(f"machine {taken[0]!r} already exists")
+    if taken:
+        raise UsageError(f"machines {', '.join(taken)} already exist")
+    return list(names)
 
 
 @cli.command("provision", context_settings=_CONTEXT)
-@_name_argument()
+@_names_argument()
+@_parallel_option
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", is_flag=True, help="Show the changes made to files.")
 @click.option("--tags", default="", metavar="TAG,…", help="Only run tasks with these tags.")
-def provision_(name: str, check: bool, diff: bool, tags: str) -> None:
+@click.option("--registry", is_flag=True,
+              help="From now on also run a private registry (as `create --registry`); every machine trusts it.")
+def provision_(names: tuple[str, ...], parallel: int | None, check: bool, diff: bool, tags: str,
+               registry: bool) -> None:
     """Run the provisioning roles again (idempotent)."""
     selected = tuple(t for t in tags.split(",") if t)
-    commands.provision(_store(), name, check=check, diff=diff, tags=selected, reporter=_reporter("tasks"))
+    if len(names) == 1:
+        commands.provision(_store(), names[0], check=check, diff=diff, tags=selected, registry=registry,
+                           reporter=_reporter("tasks"))
+        return
+
+    def one(store: Store, name: str) -> None:
+        block = io.StringIO()  # this machine's task lines, printed whole when it is done
+        try:
+            commands.provision(store, name, check=check, diff=diff, tags=selected, registry=registry,
+                               reporter=_reporter("tasks", block))
+        finally:
+            ui.out(block.getvalue())
+
+    _each(one, names, "provisioned", parallel)
 
 
 @cli.command("regenerate-certs", context_settings=_CONTEXT)
 @_names_argument()
-def regenerate_certs(names: tuple[str, ...]) -> None:
+@_parallel_option
+def regenerate_certs(names: tuple[str, ...], parallel: int | None) -> None:
     """Issue new engine certificates for the machines' current addresses."""
-    _each(lambda store, name: commands.regenerate_certs(store, name, reporter=_reporter("progress")), names)
+    _each(lambda store, name: commands.regenerate_certs(store, name, reporter=_reporter("progress")), names,
+          "has new certificates", parallel)
 
 
 @cli.command(context_settings=_CONTEXT)
 @_names_argument()
-def upgrade(names: tuple[str, ...]) -> None:
+@_parallel_option
+def upgrade(names: tuple[str, ...], parallel: int | None) -> None:
     """Upgrade the machines' engine to the newest version."""
-    _each(lambda store, name: commands.upgrade(store, name, reporter=_reporter("progress")), names)
+    _each(lambda store, name: commands.upgrade(store, name, reporter=_reporter("progress")), names, "upgraded",
+          parallel)
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -178,6 +249,10 @@ def env(name: str | None, shell: str | None, unset: bool) -> None:
     if not name:
         raise UsageError("env needs a machine name (or --unset)")
     click.echo(shellenv.render(commands.env(_store(), name), shell, f" {name}"))
+    overrides = shellenv.ca_bundle_overrides()
+    if overrides:
+        ui.err(f"note: {' and '.join(overrides)} replace the machine's CA for docker-compose 1.x (Python's "
+               f"requests): run it as `env -u REQUESTS_CA_BUNDLE -u CURL_CA_BUNDLE docker-compose …`")
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -188,15 +263,25 @@ def config(name: str) -> None:
 
 
 @cli.command("ls", context_settings=_CONTEXT)
-@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="name=GLOB, driver=, state=.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="name=GLOB, driver=NAME, state=STATE, label=KEY=VALUE (repeat: a key's values are alternatives).")
+@click.option("-f", "--format", "fmt", default="table", show_default=True, metavar="table|json|TEMPLATE",
+              help="A table, JSON, or a Go template as docker-machine takes: '{{.Name}} {{.URL}}', "
+                   "'table {{.Name}}\\t{{.State}}'.")
+@click.option("-t", "--timeout", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="List a machine whose driver has not answered by then as Timeout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only names.")
-def ls_(filters: tuple[str, ...], fmt: str, quiet: bool) -> None:
+def ls_(filters: tuple[str, ...], fmt: str, timeout: float | None, quiet: bool) -> None:
     """List machines."""
-    rows = commands.ls(_store(), filters)
+    template = _template(fmt, commands.machine_fields(commands.SAMPLE_ROW))
+    rows = commands.ls(_store(), filters, timeout=timeout)
     if quiet:
         for r in rows:
             click.echo(r["name"])
+    elif template:
+        output = gotemplate.render_rows(template, [commands.machine_fields(r) for r in rows])
+        if output:
+            click.echo(output)
     elif fmt == "json":
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -206,6 +291,17 @@ def ls_(filters: tuple[str, ...], fmt: str, quiet: bool) -> None:
         for r in rows:
             table.add_row(r["name"], "*" if r["active"] else "-", r["driver"], r["state"], r["url"], r["error"])
         Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _template(fmt: str, sample: dict) -> gotemplate.Template | None:
+    """A Go template (anything but `table` and `json`), checked against a sample before anything is asked."""
+    if fmt in ("table", "json"):
+        return None
+    if "{{" not in fmt:  # a typo of table or json, not a template that prints the same text for every machine
+        raise UsageError(f"--format {fmt!r}: use table, json or a Go template such as '{{{{.Name}}}}'")
+    template = gotemplate.parse(fmt)
+    template.render(sample)
+    return template
 
 
 def _one_name(fn: Callable[[Store, str], object]) -> Callable[[str], None]:
@@ -225,9 +321,15 @@ for _name, _fn, _help in [
 
 @cli.command(context_settings=_CONTEXT)
 @_name_argument()
-def inspect(name: str) -> None:
+@click.option("-f", "--format", "fmt", metavar="TEMPLATE",
+              help="A Go template over docker-machine's host fields, e.g. '{{.Driver.IPAddress}}'.")
+def inspect(name: str, fmt: str | None) -> None:
     """Print a machine's details as JSON."""
-    click.echo(json.dumps(commands.inspect(_store(), name), indent=2))
+    if not fmt:
+        click.echo(json.dumps(commands.inspect(_store(), name), indent=2))
+        return
+    template = gotemplate.parse(fmt)
+    click.echo(template.render(commands.docker_machine_host(_store(), name)))
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -257,43 +359,112 @@ def version() -> None:
     click.echo(commands.version())
 
 
-def _each(action: Callable[[Store, str], None], names: tuple[str, ...]) -> None:
-    """Apply `action` to every name, reporting each failure (whatever it is: one machine's trouble must not
-    keep the others from being stopped or removed); fail with the worst exit status if any did."""
-    store, status = _store(), 0
+@cli.command("import", context_settings=_CONTEXT)
+@click.argument("arguments", nargs=-1, required=True, metavar="[DOCKER_MACHINE_STORE] NAME...")
+@click.option("--regenerate-certs", is_flag=True,
+              help="Provision the host and give its engine pymachine's certificates (default: keep docker-machine's).")
+@click.option("--engine-install", default="official", show_default=True, type=click.Choice(provision.INSTALL_METHODS),
+              help="Where provisioning (now with --regenerate-certs, or later) gets the engine's packages.")
+def import_(arguments: tuple[str, ...], regenerate_certs: bool, engine_install: str) -> None:
+    """Adopt machines docker-machine made (as generic machines), from its store ($MACHINE_STORAGE_PATH or
+    ~/.docker/machine)."""
+    from machine.commands import dockermachine  # late: only this command needs it
+
+    first = Path(arguments[0]).expanduser()
+    dm_store, names = (first, arguments[1:]) if first.is_dir() else (dockermachine.default_store(), arguments)
+    if not names:
+        raise UsageError(f"import: name the machines of {dm_store} to adopt")
     for name in names:
-        try:
+        validate_name(name)
+    _each(lambda store, name: dockermachine.import_machine(store, dm_store, name, regenerate_certs, engine_install),
+          names, "imported")
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell's completion script: commands, options and machine names complete."""
+    from click.shell_completion import get_completion_class
+
+    complete = get_completion_class(shell)(cli, {}, "pymachine", "_PYMACHINE_COMPLETE")
+    click.echo(complete.source())
+
+
+def _run(action: Callable[[Store, str], None], names: Sequence[str], done: str, parallel: int | None = None,
+         plain_for_one: bool = False) -> list[fleet.Outcome]:
+    """Apply `action` to every name, at most `parallel` at once, each machine's progress on a line of its own
+    (ui.board); one machine's failure, whatever it is, never keeps the others from being done."""
+    store, board = _store(), ui.board(names, done, plain_for_one)
+
+    def one(name: str) -> None:
+        if board is None:
             action(store, name)
-        except Exception as e:  # any failure: reported like main() reports it, then on to the next name
-            ui.err(f"error: {name}: {_describe(e)}")
-            _debug_traceback()
-            status = max(status, _exit_code(e))
+            return
+        try:
+            with ui.showing(board.line(name)):
+                action(store, name)
+        except BaseException as e:
+            board.finish(name, "interrupted" if isinstance(e, KeyboardInterrupt) else _describe(e))
+            raise
+        board.finish(name, None)
+
+    with board or contextlib.nullcontext():
+        return fleet.run(names, one, parallel)
+
+
+def _summarise(outcomes: list[fleet.Outcome], done: str) -> None:
+    """Each failure in one line, as main() reports one, naming its machine; exit with the worst status (130 after
+    Ctrl-C) if any failed."""
+    status = 0
+    for outcome in outcomes:
+        if outcome.error is not None and not outcome.interrupted:
+            ui.err(f"error: {outcome.name}: {_describe(outcome.error)}")
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                traceback.print_exception(outcome.error)
+            status = max(status, _exit_code(outcome.error))
+    stopped = [o.name for o in outcomes if o.interrupted and o.started]
+    skipped = [o.name for o in outcomes if not o.started]
+    if stopped or skipped:
+        parts = [f"{what} {', '.join(names)}" for what, names in (("stopped", stopped), ("not started", skipped))
+                 if names]
+        ui.err(f"interrupted: {'; '.join(parts)}")
+        status = 130
+    ok = [o.name for o in outcomes if o.error is None]
+    if ok and len(outcomes) > 1:
+        ui.note(f"[green]{', '.join(ok)}[/]: {done}")
     if status:
         raise SystemExit(status)
 
 
-for _name, _fn, _help in [
-    ("start", commands.start, "Start machines."),
-    ("stop", commands.stop, "Stop machines cleanly."),
-    ("restart", commands.restart, "Restart machines."),
-    ("kill", commands.kill, "Stop machines at once."),
+def _each(action: Callable[[Store, str], None], names: Sequence[str], done: str = "done",
+          parallel: int | None = None) -> None:
+    """Apply `action` to every name in parallel (see _run), then report each failure (see _summarise)."""
+    _summarise(_run(action, names, done, parallel), done)
+
+
+for _name, _fn, _done, _help in [
+    ("start", commands.start, "running", "Start machines."),
+    ("stop", commands.stop, "stopped", "Stop machines cleanly."),
+    ("restart", commands.restart, "restarted", "Restart machines."),
+    ("kill", commands.kill, "killed", "Stop machines at once."),
 ]:
-    def _lifecycle(names: tuple[str, ...], _fn: Callable = _fn) -> None:
-        _each(_fn, names)
+    def _lifecycle(names: tuple[str, ...], parallel: int | None, _fn: Callable = _fn, _done: str = _done) -> None:
+        _each(_fn, names, _done, parallel)
 
     cli.command(_name, help=_help, context_settings=_CONTEXT)(
-        _names_argument()(_lifecycle)
+        _names_argument()(_parallel_option(_lifecycle))
     )
 
 
 @cli.command(context_settings=_CONTEXT)
 @_names_argument()
+@_parallel_option
 @click.option("-f", "--force", is_flag=True, help="Remove even if the driver cannot clean up; implies -y.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--uninstall", is_flag=True,
               help="First remove from the host what provisioning installed (engine packages, daemon.json, the "
                    "engine's certificates, pymachine's systemd drop-ins); for an adopted (generic) host.")
-def rm(names: tuple[str, ...], force: bool, yes: bool, uninstall: bool) -> None:
+def rm(names: tuple[str, ...], parallel: int | None, force: bool, yes: bool, uninstall: bool) -> None:
     """Remove machines and everything they own."""
     if not (yes or force):
         if not sys.stdin.isatty():
@@ -301,7 +472,8 @@ def rm(names: tuple[str, ...], force: bool, yes: bool, uninstall: bool) -> None:
         if not click.confirm(f"Remove {', '.join(names)}?"):
             raise SystemExit(1)
     _each(lambda store, name: commands.rm(store, name, force, uninstall=uninstall,
-                                          reporter=_reporter("progress") if uninstall else None), names)
+                                          reporter=_reporter("progress") if uninstall else None), names,
+          "removed", parallel)
 
 
 @cli.command(context_settings={**_CONTEXT, "ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -319,6 +491,94 @@ def ssh(name: str, command: tuple[str, ...]) -> None:
 def scp(recursive: bool, source: str, destination: str) -> None:
     """Copy files between the host and machines (MACHINE:PATH names a machine's side)."""
     commands.scp(_store(), source, destination, recursive)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--prune", is_flag=True, help="Remove the machines this file made that it no longer names.")
+@click.option("--recreate", is_flag=True, help="Remove and re-create machines whose driver options changed.")
+@click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
+@_parallel_option
+def apply(file: Path, prune: bool, recreate: bool, dry_run: bool, parallel: int | None) -> None:
+    """Make and provision the machines a fleet file names; re-provision those that drifted (docs/fleet.md)."""
+    store = _store()
+    plan = commands.apply.plan(store, commands.apply.load_fleet(file), prune=prune, recreate=recreate,
+                               parallel=parallel)
+    for step in plan.steps:
+        click.echo(f"  {step.action:<16} {step.name}" + (f"  ({step.reason})" if step.reason else ""))
+    if not plan.changes:
+        count = len(plan.fleet.machines)
+        click.echo(f"{count} machine{'s' * (count != 1)} unchanged")
+        return
+    commands.apply.check(plan)
+    if dry_run:
+        return
+
+    def show(outcome: commands.apply.Outcome) -> None:
+        step = outcome.step
+        if outcome.error:
+            ui.err(f"error: {step.name}: {step.action} failed: {_describe(outcome.error)}")
+        else:
+            ui.out(f"done {step.action} {step.name}" + (f": {outcome.detail}\n" if outcome.detail else "\n"))
+
+    outcomes = commands.apply.execute(store, plan, show, parallel)
+    failed = sum(1 for o in outcomes if o.error)
+    counts = Counter(commands.apply.DONE[o.step.action] for o in outcomes if not o.error)
+    unchanged = sum(1 for s in plan.steps if s.action == commands.apply.UNCHANGED)
+    summary = [f"{n} {done}" for done, n in counts.items()] + [f"{unchanged} unchanged"] * bool(unchanged)
+    click.echo(", ".join(summary + [f"{failed} failed"] * bool(failed)) or "nothing done")
+    if failed:
+        raise SystemExit(1)
+
+
+@cli.group(context_settings=_CONTEXT)
+def swarm() -> None:
+    """Docker swarm mode across machines (join tokens never leave the engines' TLS API)."""
+
+
+@swarm.command("init", context_settings=_CONTEXT)
+@_name_argument("manager")
+def swarm_init(manager: str) -> None:
+    """Make a new swarm with MANAGER as its first manager."""
+    commands.swarm.init(_store(), manager)
+    ui.note(f"[green]{manager}[/] manages a new swarm: `pymachine swarm join WORKER --manager {manager}`")
+
+
+@swarm.command("join", context_settings=_CONTEXT)
+@_names_argument()
+@click.option("--manager", required=True, callback=_names, help="A manager of the swarm to join.")
+@click.option("--as-manager", is_flag=True, help="Join as managers, not workers.")
+def swarm_join(names: tuple[str, ...], manager: str, as_manager: bool) -> None:
+    """Join machines to the swarm MANAGER manages."""
+    # One at a time: each join opens the cloud firewall to the nodes already in (the earlier joiners among them),
+    # and managers joining at once could cost the swarm its raft quorum.
+    _each(lambda store, name: commands.swarm.join(store, name, manager, as_manager), names, "joined", parallel=1)
+
+
+@swarm.command("leave", context_settings=_CONTEXT)
+@_names_argument()
+@click.option("-f", "--force", is_flag=True, help="Leave even as a manager (the swarm may lose its quorum).")
+def swarm_leave(names: tuple[str, ...], force: bool) -> None:
+    """Take machines out of their swarm."""
+    _each(lambda store, name: commands.swarm.leave(store, name, force), names, "left")
+
+
+@swarm.command("ls", context_settings=_CONTEXT)
+@_name_argument("manager")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def swarm_ls(manager: str, fmt: str) -> None:
+    """List the nodes of the swarm MANAGER manages, with the machine each one is."""
+    rows = commands.swarm.ls(_store(), manager)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    columns = ("machine", "hostname", "role", "state", "availability", "manager_status", "address")
+    for column in columns:
+        table.add_column(column.upper().replace("_", " "))
+    for r in rows:
+        table.add_row(*(r[c] or "-" for c in columns))
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def _describe(error: Exception) -> str:
@@ -342,6 +602,55 @@ def _debug_traceback() -> None:
     """With --debug (the root logger at DEBUG), the traceback of the exception being handled."""
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         traceback.print_exc()
+
+
+# One or two examples at the end of each command's --help.
+_EXAMPLES = {
+    "active": ["eval $(pymachine env web1); pymachine active"],
+    "apply": ["pymachine apply fleet.yaml --dry-run", "pymachine apply fleet.yaml --prune"],
+    "completion": ["pymachine completion bash > /etc/bash_completion.d/pymachine",
+                   "pymachine completion fish > ~/.config/fish/completions/pymachine.fish"],
+    "config": ["docker $(pymachine config web1) ps"],
+    "create": ["pymachine create web1", "pymachine create --count 3 --engine-install distro web"],
+    "env": ["eval $(pymachine env web1)", "pymachine env --shell fish web1 | source"],
+    "import": ["pymachine import web1 db1", "pymachine import ~/old/.docker/machine web1 --regenerate-certs"],
+    "inspect": ["pymachine inspect web1", "pymachine inspect --format '{{.Driver.IPAddress}}' web1"],
+    "inventory": ["ansible -i <(pymachine inventory) all -m ping"],
+    "ip": ["ssh-keyscan $(pymachine ip web1)"],
+    "kill": ["pymachine kill web1"],
+    "ls": ["pymachine ls --filter driver=local", "pymachine ls --format '{{.Name}}: {{.URL}}'"],
+    "provision": ["pymachine provision web1", "pymachine provision --check --diff --tags tls web1"],
+    "regenerate-certs": ["pymachine regenerate-certs web1"],
+    "restart": ["pymachine restart web1 web2"],
+    "rm": ["pymachine rm -y web1", "pymachine rm -f $(pymachine ls -q)"],
+    "scp": ["pymachine scp ./app.tar web1:/root/", "pymachine scp -r web1:/etc/docker ./docker-etc"],
+    "ssh": ["pymachine ssh web1", "pymachine ssh web1 -- docker ps"],
+    "start": ["pymachine start web1 web2"],
+    "status": ["pymachine status web1"],
+    "stop": ["pymachine stop $(pymachine ls -q)"],
+    "swarm": ["pymachine swarm init web1 && pymachine swarm join web2 web3 --manager web1"],
+    "swarm init": ["pymachine swarm init web1"],
+    "swarm join": ["pymachine swarm join web2 web3 --manager web1", "pymachine swarm join web4 --manager web1 "
+                   "--as-manager"],
+    "swarm leave": ["pymachine swarm leave web3"],
+    "swarm ls": ["pymachine swarm ls web1"],
+    "upgrade": ["pymachine upgrade web1"],
+    "url": ["pymachine url web1"],
+    "version": ["pymachine version"],
+}
+
+
+def _add_examples(group: click.Group, prefix: str = "") -> None:
+    for name, command in group.commands.items():
+        examples = _EXAMPLES[prefix + name]
+        # \b keeps click from rewrapping the lines.
+        command.epilog = "\b\n" + ("Examples:" if len(examples) > 1 else "Example:") + "\n" + "\n".join(
+            f"  {line}" for line in examples)
+        if isinstance(command, click.Group):
+            _add_examples(command, f"{prefix}{name} ")
+
+
+_add_examples(cli)
 
 
 def main() -> None:

@@ -110,6 +110,10 @@ def _read(source: str, stream: BinaryIO) -> bytes:
 
 @contextlib.contextmanager
 def _progress(source: str, size: int):
+    if ui.current_line() is not None:  # one of several machines: its line says so (one live display at a time)
+        with ui.step(f"downloading {Path(urlparse(source).path).name}"):
+            yield lambda n: None
+        return
     if not ui.console.is_terminal:
         yield lambda n: None
         return

@@ -13,7 +13,7 @@ from machine.errors import UsageError
 from machine.names import LABEL
 from machine.paths import roles_dir
 
-ROLES = ("kernel", "storage", "tls", "engine", "bridge")
+ROLES = ("kernel", "storage", "tls", "engine", "bridge", "registry")
 ENGINES = ("docker", "podman")
 INSTALL_METHODS = ("official", "distro")
 STORAGE_DRIVERS = ("overlay2", "btrfs", "zfs", "vfs", "fuse-overlayfs", "devicemapper", "aufs")
@@ -22,6 +22,8 @@ PODMAN_STORAGE_DRIVERS = ("overlay2", "btrfs", "zfs", "vfs", "fuse-overlayfs")
 # Drivers that put the engine's data on --engine-storage-device; the others ignore a device.
 DEVICE_STORAGE_DRIVERS = ("btrfs", "zfs", "devicemapper")
 TLS_DIR = "/etc/docker/tls"
+# Where a machine's registry serves HTTPS (role registry): the port Docker's registry uses.
+REGISTRY_PORT = 5000
 # Tags Ansible gives a meaning of its own; every other tag selects the tasks that carry it.
 _SPECIAL_TAGS = frozenset({"all", "always", "never", "tagged", "untagged"})
 
@@ -201,6 +203,7 @@ def engine_config(
     iptables: bool = True,
     ip_forward: bool = True,
     tls_san: tuple[str, ...] = (),
+    registry: bool = False,
 ) -> dict[str, Any]:
     """Validate create's engine flags and return them as the machine's recorded engine settings."""
     _check_choices(engine, install, storage_driver)
@@ -227,6 +230,7 @@ def engine_config(
         "engine_iptables": iptables,
         "engine_ip_forward": ip_forward,
         "tls_san": [_tls_san(name) for name in tls_san],
+        "registry_enabled": registry,
     }
 
 

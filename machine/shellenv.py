@@ -20,6 +20,9 @@ _UNSET = {
     "cmd": "SET {k}=",
 }
 _COMMENT = {"powershell": "# ", "cmd": "REM ", "fish": "# "}
+# Python's requests lets these replace the CA a client gives its session: docker-compose 1.x (docker-py) then checks
+# the engine's certificate against the system's CAs and fails, where the docker CLI works.
+CA_BUNDLE_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 _HOW = {
     "fish": "eval (pymachine env{args})",
     "powershell": "& pymachine env{args} | Invoke-Expression",
@@ -31,6 +34,11 @@ def detect() -> str:
     """The user's shell from $SHELL, bash-compatible syntax when unknown."""
     name = Path(os.environ.get("SHELL", "bash")).name
     return name if name in SHELLS else "bash"
+
+
+def ca_bundle_overrides() -> list[str]:
+    """The variables of CA_BUNDLE_VARS set in this environment (they are the user's: `env` leaves them alone)."""
+    return [name for name in CA_BUNDLE_VARS if os.environ.get(name)]
 
 
 def render(values: dict[str, str | None], shell: str, args: str) -> str:

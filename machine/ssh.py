@@ -1,4 +1,6 @@
-"""One paramiko Transport per host, reused for every command and file transfer of a run.
+"""One paramiko Transport per host, reused for every command and file transfer of a run (and, closed, kept a few
+seconds for the next connection of the same login). `run(shell=…)` runs a command in a shell kept running on
+the connection (machine.sshshell) instead of on a channel of its own.
 
 Host keys are pinned in the machine's own known_hosts: the first key seen (or the one a driver wrote there
 before boot) is the only one accepted afterwards.
@@ -9,21 +11,24 @@ connection again (same pinned key), so a caller can re-run what was interrupted.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
-import functools
+import hashlib
 import logging
 import os
 import select
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from machine.errors import MachineError
+from machine.sshshell import Shell, ShellTimeout, drain
 from machine.store import write_atomic
 
 log = logging.getLogger("pymachine.ssh")
@@ -90,24 +95,75 @@ class HostKeyMismatch(MachineError):
 
 def load_key(path: Path) -> paramiko.PKey:
     """A private key of any type paramiko knows (Ed25519, ECDSA, RSA), or one line saying why not."""
+    path = Path(path)
+    cert = path.with_name(path.name + "-cert.pub")  # loaded with the key, as paramiko and OpenSSH do
     try:
-        return _load_key(Path(path), Path(path).stat().st_mtime_ns)
+        data = path.read_bytes()
+        certificate = cert.read_bytes() if cert.exists() else b""
     except OSError as e:
         raise MachineError(f"cannot read the ssh key {path}: {e.strerror or e}") from None
+    # Cached by content: a run loads the user's key, then the machine's copy of it, and opens several connections.
+    digest = hashlib.sha256(data + b"\0" + certificate).digest()
+    if digest not in _KEYS:
+        _KEYS[digest] = _parse_key(path, data)
+    return _KEYS[digest]
 
 
-@functools.lru_cache(maxsize=16)
-def _load_key(path: Path, _mtime_ns: int) -> paramiko.PKey:
-    # Cached by path and mtime: checking an RSA key costs ~0.4 s, and a run opens several connections.
+_KEYS: dict[bytes, paramiko.PKey] = {}
+
+
+def _parse_key(path: Path, data: bytes) -> paramiko.PKey:
     paramiko = _paramiko()
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     try:
+        # OpenSSH's format first, then PEM, as paramiko does. RSA keys skip OpenSSL's consistency check (proving
+        # p and q prime: ~0.3 s for 3072 bits, and paramiko's own loader runs it twice): this is the user's own
+        # key, which only signs our logins, and OpenSSH does not check it either; a broken one is refused by
+        # the server's signature check.
+        try:
+            loaded = serialization.load_ssh_private_key(data, None, unsafe_skip_rsa_key_validation=True)
+        except ValueError:
+            loaded = serialization.load_pem_private_key(data, None, unsafe_skip_rsa_key_validation=True)
+        if isinstance(loaded, rsa.RSAPrivateKey):
+            key = paramiko.RSAKey(key=loaded)
+            cert = path.with_name(path.name + "-cert.pub")
+            if cert.exists():
+                key.load_certificate(str(cert))
+            return key
+        if not isinstance(loaded, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+            raise MachineError(f"cannot read the ssh key {path}: it is neither an RSA, an ECDSA nor an Ed25519 key")
         return paramiko.PKey.from_path(path)
-    except (paramiko.PasswordRequiredException, TypeError):  # TypeError: an encrypted key in OpenSSH's format
+    except (paramiko.PasswordRequiredException, TypeError):  # TypeError: an encrypted key (no password given)
         raise MachineError(f"the ssh key {path} is encrypted: pymachine needs a key without a passphrase (make "
                            f"one with `ssh-keygen -t ed25519 -N ''`, or remove it with `ssh-keygen -p -f {path}`)"
                            ) from None
-    except (OSError, ValueError, paramiko.SSHException) as e:
+    except (OSError, ValueError, paramiko.SSHException, UnsupportedAlgorithm) as e:
         raise MachineError(f"cannot read the ssh key {path}: {e}") from None
+
+
+# Transports close() keeps for the next open() of the same login (host, port, user, key, known_hosts): a
+# `create` logs in three times in a row (the driver's checks, the wait for SSH, provisioning), and a login costs a
+# key exchange, a signature and sshd's PAM session, several times what a command costs.
+_PARK_SECONDS = 10.0
+_PARK_PROBE_TIMEOUT = 5.0
+_PARKED: dict[tuple[Any, ...], tuple[float, paramiko.Transport]] = {}
+_PARKED_LOCK = threading.Lock()  # many machines at once (machine/fleet.py) park and take from one table
+
+
+def _close_parked(which: Callable[[tuple[Any, ...], float], bool] = lambda login, since: True) -> None:
+    with _PARKED_LOCK:
+        closing = [(login, transport) for login, (since, transport) in _PARKED.items() if which(login, since)]
+        for login, _ in closing:
+            del _PARKED[login]
+    for _, transport in closing:
+        with contextlib.suppress(EOFError, OSError, _paramiko().SSHException):
+            transport.close()
+
+
+atexit.register(_close_parked)  # say goodbye to the hosts rather than drop the connections at exit
 
 
 class ConnectionLost(MachineError):
@@ -126,6 +182,7 @@ class Connection:
         self._is_alive = is_alive
         self._transport: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self._shells: dict[str, Shell] = {}  # run(shell=…): the shells kept running, by launcher
 
     @property
     def _where(self) -> str:
@@ -133,6 +190,10 @@ class Connection:
 
     # -- connecting -------------------------------------------------------------------------------------
     def open(self) -> Connection:
+        self._transport = self._parked()
+        if self._transport is not None:
+            log.debug("%s: reusing the connection closed a moment ago", self._where)
+            return self
         ep = self.endpoint
         sock = socket.create_connection((ep.host, ep.port), timeout=self._timeout)
         # Every command opens a channel; with Nagle's algorithm each open waits out the peer's delayed ACK
@@ -210,18 +271,63 @@ class Connection:
 
     def reconnect(self, timeout: float = 60.0) -> None:
         """Open the connection again after ConnectionLost; MachineError if the host stays away `timeout` s."""
-        self.close()
+        self._close(park=False)
         log.warning("%s: the ssh connection was lost; reconnecting (up to %.0fs)", self._where, timeout)
         self._open_retrying(timeout, "lost the ssh connection:")
 
     def close(self) -> None:
+        self._close(park=True)
+
+    def _close(self, park: bool) -> None:
         # On a dead transport, closing its channels and socket can only fail the same way again.
+        self._close_shells()
         with contextlib.suppress(EOFError, OSError, _paramiko().SSHException):
             if self._sftp is not None:
                 self._sftp.close()
-            if self._transport is not None:
+            if self._transport is not None and not (park and self._park(self._transport)):
                 self._transport.close()
         self._sftp = self._transport = None
+
+    # -- reuse: a closed connection stays open a few seconds for the next open() of the same login ----------
+    @property
+    def _login(self) -> tuple[Any, ...]:
+        return (self.endpoint.host, self.endpoint.port, self.endpoint.user, self._key.get_fingerprint(),
+                str(self._known_hosts))
+
+    def _park(self, transport: paramiko.Transport) -> bool:
+        """Keep a live transport for _parked(); False if it is not worth keeping (then the caller closes it)."""
+        if not transport.is_active():
+            return False
+        _close_parked(lambda login, since: login == self._login or time.monotonic() - since > _PARK_SECONDS)
+        with _PARKED_LOCK:
+            _PARKED[self._login] = (time.monotonic(), transport)
+        return True
+
+    def _parked(self) -> paramiko.Transport | None:
+        """The transport close() parked for this login, if it is still fresh, still pinned and still answers."""
+        with _PARKED_LOCK:
+            since, transport = _PARKED.pop(self._login, (0.0, None))
+        if transport is None:
+            return None
+        try:
+            pinned = self._pinned_key()
+            if (time.monotonic() - since <= _PARK_SECONDS and pinned is not None and transport.is_active()
+                    and transport.get_remote_server_key() == pinned):
+                # A host that vanished without closing the connection (a killed VM) must not pass for one that
+                # answers, as a new connection would not: a channel has to open within a few seconds.
+                transport.open_session(timeout=_PARK_PROBE_TIMEOUT).close()
+                return transport
+        except (EOFError, OSError, _paramiko().SSHException):
+            pass
+        with contextlib.suppress(EOFError, OSError, _paramiko().SSHException):
+            transport.close()
+        return None
+
+    def _close_shells(self) -> None:
+        for shell in self._shells.values():
+            with contextlib.suppress(EOFError, OSError, _paramiko().SSHException):
+                shell.close()
+        self._shells.clear()
 
     def __enter__(self) -> Connection:
         return self
@@ -246,14 +352,18 @@ class Connection:
 
     # -- commands ---------------------------------------------------------------------------------------
     def run(self, command: str, *, stdin: bytes | None = None, check: bool = False,
-            timeout: float | None = None, stream=None) -> Result:
+            timeout: float | None = None, stream=None, shell: str | None = None) -> Result:
         """Run `command` through the remote shell; `stream(kind, data)` sees output as it arrives.
 
+        With `shell` (a launcher such as `sudo -n -H -u root -- sh`), the command runs in the shell that launcher
+        started, kept running for the commands after it (machine.sshshell): no channel and no sudo of its own.
         Ctrl-C terminates the command on the host (its process group) before it is re-raised."""
         log.debug("%s$ %s", self.endpoint.host, command)
         try:
-            result = self._exec(command, stdin, timeout, stream)
+            result = self._exec_in(shell, command, stdin, timeout) if shell else self._exec(command, stdin, timeout,
+                                                                                             stream)
         except KeyboardInterrupt:
+            self._close_shells()  # their process groups end with the interrupted command's
             self._stop_remote()
             raise
         log.debug("%s rc=%d", self.endpoint.host, result.rc)
@@ -283,6 +393,28 @@ class Connection:
         finally:
             chan.close()
 
+    def _exec_in(self, launcher: str, command: str, stdin: bytes | None, timeout: float | None) -> Result:
+        """One command in the shell `launcher` started (started now if none runs); as _exec otherwise."""
+        shell = self._shells.get(launcher)
+        try:
+            if shell is None:
+                log.debug("%s: starting the shell `%s`", self.endpoint.host, launcher)
+                shell = self._shells[launcher] = Shell(self.transport.open_session(), launcher)
+            reply = shell.run(command, stdin, timeout)
+        except (EOFError, _paramiko().SSHException, OSError) as e:
+            self._shells.pop(launcher, None)
+            raise self._lost(e) from None
+        except ShellTimeout:
+            self._shells.pop(launcher).close()  # still busy with the command: a later one gets a new shell
+            raise MachineError(f"{self.endpoint.host}: command timed out after {timeout}s: {command}") from None
+        if reply.ended:
+            # The launcher failed (sudo refused) or the shell was killed: report it as this command's result,
+            # as a command on a channel of its own would have failed; the next command starts a new shell.
+            self._shells.pop(launcher).close()
+            if reply.rc == -1 and not (shell.channel.eof_received and self._alive()):
+                raise self._lost(self._transport.get_exception() if self._transport else None)
+        return Result(reply.rc, reply.stdout.decode(errors="replace"), reply.stderr.decode(errors="replace"))
+
     def _converse(self, chan, command: str, stdin: bytes | None, timeout: float | None,
                   stream) -> tuple[bytearray, bytearray]:
         chan.exec_command(command)
@@ -292,8 +424,8 @@ class Connection:
         out, err = bytearray(), bytearray()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            drained = _drain(chan.recv_ready, chan.recv, out, "stdout", stream)
-            drained |= _drain(chan.recv_stderr_ready, chan.recv_stderr, err, "stderr", stream)
+            drained = drain(chan.recv_ready, chan.recv, out, "stdout", stream)
+            drained |= drain(chan.recv_stderr_ready, chan.recv_stderr, err, "stderr", stream)
             if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
                 return out, err
             if not drained:
@@ -390,15 +522,3 @@ def _file_error(host: str, remote: str, e: BaseException) -> str:
 def _plain_mode(mode: int | None, default: int) -> int:
     """Permission bits only: a file copied from a machine is never setuid or setgid here (pymachine runs as root)."""
     return stat.S_IMODE(mode or default) & 0o777
-
-
-def _drain(ready, recv, buffer: bytearray, kind: str, stream) -> bool:
-    """Move what a channel has buffered into `buffer` (and `stream`); True if there was anything."""
-    got = False
-    while ready():
-        data = recv(65536)
-        buffer += data
-        got = True
-        if stream:
-            stream(kind, data)
-    return got

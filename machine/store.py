@@ -86,7 +86,7 @@ class RecordDamaged(MachineError):
 # config.json's fields and their types; name, driver and id are what every command needs.
 _FIELDS: dict[str, type] = {
     "name": str, "driver": str, "id": str, "options": dict, "resources": dict, "state": str, "created": str,
-    "engine": dict,
+    "engine": dict, "fleet": dict,
 }
 _REQUIRED = ("name", "driver", "id")
 
@@ -104,6 +104,9 @@ class Machine:
     state: str = "creating"
     created: str = ""
     engine: dict[str, Any] = field(default_factory=dict)
+    # Set by `apply` on the machines it makes from a fleet file ({"name": …, "roles": …}); `apply --prune`
+    # removes only machines that carry its fleet's name.
+    fleet: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:

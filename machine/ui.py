@@ -1,19 +1,56 @@
-"""Human output: progress on a terminal, silence when stderr is not one (scripts, CI)."""
+"""Human output: progress on a terminal, plain progress lines outside one (logs, CI), errors in one line.
+
+A command working on several machines at once gives each worker thread a `Line` (`showing()`): the steps,
+provisioning tasks and downloads of that thread's machine go to its line instead of a spinner of their own
+(rich allows one live display at a time, and two spinners would fight over the terminal).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 console = Console(stderr=True, highlight=False)
+_thread = threading.local()  # .line: the Line of the machine this thread works on
+_write_lock = threading.Lock()  # whole lines from concurrent workers, never interleaved
+_live = threading.Event()  # set while a live display owns the terminal
+
+
+class Line(Protocol):
+    def update(self, text: str) -> None: ...
+
+
+def current_line() -> Line | None:
+    return getattr(_thread, "line", None)
+
+
+@contextlib.contextmanager
+def showing(line: Line) -> Iterator[None]:
+    """Send this thread's progress (ui.step, provisioning tasks, downloads) to `line` while the block runs."""
+    previous = current_line()
+    _thread.line = line
+    try:
+        yield
+    finally:
+        _thread.line = previous
 
 
 @contextlib.contextmanager
 def step(message: str) -> Iterator[None]:
-    """Show a spinner with `message` while the block runs (only on a terminal)."""
+    """Show `message` while the block runs: on this thread's machine line, else a spinner on a terminal."""
+    line = current_line()
+    if line is not None:
+        line.update(message)
+        yield
+        return
     if not console.is_terminal:
         yield
         return
@@ -28,4 +65,107 @@ def note(message: str) -> None:
 
 
 def err(message: str) -> None:
-    print(f"pymachine: {message}", file=sys.stderr)
+    if _live.is_set():  # printed above the live lines (rich serialises it with their refresh)
+        console.print(Text(f"pymachine: {message}"), soft_wrap=True)
+    else:
+        print(f"pymachine: {message}", file=sys.stderr)
+
+
+def out(text: str) -> None:
+    """A command's own output (stdout), written whole even while other workers write theirs."""
+    if _live.is_set() and sys.stdout.isatty():  # the terminal the live lines are on
+        console.print(Text(text.rstrip("\n")), soft_wrap=True)
+        return
+    with _write_lock:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+# -- one line per machine -----------------------------------------------------------------------------------
+class Board(Protocol):
+    """The lines of a command over several machines: `line(name)` for its worker, `finish` when it ends."""
+
+    def __enter__(self) -> Board: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def line(self, name: str) -> Line: ...
+
+    def finish(self, name: str, error: str | None) -> None: ...
+
+
+class _PlainLine:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._last = ""
+
+    def update(self, text: str) -> None:
+        if text != self._last:  # a step re-announced (a retried connection) is one line in a log
+            self._last = text
+            out(f"{self.name}: {text}\n")
+
+
+class PlainBoard:
+    """`web1: creating web1 (local)`, `web1: provisioning: engine : install`, `web1: ready`: the live display's
+    information as lines, for logs and CI. On stdout, with the results: stderr carries only errors."""
+
+    def __init__(self, done: str) -> None:
+        self._done = done
+
+    def __enter__(self) -> PlainBoard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def line(self, name: str) -> Line:
+        return _PlainLine(name)
+
+    def finish(self, name: str, error: str | None) -> None:
+        out(f"{name}: {self._done if error is None else 'failed: ' + error}\n")
+
+
+class _LiveLine:
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self._progress, self._task = progress, task
+
+    def update(self, text: str) -> None:
+        self._progress.update(self._task, description=escape(text))
+
+
+class LiveBoard:
+    """A live line per machine on the terminal: its name, what it is doing (or how it ended), the time taken."""
+
+    def __init__(self, names: Sequence[str], done: str) -> None:
+        self._done = done
+        self._progress = Progress(
+            SpinnerColumn(finished_text=" "), TextColumn("[bold]{task.fields[machine]}"),
+            TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=console, redirect_stdout=False, redirect_stderr=False,
+        )
+        self._tasks = {n: self._progress.add_task("waiting", machine=n, total=1, start=False) for n in names}
+
+    def __enter__(self) -> LiveBoard:
+        self._progress.start()
+        _live.set()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _live.clear()
+        self._progress.stop()
+
+    def line(self, name: str) -> Line:
+        self._progress.start_task(self._tasks[name])
+        return _LiveLine(self._progress, self._tasks[name])
+
+    def finish(self, name: str, error: str | None) -> None:
+        text = f"[green]✓ {self._done}[/]" if error is None else f"[red]✗ failed:[/] {escape(error)}"
+        self._progress.update(self._tasks[name], description=text, completed=1)
+
+
+def board(names: Sequence[str], done: str, plain_for_one: bool = False) -> Board | None:
+    """The lines for a command over `names` (None: a single machine keeps the spinner of ui.step, and outside a
+    terminal its silence, unless `plain_for_one`)."""
+    if console.is_terminal:
+        return LiveBoard(names, done) if len(names) > 1 else None
+    return PlainBoard(done) if len(names) > 1 or plain_for_one else None

@@ -46,3 +46,12 @@ def cli(tmp_path: Path) -> CLI:
     env = {**os.environ, "PYMACHINE_HOME": str(tmp_path / "home")}
     env.pop("DOCKER_HOST", None)
     return CLI(env)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`scripts/test` runs integration tests on several workers), keep each module on one
+    worker, so that its module-scoped machines boot once, and every libvirt module on the same one: they share
+    one libvirtd for the session."""
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("libvirt" if module.startswith("test_libvirt") else module))

@@ -15,13 +15,13 @@ import contextlib
 import ipaddress
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from machine import cloudinit, sshkeys, ui
 from machine.drivers.base import ENGINE_PORT, Driver, Option, State, each_step
-from machine.drivers.ec2 import api, images
+from machine.drivers.ec2 import api, images, swarm
 from machine.drivers.ec2.api import TAG_HOME, TAG_ID, EC2Error, tag_filter, tags_of, translated
 from machine.errors import MachineError, UsageError
 from machine.store import write_atomic
@@ -339,7 +339,7 @@ class EC2Driver(Driver):
     def remove(self) -> None:
         self._check_account()
         try:
-            each_step(self._terminate, self._delete_group, self._delete_key_pair)
+            each_step(self._terminate, self._forget_group, self._delete_group, self._delete_key_pair)
         finally:
             api.Listing.forget(self._listing_key)
 
@@ -356,6 +356,11 @@ class EC2Driver(Driver):
         with translated(f"terminating {', '.join(ids)}"):
             self._ec2.terminate_instances(InstanceIds=ids)
             self._ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig=WAIT)
+
+    def _forget_group(self) -> None:
+        """Revoke the other groups' rules naming this machine's group (a swarm peer's): they keep it from deletion."""
+        for group_id in self._groups():
+            swarm.forget(self._ec2, group_id)
 
     def _delete_group(self) -> None:
         for group_id in self._groups():
@@ -425,6 +430,36 @@ class EC2Driver(Driver):
             alive = instance is not None and instance["State"]["Name"] not in DEAD
         self._alive = (now, alive)
         return alive
+
+    # -- swarm mode ---------------------------------------------------------------------------------------
+    def swarm_address(self) -> str | None:
+        # Inside the VPC, where a rule naming a peer's group admits it; traffic to a public address comes back in
+        # from a public address, which such a rule does not match.
+        return self.machine.resources.get("private_ip") or self.ip()
+
+    def _swarm_peer_groups(self, peers: Sequence[Driver]) -> list[str]:
+        """The groups pymachine made for the EC2 peers in this machine's region and account."""
+        own = self.machine.resources.get("group_id")
+        groups = [p.machine.resources.get("group_id") for p in peers
+                  if isinstance(p, EC2Driver) and p._listing_key == self._listing_key]
+        return list(dict.fromkeys(g for g in groups if g and g != own))
+
+    def open_swarm_ports(self, peers: Sequence[Driver]) -> None:
+        own = self.machine.resources.get("group_id")
+        groups = self._swarm_peer_groups(peers)
+        if not own:  # groups the user passed (--ec2-security-group) are theirs to open
+            if groups:
+                ui.err(f"warning: {self.machine.name} uses your security groups: open the swarm ports "
+                       f"(2377/tcp, 7946/tcp+udp, 4789/udp) between it and its peers there")
+            return
+        for group in groups:
+            swarm.allow(self._ec2, own, group)
+            swarm.allow(self._ec2, group, own)
+
+    def close_swarm_ports(self, peers: Sequence[Driver]) -> None:
+        own = self.machine.resources.get("group_id")
+        if own:
+            swarm.close(self._ec2, own)
 
     def cert_names(self) -> list[str]:
         r = self.machine.resources

@@ -7,6 +7,7 @@ boto3 is imported lazily: listing the drivers' options must not pay for it, nor 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -86,37 +87,45 @@ def translated(what: str) -> Iterator[None]:
 
 _SESSIONS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
+# boto3's clients are thread-safe, its sessions are not: many machines at once (machine/fleet.py) make their
+# sessions and clients one at a time.
+_MAKING = threading.RLock()
 _ACCOUNTS: dict[tuple[Any, ...], str] = {}
 
 
 def session(profile: str | None, access_key: str | None = None, secret_key: str | None = None) -> Any:
     """A boto3 session: an explicit key pair, or boto3's own chain (environment, profile, SSO, instance role)."""
     key = (profile, access_key, secret_key)
-    if key not in _SESSIONS:
-        boto3 = boto3_module()
-        exc = botocore_exceptions()
-        try:
-            _SESSIONS[key] = boto3.session.Session(
-                profile_name=profile or None, aws_access_key_id=access_key or None,
-                aws_secret_access_key=secret_key or None)
-        except exc.ProfileNotFound as e:
-            raise UsageError(f"--ec2-profile: {e}") from None
-    return _SESSIONS[key]
+    with _MAKING:
+        if key not in _SESSIONS:
+            _SESSIONS[key] = _new_session(profile, access_key, secret_key)
+        return _SESSIONS[key]
+
+
+def _new_session(profile: str | None, access_key: str | None, secret_key: str | None) -> Any:
+    boto3 = boto3_module()
+    exc = botocore_exceptions()
+    try:
+        return boto3.session.Session(profile_name=profile or None, aws_access_key_id=access_key or None,
+                                     aws_secret_access_key=secret_key or None)
+    except exc.ProfileNotFound as e:
+        raise UsageError(f"--ec2-profile: {e}") from None
 
 
 def client(profile: str | None, region: str, endpoint: str | None, access_key: str | None = None,
            secret_key: str | None = None) -> Any:
     """The EC2 client of a region (made once per process: creating one costs ~50 ms of botocore loading)."""
     key = (profile, region, endpoint, access_key, secret_key)
-    if key not in _CLIENTS:
-        boto3_module()
-        from botocore.config import Config
+    with _MAKING:
+        if key not in _CLIENTS:
+            boto3_module()
+            from botocore.config import Config
 
-        config = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=10, read_timeout=60,
-                        user_agent_extra="pymachine")
-        _CLIENTS[key] = session(profile, access_key, secret_key).client(
-            "ec2", region_name=region, endpoint_url=endpoint or None, config=config)
-    return _CLIENTS[key]
+            config = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=10, read_timeout=60,
+                            user_agent_extra="pymachine")
+            _CLIENTS[key] = session(profile, access_key, secret_key).client(
+                "ec2", region_name=region, endpoint_url=endpoint or None, config=config)
+        return _CLIENTS[key]
 
 
 def caller_account(profile: str | None, region: str, endpoint: str | None, access_key: str | None = None,

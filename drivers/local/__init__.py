@@ -9,6 +9,7 @@ root is an unprivileged host UID from a range leased to it (drivers/local/userns
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -23,8 +24,9 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from machine import images, sshkeys
 from machine.drivers.base import Driver, Option, State, each_step
-from machine.drivers.local import cgroups, rootfs, userns
+from machine.drivers.local import cgroups, layers, rootfs, userns
 from machine.drivers.local.network import Network, host_nameservers
+from machine.enginecache import PackageSet
 from machine.errors import MachineError, UsageError
 from machine.paths import data_dir
 from machine.provision import DEVICE_STORAGE_DRIVERS
@@ -34,6 +36,19 @@ _TEMPLATES = data_dir("templates") / "local"
 _RELEASE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 STOP_TIMEOUT = 30.0
 ISOLATIONS = ("userns", "privileged")
+
+
+# Every machine's systemd (and its engine) takes inotify instances charged to the host's root, whose default
+# allowance (128) runs out at about 15 running machines: the next one's systemd fails ("Too many open files")
+# and never brings its network up. What LXD's production setup asks for; only ever raised.
+INOTIFY_LIMITS = {"max_user_instances": 1024, "max_user_watches": 1048576}
+
+
+def raise_inotify_limits() -> None:
+    for name, wanted in INOTIFY_LIMITS.items():
+        path = Path("/proc/sys/fs/inotify") / name
+        if int(path.read_text()) < wanted:
+            path.write_text(f"{wanted}\n")
 
 
 class LocalDriver(Driver):
@@ -48,6 +63,9 @@ class LocalDriver(Driver):
         Option("local-isolation", "userns: the machine's root is an unprivileged host UID (its own user "
                "namespace); privileged: the machine's root is the host's root (loop devices, btrfs, zfs)",
                "userns", choices=ISOLATIONS),
+        Option("local-engine-layer", "the engine's packages come pre-installed from a layer shared by the "
+               "machines of one base (built once, rebuilt when the archive moves on); false: installed per machine",
+               True, type=bool),
     )
 
     # -- checks -------------------------------------------------------------------------------------------
@@ -98,11 +116,34 @@ class LocalDriver(Driver):
     def _layer(self, part: str) -> Path:
         return self.machine.dir / "layer" / part
 
+    # -- the engine cache (machine/enginecache.py) ---------------------------------------------------------
+    def prepare_packages(self, packages: PackageSet) -> None:
+        if not self.opts["local_engine_layer"]:
+            return
+        for _ in range(3):  # a prune may remove the layer between finding it and marking it used: find it again
+            engine_layer = layers.layer(self.store.cache("local"), self._base, packages)
+            # Recorded first: rm takes the mark out even when a create dies right after making it.
+            self.machine.record(engine_layer=str(engine_layer))
+            if layers.add_user(engine_layer, self.machine.dir):
+                return  # start() mounts the recorded layer
+        raise MachineError(f"the engine layer of {packages.name} was pruned while this create used it: run it again")
+
+    def refresh_packages(self, packages: PackageSet) -> None:
+        base = self.machine.resources.get("base")
+        if self.opts["local_engine_layer"] and base:
+            layers.layer(self.store.cache("local"), Path(base), packages, recheck=True)
+
     # -- lifecycle ----------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _base(self) -> Path:
+        """The base rootfs (built, or an image fetched and unpacked, on first use): asked once per command."""
+        o = self.opts
+        return rootfs.base_rootfs(self.store.cache("local"), o["local_release"], o["local_mirror"],
+                                  o["local_image"], o["local_image_sha256"])
+
     def create(self) -> None:
         o = self.opts
-        base = rootfs.base_rootfs(self.store.cache("local"), o["local_release"], o["local_mirror"],
-                                  o["local_image"], o["local_image_sha256"])
+        base = self._base
         for part in ("upper", "work", "root", *(f"volumes/{name}" for name in rootfs.ENGINE_VOLUMES)):
             self._layer(part).mkdir(parents=True, exist_ok=True, mode=0o755)
         self.machine.record(base=str(base))
@@ -169,29 +210,39 @@ class LocalDriver(Driver):
         # A machine is user-namespaced when its create leased it a range (not by the option: a machine made
         # before the option existed reads its default).
         shift = self._uid_shift()
-        lower, tree = self.machine.resources["base"], None
-        if shift is not None:
-            userns.lease(str(self.machine.dir), wanted=shift)  # still its own (raises if not)
-            tree = userns.idmapped_tree(lower, shift)  # first: a base that cannot be idmapped changes nothing
-            lower = str(self._layer("lower"))
+        # Lower layers, top first: the engine layer (if the machine was made with one) over the base.
+        sources = [p for p in (self.machine.resources.get("engine_layer"), self.machine.resources["base"]) if p]
+        missing = next((p for p in sources if not Path(p).is_dir()), None)
+        if missing:
+            raise MachineError(f"{self.machine.name} is made over {missing}, which is gone from the image cache: "
+                               f"remove it with `pymachine rm {self.machine.name}`")
+        lowers, trees = sources, []
         try:
-            self._boot(shift, lower, tree)
+            if shift is not None:
+                userns.lease(str(self.machine.dir), wanted=shift)  # still its own (raises if not)
+                # First: a base that cannot be idmapped changes nothing.
+                trees = [userns.idmapped_tree(source, shift) for source in sources]
+                lowers = [str(self._layer("lower" if i == len(sources) - 1 else f"lower{i}"))
+                          for i in range(len(sources))]
+            self._boot(shift, lowers, trees)
         finally:
-            if tree is not None:
+            for tree in trees:
                 os.close(tree)
 
-    def _boot(self, shift: int | None, lower: str, tree: int | None) -> None:
-        """Start the supervisor in the machine's cgroups and a mount namespace of its own (with `tree`, the
-        idmapped base, mounted on `lower`), booting the machine with nspawn."""
+    def _boot(self, shift: int | None, lowers: list[str], trees: list[int]) -> None:
+        """Start the supervisor in the machine's cgroups and a mount namespace of its own (with `trees`, the
+        idmapped lower layers, mounted on `lowers`), booting the machine with nspawn."""
+        raise_inotify_limits()
         paths = cgroups.paths(self.machine.id)
         self.machine.record(cgroups=paths)
         cgroups.create(paths)
         if shift is not None:
             cgroups.delegate(paths, shift)
-            Path(lower).mkdir(exist_ok=True)
+            for lower in lowers:
+                Path(lower).mkdir(exist_ok=True)
         env = {
             **os.environ,
-            "PM_LOWER": lower,
+            "PM_LOWER": ":".join(lowers),
             "PM_UPPER": str(self._layer("upper")),
             "PM_WORK": str(self._layer("work")),
             "PM_ROOT": str(self._layer("root")),
@@ -218,7 +269,7 @@ class LocalDriver(Driver):
             # the idmapped base vanish with it).
             cgroups.join(paths)
             userns.private_mount_namespace()
-            if tree is not None:
+            for tree, lower in zip(trees, lowers, strict=False):
                 userns.attach(tree, lower)
 
         with (self.machine.dir / "console.log").open("ab") as log:
@@ -294,13 +345,19 @@ class LocalDriver(Driver):
             # must not go to the next machine while they do.
             raise MachineError(f"{e}; its address, UID range and files are kept until they are gone") from None
         try:
-            each_step(self._remove_cgroups, self._release_address, self._release_uids)
+            each_step(self._remove_cgroups, self._release_address, self._release_uids, self._leave_engine_layer)
         finally:
             shutil.rmtree(self.machine.dir / "layer", ignore_errors=True)
 
     def _release_address(self) -> None:
         # By owner, not by the recorded address: a create killed between leasing and recording leased one too.
         self._network.release(str(self.machine.dir))
+
+    def _leave_engine_layer(self) -> None:
+        # Only the mark: the layer is shared, and only a prune of the cache removes it.
+        engine_layer = self.machine.resources.get("engine_layer")
+        if engine_layer:
+            layers.remove_user(Path(engine_layer), self.machine.dir)
 
     def _release_uids(self) -> None:
         # By owner too, and whatever the option says: a create killed before recording its range leased one.

@@ -57,7 +57,8 @@ def create(paths: list[str]) -> None:
     for top in paths:
         for path in reversed([Path(top), *Path(top).parents]):
             if not path.exists():
-                path.mkdir()
+                with contextlib.suppress(FileExistsError):  # made meanwhile by another machine's create
+                    path.mkdir()
                 _inherit_cpuset(path)
 
 

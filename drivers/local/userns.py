@@ -15,6 +15,7 @@ import ctypes
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,8 +128,18 @@ def _syscall(number: int, *args: int | bytes | ctypes.Array) -> int:
     return result
 
 
+# One fork at a time: a child forked by one thread holds copies of the pipes another thread made for its own
+# child, which then waits for an EOF that cannot come while the first child lives (and vice versa).
+_FORK_LOCK = threading.Lock()
+
+
 def _userns_fd(shift: int) -> int:
     """An fd of a new user namespace mapping 0..RANGE-1 to shift..: what an idmapped mount is made with."""
+    with _FORK_LOCK:
+        return _forked_userns_fd(shift)
+
+
+def _forked_userns_fd(shift: int) -> int:
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
     pid = os.fork()

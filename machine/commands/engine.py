@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from machine import certs, dockercontext
+from machine import certs, dockercontext, enginecache, ui
 from machine import provision as plan
 from machine.commands.common import connect, load, locked
 from machine.drivers.base import Driver, State
@@ -22,13 +23,20 @@ def server_pair(machine: Machine) -> certs.Pair:
     return certs.Pair(machine.dir / "server.pem", machine.dir / "server-key.pem")
 
 
+def registry_pair(machine: Machine) -> certs.Pair:
+    return certs.Pair(machine.dir / "registry.pem", machine.dir / "registry-key.pem")
+
+
 def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -> tuple[str, str, str]:
-    """CA, server cert and key for the machine; the server cert is reissued when it misses a name."""
+    """CA, server cert and key for the machine; the server certs (the engine's, and its registry's) are reissued
+    when they miss a name."""
     ca, client = certs.ensure_ca(store.certs())
     server = server_pair(machine)
     names = {n for n in (*driver.cert_names(), machine.name, *machine.engine.get("tls_san", [])) if n}
-    if renew or not server.cert.exists() or not names <= certs.sans_of(server.cert):
-        certs.issue_server(ca, server, machine.name, sorted(names))
+    hosts_registry = machine.engine.get("registry_enabled", False)
+    for pair in (server, registry_pair(machine)) if hosts_registry else (server,):
+        if renew or not pair.cert.exists() or not names <= certs.sans_of(pair.cert):
+            certs.issue_server(ca, pair, machine.name, sorted(names))
     # DOCKER_CERT_PATH is the machine directory, laid out as the docker CLI expects.
     for source, target in ((ca.cert, "ca.pem"), (client.cert, "cert.pem"), (client.key, "key.pem")):
         shutil.copyfile(source, machine.dir / target)
@@ -43,7 +51,8 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
     from machine.roles import run_roles  # the executor is the heaviest import; `--no-provision` skips it
 
     ca_pem, server_cert, server_key = _tls_material(store, machine, driver, renew_certs)
-    variables = {**plan.role_vars(machine.engine, ca_pem, server_cert, server_key), **(extra or {})}
+    variables = {**plan.role_vars(machine.engine, ca_pem, server_cert, server_key),
+                 **_registry_vars(store, machine, driver), **(extra or {})}
     with connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, list(plan.ROLES), roles_dir(), variables, check=check, diff=diff,
                           tags=list(tags) or None, reporter=reporter, host_name=machine.name,
@@ -57,18 +66,100 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
     return recap
 
 
-def _provision_running(store: Store, name: str, **kwargs: Any) -> Recap:
+def _provision_running(store: Store, name: str, add_registry: bool = False, **kwargs: Any) -> Recap:
     """Run the roles on a running machine, under its lock; broken roles or an unknown tag are refused first."""
     plan.check_roles(kwargs.get("tags", ()))
     with locked(store, name) as (machine, driver):
         if driver.state() != State.RUNNING:
             raise MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
+        if add_registry:
+            machine.engine["registry_enabled"] = True  # recorded by a successful run, so later ones keep it
         return run_provisioning(store, machine, driver, **kwargs)
 
 
 def provision(store: Store, name: str, *, check: bool = False, diff: bool = False, tags: tuple[str, ...] = (),
-              reporter=None) -> Recap:
-    return _provision_running(store, name, check=check, diff=diff, tags=tags, reporter=reporter)
+              registry: bool = False, reporter=None) -> Recap:
+    """Run the roles again; with `registry`, the machine also runs a registry from now on, and every other
+    machine of the store is made to trust it."""
+    recap = _provision_running(store, name, add_registry=registry, check=check, diff=diff, tags=tags,
+                               reporter=reporter)
+    if registry and not check:
+        share_registries(store, name)
+    return recap
+
+
+# -- registries --------------------------------------------------------------------------------------------
+def _registry_address(host: str) -> str:
+    """HOST:PORT as an image name carries it (an IPv6 address in brackets)."""
+    return f"[{host}]:{plan.REGISTRY_PORT}" if ":" in host else f"{host}:{plan.REGISTRY_PORT}"
+
+
+def _registry_addresses(machine: Machine) -> set[str]:
+    """HOST:PORT for each name the machine's registry certificate carries (but loopback, each machine's own)."""
+    cert = registry_pair(machine).cert
+    if not machine.engine.get("registry_enabled") or not cert.exists():
+        return set()
+    return {_registry_address(host) for host in certs.sans_of(cert) - {"localhost", "127.0.0.1"}}
+
+
+def trusted_registries(store: Store, current: Machine | None = None) -> list[str]:
+    """Every registry of the store; `current` as it is now (its record is saved once its provisioning is done)."""
+    found = _registry_addresses(current) if current else set()
+    for name in store.names():
+        if current and name == current.name:
+            continue
+        try:
+            found |= _registry_addresses(store.load(name))
+        except MachineError:
+            continue  # a damaged record: `ls` shows it; its registry is trusted again once it is provisioned
+    return sorted(found)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a DNS name (an adopted host's), or no address yet
+        return False
+
+
+def _registry_vars(store: Store, machine: Machine, driver: Driver) -> dict[str, Any]:
+    """The registry role's variables: the registries to trust and, on a registry's machine, its certificate."""
+    values: dict[str, Any] = {"registry_port": plan.REGISTRY_PORT}
+    if machine.engine.get("registry_enabled"):
+        address = driver.ip() or ""
+        if _is_loopback(address):
+            raise MachineError(f"{machine.name} is reached through ports forwarded on {address}: a registry on it "
+                               f"would be out of the other machines' reach (give it a network of its own)")
+        values["registry_tls_cert"], values["registry_tls_key"] = registry_pair(machine).pem()
+    return {**values, "registry_trusted": trusted_registries(store, machine)}
+
+
+def share_registries(store: Store, registry: str) -> None:
+    """Make every other provisioned, running machine trust the store's registries (`registry`'s, just added,
+    among them). A machine that cannot be reached now is named: its next provisioning installs the trust."""
+    from machine.roles import run_roles
+
+    ca_pem = certs.ensure_ca(store.certs())[0].cert.read_text()
+    trusted = trusted_registries(store)
+    for name in store.names():
+        if name == registry:
+            continue
+        try:
+            with locked(store, name) as (machine, driver):
+                if machine.state != "ready" or not server_pair(machine).cert.exists():
+                    continue  # no engine yet: its provisioning lists the store's registries then
+                if driver.state() != State.RUNNING:
+                    raise MachineError("it is not running")
+                variables = {"engine": machine.engine.get("engine", "docker"), "tls_ca_cert": ca_pem,
+                             "registry_trusted": trusted, "registry_port": plan.REGISTRY_PORT}
+                with connect(machine, driver, timeout=30) as conn:
+                    recap = run_roles(conn, ["registry"], roles_dir(), variables, host_name=name,
+                                      become=conn.endpoint.needs_become)
+                if recap.failed:
+                    raise MachineError(recap.failure)
+        except MachineError as e:
+            ui.err(f"warning: {name} does not trust the registry of {registry} yet ({e}): "
+                   f"`pymachine provision {name}` makes it")
 
 
 def regenerate_certs(store: Store, name: str, reporter=None) -> Recap:
@@ -77,8 +168,14 @@ def regenerate_certs(store: Store, name: str, reporter=None) -> Recap:
 
 
 def upgrade(store: Store, name: str, reporter=None) -> Recap:
-    """Upgrade the engine packages to the newest version the configured source offers."""
-    return _provision_running(store, name, extra={"engine_package_state": "latest"}, reporter=reporter)
+    """Upgrade the engine packages to the newest version the configured source offers; a driver that prepares
+    them ahead (the engine cache) then checks its prepared set against the archive, for the next machines."""
+    recap = _provision_running(store, name, extra={"engine_package_state": "latest"}, reporter=reporter)
+    machine, driver = load(store, name)
+    packages = enginecache.package_set(machine.engine)
+    if packages is not None and isinstance(driver, enginecache.PreparesPackages):
+        driver.refresh_packages(packages)
+    return recap
 
 
 def _checked_cert_dir(store: Store, name: str) -> tuple[Driver, Path]:

@@ -8,7 +8,7 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from machine import certs, dockercontext, drivers, sshkeys, ui
+from machine import certs, dockercontext, drivers, enginecache, sshkeys, ui
 from machine import provision as plan
 from machine.commands.common import connect, locked
 from machine.commands.engine import run_provisioning, server_pair
@@ -58,6 +58,9 @@ def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options:
                 keys = sshkeys.new_keypair(f"pymachine@{name}")
                 write_atomic(machine.key_path, keys.private_openssh, 0o600)
                 write_atomic(machine.key_path.with_suffix(".pub"), (keys.public_line + "\n").encode(), 0o644)
+            packages = enginecache.package_set(engine or {}) if provision else None
+            if packages is not None and isinstance(driver, enginecache.PreparesPackages):
+                driver.prepare_packages(packages)  # a host with them installed: provisioning then finds them there
             with ui.step(f"creating {name} ({driver_name})"):
                 driver.create()
             if wait_for_ssh:

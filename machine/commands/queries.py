@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,25 +48,67 @@ def _damaged(store: Store, name: str, damage: RecordDamaged) -> str:
     return f"{damage}; {left} (`pymachine rm -f {name}` removes it)"
 
 
+# docker-machine's filter keys; `label` matches the engine's labels (KEY=VALUE).
+FILTER_KEYS = ("name", "driver", "state", "label")
+
+
 def parse_filters(filters: Iterable[str]) -> dict[str, list[str]]:
     parsed: dict[str, list[str]] = {}
     for item in filters:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("name", "driver", "state"):
-            raise UsageError(f"--filter {item!r}: use name=GLOB, driver=NAME or state=STATE")
+        if not sep or key not in FILTER_KEYS:
+            raise UsageError(f"--filter {item!r}: use name=GLOB, driver=NAME, state=STATE or label=KEY=VALUE")
         parsed.setdefault(key, []).append(value)
     return parsed
 
 
-def ls(store: Store, filters: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Machines matching every filter key (values of one key are alternatives)."""
+def _matches(store: Store, row: dict[str, Any], key: str, values: list[str]) -> bool:
+    if key == "label":
+        try:
+            labels = store.load(row["name"]).engine.get("engine_labels", [])
+        except MachineError:
+            return False
+        return any(v in labels for v in values)
+    return any(fnmatch.fnmatchcase(str(row[key]).lower(), v.lower()) for v in values)
+
+
+def ls(store: Store, filters: Iterable[str] = (), timeout: float | None = None) -> list[dict[str, Any]]:
+    """Machines matching every filter key (values of one key are alternatives). With `timeout`, a machine whose
+    driver does not answer in time is listed in state Timeout, as docker-machine's `ls --timeout` does."""
     wanted = parse_filters(filters)
-    rows = []
-    for name in store.names():
-        row = describe(store, name)
-        if all(any(fnmatch.fnmatchcase(str(row[k]).lower(), v.lower()) for v in vs) for k, vs in wanted.items()):
-            rows.append(row)
-    return rows
+    names = store.names()
+    described = _describe_all(store, names, timeout) if timeout else {name: describe(store, name) for name in names}
+    return [row for row in described.values() if all(_matches(store, row, k, vs) for k, vs in wanted.items())]
+
+
+def _describe_all(store: Store, names: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+    """Every machine described at once; a driver still asking after `timeout` is left behind (daemon threads:
+    the process may exit without them)."""
+    rows: dict[str, dict[str, Any]] = {}
+    threads = [threading.Thread(target=lambda n=name: rows.__setitem__(n, describe(store, n)), daemon=True)
+               for name in names]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    timed_out = {"driver": "", "state": "timeout", "url": "", "active": False,
+                 "error": f"no answer from the driver within {timeout:g} s"}
+    return {name: dict(rows.get(name) or {"name": name, **timed_out}) for name in names}
+
+
+def machine_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """An `ls` row under the names docker-machine's `ls --format` templates use."""
+    return {
+        "Name": row["name"], "Active": "*" if row["active"] else "-", "ActiveHost": row["active"],
+        "ActiveSwarm": False, "DriverName": row["driver"], "State": row["state"].capitalize(), "URL": row["url"],
+        "Swarm": "", "Error": row["error"],
+    }
+
+
+# What a template is checked against before any machine is asked anything: an unknown field is an error even
+# when no machine is listed.
+SAMPLE_ROW = {"name": "", "active": False, "driver": "", "state": "", "url": "", "error": ""}
 
 
 def status(store: Store, name: str) -> str:
@@ -110,6 +154,43 @@ def inspect(store: Store, name: str) -> dict[str, Any]:
         "options": machine.options,
         "resources": machine.resources,
         "store": str(machine.dir),
+    }
+
+
+def docker_machine_host(store: Store, name: str) -> dict[str, Any]:
+    """`inspect` in docker-machine's shape (its host JSON), so `inspect --format '{{.Driver.IPAddress}}'` and
+    friends keep working; pymachine's own fields are there too, under their own (lower-case) names."""
+    from machine.commands.engine import server_pair  # late: it imports the certificate machinery
+
+    own = inspect(store, name)
+    ssh = own["ssh"] or {}
+    server = server_pair(store.load(name))
+    certs_dir = store.certs_dir
+    return {
+        **own,
+        "ConfigVersion": 3,
+        "Name": own["name"],
+        "DriverName": own["driver"],
+        "Driver": {
+            "MachineName": own["name"], "IPAddress": own["ip"] or "", "SSHUser": ssh.get("user", ""),
+            "SSHPort": ssh.get("port", 0), "SSHKeyPath": ssh.get("key", ""), "StorePath": str(store.home),
+        },
+        "HostOptions": {
+            "EngineOptions": _engine_options(store.load(name).engine),
+            "AuthOptions": {
+                "CertDir": str(certs_dir), "CaCertPath": str(certs_dir / "ca.pem"),
+                "ClientCertPath": str(certs_dir / "cert.pem"), "ClientKeyPath": str(certs_dir / "key.pem"),
+                "ServerCertPath": str(server.cert), "ServerKeyPath": str(server.key), "StorePath": own["store"],
+            },
+        },
+    }
+
+
+def _engine_options(engine: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "StorageDriver": engine.get("engine_storage_driver", ""), "Labels": engine.get("engine_labels", []),
+        "InsecureRegistry": engine.get("engine_insecure_registries", []),
+        "RegistryMirror": engine.get("engine_registry_mirrors", []), "Env": engine.get("engine_env", {}),
     }
 
 

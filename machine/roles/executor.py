@@ -10,11 +10,11 @@ from typing import Any
 
 from machine.errors import MachineError
 from machine.roles import facts as facts_mod
-from machine.roles.loader import RoleRun, Task, as_list, handler_names, load_play
+from machine.roles.loader import RoleRun, Task, as_list, handler_names, load_play, shared_templar
 from machine.roles.modules import Context, ModuleFailure
 from machine.roles.remote import Become, Remote, Runner
 from machine.roles.report import Failure, Recap, Reporter, SilentReporter, TaskInfo, TaskResult
-from machine.roles.templating import OMIT, Templar, TemplateFailure, Vars, to_bool
+from machine.roles.templating import OMIT, TemplateFailure, Vars, to_bool
 from machine.roles.yamlload import RoleError
 from machine.ssh import ConnectionLost
 
@@ -101,7 +101,7 @@ class Play:
         self.root = Scope(become=become)
         self.reporter = reporter
         self.host = host
-        self.templar = Templar()
+        self.templar = shared_templar()
         self.recap = Recap(host)
         self.facts: dict[str, Any] = {}
         self.fact_vars: dict[str, Any] = {}

@@ -5,6 +5,9 @@ Every unknown keyword, module or module argument is refused here with the file a
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -172,7 +175,36 @@ def _paths(roles_path: Path | Sequence[Path]) -> list[Path]:
 
 
 def load_play(roles: Sequence[str], roles_path: Path | Sequence[Path]) -> list[RoleRun]:
-    """The roles in the order they run: each role's dependencies first, a role with the same parameters once."""
+    """The roles in the order they run: each role's dependencies first, a role with the same parameters once.
+
+    A process that loads the same roles again (`create` validates them before it makes the machine, then runs
+    them) gets the same play back while no file under the roles path changed, by content."""
+    key = (tuple(roles), tuple(str(p) for p in _paths(roles_path)))
+    stamp = _stamp(_paths(roles_path))
+    cached = _PLAYS.get(key)
+    if cached is None or cached[0] != stamp:
+        cached = _PLAYS[key] = (stamp, _load_play(roles, roles_path))
+    return cached[1]
+
+
+# load_play's cache: (roles, roles path) -> (stamp of the roles path's files, the play)
+_PLAYS: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, list[RoleRun]]] = {}
+
+
+def _stamp(paths: Sequence[Path]) -> bytes:
+    """A digest of the name and content of every file under `paths`."""
+    digest = hashlib.sha256()
+    for base in paths:
+        for directory, _, files in sorted(os.walk(base)):
+            for name in sorted(files):
+                path = Path(directory, name)
+                digest.update(f"{path}\0".encode())
+                with contextlib.suppress(OSError):  # a dangling link, say: its name is in the stamp
+                    digest.update(path.read_bytes())
+    return digest.digest()
+
+
+def _load_play(roles: Sequence[str], roles_path: Path | Sequence[Path]) -> list[RoleRun]:
     loaded: dict[str, Role] = {}
     runs: list[RoleRun] = []
 
@@ -265,7 +297,8 @@ def _task(data: LineDict, role: Role, handler: bool, stack: tuple[Path, ...]) ->
 
 
 @cache
-def _templar() -> Templar:
+def shared_templar() -> Templar:
+    """One Templar per process: what validating the roles compiled, their run finds compiled (its cache)."""
     return Templar()
 
 
@@ -281,7 +314,7 @@ def _check_source(module: type[Module], args: Mapping[str, Any], role: Role, whe
         raise RoleError(f"{where}: could not find src '{src}' (searched {role.display}/{kind}/)")
     if kind == "templates":
         shown = f"{role.display}/{path.relative_to(role.path)}" if path.is_relative_to(role.path) else str(path)
-        _templar().check_file(path, shown)
+        shared_templar().check_file(path, shown)
 
 
 def _module_args(module: type[Module], action: str, raw: Any, data: LineDict) -> dict[str, Any]:
@@ -331,12 +364,12 @@ def _check_templates(task: Task) -> None:
     for key, condition in _TEMPLATED:
         if key in task.data:
             try:
-                _templar().check(task.data[key], condition)
+                shared_templar().check(task.data[key], condition)
             except RoleError as e:
                 raise RoleError(f"{task.data.where(key)}: {e}") from None
     if task.module is not None:
         try:
-            _templar().check(task.args)
+            shared_templar().check(task.args)
         except RoleError as e:
             raise RoleError(f"{task.where}: {e}") from None
 

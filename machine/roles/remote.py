@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from machine.ssh import Connection
+
 q = shlex.quote
 
 
@@ -28,15 +30,21 @@ class Become:
 
 
 class Remote:
-    """Runs scripts as `sh -c`, so the login shell of the remote user does not matter."""
+    """Runs scripts as `sh -c`, so the login shell of the remote user does not matter.
+
+    Over a real connection the scripts of each target user run in one shell kept running (machine.sshshell):
+    one sudo for the whole play instead of one per command, and no channel per command."""
 
     def __init__(self, conn: Runner) -> None:
         self.conn = conn
         self.user = getattr(conn.endpoint, "user", "root")
+        self.shells = isinstance(conn, Connection)  # a test double runs each command on its own
 
     def command(self, script: str, become: Become = Become(), env: Mapping[str, Any] | None = None) -> str:
-        argv = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
-        argv += ["sh", "-c", script]
+        return self._as(become, [*_env(env), "sh", "-c", script])
+
+    def _as(self, become: Become, argv: list[str]) -> str:
+        """`argv` as a command line run as the user `become` names (through sudo, or su from root)."""
         target = become.user if become.enabled else self.user
         if target == self.user:
             return shlex.join(argv)
@@ -46,11 +54,18 @@ class Remote:
 
     def run(self, script: str, *, stdin: bytes | None = None, become: Become = Become(),
             env: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
-        return self.conn.run(self.command(script, become, env), stdin=stdin, timeout=timeout)
+        if not self.shells:
+            return self.conn.run(self.command(script, become, env), stdin=stdin, timeout=timeout)
+        return self.conn.run(shlex.join([*_env(env), "sh", "-c", script]), stdin=stdin, timeout=timeout,
+                             shell=self._as(become, ["sh"]))
 
     def reconnect(self, timeout: float) -> None:
         """Re-open the connection after machine.ssh.ConnectionLost (raised by `run`)."""
         self.conn.reconnect(timeout)
+
+
+def _env(env: Mapping[str, Any] | None) -> list[str]:
+    return ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
 
 
 # -- shell snippets shared by the modules ------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import ipaddress
 import json
 import os
 import re
@@ -20,9 +21,14 @@ import pytest
 from tests.conftest import CLI
 from tests.integration.libvirt_host import boot_image, require_libvirt, virsh
 
-# Overridable so that two runs on one host do not share a bridge.
-BRIDGE = os.environ.get("PYMACHINE_TEST_BRIDGE", "pmtest0")
-SUBNET = os.environ.get("PYMACHINE_TEST_SUBNET", "10.231.250.0/24")
+# Overridable so that two runs on one host do not share a bridge. Each pytest-xdist worker gets a bridge and a
+# subnet of its own too (gw1: pmtest01 and the /24 below): tests check that `rm` leaves nothing on the bridge, and
+# another worker's machines would be there.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+BRIDGE = os.environ.get("PYMACHINE_TEST_BRIDGE", "pmtest0") + (str(_WORKER) if _WORKER else "")
+_NETWORK = ipaddress.ip_network(os.environ.get("PYMACHINE_TEST_SUBNET", "10.231.250.0/24"))
+SUBNET = str(ipaddress.ip_network((int(_NETWORK.network_address) - _NETWORK.num_addresses * _WORKER,
+                                   _NETWORK.prefixlen)))
 # The base rootfs takes ~60 s to debootstrap; keep it between runs.
 CACHE = os.environ.get("PYMACHINE_TEST_CACHE", "/var/tmp/pymachine-test-cache")
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -77,6 +83,21 @@ def docker(cli: CLI, machine: str, *args: str) -> str:
     return proc.stdout
 
 
+FLEET = ("node1", "node2", "node3")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CLI]:
+    """Three local machines with Docker (distro packages), created at once, for tests across machines (swarm,
+    registry, compose): the CLI of their home; its machines are FLEET. Removed, with all they ran, at the end."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    home = contextlib.contextmanager(machine_cli)(tmp / "home", DOCKER_CONFIG=str(tmp / "docker-config"),
+                                                  DOCKER_BUILDKIT="0")
+    with home as cli:
+        cli("create", "--engine-install", "distro", *FLEET, timeout=1800)  # in parallel, one command
+        yield cli
+
+
 def libvirt_cli(tmp: Path, pool: str, image_url: tuple[str, str], **extra: str) -> Iterator[CLI]:
     """A CLI whose libvirt machines boot the test image from `pool`, reached through loopback ports, under TCG.
 
@@ -118,6 +139,18 @@ def damage_record(cli: CLI, name: str, content: str | None) -> None:
         config.unlink()
     else:
         config.write_text(content)
+
+
+def journal_record(cli: CLI, name: str) -> dict:
+    """What leftovers() needs (id and resources), replayed from the journal: config.json may be damaged."""
+    record: dict = {"resources": {}}
+    for line in (cli.home / "machines" / name / "journal").read_text().splitlines():
+        entry = json.loads(line)
+        if "identity" in entry:
+            record["id"] = entry["identity"]["id"]
+        else:
+            record["resources"].update(entry["resources"])
+    return record
 
 
 def machine_record(cli: CLI, name: str) -> dict:

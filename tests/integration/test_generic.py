@@ -3,6 +3,8 @@ another home adopts it over SSH as a non-root user with passwordless sudo."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -107,8 +109,19 @@ def run_busybox(adopter: CLI, tmp: Path, text: str) -> str:
     return docker(adopter, "adopted", "run", "--rm", "pm-busybox", "echo", text).strip()
 
 
+def logins_and_sudos(owner: CLI) -> tuple[int, int]:
+    """How many times deploy logged in to srv over SSH, and ran a command through sudo (sshd's and sudo's logs)."""
+    out = owner("ssh", "srv", "--", "journalctl -q -o cat -u ssh | grep -c 'Accepted publickey for deploy '; "
+                "journalctl -q -o cat _COMM=sudo | grep -c '^ *deploy : .*COMMAND='; true").stdout.split()
+    return int(out[0]), int(out[1])
+
+
 def test_adopt_as_a_sudo_user_and_run_a_container_over_tls(adopter, owner, srv, tmp):
+    logins, sudos = logins_and_sudos(owner)
     proc = adopt(adopter, srv, "adopted")
+    # One login and two sudos for the whole adopt: the check that sudo works, and one root shell that ran every
+    # command of the provisioning (sshd and sudo would otherwise log each of them in the host's auth log).
+    assert logins_and_sudos(owner) == (logins + 1, sudos + 2)
     assert f"pymachine: pinned host key of {srv.ip}: {host_fingerprint(owner)}\n" in proc.stderr
     machine_dir = adopter.home / "machines/adopted"
     copy = machine_dir / "ssh_key"
@@ -192,6 +205,53 @@ def test_rm_forgets_the_host_and_touches_nothing(adopter, owner, srv):
     assert owner("ssh", "srv", "--", listing).stdout == before
     assert package_status(owner, "docker.io") == "ii"
     assert owner("ssh", "srv", "--", "systemctl is-active docker").stdout.strip() == "active"
+
+
+def docker_machine_store(adopter: CLI, owner: CLI, srv: Server, tmp: Path) -> Path:
+    """A store in docker-machine's layout, as `docker-machine create --driver generic dm1` leaves it for srv: the
+    certificates its engine runs with now (the adopter's CA issued them) stand in for those docker-machine issued,
+    and the store has moved since (the recorded key path is gone: the key beside the record is used)."""
+    store = tmp / "docker-machine"
+    machine = store / "machines" / "dm1"
+    machine.mkdir(parents=True)
+    for file in ("ca.pem", "cert.pem", "key.pem"):
+        shutil.copyfile(adopter.home / "certs" / file, machine / file)
+    for file, on_host in (("server.pem", "server-cert.pem"), ("server-key.pem", "server-key.pem")):
+        (machine / file).write_text(owner("ssh", "srv", "--", f"cat /etc/docker/tls/{on_host}").stdout)
+    shutil.copyfile(srv.key("deploy"), machine / "id_rsa")
+    (machine / "config.json").write_text(json.dumps({
+        "ConfigVersion": 3, "Name": "dm1", "DriverName": "generic",
+        "Driver": {"IPAddress": srv.ip, "MachineName": "dm1", "SSHUser": "deploy", "SSHPort": 22,
+                   "SSHKeyPath": "/home/someone/.docker/machine/machines/dm1/id_rsa", "StorePath": "/gone"},
+        "HostOptions": {"EngineOptions": {"StorageDriver": "overlay2", "Labels": ["made-by=docker-machine"],
+                                          "InsecureRegistry": [], "RegistryMirror": [], "Env": []},
+                        "AuthOptions": {"CertDir": "/gone/certs", "StorePath": "/gone/machines/dm1"}},
+    }))
+    return store
+
+
+def test_import_adopts_a_docker_machine_host_keeping_or_reissuing_its_certificates(other, adopter, owner, srv, tmp):
+    dm = docker_machine_store(adopter, owner, srv, tmp)
+    proc = other("import", str(dm), "dm1")
+    assert f"pinned host key of {srv.ip}" in proc.stderr
+    assert other("ls", "--format", "{{.Name}} {{.DriverName}} {{.State}}").stdout == "dm1 generic Running\n"
+    assert other("inspect", "-f", "{{json .HostOptions.EngineOptions.Labels}}", "dm1").stdout.strip() == \
+        '["made-by=docker-machine"]'
+    # The engine keeps docker-machine's certificates: the docker CLI works through `pymachine env` as it did.
+    assert (other.home / "machines/dm1/ca.pem").read_bytes() == (dm / "machines/dm1/ca.pem").read_bytes()
+    assert docker(other, "dm1", "info", "--format", "{{.Name}}").strip() == "srv"
+
+    other("rm", "-y", "dm1")
+    other("import", "--regenerate-certs", "--engine-install", "distro", str(dm), "dm1", timeout=900)
+    assert (other.home / "machines/dm1/ca.pem").read_bytes() != (dm / "machines/dm1/ca.pem").read_bytes()
+    assert docker(other, "dm1", "info", "--format", "{{.Name}}").strip() == "srv"
+    # The certificates docker-machine issued no longer open the engine.
+    old = dm / "machines/dm1"
+    refused = subprocess.run(["docker", "--tlsverify", f"--tlscacert={old / 'ca.pem'}", f"--tlscert={old / 'cert.pem'}",
+                              f"--tlskey={old / 'key.pem'}", "-H", f"tcp://{srv.ip}:2376", "info"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    other("rm", "-y", "dm1")
 
 
 def test_rm_uninstall_removes_what_provisioning_installed(adopter, owner, srv):

@@ -12,24 +12,19 @@ import pytest
 
 from machine.store import Store
 from tests.conftest import CLI
-from tests.integration.conftest import bridge_leftovers, damage_record, kill_create_at, leftovers, machine_record
+from tests.integration.conftest import (
+    bridge_leftovers,
+    damage_record,
+    journal_record,
+    kill_create_at,
+    leftovers,
+    machine_record,
+)
 
 pytestmark = pytest.mark.integration
 
 # The journal lines a local create writes: identity, base image, address, UID range, cgroups, supervisor.
 LOCAL_STEPS = 6
-
-
-def journal_record(cli: CLI, name: str) -> dict:
-    """What leftovers() needs (id and resources), replayed from the journal: config.json may be damaged."""
-    record: dict = {"resources": {}}
-    for line in (cli.home / "machines" / name / "journal").read_text().splitlines():
-        entry = json.loads(line)
-        if "identity" in entry:
-            record["id"] = entry["identity"]["id"]
-        else:
-            record["resources"].update(entry["resources"])
-    return record
 
 
 def kill_at(cli: CLI, name: str, lines: int) -> None:

@@ -30,6 +30,12 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
     assert local("url", "m1").stdout.strip() == f"tcp://{ip1}:2376"
     assert [r["name"] for r in json.loads(local("ls", "--filter", "name=*2", "--format", "json").stdout)] == ["m2"]
     assert json.loads(local("inspect", "m1").stdout)["ssh"]["host"] == ip1
+    # docker-machine's scripts keep working: its Go templates, its filter keys, --timeout.
+    assert local("ls", "--format", "{{.Name}} {{.DriverName}} {{.State}} {{.URL}}").stdout.splitlines() == [
+        f"m1 local Running tcp://{ip1}:2376", f"m2 local Running tcp://{ip2}:2376",
+    ]
+    assert local("inspect", "--format", "{{.Driver.IPAddress}} {{.Driver.SSHUser}}", "m1").stdout == f"{ip1} root\n"
+    assert local("ls", "--filter", "driver=local", "--filter", "state=running", "-t", "10", "-q").stdout == "m1\nm2\n"
 
     # A real userland: systemd as PID 1, its own hostname, its own network, exit codes passed through.
     out = local("ssh", "m1", "--", "hostname; cat /proc/1/comm; systemctl is-system-running").stdout.split()

@@ -1,5 +1,5 @@
 """Every role's molecule scenario passes `molecule test` (syntax, create, converge, idempotence, verify, destroy)
-under real ansible-core, on pymachine local machines made by molecule/shared/create.yml."""
+under real ansible-core, on pymachine local machines made by the molecule-pymachine driver."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BRIDGE, CACHE, SUBNET, machine_cli
+from tests.conftest import CLI
+from tests.integration.conftest import machine_cli
 from tests.integration.test_inventory import ansible_env
 
 pytestmark = pytest.mark.integration
@@ -39,15 +40,20 @@ def test_every_role_has_a_scenario():
     assert sorted(p.parents[1].name for p in ROLES.glob("*/tasks/main.yml")) == SCENARIOS
 
 
+def scenario_env(cli: CLI, tmp: Path) -> dict[str, str]:
+    """Molecule's environment for a scenario whose machines live in `cli`'s home: the CLI's environment carries
+    the test bridge, subnet and cache to the driver, which keeps the machines in the scenario's own home
+    (`pymachine` in the ephemeral directory), the CLI's."""
+    env = {**ansible_env(cli, tmp), "MOLECULE_EPHEMERAL_DIRECTORY": str(cli.home.parent), "NO_COLOR": "1"}
+    env.pop("PYMACHINE_HOME")
+    return env
+
+
 def molecule_test(role: str, tmp: Path) -> Outcome:
     """`molecule test` in roles/<role>, with its machines in a pymachine home of its own under `tmp`.
     Whatever molecule's own destroy leaves behind (a timeout, a crash) is removed before this returns."""
     with contextlib.contextmanager(machine_cli)(tmp / "ephemeral" / "pymachine") as cli:
-        # group_vars/all/main.yml reads bridge, subnet and cache from the variables conftest.py reads them from;
-        # create.yml and destroy.yml set PYMACHINE_HOME (the ephemeral directory's) for every pymachine command.
-        env = {**ansible_env(cli, tmp), "MOLECULE_EPHEMERAL_DIRECTORY": str(cli.home.parent), "NO_COLOR": "1",
-               "PYMACHINE_TEST_CACHE": CACHE, "PYMACHINE_TEST_BRIDGE": BRIDGE, "PYMACHINE_TEST_SUBNET": SUBNET}
-        env.pop("PYMACHINE_HOME")
+        env = scenario_env(cli, tmp)
         start = time.monotonic()
         try:
             proc = subprocess.run(["molecule", "test"], cwd=ROLES / role, env=env, capture_output=True, text=True,
@@ -73,7 +79,8 @@ def test_molecule(role: str, outcomes: dict[str, Future[Outcome]]) -> None:
     outcome = outcomes[role].result()
     print(f"molecule test {role}: {outcome.seconds:.0f} s")
     log = outcome.log
-    assert outcome.returncode == 0, log[-6000:]
+    # The first failed task says why; the recap at the end only that something failed.
+    assert outcome.returncode == 0, log[max(0, log.find("fatal:") - 300):][:6000] if "fatal:" in log else log[-6000:]
     for step in ("syntax", "create", "converge", "idempotence", "verify", "destroy"):
         # "[default > verify] Executed: Successful" without colour ("default ➜ verify: …" in some versions).
         assert re.search(rf"\b{step}(:|\]) Executed: Successful", log), f"molecule did not run {step}:\n{log[-3000:]}"

@@ -5,6 +5,7 @@ reach. Faults are made for real: the machine's sshd session process is killed, t
 from __future__ import annotations
 
 import _thread
+import hashlib
 import json
 import os
 import signal
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from machine.errors import MachineError
 from machine.roles.remote import detached
-from machine.ssh import Connection, ConnectionLost, Endpoint
+from machine.ssh import Connection, ConnectionLost, Endpoint, Result
 from tests.conftest import CLI
 from tests.integration.conftest import busybox_image, docker, machine_cli
 
@@ -159,6 +161,26 @@ def test_ctrl_c_stops_the_remote_command_but_lets_detached_work_finish(cli, mach
         conn.run("kill $(cat /tmp/pm-sleep)")
         wait_for("the detached script to finish",
                  lambda: conn.run("cat /tmp/pm-detached 2>/dev/null").stdout == "finished\n", timeout=30)
+
+
+def test_a_kept_shell_runs_each_command_as_a_channel_of_its_own_would(cli, machine):
+    binary = bytes(range(256)) * 4  # NUL bytes, no final newline: not a here-document
+    with connect(cli, machine) as conn:
+        assert conn.run("echo out; echo err >&2; exit 3", shell="sh") == Result(3, "out\n", "err\n")
+        assert conn.run("cat", stdin=b"a text\n", shell="sh").stdout == "a text\n"
+        assert conn.run("sha256sum", stdin=binary, shell="sh").stdout.split()[0] == hashlib.sha256(binary).hexdigest()
+        assert conn.run("printf 'no newline'; cd /; x=1", shell="sh").stdout == "no newline"
+        assert conn.run("echo $PWD $x; exec 3</dev/null", shell="sh").stdout == "/root\n"  # nothing carried over
+        # A launcher that fails (sudo refusing, say) fails the command with its own status and message.
+        assert conn.run("echo never", shell="sh -c 'echo refused >&2; exit 7'") == Result(7, "", "refused\n")
+        with pytest.raises(MachineError, match="timed out after 1s"):
+            conn.run("sleep 3003", shell="sh", timeout=1)
+        assert conn.run("echo next", shell="sh").stdout == "next\n"  # in a new shell
+        interrupt_when(lambda: running(cli, machine, "sleep 3004"))
+        with pytest.raises(KeyboardInterrupt):
+            conn.run("sleep 3004; echo not reached", shell="sh")
+        wait_for("the interrupted command to end", lambda: not running(cli, machine, "sleep 3004"), timeout=30)
+        assert conn.run("echo after", shell="sh").stdout == "after\n"
 
 
 def test_scp_errors_are_one_line_naming_the_path(cli, machine, tmp_path):

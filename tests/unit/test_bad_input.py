@@ -148,7 +148,7 @@ ENGINE = [
     usage("create", "--engine-storage-device", "/dev/vdb", "w", text="--engine-storage-device needs"),
     usage("create", "--engine-storage-driver", "btrfs", "--engine-storage-device", "vdb", "w",
           text="'vdb' is not an absolute path"),
-    usage("create", "--engine-icc", "yes", "w", text="Got unexpected extra argument"),
+    usage("create", "--engine-icc=yes", "w", text="does not take a value"),  # (create takes several names)
 ]
 
 LOCAL_DRIVER = [
@@ -187,11 +187,13 @@ COMMANDS = [
     usage("frobnicate", text="No such command 'frobnicate'"),
     usage("create", "--no-such-flag", "w", text="No such option '--no-such-flag'"),
     usage("ls", "--no-such-flag", text="No such option"),
-    usage("create", text="Missing argument 'NAME'"),
+    usage("create", text="Missing argument 'NAMES...'"),
     usage("rm", text="Missing argument 'NAMES...'"),
     usage("ls", "--filter", "junk", text="--filter 'junk': use name=GLOB"),
     usage("ls", "--filter", "colour=red", text="--filter 'colour=red'"),
-    usage("ls", "--format", "xml", text="Invalid value for '--format'"),
+    usage("ls", "--format", "xml", text="--format 'xml': use table, json or a Go template"),
+    usage("ls", "--format", "{{.Nmae}}", text="unknown field .Nmae"),
+    usage("inspect", "--format", "{{if .Name}}", "m1", text="is not closed with '{{end}}'"),
     usage("env", "--shell", "tcsh", "web1", text="Invalid value for '--shell'"),
     usage("env", text="env needs a machine name (or --unset)"),
     usage("rm", "web1", text="refusing to remove without confirmation: pass -y"),
@@ -200,7 +202,7 @@ COMMANDS = [
     failure("scp", "/etc/hostname", "ghost:/tmp", text="no machine named 'ghost'"),
     usage("scp", "web1:/etc/hostname", text="Missing argument 'DESTINATION'"),
     usage("scp", "/nonexistent/file", "web1:/tmp", text="/nonexistent/file: no such file or directory"),
-    usage("provision", "--check", "--diff", text="Missing argument 'NAME'"),
+    usage("provision", "--check", "--diff", text="Missing argument 'NAMES...'"),
     usage("provision", "--tags", "kernel,kernle", "web1", text="--tags: 'kernle' is not a tag of the roles"),
 ]
 

@@ -16,3 +16,4 @@ def test_the_entry_point_reports_usage_errors_and_failures_in_one_line(cli):
     assert_refused(cli("active", check=False), 1, "no active machine")
     assert_refused(cli("status", "ghost", check=False), 1, "no machine named 'ghost'")
     assert not cli.home.exists()
+

@@ -1,0 +1,170 @@
+"""`pymachine apply` of an unchanged fleet against one machine's no-op, and against ansible-playbook (forks = N).
+
+Run as root: `.venv/bin/python bench/apply.py [--machines 8] [--rounds 3] [--mitogen DIR] [--pyinfra VENV]`
+(ansible-core in the venv; DIR: where `pip install --target DIR mitogen` put Mitogen; VENV: a virtualenv with
+pyinfra, kept apart from pymachine's). Prints a Markdown table and writes it to bench/results/apply.md.
+
+Setup (not measured): N local machines (`--engine-install distro`) made by `pymachine apply` of a fleet file
+(fleet `bench`), and a second fleet file of the same fleet naming only the first machine. Then, median of the
+rounds, every run a whole command as a user types it:
+- `pymachine provision cmp1`: one machine's no-op (the roles, nothing to change);
+- `pymachine apply one.yaml`: the same machine as a fleet of one (plan: a check-mode run; nothing to do);
+- `pymachine apply fleet.yaml`: all N machines, unchanged ("N machines unchanged" asserted);
+- `ansible-playbook -f N`: the same roles and variables on the same N machines (bench/ansible_compare.py's
+  setup: pipelining, ControlPersist masters up before the clock runs, facts limited to what the roles read);
+- with --mitogen: the same with Mitogen's `mitogen_linear` strategy;
+- with --pyinfra: `pyinfra -y --parallel N` of a deploy checking what the roles manage: the seven files they
+  write (content, mode, owner; copies taken from each machine before the clock runs), the engine packages,
+  the engine's and containerd's services (running, enabled) and ip_forward. It checks less than the roles do
+  (no module probes, no engine bridge check), so it is a lower bound for pyinfra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ansible_compare import MANAGED, Bench  # bench/, the script's own directory
+from timing import median_seconds
+
+BRIDGE = os.environ.get("PYMACHINE_BENCH_BRIDGE", "pmbench2")
+SUBNET = os.environ.get("PYMACHINE_BENCH_SUBNET", "10.231.72.0/24")
+CACHE = os.environ.get("PYMACHINE_TEST_CACHE", "/var/tmp/pymachine-test-cache")
+HERE = Path(__file__).resolve().parent
+CLI = [sys.executable, "-m", "machine"]
+
+
+def fleet_file(path: Path, names: list[str]) -> Path:
+    entries = "".join(f"  {name}: {{}}\n" for name in names)
+    path.write_text(f"name: bench\ndefaults:\n  engine_install: distro\nmachines:\n{entries}")
+    return path
+
+
+PYINFRA_DEPLOY = """\
+from pyinfra import host
+from pyinfra.operations import apt, files, server, systemd
+
+for path, mode, user, group in host.data.managed:
+    files.put(name=f"file {path}", src=f"{host.data.copies}{path}", dest=path, mode=mode, user=user, group=group)
+apt.packages(name="engine packages", packages=["docker.io", "containerd", "runc"])
+for unit in ("docker", "containerd"):
+    systemd.service(name=f"service {unit}", service=unit, running=True, enabled=True)
+server.sysctl(name="ip_forward", key="net.ipv4.ip_forward", value=1)
+"""
+
+
+def pyinfra_setup(names: list[str], work: Path) -> tuple[Path, Path]:
+    """(inventory, deploy) for pyinfra: pymachine's address, key and pinned host key; each machine's copies of
+    the files the roles wrote, with their modes and owners."""
+    from machine import commands
+    from machine.store import Store
+
+    hosts = []
+    for name in names:
+        machine, driver = commands.load(Store(), name)
+        copies = work / "copies" / name
+        managed = []
+        for path in MANAGED.split():
+            (copies / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.run([*CLI, "ssh", name, "--", f"stat -c '%a %U %G' {path} && cat {path}"],
+                                  capture_output=True, text=True, check=True)
+            head, _, body = proc.stdout.partition("\n")
+            (copies / path.lstrip("/")).write_text(body)
+            managed.append((path, *head.split()))
+        hosts.append((driver.ip(), {"ssh_user": "root", "ssh_key": str(machine.key_path),
+                                    "ssh_known_hosts_file": str(machine.known_hosts_path),
+                                    "ssh_strict_host_key_checking": "yes", "copies": str(copies),
+                                    "managed": managed}))
+    inventory, deploy = work / "pyinfra_inventory.py", work / "pyinfra_deploy.py"
+    inventory.write_text(f"machines = {hosts!r}\n")
+    deploy.write_text(PYINFRA_DEPLOY)
+    return inventory, deploy
+
+
+def run_pyinfra(venv: Path, inventory: Path, deploy: Path, parallel: int) -> None:
+    """One pyinfra run, which must succeed and change nothing (its results table's grand total)."""
+    proc = subprocess.run([str(venv / "bin" / "pyinfra"), "-y", "--parallel", str(parallel), str(inventory),
+                           str(deploy)], capture_output=True, text=True)
+    total = next((line.split()[2:] for line in (proc.stdout + proc.stderr).splitlines()
+                  if line.strip().startswith("Grand total")), None)
+    # hosts, changed ("Success"), errors, unchanged: a no-op has neither changes nor errors
+    if proc.returncode != 0 or total is None or total[1:3] != ["-", "-"]:
+        raise SystemExit(f"pyinfra failed or changed something:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+
+
+def run(*args: str, expect: str | None = None) -> None:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    if proc.returncode != 0 or (expect and expect not in proc.stdout):
+        raise SystemExit(f"pymachine {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--machines", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mitogen", type=Path, help="directory holding ansible_mitogen (pip install --target)")
+    parser.add_argument("--pyinfra", type=Path, help="virtualenv with pyinfra installed")
+    parser.add_argument("--ansible-rounds", type=int, default=3, help="rounds of the (slow) ansible-playbook runs")
+    args = parser.parse_args()
+    names = [f"cmp{i}" for i in range(1, args.machines + 1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        os.environ.update(PYMACHINE_HOME=f"{tmp}/home", PYMACHINE_CACHE=CACHE, PYMACHINE_LOCAL_BRIDGE=BRIDGE,
+                          PYMACHINE_LOCAL_SUBNET=SUBNET, DOCKER_CONFIG=f"{tmp}/docker")
+        try:
+            fleet, one = fleet_file(work / "fleet.yaml", names), fleet_file(work / "one.yaml", names[:1])
+            run("apply", str(fleet))  # all N made at once, by the parallel runner
+            run("apply", str(fleet), expect=f"{len(names)} machines unchanged")  # warm: page cache, pyc files
+            results: dict[str, float] = {}
+
+            def measure(what: str, fn: Callable[[], object], rounds: int) -> None:
+                results[what] = median_seconds(fn, rounds)
+                print(f"{what}: {results[what]:.2f}s", file=sys.stderr)  # kept if a later, slower one is cut short
+
+            n = len(names)
+            measure("`pymachine provision` (1 machine, no-op)", lambda: run("provision", names[0]), args.rounds)
+            measure("`pymachine apply` (fleet of 1, unchanged)",
+                    lambda: run("apply", str(one), expect="1 machine unchanged"), args.rounds)
+            measure(f"`pymachine apply` (fleet of {n}, unchanged)",
+                    lambda: run("apply", str(fleet), expect=f"{n} machines unchanged"), args.rounds)
+            if args.pyinfra:
+                inventory, deploy = pyinfra_setup(names, work)
+                run_pyinfra(args.pyinfra, inventory, deploy, n)  # warm, and must be a no-op
+                measure(f"`pyinfra --parallel {n}` ({n} machines, no-op; checks less)",
+                        lambda: run_pyinfra(args.pyinfra, inventory, deploy, n), args.rounds)
+            bench = Bench(names, work)
+            assert bench.ansible(names)[1] == 0, "ansible-playbook changed what pymachine provisioned"
+            measure(f"`ansible-playbook -f {n}` ({n} machines, no-op)", lambda: bench.ansible(names),
+                    args.ansible_rounds)
+            if args.mitogen:
+                plugins = args.mitogen / "ansible_mitogen" / "plugins" / "strategy"
+                bench.env |= {"ANSIBLE_STRATEGY": "mitogen_linear", "ANSIBLE_STRATEGY_PLUGINS": str(plugins),
+                              "PYTHONPATH": str(args.mitogen)}
+                assert bench.ansible(names)[1] == 0, "ansible-playbook with Mitogen changed something"
+                measure(f"`ansible-playbook -f {n}`, Mitogen ({n} machines, no-op)", lambda: bench.ansible(names),
+                        args.ansible_rounds)
+            bench.pool.shutdown()
+        finally:
+            subprocess.run([*CLI, "rm", "-f", *names], check=False, capture_output=True)
+            masters = Path(f"/tmp/pmb-cp-{os.getpid()}")  # Bench's ControlPersist sockets
+            for sock in masters.glob("*") if masters.is_dir() else []:
+                subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"], capture_output=True)
+    base = next(iter(results.values()))
+    lines = ["| run | seconds | vs one machine's no-op |", "|---|---|---|"]
+    lines += [f"| {what} | {seconds:.2f} | {seconds / base:.1f} |" for what, seconds in results.items()]
+    text = (f"Medians of {args.rounds} rounds ({args.ansible_rounds} for ansible-playbook), whole commands, "
+            f"{os.cpu_count()} CPUs (shared with other work while measured: absolute times are inflated).\n\n"
+            + "\n".join(lines) + "\n")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "apply.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

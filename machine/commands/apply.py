@@ -1,0 +1,366 @@
+"""`pymachine apply FLEET.yaml`: make the machines a fleet file names, and keep them as it says.
+
+plan() compares the file with the store (and, for a machine whose recorded settings match, with a check-mode
+provisioning run) and changes nothing; execute() carries the plan out, each machine on its own: one failure is
+reported and does not stop the others. A machine apply makes carries its fleet's name in its record (`fleet`),
+and only such machines are ever re-provisioned, re-created or removed by apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from machine import drivers, fleetfile, ui
+from machine import provision as provisioning
+from machine.commands import swarm
+from machine.commands.common import connect, load, locked
+from machine.commands.engine import run_provisioning, share_registries
+from machine.commands.machines import create, rm, start
+from machine.drivers.base import Driver, State
+from machine.errors import MachineError
+from machine.fleet import run as run_parallel
+from machine.fleetfile import Fleet, MachineSpec
+from machine.store import Machine, Store
+
+CREATE, REPROVISION, RECREATE, UNCHANGED, REMOVE, KEEP, REFUSED = (
+    "create", "re-provision", "recreate", "unchanged", "remove", "keep", "refused")
+# Swarm steps, after every machine is ready.
+INIT, JOIN_MANAGER, JOIN_WORKER, LEAVE = "swarm init", "join as manager", "join as worker", "leave the swarm"
+# How a summary counts what was done.
+DONE = {CREATE: "created", REPROVISION: "re-provisioned", RECREATE: "re-created", REMOVE: "removed",
+        INIT: "made a swarm", JOIN_MANAGER: "joined as manager", JOIN_WORKER: "joined as worker",
+        LEAVE: "left the swarm"}
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str
+    name: str
+    reason: str = ""
+    spec: MachineSpec | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    fleet: Fleet
+    steps: tuple[Step, ...]
+
+    @property
+    def refused(self) -> list[Step]:
+        return [s for s in self.steps if s.action == REFUSED]
+
+    @property
+    def changes(self) -> list[Step]:
+        return [s for s in self.steps if s.action not in (UNCHANGED, KEEP)]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    step: Step
+    error: Exception | None = None
+    detail: str = ""  # e.g. "5 tasks changed"
+
+    @property
+    def failure(self) -> str | None:
+        if self.error is None:
+            return None
+        return str(self.error) if isinstance(self.error, MachineError) else f"internal error: {self.error!r}"
+
+
+def for_each(fn: Callable[[T], R], items: Sequence[T], done: str, parallel: int | None = None,
+             failure: Callable[[R], str | None] = lambda _: None) -> list[R]:
+    """fn(item) for every item (each has a `name`), a bounded number at once (machine.fleet.run), each machine's
+    progress on a line of its own (ui.board); `failure` tells the line how a result ended. `fn` reports its own
+    failures in what it returns: anything it raises (Ctrl-C, an internal error) is raised here."""
+    by_name = {item.name: item for item in items}  # type: ignore[attr-defined]
+    results: dict[str, R] = {}
+    board = ui.board(list(by_name), done)
+
+    def one(name: str) -> None:
+        if board is None:
+            results[name] = fn(by_name[name])
+            return
+        with ui.showing(board.line(name)):
+            results[name] = fn(by_name[name])
+        board.finish(name, failure(results[name]))
+
+    with board or contextlib.nullcontext():
+        outcomes = run_parallel(list(by_name), one, parallel)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            raise outcome.error
+    return [results[name] for name in by_name]
+
+
+# -- the plan ------------------------------------------------------------------------------------------------
+def plan(store: Store, fleet: Fleet, *, prune: bool = False, recreate: bool = False,
+         parallel: int | None = None) -> Plan:
+    """What apply would do; changes nothing (existing machines get a check-mode provisioning run)."""
+    provisioning.check_roles()
+    for spec in fleet.machines:  # the host checks of create (root, tools), before anything is made
+        if not store.exists(spec.name):
+            drivers.get(spec.driver).pre_create_check(spec.options)
+    steps = for_each(lambda spec: _plan_machine(store, fleet, spec, recreate), fleet.machines, "checked",
+                     parallel)
+    named = {s.name for s in fleet.machines}
+    for name in store.names():
+        if name not in named and _fleet_of(store, name) == fleet.name:
+            steps.append(Step(REMOVE, name) if prune else Step(KEEP, name, "no longer in the file; --prune "
+                                                                             "removes it"))
+    steps += _plan_swarm(store, fleet, {s.name for s in steps if s.action in (CREATE, RECREATE)})
+    return Plan(fleet, tuple(steps))
+
+
+def _fleet_of(store: Store, name: str) -> str | None:
+    try:
+        return store.load(name).fleet.get("name")
+    except MachineError:  # a damaged record says nothing of its fleet: never pruned on a guess
+        return None
+
+
+def _plan_machine(store: Store, fleet: Fleet, spec: MachineSpec, recreate: bool) -> Step:
+    if not store.exists(spec.name):
+        return Step(CREATE, spec.name, spec=spec)
+    try:
+        machine, driver = load(store, spec.name)
+    except MachineError as e:
+        return Step(REFUSED, spec.name, str(e), spec)
+    if machine.fleet.get("name") != fleet.name:
+        owner = f"fleet {machine.fleet['name']!r}" if machine.fleet else "`pymachine create`"
+        return Step(REFUSED, spec.name, f"exists and was made by {owner}, not by this file", spec)
+    if machine.state == "error":
+        return Step(REFUSED, spec.name, f"its last removal failed (`pymachine rm -f {spec.name}`)", spec)
+    moved = _driver_changes(machine, spec)
+    if moved:
+        why = f"{', '.join(moved)} changed: needs a new machine"
+        return Step(RECREATE, spec.name, why, spec) if recreate else Step(
+            REFUSED, spec.name, f"{why} (--recreate removes and re-creates it)", spec)
+    changed = _setting_changes(machine, fleet, spec)
+    if changed:
+        return Step(REPROVISION, spec.name, "; ".join(changed), spec)
+    if driver.state() != State.RUNNING:  # no check-mode run without SSH: started, then provisioned for real
+        return Step(REPROVISION, spec.name, "not running: started and provisioned", spec)
+    try:
+        with locked(store, spec.name) as (machine, driver):
+            tasks = _provision(store, machine, driver, fleet, spec, check=True)
+    except MachineError as e:
+        return Step(REPROVISION, spec.name, f"check failed: {e}", spec)
+    if tasks:
+        return Step(REPROVISION, spec.name, f"drifted: {tasks} task{'s' * (tasks != 1)} would change", spec)
+    return Step(UNCHANGED, spec.name, spec=spec)
+
+
+def _driver_changes(machine: Machine, spec: MachineSpec) -> list[str]:
+    """Driver options (or the driver) whose recorded value differs from the file's: no driver changes a host."""
+    if machine.driver != spec.driver:
+        return [f"driver {machine.driver} → {spec.driver}"]
+    cls = drivers.get(spec.driver)
+    wanted, _ = cls.split_secrets(spec.options)
+    recorded = {o.key: o.default for o in cls.options if not o.secret} | machine.options
+    return [f"{key} {recorded.get(key)!r} → {value!r}" for key, value in wanted.items() if recorded.get(key) != value]
+
+
+def _setting_changes(machine: Machine, fleet: Fleet, spec: MachineSpec) -> list[str]:
+    """Engine settings, extra roles or variables that differ from the record: re-provisioned."""
+    keys = sorted(set(machine.engine) | set(spec.engine))
+    changes = [f"{k} {machine.engine.get(k)!r} → {spec.engine.get(k)!r}" for k in keys
+               if machine.engine.get(k) != spec.engine.get(k)]
+    wanted = spec.marker(fleet.name)
+    return changes + [f"{k} changed" for k in ("roles", "vars") if machine.fleet.get(k) != wanted[k]]
+
+
+def _plan_swarm(store: Store, fleet: Fleet, new: set[str]) -> list[Step]:
+    """Swarm steps: the first manager of the file makes the swarm, the other machines join it; a machine of the
+    fleet that the file no longer gives a swarm role leaves. Machines being made are not in any swarm yet."""
+    first = next((s.name for s in fleet.machines if s.swarm == "manager"), None)
+    members = _swarm_members(store, first, new) if first else {}
+    steps = [Step(INIT, first)] if first and first not in members else []
+    for spec in fleet.machines:
+        role = members.get(spec.name)
+        if spec.name == first:
+            continue
+        if spec.swarm and role is None:
+            steps.append(Step(JOIN_MANAGER if spec.swarm == "manager" else JOIN_WORKER, spec.name))
+        elif spec.swarm and role != spec.swarm:
+            steps.append(Step(REFUSED, spec.name, f"is a swarm {role}, the file says {spec.swarm} (`pymachine swarm "
+                                                  f"leave {spec.name}` first)"))
+        elif not spec.swarm and spec.name not in new and (role or _recorded_swarm(store, spec.name)):
+            steps.append(Step(LEAVE, spec.name))
+    return steps
+
+
+def _swarm_members(store: Store, manager: str, new: set[str]) -> dict[str, str]:
+    """{machine: role} of the swarm `manager` manages; empty when it manages none (or does not exist yet)."""
+    if manager in new or not store.exists(manager):
+        return {}
+    try:
+        return {row["machine"]: row["role"] for row in swarm.ls(store, manager) if row["machine"]}
+    except MachineError:  # not in a swarm, or not running: `swarm init` (run after provisioning) says which
+        return {}
+
+
+def _recorded_swarm(store: Store, name: str) -> str:
+    try:
+        return store.load(name).fleet.get("swarm", "")
+    except MachineError:
+        return ""
+
+
+# -- carrying it out -----------------------------------------------------------------------------------------
+def check(the_plan: Plan) -> None:
+    """Refuse a plan with a refused step: apply changes nothing then (a --dry-run says so too)."""
+    if the_plan.refused:
+        step = the_plan.refused[0]
+        raise MachineError(f"{the_plan.fleet.path}: {step.name}: {step.reason}; nothing was changed")
+
+
+def execute(store: Store, the_plan: Plan, report: Callable[[Outcome], None] = lambda _: None,
+            parallel: int | None = None) -> list[Outcome]:
+    """Carry out a plan without refused steps: machines first (each on its own), then the swarm steps in order.
+    Every outcome is passed to `report` as it happens."""
+    check(the_plan)
+    fleet = the_plan.fleet
+    machine_steps = [s for s in the_plan.steps if s.action in (CREATE, REPROVISION, RECREATE, REMOVE)]
+
+    def run(step: Step) -> Outcome:
+        outcome = _guarded(step, lambda: _MACHINE_ACTIONS[step.action](store, fleet, step))
+        report(outcome)
+        return outcome
+
+    outcomes = for_each(run, machine_steps, "done", parallel, lambda outcome: outcome.failure)
+    failed = {o.step.name for o in outcomes if o.error}
+    for outcome in outcomes:  # as create does, once all are made: sharing locks every other machine in turn
+        spec = outcome.step.spec
+        if not outcome.error and spec and spec.engine.get("registry_enabled"):
+            share_registries(store, spec.name)
+    for step in (s for s in the_plan.steps if s.action in _SWARM_ACTIONS):
+        if step.name in failed or (step.action != INIT and _init_failed(outcomes)):
+            why = f"{step.name} failed" if step.name in failed else "swarm init failed"
+            outcome = Outcome(step, MachineError(f"skipped: {why}"))
+        else:
+            outcome = _guarded(step, lambda step=step: _SWARM_ACTIONS[step.action](store, fleet, step))
+        report(outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _init_failed(outcomes: Iterable[Outcome]) -> bool:
+    return any(o.error and o.step.action == INIT for o in outcomes)
+
+
+def _guarded(step: Step, action: Callable[[], str | None]) -> Outcome:
+    try:
+        return Outcome(step, detail=action() or "")
+    except Exception as e:  # any failure is this machine's alone: reported, and the others go on
+        return Outcome(step, e)
+
+
+def _create(store: Store, fleet: Fleet, step: Step) -> str:
+    """Make the machine without provisioning, mark it as the fleet's, then provision it with the fleet's roles
+    and variables. A failed provisioning keeps the (marked) machine: the next apply finds it drifted."""
+    spec = step.spec
+    assert spec is not None
+    create(store, spec.name, spec.driver, spec.options, engine=spec.engine, provision=False)
+    with locked(store, spec.name) as (machine, driver):
+        machine.fleet = spec.marker(fleet.name)
+        machine.save()
+        return _tasks(_provision(store, machine, driver, fleet, spec))
+
+
+def _reprovision(store: Store, fleet: Fleet, step: Step) -> str:
+    spec = step.spec
+    assert spec is not None
+    start(store, spec.name)  # nothing when it runs
+    with locked(store, spec.name) as (machine, driver):
+        machine.engine, machine.fleet = spec.engine, {**machine.fleet, **spec.marker(fleet.name)}
+        machine.save()  # the settings it is provisioned with: a failed run is re-done by the next apply
+        return _tasks(_provision(store, machine, driver, fleet, spec))
+
+
+def _recreate(store: Store, fleet: Fleet, step: Step) -> str:
+    _remove(store, fleet, step)
+    return _create(store, fleet, step)
+
+
+def _remove(store: Store, fleet: Fleet, step: Step) -> None:
+    if _recorded_swarm(store, step.name):
+        try:  # its manager forgets it (a node removed without leaving stays listed as Down)
+            swarm.leave(store, step.name, force=True)
+        except MachineError as e:
+            ui.err(f"warning: {step.name} is removed without leaving its swarm: {e}")
+    rm(store, step.name)
+
+
+def _tasks(changed: int) -> str:
+    return f"{changed} task{'s' * (changed != 1)} changed"
+
+
+_MACHINE_ACTIONS: dict[str, Callable[[Store, Fleet, Step], str | None]] = {
+    CREATE: _create, REPROVISION: _reprovision, RECREATE: _recreate, REMOVE: _remove,
+}
+
+
+def _provision(store: Store, machine: Machine, driver: Driver, fleet: Fleet, spec: MachineSpec,
+               check: bool = False) -> int:
+    """The engine's roles with the fleet's variables, then the machine's extra roles; the tasks that changed (or
+    would, with `check`). The caller holds the machine's lock."""
+    changed = run_provisioning(store, machine, driver, check=check, extra=spec.vars).changed
+    if spec.roles:
+        changed += _run_extra_roles(machine, driver, fleet, spec, check)
+    return changed
+
+
+def _run_extra_roles(machine: Machine, driver: Driver, fleet: Fleet, spec: MachineSpec, check: bool) -> int:
+    from machine.roles import run_roles
+
+    # The engine's settings are theirs to read (a role may depend on the engine); the fleet's vars win.
+    variables: dict[str, Any] = {k: v for k, v in machine.engine.items() if k != "tls_san"} | spec.vars
+    with connect(machine, driver, timeout=30) as conn:
+        recap = run_roles(conn, list(spec.roles), list(fleet.roles_path), variables, check=check,
+                          host_name=machine.name, become=conn.endpoint.needs_become)
+    if recap.failed:
+        raise MachineError(f"provisioning {machine.name} ({', '.join(spec.roles)}) failed: {recap.failure}")
+    return recap.changed
+
+
+def _first_manager(fleet: Fleet) -> str:
+    return next(s.name for s in fleet.machines if s.swarm == "manager")
+
+
+def _swarm_marker(store: Store, name: str, role: str) -> None:
+    with locked(store, name) as (machine, _):
+        machine.fleet = {**machine.fleet, "swarm": role}
+        machine.save()
+
+
+def _init(store: Store, fleet: Fleet, step: Step) -> None:
+    swarm.init(store, step.name)
+    _swarm_marker(store, step.name, "manager")
+
+
+def _join(store: Store, fleet: Fleet, step: Step) -> None:
+    as_manager = step.action == JOIN_MANAGER
+    swarm.join(store, step.name, _first_manager(fleet), as_manager=as_manager)
+    _swarm_marker(store, step.name, "manager" if as_manager else "worker")
+
+
+def _leave(store: Store, fleet: Fleet, step: Step) -> None:
+    swarm.leave(store, step.name, force=True)
+    _swarm_marker(store, step.name, "")
+
+
+_SWARM_ACTIONS: dict[str, Callable[[Store, Fleet, Step], str | None]] = {
+    INIT: _init, JOIN_MANAGER: _join, JOIN_WORKER: _join, LEAVE: _leave,
+}
+
+
+def load_fleet(path: Path) -> Fleet:
+    """The fleet file, read and checked in full (FleetError with file:line)."""
+    return fleetfile.load(path)

@@ -1,0 +1,167 @@
+"""Docker swarm mode across machines: init, join, leave, ls.
+
+Everything goes through the engines' mutual-TLS API (machine.engineapi). Join tokens are read from the manager
+the moment a machine joins and handed straight to that machine's engine: never printed, logged or stored.
+Each node advertises its driver's swarm_address(), and the driver opens its cloud firewall to the swarm's other
+machines before a join (EC2: security-group rules naming the peers' groups) and takes that back after a leave.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from machine import ui
+from machine.commands.common import load, locked
+from machine.commands.engine import _checked_cert_dir
+from machine.drivers.base import Driver, State
+from machine.engineapi import SWARM_PORT, EngineAPI
+from machine.errors import MachineError
+from machine.store import Store
+
+
+def _engine(store: Store, name: str) -> tuple[Driver, EngineAPI]:
+    """The machine's driver and a client of its running Docker engine, or why there is none."""
+    driver, cert_dir = _checked_cert_dir(store, name)
+    if driver.machine.engine.get("engine", "docker") != "docker":
+        raise MachineError(f"{name} runs {driver.machine.engine['engine']}, which has no swarm mode (use Docker)")
+    if driver.state() != State.RUNNING:
+        raise MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
+    return driver, EngineAPI(name, driver.engine_url(), cert_dir)
+
+
+def _swarm_of(api: EngineAPI) -> dict[str, Any]:
+    """The engine's view of its swarm (/info's Swarm): LocalNodeState, NodeID, ControlAvailable, Cluster…"""
+    return api.info().get("Swarm") or {}
+
+
+def _in_swarm(swarm: dict[str, Any]) -> bool:
+    # "pending" and "error" are joins under way or broken: the engine refuses a new init or join in those too.
+    return swarm.get("LocalNodeState", "inactive") != "inactive"
+
+
+def _address(driver: Driver) -> str:
+    address = driver.swarm_address()
+    if not address:
+        raise MachineError(f"machine {driver.machine.name!r} has no address yet")
+    return address
+
+
+def init(store: Store, name: str) -> str:
+    """Make a new swarm with the machine as its first manager; the node's id."""
+    with locked(store, name):
+        driver, api = _engine(store, name)
+        if _in_swarm(_swarm_of(api)):
+            raise MachineError(f"{name} is already in a swarm (`pymachine swarm leave {name}` first)")
+        return api.swarm_init(_address(driver))
+
+
+def _manager(store: Store, name: str) -> tuple[EngineAPI, dict[str, Any]]:
+    """A manager's client and its /info Swarm, refused when the machine manages no swarm."""
+    _, api = _engine(store, name)
+    swarm = _swarm_of(api)
+    if not _in_swarm(swarm):
+        raise MachineError(f"{name} is not in a swarm (`pymachine swarm init {name}` makes one)")
+    if not swarm.get("ControlAvailable"):
+        raise MachineError(f"{name} is a worker of its swarm, not a manager: name one of its managers")
+    return api, swarm
+
+
+def _machines_by_address(store: Store) -> dict[str, Driver]:
+    """Every machine of the store that can be read, by the address it advertises to a swarm."""
+    found = {}
+    for name in store.names():
+        try:
+            _, driver = load(store, name)
+            address = driver.swarm_address()
+        except MachineError:  # a damaged or half-made machine is nobody's peer
+            continue
+        if address:
+            found[address] = driver
+    return found
+
+
+def _peers(store: Store, manager: EngineAPI, exclude: str) -> list[Driver]:
+    """The store's machines among the manager's swarm nodes (matched by advertised address), but `exclude`."""
+    machines = _machines_by_address(store)
+    addresses = {node.get("Status", {}).get("Addr", "") for node in manager.nodes()}
+    return [d for address, d in machines.items() if address in addresses and d.machine.name != exclude]
+
+
+def join(store: Store, name: str, manager: str, as_manager: bool = False) -> None:
+    """Join the machine to the swarm `manager` manages, as a worker (or as a manager)."""
+    if name == manager:
+        raise MachineError(f"{name} cannot join its own swarm: name another machine as --manager")
+    manager_api, manager_swarm = _manager(store, manager)
+    with locked(store, name):
+        driver, api = _engine(store, name)
+        swarm = _swarm_of(api)
+        if _in_swarm(swarm):
+            # A worker's /info names no cluster: the manager's node list tells whether it is in that swarm.
+            same = swarm.get("NodeID") in {node.get("ID") for node in manager_api.nodes()}
+            raise MachineError(f"{name} is already in {'the swarm of ' + manager if same else 'a swarm'} "
+                               f"(`pymachine swarm leave {name}` first)")
+        token = manager_api.swarm()["JoinTokens"]["Manager" if as_manager else "Worker"]
+        remotes = [m["Addr"] for m in manager_swarm.get("RemoteManagers") or ()]
+        peers = _peers(store, manager_api, exclude=name)
+        driver.open_swarm_ports(peers)
+        try:
+            api.swarm_join(_address(driver), remotes or [f"{manager_api.host}:{SWARM_PORT}"], token)
+        except MachineError:
+            driver.close_swarm_ports(peers)
+            raise
+
+
+def leave(store: Store, name: str, force: bool = False) -> None:
+    """Take the machine out of its swarm; a manager still reachable in the store forgets the node."""
+    with locked(store, name):
+        driver, api = _engine(store, name)
+        swarm = _swarm_of(api)
+        if not _in_swarm(swarm):
+            raise MachineError(f"{name} is not in a swarm")
+        node_id = swarm.get("NodeID", "")
+        manager = _other_manager(store, swarm, exclude=name)
+        peers = _peers(store, manager, exclude=name) if manager else []
+        api.swarm_leave(force)  # a manager refuses without force: the engine says why (quorum)
+        if manager:
+            # Left alone, the node stays listed as Down; removed, its tasks are rescheduled at once.
+            try:
+                manager.remove_node(node_id)
+            except MachineError as e:
+                ui.err(f"warning: {name} left, but its manager still lists it: {e}")
+        driver.close_swarm_ports(peers)
+
+
+def _other_manager(store: Store, swarm: dict[str, Any], exclude: str) -> EngineAPI | None:
+    """A client of another manager of the swarm that is a machine of this store, if one answers."""
+    machines = _machines_by_address(store)
+    for remote in swarm.get("RemoteManagers") or ():
+        driver = machines.get(remote.get("Addr", "").rpartition(":")[0])
+        if driver is None or driver.machine.name == exclude:
+            continue
+        try:
+            return _manager(store, driver.machine.name)[0]
+        except MachineError:
+            continue
+    return None
+
+
+def ls(store: Store, manager: str) -> list[dict[str, Any]]:
+    """The nodes of the swarm `manager` manages, each with the machine it is (by address), if any."""
+    api, _ = _manager(store, manager)
+    machines = _machines_by_address(store)
+    rows = []
+    for node in api.nodes():
+        status, spec = node.get("Status", {}), node.get("Spec", {})
+        machine = machines.get(status.get("Addr", ""))
+        leader = node.get("ManagerStatus", {})
+        rows.append({
+            "machine": machine.machine.name if machine else "",
+            "hostname": node.get("Description", {}).get("Hostname", ""),
+            "id": node.get("ID", ""),
+            "role": spec.get("Role", ""),
+            "state": status.get("State", ""),
+            "availability": spec.get("Availability", ""),
+            "manager_status": "leader" if leader.get("Leader") else leader.get("Reachability", ""),
+            "address": status.get("Addr", ""),
+        })
+    return sorted(rows, key=lambda r: (r["role"] != "manager", r["machine"] or "~", r["hostname"]))

@@ -1,0 +1,85 @@
+"""Molecule platforms as pymachine machines: what a platform may say, checked before anything is made."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from machine import drivers, fleetfile
+from machine.commands import parse_driver_options
+from machine.errors import UsageError
+from machine.names import validate_name
+
+# Keys molecule itself reads from a platform, and the ones this driver adds.
+_MOLECULE_KEYS = {"name", "groups", "children"}
+_OWN_KEYS = {"driver", "options", "engine", "engine_options", "image"}
+# The option a platform's `image` sets, per pymachine driver.
+_IMAGE_OPTION = {"local": "local_image", "libvirt": "libvirt_image", "ec2": "ec2_ami"}
+
+
+@dataclass
+class Platform:
+    """One platform: the arguments of its `pymachine create`."""
+
+    name: str
+    driver: str = drivers.DEFAULT
+    options: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] | None = None  # provision.engine_config(...) when the engine is installed at create
+
+
+def scenario_home(ephemeral_directory: str | os.PathLike[str]) -> Path:
+    """The scenario's own pymachine home."""
+    return Path(ephemeral_directory) / "pymachine"
+
+
+def check_platforms(raw: list[dict[str, Any]] | None) -> list[Platform]:
+    """Every platform parsed, or UsageError naming the platform and what is wrong with it."""
+    platforms = [_platform(item) for item in raw or []]
+    names = [p.name for p in platforms]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise UsageError(f"platform {duplicate!r} is named twice")
+    return platforms
+
+
+def _platform(item: dict[str, Any]) -> Platform:
+    name = str(item.get("name", ""))
+    try:
+        validate_name(name)
+        unknown = sorted(set(item) - _MOLECULE_KEYS - _OWN_KEYS)
+        if unknown:
+            raise UsageError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_OWN_KEYS))})")
+        driver = str(item.get("driver", drivers.DEFAULT))
+        drivers.get(driver)  # an unknown driver names the known ones
+        options = item.get("options") or {}
+        if not isinstance(options, dict):
+            raise UsageError("options must be a mapping of driver options (e.g. local-isolation: privileged)")
+        raw = {str(k).replace("-", "_"): _flag_value(v) for k, v in options.items()}
+        if "image" in item:
+            if driver not in _IMAGE_OPTION:
+                raise UsageError(f"the {driver} driver takes no image")
+            raw[_IMAGE_OPTION[driver]] = str(item["image"])
+        parsed = parse_driver_options(driver, raw)
+        return Platform(name, driver, {k: v for k, v in raw.items() if parsed.get(k) is not None},
+                        _engine(item) if item.get("engine") else None)
+    except UsageError as e:
+        raise UsageError(f"platform {name or '(unnamed)'}: {e}") from None
+
+
+def _flag_value(value: Any) -> Any:
+    """A YAML value as the command line would give it (lists stay lists for repeatable options)."""
+    return [str(v) for v in value] if isinstance(value, list) else str(value)
+
+
+def _engine(item: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings of `engine_options`, named as create's engine flags (engine-install: distro)."""
+    options = item.get("engine_options") or {}
+    if not isinstance(options, dict):
+        raise UsageError("engine_options must be a mapping (e.g. engine-install: distro)")
+    values = {str(k).replace("-", "_"): tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    unknown = sorted(set(values) - set(fleetfile.ENGINE_OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown engine option {unknown[0]!r} (known: {', '.join(fleetfile.ENGINE_OPTIONS)})")
+    return fleetfile.engine_config(values)

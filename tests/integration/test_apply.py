@@ -1,0 +1,91 @@
+"""`pymachine apply`: a fleet of two local machines made, left alone, re-provisioned, swarmed and pruned."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import CLI
+from tests.integration.conftest import bridge_leftovers, docker, leftovers, machine_cli, machine_record
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory) -> Iterator[CLI]:
+    tmp = tmp_path_factory.mktemp("apply")
+    yield from machine_cli(tmp / "home", DOCKER_CONFIG=str(tmp / "docker-config"))
+
+
+def fleet(path: Path, web1: dict | None = None, web2: bool = True) -> Path:
+    """web1 manages a swarm that web2 joins, and runs the file's own role `stamp`; `web1` adds keys to its entry."""
+    tasks = path.parent / "roles" / "stamp" / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    (tasks / "main.yml").write_text("- name: stamp\n  copy: {dest: /etc/fleet-stamp, content: \"{{ stamp }}\\n\"}\n")
+    web1_entry = {"swarm": "manager", "roles": ["stamp"], "vars": {"stamp": "one"}, **(web1 or {})}
+    machines = {"web1": web1_entry} | ({"web2": {"swarm": "worker"}} if web2 else {})
+    data = {"name": "test-apply", "defaults": {"engine_install": "distro"}, "machines": machines}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def plan_lines(stdout: str) -> list[tuple[str, str]]:
+    """(action, machine) of each of apply's plan lines, in order."""
+    rows = [line.split("(")[0].split() for line in stdout.splitlines() if line.startswith("  ")]
+    return [(" ".join(row[:-1]), row[-1]) for row in rows]
+
+
+def labels(cli: CLI, name: str) -> list[str]:
+    return json.loads(docker(cli, name, "info", "--format", "{{json .Labels}}"))
+
+
+def test_apply_makes_keeps_reprovisions_and_prunes_only_its_own(cli, tmp_path):
+    cli("create", "--no-provision", "hand1", timeout=900)  # made by hand: apply --prune must leave it
+    path = fleet(tmp_path / "fleet.yaml")
+
+    first = cli("apply", str(path), timeout=1800)
+    assert plan_lines(first.stdout) == [("create", "web1"), ("create", "web2"), ("swarm init", "web1"),
+                                        ("join as worker", "web2")]
+    nodes = json.loads(cli("swarm", "ls", "--format", "json", "web1").stdout)
+    assert sorted((n["machine"], n["role"]) for n in nodes) == [("web1", "manager"), ("web2", "worker")]
+    assert machine_record(cli, "web1")["fleet"]["name"] == "test-apply"
+    assert cli("ssh", "web1", "--", "cat", "/etc/fleet-stamp").stdout == "one\n"
+    assert machine_record(cli, "hand1")["fleet"] == {}
+
+    again = cli("apply", str(path), timeout=900)
+    assert again.stdout.strip().splitlines()[-1] == "2 machines unchanged"
+
+    # Drift on the machine: a file provisioning wrote is deleted by hand; a check-mode run finds it.
+    cli("ssh", "web2", "--", "rm", "/etc/modules-load.d/pymachine.conf")
+    drifted = cli("apply", str(path), timeout=900)
+    assert plan_lines(drifted.stdout) == [("unchanged", "web1"), ("re-provision", "web2")]
+    assert "drifted" in drifted.stdout
+    assert cli("ssh", "web2", "--", "test", "-s", "/etc/modules-load.d/pymachine.conf", check=False).returncode == 0
+
+    # An engine option edited in the file: only that machine is re-provisioned, and its engine has it.
+    fleet(path, web1={"engine_label": ["team=web"]})
+    edited = cli("apply", str(path), timeout=900)
+    assert plan_lines(edited.stdout) == [("re-provision", "web1"), ("unchanged", "web2")]
+    assert "team=web" in labels(cli, "web1") and "team=web" not in labels(cli, "web2")
+
+    # web2 leaves the file: kept without --prune, removed with it; hand1 (made by hand) survives.
+    fleet(path, web1={"engine_label": ["team=web"]}, web2=False)
+    kept = cli("apply", str(path), timeout=900)
+    assert plan_lines(kept.stdout) == [("unchanged", "web1"), ("keep", "web2")]
+    web2 = machine_record(cli, "web2")
+    pruned = cli("apply", "--prune", str(path), timeout=900)
+    assert plan_lines(pruned.stdout) == [("unchanged", "web1"), ("remove", "web2")]
+    assert cli("ls", "-q").stdout.split() == ["hand1", "web1"]
+    assert leftovers(web2, cli.home / "machines" / "web2") == []
+    nodes = json.loads(cli("swarm", "ls", "--format", "json", "web1").stdout)
+    assert [n["machine"] for n in nodes] == ["web1"]  # web2 left its swarm before it was removed
+
+    records = {name: machine_record(cli, name) for name in ("hand1", "web1")}
+    cli("rm", "-y", "hand1", "web1")
+    for name, record in records.items():
+        assert leftovers(record, cli.home / "machines" / name) == []
+    assert bridge_leftovers() == []

@@ -1,0 +1,73 @@
+"""The engine cache without a machine: which engines it prepares, how layers are found, kept and pruned."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from machine import provision as plan
+from machine.drivers.local import layers
+from machine.enginecache import PackageSet, package_set
+
+DOCKER = PackageSet("docker-distro", ("docker.io",))
+
+
+def test_the_package_set_is_what_the_engine_role_installs():
+    assert package_set(plan.engine_config(install="distro")) == DOCKER
+    assert package_set(plan.engine_config(engine="podman", install="distro")) == PackageSet(
+        "podman-distro", ("podman", "socat"))
+    # Docker's repository is added by the role on each machine: nothing to prepare ahead.
+    assert package_set(plan.engine_config(install="official")) is None
+
+
+def fake_generation(cache: Path, base: Path, packages: PackageSet, name: str, checked: float) -> Path:
+    """A published generation as a build leaves it (without the packages), made current."""
+    slot = layers._slot(cache, base, packages)
+    (slot / name / "rootfs").mkdir(parents=True)
+    (slot / name / "users").mkdir()
+    (slot / name / "manifest.json").write_text(json.dumps({"packages": {"docker.io": "1"}}))
+    (slot / "current.json").write_text(json.dumps({"generation": name, "checked": checked}))
+    return slot / name / "rootfs"
+
+
+def test_a_fresh_current_layer_is_used_as_it_is(tmp_path):
+    base = tmp_path / "rootfs/bookworm-abc/rootfs"
+    rootfs = fake_generation(tmp_path, base, DOCKER, "g1", time.time())
+    assert layers.layer(tmp_path, base, DOCKER) == rootfs  # no build: nothing here could run one
+    # Another base, or other packages, is another layer.
+    assert layers._slot(tmp_path, tmp_path / "rootfs/trixie-abc/rootfs", DOCKER) != rootfs.parents[1]
+    assert layers._slot(tmp_path, base, PackageSet("podman-distro", ("podman", "socat"))) != rootfs.parents[1]
+
+
+def test_prune_keeps_what_machines_use_and_rm_only_takes_its_mark(tmp_path):
+    base = tmp_path / "rootfs/bookworm-abc/rootfs"
+    old = fake_generation(tmp_path, base, DOCKER, "g1", 0)
+    new = fake_generation(tmp_path, base, DOCKER, "g2", time.time())
+    machines = [tmp_path / "home/machines/a", tmp_path / "home/machines/b"]
+    for machine in machines:
+        machine.mkdir(parents=True)
+        layers.add_user(old, machine)
+    layers.add_user(new, machines[0])
+    layers.remove_user(new, machines[0])  # as rm does: the layer stays
+    assert new.is_dir()
+
+    machines[1].rmdir()  # b is gone without its rm (a killed create): a still uses the old layer
+    assert layers.prune(tmp_path) == [new.parent]
+    assert old.is_dir() and not (new.parents[1] / "current.json").exists()
+    assert not layers.add_user(new, machines[0])  # a create that found it before the prune must look again
+    machines[0].rmdir()
+    assert layers.prune(tmp_path) == [old.parent]
+    assert not (tmp_path / layers.DIR / new.parents[1].name).exists()
+
+
+def test_the_build_leaves_no_identity_in_the_layer(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    for rel in ("etc/hostname", "etc/machine-id", "etc/ssh/ssh_host_ed25519_key", "etc/docker/key.json",
+                "var/log/apt/term.log", "var/lib/docker/engine-id", "usr/bin/dockerd", "etc/group"):
+        (rootfs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (rootfs / rel).write_text("x")
+    layers._strip(rootfs)
+    kept = sorted(str(p.relative_to(rootfs)) for p in rootfs.rglob("*") if p.is_file())
+    assert kept == ["etc/group", "usr/bin/dockerd"]
+    assert (rootfs / "var/log/apt").is_dir()  # apt logs into it on the machine

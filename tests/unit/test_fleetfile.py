@@ -1,0 +1,198 @@
+"""Fleet files: parsing, validation with file:line, and apply's plan against records in a real store."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from machine import fleetfile, provision
+from machine.commands import apply
+from machine.errors import MachineError
+from machine.fleetfile import FleetError
+from machine.store import Store
+
+
+def write(tmp_path: Path, text: str, name: str = "fleet.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GOOD = """\
+    name: shop
+    defaults:
+      engine_install: distro
+      local_isolation: privileged
+      vars: {region: north}
+    machines:
+      web:
+        count: 3
+        swarm: worker
+        engine_label: {tier: web}
+        engine_opt: {debug: true, max-concurrent-downloads: 5}
+      mgr:
+        swarm: manager
+        engine_install: official
+        vars: {role: lb}
+        engine_default_address_pool: [{base: 10.99.0.0/16, size: 24}]
+        tls_san: mgr.example.com
+"""
+
+
+def test_a_fleet_file_expands_counts_and_merges_defaults(tmp_path):
+    fleet = fleetfile.load(write(tmp_path, GOOD))
+    assert fleet.name == "shop"
+    assert [m.name for m in fleet.machines] == ["web1", "web2", "web3", "mgr"]
+    web1, mgr = fleet.machines[0], fleet.machines[3]
+    # The same engine settings as `create --engine-install distro --engine-label tier=web --engine-opt …`.
+    assert web1.engine == provision.engine_config(install="distro", labels=("tier=web",),
+                                                  opts=("debug=true", "max-concurrent-downloads=5"))
+    assert mgr.engine == provision.engine_config(install="official", tls_san=("mgr.example.com",),
+                                                 address_pools=("base=10.99.0.0/16,size=24",))
+    assert web1.options["local_isolation"] == mgr.options["local_isolation"] == "privileged"
+    assert (web1.vars, mgr.vars) == ({"region": "north"}, {"region": "north", "role": "lb"})
+    assert (web1.swarm, mgr.swarm, web1.where) == ("worker", "manager", f"{tmp_path / 'fleet.yaml'}:7")
+
+
+def test_the_fleet_is_named_by_its_file_when_it_names_itself_not(tmp_path):
+    fleet = fleetfile.load(write(tmp_path, "machines:\n  web1:\n"))
+    assert fleet.name == str((tmp_path / "fleet.yaml").resolve())
+    assert fleet.machines[0].driver == "local" and fleet.machines[0].engine == provision.engine_config()
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("machines:\n  web1:\n    engine_bipp: 10.1.0.1/24\n", 3, "web1: unknown engine option 'engine_bipp'"),
+    ("machines:\n  web1:\n    engine-install: distro\n", 3, "web1: unknown key 'engine-install' (write it "
+                                                              "engine_install)"),
+    ("machines:\n  web1:\n    colour: red\n", 3, "web1: unknown key 'colour'"),
+    ("machines:\n  web1: {}\n  db: {}\n  web1: {}\n", 4, "'web1' is given twice (also on line 2)"),
+    ("machines:\n  web:\n    count: 2\n  web2: {}\n", 4, "web2: named twice (also at"),
+    ("machines:\n  web_1:\n", 2, "invalid machine name 'web_1'"),
+    ("machines:\n  web:\n    count: -1\n", 3, "count must be a whole number"),
+    ("machines:\n  web1:\n    driver: vbox\n", 3, "unknown driver 'vbox'"),
+    ("machines:\n  web1:\n    local_isolation: bogus\n", 3, "local_isolation: 'bogus' is not one of userns"),
+    ("machines:\n  web1:\n    ec2_region: eu-west-1\n", 3, "ec2_region is not an option of the local driver"),
+    ("machines:\n  web1:\n    local_bridge: [a, b]\n", 3, "local_bridge takes one value"),
+    ("machines:\n  web1:\n    engine_mtu: big\n", 3, "engine_mtu: must be a whole number, not 'big'"),
+    ("machines:\n  web1:\n    engine_icc: 'no'\n", 3, "engine_icc: must be true or false"),
+    ("machines:\n  web1:\n    engine_bip: 10.1.0.0/24\n", 3, "engine_bip: 10.1.0.0/24 is a network address"),
+    ("machines:\n  web1:\n    engine: docker\n\n    engine_storage_device: /dev/vdb\n", 5,
+     "engine_storage_device needs engine_storage_driver btrfs"),
+    ("defaults:\n  engine_opt: {hosts: x}\nmachines:\n  web1:\n", 2, "web1: engine_opt hosts: pymachine sets it"),
+    ("machines:\n  web1:\n    engine_storage_driver: btrfs\n", 1 + 1,
+     "local_isolation userns cannot mount loop devices"),
+    ("machines:\n  web1:\n    vars: {engine_install: distro}\n", 3, "variable 'engine_install' is pymachine's own"),
+    ("machines:\n  web1:\n    vars: {not a name: 1}\n", 3, "'not a name' is not a variable name"),
+    ("machines:\n  web1:\n    roles: [kernel]\n", 3, "role 'kernel' runs on every machine already"),
+    ("machines:\n  web1:\n    roles: [nonexistent]\n", 3, "role 'nonexistent' not found"),
+    ("machines:\n  web1:\n    swarm: leader\n", 3, "swarm must be manager or worker"),
+    ("machines:\n  web1:\n    swarm: worker\n", 2, "web1: swarm: worker needs a machine with swarm: manager"),
+    ("machine:\n  web1:\n", 1, "unknown key 'machine' (use name, defaults, machines)"),
+    ("name: shop\n", 1, "machines must be a mapping"),
+    ("- web1\n", 1, "a fleet file is a mapping"),
+    ("machines:\n  web1: [a\n", 3, "YAML syntax error"),
+    ("defaults:\n  count: 2\nmachines:\n  web1:\n", 2, "count belongs to a machine"),
+])
+def test_a_bad_fleet_file_is_refused_naming_file_line_and_machine(tmp_path, text, line, message):
+    path = write(tmp_path, text)
+    with pytest.raises(FleetError) as error:
+        fleetfile.load(path)
+    assert str(error.value).startswith(f"{path}:{line}: "), str(error.value)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_roles_beside_the_file_are_found_and_checked_before_anything_runs(tmp_path):
+    tasks = tmp_path / "roles" / "site" / "tasks"
+    tasks.mkdir(parents=True)
+    (tasks / "main.yml").write_text("- name: hello\n  debug: {msg: hi}\n")
+    fleet = fleetfile.load(write(tmp_path, "machines:\n  web1:\n    roles: [site]\n"))
+    assert fleet.machines[0].roles == ("site",) and fleet.roles_path[0] == tmp_path / "roles"
+    (tasks / "main.yml").write_text("- name: hello\n  no_such_module: {}\n")
+    fleetfile._load_roles.cache_clear()
+    with pytest.raises(FleetError, match=r"fleet.yaml:3: web1: roles/site/tasks/main.yml:2: unknown module"):
+        fleetfile.load(write(tmp_path, "machines:\n  web1:\n    roles: [site]\n"))
+
+
+def test_the_cli_refuses_a_bad_file_in_one_line_and_makes_nothing(cli, tmp_path):
+    path = write(tmp_path, "machines:\n  web1: {}\n  web2:\n    engine_bipp: x\n")
+    proc = cli("apply", str(path), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"pymachine: error: {path}:4: web2: unknown engine option 'engine_bipp'\n"
+    assert not (cli.home / "machines").exists()
+
+
+# -- the plan, against records in a real store (no machine runs: only what needs no SSH) ------------------
+def record(store: Store, spec: fleetfile.MachineSpec, fleet: str | None, **changes) -> None:
+    """A machine's record as create (and, with `fleet`, apply) writes it, with `changes` to its fields."""
+    cls_options = {**spec.options, **changes.pop("options", {})}
+    with store.reserve(spec.name, spec.driver, cls_options, {**spec.engine, **changes.pop("engine", {})}) as m:
+        m.state = "ready"
+        m.fleet = spec.marker(fleet) if fleet else {}
+        m.save()
+
+
+def steps(the_plan: apply.Plan) -> dict[str, tuple[str, str]]:
+    return {s.name: (s.action, s.reason) for s in the_plan.steps}
+
+
+def test_the_plan_touches_only_machines_this_file_made(tmp_path):
+    store = Store(tmp_path / "home")
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web: {count: 3}\n"))
+    web1, web2, web3 = fleet.machines
+    record(store, web1, None)  # made by hand with the same name
+    record(store, web2, "other")
+    record(store, web3, "shop", engine={"engine_install": "distro"})
+    result = steps(apply.plan(store, fleet))
+    assert result["web1"] == (apply.REFUSED, "exists and was made by `pymachine create`, not by this file")
+    assert result["web2"] == (apply.REFUSED, "exists and was made by fleet 'other', not by this file")
+    assert result["web3"] == (apply.REPROVISION, "engine_install 'distro' → 'official'")
+
+
+def test_a_changed_driver_option_needs_recreate(tmp_path):
+    store = Store(tmp_path / "home")
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web1: {local_isolation: privileged}\n"))
+    record(store, fleet.machines[0], "shop", options={"local_isolation": "userns"})
+    action, reason = steps(apply.plan(store, fleet))["web1"]
+    assert action == apply.REFUSED and "local_isolation 'userns' → 'privileged'" in reason and "--recreate" in reason
+    assert steps(apply.plan(store, fleet, recreate=True))["web1"][0] == apply.RECREATE
+    before = (store.machines_dir / "web1" / "config.json").read_text()
+    with pytest.raises(MachineError, match=r"fleet.yaml: web1: .*--recreate.*; nothing was changed"):
+        apply.execute(store, apply.plan(store, fleet))
+    assert (store.machines_dir / "web1" / "config.json").read_text() == before
+
+
+def test_prune_removes_only_the_fleets_machines_that_the_file_no_longer_names(tmp_path):
+    store = Store(tmp_path / "home")
+    old = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web: {count: 3}\n"))
+    for spec in old.machines[:2]:
+        record(store, spec, "shop", engine={"engine_install": "distro"})
+    record(store, old.machines[2], None)  # web3, made by hand
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web: {count: 1}\n"))
+    assert steps(apply.plan(store, fleet))["web2"] == (apply.KEEP, "no longer in the file; --prune removes it")
+    pruned = steps(apply.plan(store, fleet, prune=True))
+    assert pruned["web2"] == (apply.REMOVE, "") and "web3" not in pruned
+
+
+def test_dry_run_shows_the_plan_and_changes_nothing(cli, tmp_path):
+    store = Store(cli.home)
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web1: {engine_install: distro}\n"))
+    record(store, fleet.machines[0], "shop", engine={"engine_install": "official"})
+    config = cli.home / "machines" / "web1" / "config.json"
+    before = config.read_text()
+    proc = cli("apply", "--dry-run", str(tmp_path / "fleet.yaml"))
+    assert proc.stdout.split() == ["re-provision", "web1", "(engine_install", "'official'", "→", "'distro')"]
+    assert config.read_text() == before and json.loads(before)["engine"]["engine_install"] == "official"
+
+
+def test_a_refused_plan_fails_even_as_a_dry_run(cli, tmp_path):
+    store = Store(cli.home)
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web1: {}\n"))
+    record(store, fleet.machines[0], None)  # made by hand
+    proc = cli("apply", "--dry-run", str(tmp_path / "fleet.yaml"), check=False)
+    assert proc.returncode == 1 and proc.stdout.split()[:2] == ["refused", "web1"]
+    assert proc.stderr == (f"pymachine: error: {tmp_path / 'fleet.yaml'}: web1: exists and was made by "
+                           f"`pymachine create`, not by this file; nothing was changed\n")

@@ -1,0 +1,45 @@
+"""What a molecule platform may say to the molecule-pymachine driver, checked before anything is made."""
+
+from __future__ import annotations
+
+import pytest
+
+from machine.errors import UsageError
+from machine.molecule_driver.platforms import Platform, check_platforms
+
+
+def test_a_bare_platform_is_a_local_machine_without_the_engine():
+    assert check_platforms([{"name": "instance", "groups": ["web"]}]) == [Platform("instance")]
+
+
+def test_driver_options_image_and_engine_become_create_arguments():
+    [platform] = check_platforms([{
+        "name": "vm", "driver": "libvirt", "image": "/srv/debian.qcow2", "options": {"libvirt-memory": 2048},
+        "engine": True, "engine_options": {"engine-install": "distro", "engine_storage_driver": "overlay2"},
+    }])
+    assert platform.driver == "libvirt"
+    assert platform.options == {"libvirt_image": "/srv/debian.qcow2", "libvirt_memory": "2048"}
+    assert platform.engine is not None and platform.engine["engine_install"] == "distro"
+
+
+@pytest.mark.parametrize(("platform", "message"), [
+    ({"name": "bad", "driver": "vagrant"}, "platform bad: unknown driver 'vagrant'"),
+    ({"name": "bad", "options": {"local-isolaton": "privileged"}}, "platform bad: --local-isolaton is not an option"),
+    ({"name": "bad", "options": {"local-isolation": "chroot"}}, "platform bad: --local-isolation: 'chroot' is not"),
+    ({"name": "bad", "options": ["local-isolation"]}, "platform bad: options must be a mapping"),
+    ({"name": "bad", "engine": True, "engine_options": {"instal": "distro"}}, "unknown engine option 'instal'"),
+    ({"name": "bad", "engine": True, "engine_options": {"engine-storage-driver": "aufs"}}, "platform bad:"),
+    ({"name": "bad", "flavour": "large"}, "platform bad: unknown key 'flavour'"),
+    ({"name": "bad", "driver": "generic", "image": "x"}, "platform bad: the generic driver takes no image"),
+    ({"name": "../up"}, "platform ../up:"),
+    ({}, "platform (unnamed):"),
+])
+def test_a_platform_pymachine_cannot_make_is_refused(platform: dict, message: str):
+    with pytest.raises(UsageError, match=None) as error:
+        check_platforms([platform])
+    assert message in str(error.value)
+
+
+def test_two_platforms_of_one_name_are_refused():
+    with pytest.raises(UsageError, match="platform 'a' is named twice"):
+        check_platforms([{"name": "a"}, {"name": "a"}])
