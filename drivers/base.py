@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from machine.endpoint import Endpoint
 from machine.errors import MachineError, UsageError
-from machine.ssh import Endpoint
 from machine.store import Machine, Store
 
 

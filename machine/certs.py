@@ -1,20 +1,24 @@
 """The TLS material of mutual authentication: one CA and client certificate per store, a server
-certificate per machine whose SANs name every address the engine is reached at."""
+certificate per machine whose SANs name every address the engine is reached at.
+
+cryptography is imported by the functions that make certificates: `env` (a quick command) only reads the names a
+server certificate carries, which are kept beside it when it is issued."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from machine.store import file_lock, write_atomic
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 _CA_DAYS, _LEAF_DAYS = 3650, 1095
 
@@ -29,11 +33,16 @@ class Pair:
 
 
 def _name(common_name: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pymachine"),
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _write(pair: Pair, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pair:
+    from cryptography.hazmat.primitives import serialization
+
     write_atomic(pair.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()), 0o600)
     write_atomic(pair.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
@@ -41,6 +50,8 @@ def _write(pair: Pair, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) 
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+    from cryptography import x509
+
     now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -50,6 +61,11 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x5
 
 def ensure_ca(certs_dir: Path) -> tuple[Pair, Pair]:
     """The store's CA and client certificate, made once (under a lock) and shared by all machines."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     ca = Pair(certs_dir / "ca.pem", certs_dir / "ca-key.pem")
     client = Pair(certs_dir / "cert.pem", certs_dir / "key.pem")
     with file_lock(certs_dir / ".lock", timeout=60, what="the certificate store"):
@@ -71,12 +87,21 @@ def ensure_ca(certs_dir: Path) -> tuple[Pair, Pair]:
 
 
 def issue_server(ca: Pair, target: Pair, hostname: str, sans: Iterable[str]) -> Pair:
-    """A server certificate for the engine; `sans` are IPs or DNS names (localhost is always added)."""
+    """A server certificate for the engine; `sans` are IPs or DNS names (localhost is always added). Its names are
+    kept beside it, for sans_of."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     names = [hostname, "localhost", "127.0.0.1", *sans]
-    return _issue(ca, target, hostname, ExtendedKeyUsageOID.SERVER_AUTH, names)
+    _issue(ca, target, hostname, ExtendedKeyUsageOID.SERVER_AUTH, names)
+    write_atomic(_names_file(target.cert), json.dumps(sorted({_normal(n) for n in names if n})).encode(), 0o644)
+    return target
 
 
 def _issue(ca: Pair, target: Pair, common_name: str, usage, names: Iterable[str]) -> Pair:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -90,6 +115,8 @@ def _issue(ca: Pair, target: Pair, common_name: str, usage, names: Iterable[str]
 
 
 def _general_names(names: Iterable[str]) -> list[x509.GeneralName]:
+    from cryptography import x509
+
     seen, result = set(), []
     for name in names:
         if not name or name in seen:
@@ -102,8 +129,26 @@ def _general_names(names: Iterable[str]) -> list[x509.GeneralName]:
     return result
 
 
+def _normal(name: str) -> str:
+    """An address as the certificate gives it back (`fe80::0001` is `fe80::1`), a DNS name as it is."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def _names_file(cert_path: Path) -> Path:
+    return cert_path.with_name(cert_path.name + ".names")
+
+
 def sans_of(cert_path: Path) -> set[str]:
-    """The names a certificate is valid for (to tell whether it must be regenerated)."""
+    """The names a certificate is valid for (to tell whether it must be regenerated): as kept when it was issued,
+    or read from the certificate (one pymachine did not issue, or issued before the names were kept)."""
+    kept = _names_file(cert_path)
+    if kept.exists() and kept.stat().st_mtime_ns >= cert_path.stat().st_mtime_ns:
+        return set(json.loads(kept.read_text()))
+    from cryptography import x509
+
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -13,11 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
-import yaml
-from rich.console import Console
-from rich.table import Table
 
-from machine import commands, drivers, fleet, fleetfile, gotemplate, provision, shellenv, ui
+from machine import commands, drivers, fleet, gotemplate, provision, shellenv, ui
+from machine.drivers.base import Option
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
 from machine.store import Store
@@ -77,18 +75,27 @@ def cli(debug: bool) -> None:
         logging.getLogger().setLevel(logging.DEBUG)  # also where logging was configured before (an embedding)
 
 
-def _driver_options(command: Callable) -> Callable:
-    """Every driver's flags on `create`; commands.create refuses those of a driver not chosen."""
-    for name in reversed(drivers.names()):
-        for opt in reversed(drivers.get(name).options):
-            default = f" [default: {opt.default}]" if opt.default is not None else ""
-            env = opt.env + (f" or {opt.env_alias}" if opt.env_alias else "")
-            # A yes/no option is a flag pair, as docker-machine's are (`--ec2-spot`, `--no-ec2-spot`); None when
-            # neither is given, so that the environment and the default still apply.
-            flags = f"--{opt.name}/--no-{opt.name}" if opt.type is bool else f"--{opt.name}"
-            command = click.option(flags, opt.key, default=None, multiple=opt.multiple,
-                                   help=f"{opt.help}{default} (env {env})")(command)
-    return command
+class _WithDriverOptions(click.Command):
+    """`create`, with every driver's flags (commands.create refuses those of a driver not chosen). They are added
+    when create is parsed or its help shown: listing them imports every driver, which no other command needs."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not any(isinstance(p, _DriverOption) for p in self.params):
+            self.params.extend(_driver_option(opt) for name in drivers.names() for opt in drivers.get(name).options)
+        return super().get_params(ctx)
+
+
+class _DriverOption(click.Option):
+    pass
+
+
+def _driver_option(opt: Option) -> click.Option:
+    default = f" [default: {opt.default}]" if opt.default is not None else ""
+    env = opt.env + (f" or {opt.env_alias}" if opt.env_alias else "")
+    # A yes/no option is a flag pair, as docker-machine's are (`--ec2-spot`, `--no-ec2-spot`); None when neither
+    # is given, so that the environment and the default still apply.
+    flags = f"--{opt.name}/--no-{opt.name}" if opt.type is bool else f"--{opt.name}"
+    return _DriverOption([flags, opt.key], default=None, multiple=opt.multiple, help=f"{opt.help}{default} (env {env})")
 
 
 def _engine_options(command: Callable) -> Callable:
@@ -127,10 +134,12 @@ def _engine_options(command: Callable) -> Callable:
 
 def _engine_config(o: dict) -> dict:
     # One table maps create's engine flags (as click names them) and a fleet file's keys to engine_config.
+    from machine import fleetfile  # late: it loads YAML machinery only create and apply need
+
     return fleetfile.engine_config(o)
 
 
-@cli.command(context_settings=_CONTEXT)
+@cli.command(cls=_WithDriverOptions, context_settings=_CONTEXT)
 @_names_argument()
 @click.option("--count", type=click.IntRange(min=1), metavar="N", help="Make NAME1 … NAMEN from the one NAME given.")
 @_parallel_option
@@ -140,7 +149,6 @@ def _engine_config(o: dict) -> dict:
 @click.option("--no-connect", is_flag=True,
               help="Make the host and return without waiting for SSH; implies --no-provision.")
 @_engine_options
-@_driver_options
 def create(names: tuple[str, ...], count: int | None, parallel: int | None, driver: str, no_provision: bool,
            keep_on_failure: bool, no_connect: bool, **options: object) -> None:
     """Create machines (in parallel), install their engine and expose it over mutual TLS."""
@@ -285,12 +293,13 @@ def ls_(filters: tuple[str, ...], fmt: str, timeout: float | None, quiet: bool) 
     elif fmt == "json":
         click.echo(json.dumps(rows, indent=2))
     else:
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("NAME", "ACTIVE", "DRIVER", "STATE", "URL", "ERRORS"):
-            table.add_column(column)
-        for r in rows:
-            table.add_row(r["name"], "*" if r["active"] else "-", r["driver"], r["state"], r["url"], r["error"])
-        Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+        _print_table(("NAME", "ACTIVE", "DRIVER", "STATE", "URL", "ERRORS"),
+                     [(r["name"], "*" if r["active"] else "-", r["driver"], r["state"], r["url"], r["error"])
+                      for r in rows])
+
+
+def _print_table(headers: Sequence[str], rows: list[Sequence[str]]) -> None:
+    click.echo(ui.columns([headers, *rows]))
 
 
 def _template(fmt: str, sample: dict) -> gotemplate.Template | None:
@@ -344,6 +353,8 @@ def inventory(list_: bool, host: str | None) -> None:
     elif list_:
         click.echo(json.dumps(commands.inventory(store), indent=2))
     else:
+        import yaml  # late: only this output needs it
+
         click.echo(yaml.safe_dump(commands.as_yaml_inventory(commands.inventory(store)), sort_keys=False), nl=False)
 
 
@@ -442,14 +453,16 @@ def _each(action: Callable[[Store, str], None], names: Sequence[str], done: str 
     _summarise(_run(action, names, done, parallel), done)
 
 
-for _name, _fn, _done, _help in [
-    ("start", commands.start, "running", "Start machines."),
-    ("stop", commands.stop, "stopped", "Stop machines cleanly."),
-    ("restart", commands.restart, "restarted", "Restart machines."),
-    ("kill", commands.kill, "killed", "Stop machines at once."),
+for _name, _done, _help in [
+    ("start", "running", "Start machines."),
+    ("stop", "stopped", "Stop machines cleanly."),
+    ("restart", "restarted", "Restart machines."),
+    ("kill", "killed", "Stop machines at once."),
 ]:
-    def _lifecycle(names: tuple[str, ...], parallel: int | None, _fn: Callable = _fn, _done: str = _done) -> None:
-        _each(_fn, names, _done, parallel)
+    # The command function is looked up when the command runs: importing it (SSH, certificates) at start-up
+    # would slow every other command down.
+    def _lifecycle(names: tuple[str, ...], parallel: int | None, _fn: str = _name, _done: str = _done) -> None:
+        _each(getattr(commands, _fn), names, _done, parallel)
 
     cli.command(_name, help=_help, context_settings=_CONTEXT)(
         _names_argument()(_parallel_option(_lifecycle))
@@ -572,13 +585,8 @@ def swarm_ls(manager: str, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
     columns = ("machine", "hostname", "role", "state", "availability", "manager_status", "address")
-    for column in columns:
-        table.add_column(column.upper().replace("_", " "))
-    for r in rows:
-        table.add_row(*(r[c] or "-" for c in columns))
-    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+    _print_table([c.upper().replace("_", " ") for c in columns], [[r[c] or "-" for c in columns] for r in rows])
 
 
 def _describe(error: Exception) -> str:

@@ -4,17 +4,19 @@ pymachine generated and pins before the first boot."""
 
 from __future__ import annotations
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from typing import TYPE_CHECKING
 
+from machine import templating
 from machine.paths import data_dir
-from machine.sshkeys import KeyPair
+
+if TYPE_CHECKING:
+    from machine.sshkeys import KeyPair
 
 
 def user_data(hostname: str, user: str, user_key: str, host_key: KeyPair) -> str:
     """`#cloud-config` user-data. `root` logs in directly (disable_root: false); any other user is made with
     passwordless sudo, and root stays disabled."""
-    env = Environment(loader=FileSystemLoader(data_dir("templates") / "cloud-init"), undefined=StrictUndefined,
-                      keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env = templating.environment(data_dir("templates") / "cloud-init", trim_blocks=True, lstrip_blocks=True)
     return env.get_template("user-data.j2").render(
         hostname=hostname, user=user, user_key=user_key, host_private=host_key.private_openssh.decode(),
         host_public=host_key.public_line)

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import yaml
-
 from machine.paths import roles_dir
 
 
@@ -43,6 +41,8 @@ def package_set(engine: dict[str, Any]) -> PackageSet | None:
     name, install = engine.get("engine", "docker"), engine.get("engine_install", "official")
     if name == "docker" and install != "distro":
         return None
+    import yaml  # late: the local driver imports this module for every command
+
     table = yaml.safe_load((roles_dir() / "engine" / "vars" / "main.yml").read_text())["engine_packages"]
     packages = table.get(name, {}).get(install, {}).get("Debian")
     return PackageSet(f"{name}-{install}", tuple(packages)) if packages else None

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from machine import ui
 from machine.errors import UsageError
 
 _ACTION = re.compile(r"{{(-?)\s*(.*?)\s*(-?)}}", re.S)
@@ -76,9 +77,7 @@ def render_rows(template: Template, rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [template.render(row) for row in rows]
     if not template.table:
         return "\n".join(lines)
-    grid = [line.split("\t") for line in [template.header(), *lines]]
-    widths = [max(len(r[i]) for r in grid if i < len(r)) for i in range(max(len(r) for r in grid))]
-    return "\n".join("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in grid)
+    return ui.columns([line.split("\t") for line in [template.header(), *lines]])
 
 
 def _lex(source: str) -> list[tuple[str, str]]:

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import os
 import re
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
-
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from machine import ui
 from machine.errors import MachineError, UsageError
@@ -40,6 +35,9 @@ def check_source(source: str, sha256: str | None) -> None:
 def _open(source: str):
     parsed = urlparse(source)
     if parsed.scheme in ("http", "https", "file"):
+        import urllib.error  # late (with http.client, ssl, email: ~20 ms): drivers import this module
+        import urllib.request
+
         try:
             response = urllib.request.urlopen(source, timeout=30)  # scheme checked above
         except (urllib.error.URLError, OSError) as e:
@@ -101,6 +99,8 @@ def _copy(source: str, stream: BinaryIO, out: BinaryIO, advance: Callable[[int],
 
 def _read(source: str, stream: BinaryIO) -> bytes:
     """The next chunk of the source; a connection that breaks (or ends short of its length) fails the download."""
+    import http.client  # already imported by urllib.request when the source is a URL
+
     try:
         return stream.read(1 << 20)
     except (OSError, http.client.HTTPException) as e:
@@ -117,6 +117,8 @@ def _progress(source: str, size: int):
     if not ui.console.is_terminal:
         yield lambda n: None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn  # late: only a download
+
     columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, console=ui.console, transient=True) as progress:
         task = progress.add_task(f"downloading {Path(urlparse(source).path).name}", total=size or None)

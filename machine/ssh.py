@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from machine.endpoint import Endpoint
 from machine.errors import MachineError
 from machine.sshshell import Shell, ShellTimeout, drain
 from machine.store import write_atomic
@@ -63,23 +64,6 @@ def _paramiko():
     import paramiko
 
     return paramiko
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int = 22
-    user: str = "root"
-    name: str = ""  # the machine's name, for messages about its files (`web1:/etc/x`, as the user wrote it)
-
-    @property
-    def needs_become(self) -> bool:
-        """Provisioning needs root: a host reached as another user is provisioned through sudo."""
-        return self.user != "root"
-
-    @property
-    def known_hosts_name(self) -> str:
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
 
 @dataclass(frozen=True)

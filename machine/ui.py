@@ -8,20 +8,33 @@ provisioning tasks and downloads of that thread's machine go to its line instead
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
-console = Console(stderr=True, highlight=False)
 _thread = threading.local()  # .line: the Line of the machine this thread works on
 _write_lock = threading.Lock()  # whole lines from concurrent workers, never interleaved
 _live = threading.Event()  # set while a live display owns the terminal
+
+
+@functools.cache
+def _console() -> Console:
+    # Made (and rich imported, ~30 ms) on first use: the quick commands (ip, env, ls) never show progress.
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "console":  # ui.console: the one console of the process
+        return _console()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Line(Protocol):
@@ -51,22 +64,30 @@ def step(message: str) -> Iterator[None]:
         line.update(message)
         yield
         return
-    if not console.is_terminal:
+    if not _console().is_terminal:
         yield
         return
-    with console.status(message):
+    with _console().status(message):
         yield
-    console.print(f"[green]✓[/] {message}")
+    _console().print(f"[green]✓[/] {message}")
+
+
+def columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned columns, three spaces apart (as docker-machine's tables are)."""
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(len(r) for r in rows))]
+    return "\n".join("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows)
 
 
 def note(message: str) -> None:
-    if console.is_terminal:
-        console.print(message)
+    if _console().is_terminal:
+        _console().print(message)
 
 
 def err(message: str) -> None:
     if _live.is_set():  # printed above the live lines (rich serialises it with their refresh)
-        console.print(Text(f"pymachine: {message}"), soft_wrap=True)
+        from rich.text import Text
+
+        _console().print(Text(f"pymachine: {message}"), soft_wrap=True)
     else:
         print(f"pymachine: {message}", file=sys.stderr)
 
@@ -74,7 +95,9 @@ def err(message: str) -> None:
 def out(text: str) -> None:
     """A command's own output (stdout), written whole even while other workers write theirs."""
     if _live.is_set() and sys.stdout.isatty():  # the terminal the live lines are on
-        console.print(Text(text.rstrip("\n")), soft_wrap=True)
+        from rich.text import Text
+
+        _console().print(Text(text.rstrip("\n")), soft_wrap=True)
         return
     with _write_lock:
         sys.stdout.write(text)
@@ -130,6 +153,8 @@ class _LiveLine:
         self._progress, self._task = progress, task
 
     def update(self, text: str) -> None:
+        from rich.markup import escape
+
         self._progress.update(self._task, description=escape(text))
 
 
@@ -137,11 +162,13 @@ class LiveBoard:
     """A live line per machine on the terminal: its name, what it is doing (or how it ended), the time taken."""
 
     def __init__(self, names: Sequence[str], done: str) -> None:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         self._done = done
         self._progress = Progress(
             SpinnerColumn(finished_text=" "), TextColumn("[bold]{task.fields[machine]}"),
             TextColumn("{task.description}"), TimeElapsedColumn(),
-            console=console, redirect_stdout=False, redirect_stderr=False,
+            console=_console(), redirect_stdout=False, redirect_stderr=False,
         )
         self._tasks = {n: self._progress.add_task("waiting", machine=n, total=1, start=False) for n in names}
 
@@ -159,6 +186,8 @@ class LiveBoard:
         return _LiveLine(self._progress, self._tasks[name])
 
     def finish(self, name: str, error: str | None) -> None:
+        from rich.markup import escape
+
         text = f"[green]✓ {self._done}[/]" if error is None else f"[red]✗ failed:[/] {escape(error)}"
         self._progress.update(self._tasks[name], description=text, completed=1)
 
@@ -166,6 +195,6 @@ class LiveBoard:
 def board(names: Sequence[str], done: str, plain_for_one: bool = False) -> Board | None:
     """The lines for a command over `names` (None: a single machine keeps the spinner of ui.step, and outside a
     terminal its silence, unless `plain_for_one`)."""
-    if console.is_terminal:
+    if _console().is_terminal:
         return LiveBoard(names, done) if len(names) > 1 else None
     return PlainBoard(done) if len(names) > 1 or plain_for_one else None

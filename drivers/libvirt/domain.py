@@ -6,14 +6,14 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-
+from machine import templating
 from machine.drivers.base import State
 from machine.drivers.libvirt.connection import libvirt_module
 from machine.paths import data_dir
 
 if TYPE_CHECKING:
     import libvirt
+    from jinja2 import Environment
 
 TEMPLATES = data_dir("templates") / "libvirt"
 # Marks the domains pymachine defined, so that it never touches (or removes) one it did not create.
@@ -21,9 +21,7 @@ NAMESPACE = "https://pymachine.dev/xmlns/libvirt/machine/1"
 
 
 def templates() -> Environment:
-    return Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True,
-                       trim_blocks=True, lstrip_blocks=True,
-                       autoescape=select_autoescape(enabled_extensions=("xml.j2",), default_for_string=False))
+    return templating.environment(TEMPLATES, xml=True, trim_blocks=True, lstrip_blocks=True)
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,20 @@ only the blocks it writes.
 from __future__ import annotations
 
 import contextlib
+import functools
+import html
 import io
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
-from xml.sax.saxutils import escape
 
 from machine.drivers.libvirt.connection import is_missing, libvirt_module, message
 from machine.errors import MachineError
 from machine.store import file_lock
+
+# XML text escaping (&, <, >), as xml.sax.saxutils.escape does; html is imported in a fraction of its time.
+escape = functools.partial(html.escape, quote=False)
 
 if TYPE_CHECKING:
     import libvirt

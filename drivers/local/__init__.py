@@ -20,9 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
-
-from machine import images, sshkeys
+from machine import images, sshkeys, templating
 from machine.drivers.base import Driver, Option, State, each_step
 from machine.drivers.local import cgroups, layers, rootfs, userns
 from machine.drivers.local.network import Network, host_nameservers
@@ -164,7 +162,7 @@ class LocalDriver(Driver):
     def _write_identity(self, address: str) -> None:
         """Files that make the shared base this machine: name, address, keys, pinned host key."""
         upper, net, name = self._layer("upper"), self._network, self.machine.name
-        env = Environment(loader=FileSystemLoader(_TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
+        env = templating.environment(_TEMPLATES)
         nameservers = host_nameservers()
         files = {
             "etc/hostname": f"{name}\n",

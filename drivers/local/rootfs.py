@@ -13,9 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader
-
-from machine import images, ui
+from machine import images, templating, ui
 from machine.errors import MachineError
 from machine.paths import data_dir
 from machine.store import file_lock
@@ -116,8 +114,7 @@ def _engine_data_mount(root: Path, name: str, where: str) -> str:
 
 
 def _render(template: str, **values: object) -> str:
-    return Environment(loader=FileSystemLoader(_TEMPLATES), keep_trailing_newline=True).get_template(
-        template).render(**values)
+    return templating.environment(_TEMPLATES, strict=False).get_template(template).render(**values)
 
 
 def _write(target: Path, text: str) -> None:

@@ -1,31 +1,35 @@
 """One function per user command, over the store, a driver and SSH. The CLI only parses and prints;
-tests call these directly as well as through the CLI."""
+tests call these directly as well as through the CLI.
 
-from machine.commands import apply, swarm
-from machine.commands.common import connect, driver_for, load
-from machine.commands.engine import config, env, provision, regenerate_certs, share_registries, upgrade
-from machine.commands.inventory import as_yaml_inventory, host_vars, inventory
-from machine.commands.machines import create, kill, parse_driver_options, remove_machine, restart, rm, start, stop
-from machine.commands.queries import (
-    SAMPLE_ROW,
-    active,
-    describe,
-    docker_machine_host,
-    inspect,
-    ip,
-    ls,
-    machine_fields,
-    parse_filters,
-    status,
-    url,
-    version,
-)
-from machine.commands.transfer import scp, ssh
+Each name is imported from its module on first use: a quick command (`ip`, `env`, `ls`) then pays only for what
+it runs, not for SSH, the certificate machinery and the role engine the others need."""
 
-__all__ = [
-    "SAMPLE_ROW", "active", "apply", "as_yaml_inventory", "config", "connect", "create", "describe",
-    "docker_machine_host", "driver_for", "env", "host_vars", "inspect", "inventory", "ip", "kill", "load", "ls",
-    "machine_fields", "parse_driver_options", "parse_filters",
-    "provision", "regenerate_certs", "remove_machine", "restart", "rm", "scp", "share_registries", "ssh",
-    "start", "status", "stop", "swarm", "upgrade", "url", "version",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES = {
+    "apply": "apply", "swarm": "swarm",  # modules of their own: `commands.swarm.join(...)`
+    "connect": "common", "driver_for": "common", "load": "common",
+    "config": "engine", "env": "engine", "provision": "engine", "regenerate_certs": "engine",
+    "share_registries": "engine", "upgrade": "engine",
+    "as_yaml_inventory": "inventory", "host_vars": "inventory", "inventory": "inventory",
+    "create": "machines", "kill": "machines", "parse_driver_options": "machines", "remove_machine": "machines",
+    "restart": "machines", "rm": "machines", "start": "machines", "stop": "machines",
+    "SAMPLE_ROW": "queries", "active": "queries", "describe": "queries", "docker_machine_host": "queries",
+    "inspect": "queries", "ip": "queries", "ls": "queries", "machine_fields": "queries", "parse_filters": "queries",
+    "status": "queries", "url": "queries", "version": "queries",
+    "scp": "transfer", "ssh": "transfer",
+}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    value = module if _MODULES[name] == name else getattr(module, name)
+    globals()[name] = value
+    return value

@@ -1,5 +1,6 @@
 """Mutual TLS with the generated material, over a real loopback handshake."""
 
+import os
 import socket
 import ssl
 import threading
@@ -25,6 +26,18 @@ def test_ca_is_made_once_and_keys_are_private(tmp_path, material):
     for key in (ca.key, client.key, server.key):
         assert key.stat().st_mode & 0o777 == 0o600
     assert certs.sans_of(server.cert) == {"web1", "localhost", "127.0.0.1", "10.0.0.5", "web1.example"}
+
+
+def test_the_names_kept_beside_a_certificate_are_the_ones_it_carries(tmp_path, material):
+    """`env` reads the kept names (no cryptography to import); they must say what the certificate says."""
+    _, _, server = material
+    kept = certs.sans_of(server.cert)
+    server.cert.with_name("server.pem.names").unlink()
+    assert certs.sans_of(server.cert) == kept  # read from the certificate itself
+    server.cert.with_name("server.pem.names").write_text('["somewhere.else"]')
+    later = server.cert.stat().st_mtime + 5
+    os.utime(server.cert, (later, later))  # a certificate newer than its names (replaced by hand): it wins
+    assert certs.sans_of(server.cert) == kept
 
 
 def _serve_once(server_ctx: ssl.SSLContext, listener: socket.socket, outcome: list):
