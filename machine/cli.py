@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import sys
 import traceback
 from collections import Counter
@@ -71,6 +70,8 @@ def _parallel_option(command: Callable) -> Callable:
 def cli(debug: bool) -> None:
     """Create container hosts and reach their engine over mutual TLS."""
     if debug:
+        import logging  # here: the commands that only look must not pay for it
+
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger().setLevel(logging.DEBUG)  # also where logging was configured before (an embedding)
 
@@ -430,7 +431,7 @@ def _summarise(outcomes: list[fleet.Outcome], done: str) -> None:
     for outcome in outcomes:
         if outcome.error is not None and not outcome.interrupted:
             ui.err(f"error: {outcome.name}: {_describe(outcome.error)}")
-            if logging.getLogger().isEnabledFor(logging.DEBUG):
+            if _debugging():
                 traceback.print_exception(outcome.error)
             status = max(status, _exit_code(outcome.error))
     stopped = [o.name for o in outcomes if o.interrupted and o.started]
@@ -606,9 +607,15 @@ def _exit_code(error: Exception) -> int:
     return error.exit_code if isinstance(error, MachineError) else 1
 
 
+def _debugging() -> bool:
+    """--debug (the root logger at DEBUG, also when an embedding configured it; never, if nothing imported logging)."""
+    logging = sys.modules.get("logging")
+    return bool(logging and logging.getLogger().isEnabledFor(logging.DEBUG))
+
+
 def _debug_traceback() -> None:
-    """With --debug (the root logger at DEBUG), the traceback of the exception being handled."""
-    if logging.getLogger().isEnabledFor(logging.DEBUG):
+    """With --debug, the traceback of the exception being handled."""
+    if _debugging():
         traceback.print_exc()
 
 

@@ -14,7 +14,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -267,7 +266,7 @@ class Store:
         """Create machines/<name>/ (identity journaled, config.json, lock held) in one rename; refuse a taken name."""
         self._ensure(self.machines_dir)
         staging = Path(tempfile.mkdtemp(dir=self.machines_dir, prefix=f".{name}."))
-        machine = Machine(name=name, driver=driver, id=secrets.token_hex(4), dir=staging, options=options,
+        machine = Machine(name=name, driver=driver, id=os.urandom(4).hex(), dir=staging, options=options,
                           engine=engine or {}, created=datetime.now(UTC).isoformat(timespec="seconds"))
         _append(machine.journal_path, {"identity": {"name": name, "driver": driver, "id": machine.id,
                                                     "options": options, "created": machine.created}})
@@ -289,7 +288,7 @@ class Store:
 
     def delete(self, machine: Machine) -> None:
         """Remove the machine's directory: renamed away first, so no command can open its lock file meanwhile."""
-        trash = self.machines_dir / f".removed.{machine.name}.{secrets.token_hex(4)}"
+        trash = self.machines_dir / f".removed.{machine.name}.{os.urandom(4).hex()}"
         os.rename(machine.dir, trash)
         shutil.rmtree(trash, ignore_errors=True)
 

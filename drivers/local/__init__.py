@@ -16,7 +16,6 @@ import signal
 import stat
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,13 @@ _TEMPLATES = data_dir("templates") / "local"
 _RELEASE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 STOP_TIMEOUT = 30.0
 ISOLATIONS = ("userns", "privileged")
+
+
+def _new_machine_id() -> str:
+    """A random UUID (v4), as systemd writes /etc/machine-id (uuid imported here: few commands make a machine)."""
+    import uuid
+
+    return uuid.uuid4().hex + "\n"
 
 
 # Every machine's systemd (and its engine) takes inotify instances charged to the host's root, whose default
@@ -167,7 +173,7 @@ class LocalDriver(Driver):
         files = {
             "etc/hostname": f"{name}\n",
             "etc/hosts": env.get_template("hosts.j2").render(hostname=name),
-            "etc/machine-id": uuid.uuid4().hex + "\n",
+            "etc/machine-id": _new_machine_id(),
             "etc/resolv.conf": env.get_template("resolv.conf.j2").render(nameservers=nameservers),
             "etc/systemd/network/10-pymachine-host0.network": env.get_template("host0.network.j2").render(
                 bridge=net.bridge, address=address, prefixlen=net.subnet.prefixlen, gateway=net.gateway,

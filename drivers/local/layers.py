@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import time
@@ -164,7 +163,7 @@ def _in_use(generation: Path) -> bool:
 def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path | None) -> Path:
     """Ask the archive what installing `packages` over `base` brings now; keep `current` when it says the same,
     else build a new generation and make it current. The caller holds the slot's lock."""
-    build = slot / f".build-{secrets.token_hex(4)}"
+    build = slot / f".build-{os.urandom(4).hex()}"
     try:
         for part in ("rootfs", "work", "root"):
             (build / part).mkdir(parents=True)
@@ -192,7 +191,7 @@ def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path 
         manifest = {"recipe": RECIPE, "base": str(base), "apt": list(packages.apt), "packages": wanted,
                     "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_atomic(build / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode(), 0o644)
-        generation = slot / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        generation = slot / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.urandom(3).hex()}"
         os.rename(build, generation)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
