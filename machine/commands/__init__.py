@@ -9,12 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# No function may be named like a module of this package: importing a submodule sets the package's attribute of
+# its name to the module.
+_SUBMODULES = {"apply", "swarm"}  # used as modules: `commands.swarm.join(...)`
 _MODULES = {
-    "apply": "apply", "swarm": "swarm",  # modules of their own: `commands.swarm.join(...)`
+    "apply": "apply", "swarm": "swarm",
     "connect": "common", "driver_for": "common", "load": "common",
     "config": "engine", "env": "engine", "provision": "engine", "regenerate_certs": "engine",
     "share_registries": "engine", "upgrade": "engine",
-    "as_yaml_inventory": "inventory", "host_vars": "inventory", "inventory": "inventory",
+    "as_yaml_inventory": "ansible_inventory", "host_vars": "ansible_inventory", "inventory": "ansible_inventory",
     "create": "machines", "kill": "machines", "parse_driver_options": "machines", "remove_machine": "machines",
     "restart": "machines", "rm": "machines", "start": "machines", "stop": "machines",
     "SAMPLE_ROW": "queries", "active": "queries", "describe": "queries", "docker_machine_host": "queries",
@@ -30,6 +33,6 @@ def __getattr__(name: str) -> Any:
     if name not in _MODULES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    value = module if _MODULES[name] == name else getattr(module, name)
+    value = module if name in _SUBMODULES else getattr(module, name)
     globals()[name] = value
     return value

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from machine.provision import ROLES
 from machine.store import Store
 from tests.conftest import CLI
 from tests.integration.conftest import (
@@ -105,9 +106,6 @@ def test_rm_keeps_the_record_while_something_is_left(local):
         subprocess.run(["umount", str(busy)], check=True)
     local("rm", "-f", "held")
     assert leftovers(record, local.home / "machines/held") == []
-
-
-ROLES = ("kernel", "storage", "bridge", "engine", "tls")
 
 
 @pytest.fixture
