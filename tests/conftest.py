@@ -48,6 +48,7 @@ def cli(tmp_path: Path) -> CLI:
     return CLI(env)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With pytest-xdist (`scripts/test` runs integration tests on several workers), keep each module on one
     worker, so that its module-scoped machines boot once, and every libvirt module on the same one: they share
