@@ -160,11 +160,12 @@ def inspect(store: Store, name: str) -> dict[str, Any]:
 def docker_machine_host(store: Store, name: str) -> dict[str, Any]:
     """`inspect` in docker-machine's shape (its host JSON), so `inspect --format '{{.Driver.IPAddress}}'` and
     friends keep working; pymachine's own fields are there too, under their own (lower-case) names."""
-    from machine.commands.engine import server_pair  # late: it imports the certificate machinery
+    from machine.commands.engine import server_pair  # late: the quick commands (status, ip, ls) never need it
 
     own = inspect(store, name)
     ssh = own["ssh"] or {}
-    server = server_pair(store.load(name))
+    machine = store.load(name)
+    server = server_pair(machine)
     certs_dir = store.certs_dir
     return {
         **own,
@@ -176,7 +177,7 @@ def docker_machine_host(store: Store, name: str) -> dict[str, Any]:
             "SSHPort": ssh.get("port", 0), "SSHKeyPath": ssh.get("key", ""), "StorePath": str(store.home),
         },
         "HostOptions": {
-            "EngineOptions": _engine_options(store.load(name).engine),
+            "EngineOptions": _engine_options(machine.engine),
             "AuthOptions": {
                 "CertDir": str(certs_dir), "CaCertPath": str(certs_dir / "ca.pem"),
                 "ClientCertPath": str(certs_dir / "cert.pem"), "ClientKeyPath": str(certs_dir / "key.pem"),
