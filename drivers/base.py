@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from machine.endpoint import Endpoint
 from machine.errors import MachineError, UsageError
@@ -21,9 +20,10 @@ class State(StrEnum):
     ERROR = "Error"
 
 
-@dataclass(frozen=True)
-class Option:
-    """A driver flag: `--{name}` on the command line, `PYMACHINE_{NAME}` (or `env_alias`) in the environment."""
+class Option(NamedTuple):
+    """A driver flag: `--{name}` on the command line, `PYMACHINE_{NAME}` (or `env_alias`) in the environment.
+    (A NamedTuple, as Endpoint: the quick commands load every driver's options, and dataclasses would cost them
+    more than the rest of this module.)"""
 
     name: str
     help: str

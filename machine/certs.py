@@ -6,13 +6,11 @@ server certificate carries, which are kept beside it when it is issued."""
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from machine.store import file_lock, write_atomic
 
@@ -23,13 +21,21 @@ if TYPE_CHECKING:
 _CA_DAYS, _LEAF_DAYS = 3650, 1095
 
 
-@dataclass(frozen=True)
-class Pair:
+class Pair(NamedTuple):
     cert: Path
     key: Path
 
     def pem(self) -> tuple[str, str]:
         return self.cert.read_text(), self.key.read_text()
+
+
+def server_pair(machine_dir: Path) -> Pair:
+    """The engine's certificate and key, in the machine's directory (DOCKER_CERT_PATH)."""
+    return Pair(machine_dir / "server.pem", machine_dir / "server-key.pem")
+
+
+def registry_pair(machine_dir: Path) -> Pair:
+    return Pair(machine_dir / "registry.pem", machine_dir / "registry-key.pem")
 
 
 def _name(common_name: str) -> x509.Name:
@@ -50,6 +56,8 @@ def _write(pair: Pair, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) 
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+    import datetime
+
     from cryptography import x509
 
     now = datetime.datetime.now(datetime.UTC)

@@ -6,16 +6,15 @@ import contextlib
 import io
 import json
 import sys
-import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 
-from machine import commands, drivers, fleet, gotemplate, provision, shellenv, ui
+from machine import commands, drivers, entry, failure, fleet, gotemplate, provision, shellenv, ui
 from machine.drivers.base import Option
-from machine.errors import MachineError, UsageError
+from machine.errors import UsageError
 from machine.names import validate_name
 from machine.store import Store
 
@@ -257,18 +256,14 @@ def env(name: str | None, shell: str | None, unset: bool) -> None:
         return
     if not name:
         raise UsageError("env needs a machine name (or --unset)")
-    click.echo(shellenv.render(commands.env(_store(), name), shell, f" {name}"))
-    overrides = shellenv.ca_bundle_overrides()
-    if overrides:
-        ui.err(f"note: {' and '.join(overrides)} replace the machine's CA for docker-compose 1.x (Python's "
-               f"requests): run it as `env -u REQUESTS_CA_BUNDLE -u CURL_CA_BUNDLE docker-compose …`")
+    entry.env(name, shell)
 
 
 @cli.command(context_settings=_CONTEXT)
 @_name_argument()
 def config(name: str) -> None:
     """Print the docker CLI's TLS flags for a machine."""
-    click.echo("\n".join(commands.config(_store(), name)))
+    entry.one("config", name)
 
 
 @cli.command("ls", context_settings=_CONTEXT)
@@ -294,9 +289,7 @@ def ls_(filters: tuple[str, ...], fmt: str, timeout: float | None, quiet: bool) 
     elif fmt == "json":
         click.echo(json.dumps(rows, indent=2))
     else:
-        _print_table(("NAME", "ACTIVE", "DRIVER", "STATE", "URL", "ERRORS"),
-                     [(r["name"], "*" if r["active"] else "-", r["driver"], r["state"], r["url"], r["error"])
-                      for r in rows])
+        click.echo(entry.table(rows))
 
 
 def _print_table(headers: Sequence[str], rows: list[Sequence[str]]) -> None:
@@ -314,19 +307,15 @@ def _template(fmt: str, sample: dict) -> gotemplate.Template | None:
     return template
 
 
-def _one_name(fn: Callable[[Store, str], object]) -> Callable[[str], None]:
-    def command(name: str) -> None:
-        click.echo(fn(_store(), name))
-
-    return command
-
-
-for _name, _fn, _help in [
-    ("status", commands.status, "Print a machine's state."),
-    ("ip", commands.ip, "Print a machine's IP address."),
-    ("url", commands.url, "Print a machine's engine URL."),
+for _name, _help in [
+    ("status", "Print a machine's state."),
+    ("ip", "Print a machine's IP address."),
+    ("url", "Print a machine's engine URL."),
 ]:
-    cli.command(_name, help=_help, context_settings=_CONTEXT)(_name_argument()(_one_name(_fn)))
+    def _one(name: str, _query: str = _name) -> None:
+        entry.one(_query, name)
+
+    cli.command(_name, help=_help, context_settings=_CONTEXT)(_name_argument()(_one))
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -362,7 +351,7 @@ def inventory(list_: bool, host: str | None) -> None:
 @cli.command(context_settings=_CONTEXT)
 def active() -> None:
     """Print the machine DOCKER_HOST points at."""
-    click.echo(commands.active(_store()))
+    entry.active()
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -416,7 +405,7 @@ def _run(action: Callable[[Store, str], None], names: Sequence[str], done: str, 
             with ui.showing(board.line(name)):
                 action(store, name)
         except BaseException as e:
-            board.finish(name, "interrupted" if isinstance(e, KeyboardInterrupt) else _describe(e))
+            board.finish(name, "interrupted" if isinstance(e, KeyboardInterrupt) else failure.describe(e))
             raise
         board.finish(name, None)
 
@@ -430,10 +419,9 @@ def _summarise(outcomes: list[fleet.Outcome], done: str) -> None:
     status = 0
     for outcome in outcomes:
         if outcome.error is not None and not outcome.interrupted:
-            ui.err(f"error: {outcome.name}: {_describe(outcome.error)}")
-            if _debugging():
-                traceback.print_exception(outcome.error)
-            status = max(status, _exit_code(outcome.error))
+            ui.err(f"error: {outcome.name}: {failure.describe(outcome.error)}")
+            failure.print_traceback(outcome.error)
+            status = max(status, failure.exit_code(outcome.error))
     stopped = [o.name for o in outcomes if o.interrupted and o.started]
     skipped = [o.name for o in outcomes if not o.started]
     if stopped or skipped:
@@ -531,7 +519,7 @@ def apply(file: Path, prune: bool, recreate: bool, dry_run: bool, parallel: int 
     def show(outcome: commands.apply.Outcome) -> None:
         step = outcome.step
         if outcome.error:
-            ui.err(f"error: {step.name}: {step.action} failed: {_describe(outcome.error)}")
+            ui.err(f"error: {step.name}: {step.action} failed: {failure.describe(outcome.error)}")
         else:
             ui.out(f"done {step.action} {step.name}" + (f": {outcome.detail}\n" if outcome.detail else "\n"))
 
@@ -588,35 +576,6 @@ def swarm_ls(manager: str, fmt: str) -> None:
         return
     columns = ("machine", "hostname", "role", "state", "availability", "manager_status", "address")
     _print_table([c.upper().replace("_", " ") for c in columns], [[r[c] or "-" for c in columns] for r in rows])
-
-
-def _describe(error: Exception) -> str:
-    """One line for the user: a failure's own message, the file an OS error is about, or an internal error."""
-    if isinstance(error, MachineError):
-        text = str(error)
-    elif isinstance(error, OSError) and error.strerror:
-        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-    else:
-        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        text = f"internal error: {detail} (run with --debug for the traceback)"
-    # A message may quote a tool's multi-line output; the user still gets one line per failure.
-    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _exit_code(error: Exception) -> int:
-    return error.exit_code if isinstance(error, MachineError) else 1
-
-
-def _debugging() -> bool:
-    """--debug (the root logger at DEBUG, also when an embedding configured it; never, if nothing imported logging)."""
-    logging = sys.modules.get("logging")
-    return bool(logging and logging.getLogger().isEnabledFor(logging.DEBUG))
-
-
-def _debug_traceback() -> None:
-    """With --debug, the traceback of the exception being handled."""
-    if _debugging():
-        traceback.print_exc()
 
 
 # One or two examples at the end of each command's --help.
@@ -680,10 +639,5 @@ def main() -> None:
     except click.Abort:
         ui.err("aborted")
         raise SystemExit(130) from None
-    except KeyboardInterrupt:
-        ui.err("interrupted")
-        raise SystemExit(130) from None
-    except Exception as e:  # the user sees one line, never a traceback (unless --debug)
-        ui.err(f"error: {_describe(e)}")
-        _debug_traceback()
-        raise SystemExit(_exit_code(e)) from None
+    except (KeyboardInterrupt, Exception) as e:  # the user sees one line, never a traceback (unless --debug)
+        failure.exit_with(e)

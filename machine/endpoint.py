@@ -1,13 +1,13 @@
 """Where and as whom a machine is reached over SSH. Its own module: every driver returns one, and the quick
-commands (ip, env, ls) that load a driver must not import the SSH client."""
+commands (ip, env, ls) that load a driver must not import the SSH client (nor dataclasses: a NamedTuple costs
+them nothing)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     host: str
     port: int = 22
     user: str = "root"

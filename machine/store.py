@@ -14,12 +14,8 @@ import errno
 import fcntl
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +28,8 @@ LOCK_TIMEOUT = 120.0
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` so that readers see the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}"  # as tempfile would, without importing it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -90,22 +87,24 @@ _FIELDS: dict[str, type] = {
 _REQUIRED = ("name", "driver", "id")
 
 
-@dataclass
 class Machine:
-    """One machine's record (config.json) and the paths of its files."""
+    """One machine's record (config.json) and the paths of its files. A plain class: every quick command loads
+    one, and the dataclasses module would cost them more than the rest of the store."""
 
-    name: str
-    driver: str
-    id: str
-    dir: Path
-    options: dict[str, Any] = field(default_factory=dict)
-    resources: dict[str, Any] = field(default_factory=dict)
-    state: str = "creating"
-    created: str = ""
-    engine: dict[str, Any] = field(default_factory=dict)
-    # Set by `apply` on the machines it makes from a fleet file ({"name": …, "roles": …}); `apply --prune`
-    # removes only machines that carry its fleet's name.
-    fleet: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, name: str, driver: str, id: str, dir: Path, options: dict[str, Any] | None = None,
+                 resources: dict[str, Any] | None = None, state: str = "creating", created: str = "",
+                 engine: dict[str, Any] | None = None, fleet: dict[str, Any] | None = None) -> None:
+        self.name, self.driver, self.id, self.dir = name, driver, id, dir
+        self.options = {} if options is None else options
+        self.resources = {} if resources is None else resources
+        self.state, self.created = state, created
+        self.engine = {} if engine is None else engine
+        # Set by `apply` on the machines it makes from a fleet file ({"name": …, "roles": …}); `apply --prune`
+        # removes only machines that carry its fleet's name.
+        self.fleet = {} if fleet is None else fleet
+
+    def __repr__(self) -> str:
+        return f"Machine({self.name!r}, driver={self.driver!r}, state={self.state!r})"
 
     @property
     def config_path(self) -> Path:
@@ -125,7 +124,7 @@ class Machine:
         return self.dir / "known_hosts"
 
     def save(self) -> None:
-        record = {k: v for k, v in asdict(self).items() if k != "dir"}
+        record = {k: getattr(self, k) for k in _FIELDS}
         write_atomic(self.config_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
     def record(self, **resources: Any) -> None:
@@ -265,9 +264,11 @@ class Store:
                 engine: dict[str, Any] | None = None) -> Iterator[Machine]:
         """Create machines/<name>/ (identity journaled, config.json, lock held) in one rename; refuse a taken name."""
         self._ensure(self.machines_dir)
-        staging = Path(tempfile.mkdtemp(dir=self.machines_dir, prefix=f".{name}."))
+        staging = self.machines_dir / f".{name}.{os.urandom(6).hex()}"
+        staging.mkdir(mode=0o700)
+        created = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())  # ISO 8601, UTC, as datetime gives it
         machine = Machine(name=name, driver=driver, id=os.urandom(4).hex(), dir=staging, options=options,
-                          engine=engine or {}, created=datetime.now(UTC).isoformat(timespec="seconds"))
+                          engine=engine or {}, created=created)
         _append(machine.journal_path, {"identity": {"name": name, "driver": driver, "id": machine.id,
                                                     "options": options, "created": machine.created}})
         machine.save()
@@ -277,6 +278,8 @@ class Store:
             try:
                 os.rename(staging, self.machines_dir / name)
             except OSError as e:
+                import shutil  # here, as in delete(): the commands that only look never remove
+
                 shutil.rmtree(staging)
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     raise UsageError(f"machine {name!r} already exists") from None
@@ -288,6 +291,8 @@ class Store:
 
     def delete(self, machine: Machine) -> None:
         """Remove the machine's directory: renamed away first, so no command can open its lock file meanwhile."""
+        import shutil
+
         trash = self.machines_dir / f".removed.{machine.name}.{os.urandom(4).hex()}"
         os.rename(machine.dir, trash)
         shutil.rmtree(trash, ignore_errors=True)

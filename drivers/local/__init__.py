@@ -4,6 +4,9 @@ Each machine is a copy-on-write overlay over a cached base rootfs, with its own 
 static address on a host bridge with NAPT, its own cgroups, and sshd with a host key generated and pinned
 before the first boot. By default (`--local-isolation userns`) it also has a user namespace of its own: its
 root is an unprivileged host UID from a range leased to it (drivers/local/userns.py).
+
+What only makes, boots or removes a machine (the rootfs build, layers, user namespaces, keys, templates) is
+imported by the methods that do it: `ls`, `ip` and `status` load this driver to read a record and /proc.
 """
 
 from __future__ import annotations
@@ -11,23 +14,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import signal
 import stat
-import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from machine import images, sshkeys, templating
 from machine.drivers.base import Driver, Option, State, each_step
-from machine.drivers.local import cgroups, layers, rootfs, userns
-from machine.drivers.local.network import Network, host_nameservers
-from machine.enginecache import PackageSet
+from machine.drivers.local import cgroups
 from machine.errors import MachineError, UsageError
 from machine.paths import data_dir
-from machine.provision import DEVICE_STORAGE_DRIVERS
 from machine.store import write_atomic
+
+if TYPE_CHECKING:
+    from machine.drivers.local.network import Network
+    from machine.enginecache import PackageSet
 
 _TEMPLATES = data_dir("templates") / "local"
 _RELEASE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -75,6 +76,11 @@ class LocalDriver(Driver):
     # -- checks -------------------------------------------------------------------------------------------
     @classmethod
     def pre_create_check(cls, options: dict[str, Any]) -> None:
+        import shutil
+
+        from machine import images
+        from machine.drivers.local.network import Network
+
         Network.parse(options["local_bridge"], options["local_subnet"])
         release = options["local_release"]
         if not release or not set(release) <= _RELEASE_CHARS:
@@ -95,6 +101,8 @@ class LocalDriver(Driver):
 
     @classmethod
     def check_engine(cls, options: dict[str, Any], engine: dict[str, Any]) -> None:
+        from machine.provision import DEVICE_STORAGE_DRIVERS
+
         if options.get("local_isolation") != "userns":
             return
         storage = engine.get("engine_storage_driver", "")
@@ -110,6 +118,8 @@ class LocalDriver(Driver):
     # -- paths and records --------------------------------------------------------------------------------
     @property
     def _network(self) -> Network:
+        from machine.drivers.local.network import Network
+
         return Network.parse(self.opts["local_bridge"], self.opts["local_subnet"])
 
     @property
@@ -122,6 +132,8 @@ class LocalDriver(Driver):
 
     # -- the engine cache (machine/enginecache.py) ---------------------------------------------------------
     def prepare_packages(self, packages: PackageSet) -> None:
+        from machine.drivers.local import layers
+
         if not self.opts["local_engine_layer"]:
             return
         for _ in range(3):  # a prune may remove the layer between finding it and marking it used: find it again
@@ -133,6 +145,8 @@ class LocalDriver(Driver):
         raise MachineError(f"the engine layer of {packages.name} was pruned while this create used it: run it again")
 
     def refresh_packages(self, packages: PackageSet) -> None:
+        from machine.drivers.local import layers
+
         base = self.machine.resources.get("base")
         if self.opts["local_engine_layer"] and base:
             layers.layer(self.store.cache("local"), Path(base), packages, recheck=True)
@@ -141,11 +155,15 @@ class LocalDriver(Driver):
     @functools.cached_property
     def _base(self) -> Path:
         """The base rootfs (built, or an image fetched and unpacked, on first use): asked once per command."""
+        from machine.drivers.local import rootfs
+
         o = self.opts
         return rootfs.base_rootfs(self.store.cache("local"), o["local_release"], o["local_mirror"],
                                   o["local_image"], o["local_image_sha256"])
 
     def create(self) -> None:
+        from machine.drivers.local import rootfs, userns
+
         o = self.opts
         base = self._base
         for part in ("upper", "work", "root", *(f"volumes/{name}" for name in rootfs.ENGINE_VOLUMES)):
@@ -167,6 +185,10 @@ class LocalDriver(Driver):
 
     def _write_identity(self, address: str) -> None:
         """Files that make the shared base this machine: name, address, keys, pinned host key."""
+        from machine import sshkeys, templating
+        from machine.drivers.local import rootfs
+        from machine.drivers.local.network import host_nameservers
+
         upper, net, name = self._layer("upper"), self._network, self.machine.name
         env = templating.environment(_TEMPLATES)
         nameservers = host_nameservers()
@@ -201,6 +223,8 @@ class LocalDriver(Driver):
         write_atomic(self.machine.known_hosts_path, f"{address} {key_type} {key_b64}\n".encode(), 0o600)
 
     def start(self) -> None:
+        from machine.drivers.local import userns
+
         if self.state() == State.RUNNING:
             return
         address = self.machine.resources.get("ip")
@@ -236,6 +260,10 @@ class LocalDriver(Driver):
     def _boot(self, shift: int | None, lowers: list[str], trees: list[int]) -> None:
         """Start the supervisor in the machine's cgroups and a mount namespace of its own (with `trees`, the
         idmapped lower layers, mounted on `lowers`), booting the machine with nspawn."""
+        import subprocess
+
+        from machine.drivers.local import rootfs, userns
+
         raise_inotify_limits()
         paths = cgroups.paths(self.machine.id)
         self.machine.record(cgroups=paths)
@@ -342,6 +370,8 @@ class LocalDriver(Driver):
         cgroups.remove(self.machine.resources.get("cgroups", []))
 
     def remove(self) -> None:
+        import shutil
+
         try:
             self._kill_processes()
         except MachineError as e:
@@ -359,15 +389,21 @@ class LocalDriver(Driver):
 
     def _leave_engine_layer(self) -> None:
         # Only the mark: the layer is shared, and only a prune of the cache removes it.
+        from machine.drivers.local import layers
+
         engine_layer = self.machine.resources.get("engine_layer")
         if engine_layer:
             layers.remove_user(Path(engine_layer), self.machine.dir)
 
     def _release_uids(self) -> None:
         # By owner too, and whatever the option says: a create killed before recording its range leased one.
+        from machine.drivers.local import userns
+
         userns.release(str(self.machine.dir))
 
     def leftovers(self) -> list[str]:
+        from machine.drivers.local import userns
+
         paths = self.machine.resources.get("cgroups", [])
         pids, groups = sorted(cgroups.processes(paths)), cgroups.existing(paths)
         left = [f"{len(pids)} processes"] if pids else []

@@ -15,14 +15,14 @@ _SUBMODULES = {"apply", "swarm"}  # used as modules: `commands.swarm.join(...)`
 _MODULES = {
     "apply": "apply", "swarm": "swarm",
     "connect": "common", "driver_for": "common", "load": "common",
-    "config": "engine", "env": "engine", "provision": "engine", "regenerate_certs": "engine",
-    "share_registries": "engine", "upgrade": "engine",
+    "provision": "engine", "regenerate_certs": "engine", "share_registries": "engine", "upgrade": "engine",
     "as_yaml_inventory": "ansible_inventory", "host_vars": "ansible_inventory", "inventory": "ansible_inventory",
     "create": "machines", "kill": "machines", "parse_driver_options": "machines", "remove_machine": "machines",
     "restart": "machines", "rm": "machines", "start": "machines", "stop": "machines",
-    "SAMPLE_ROW": "queries", "active": "queries", "describe": "queries", "docker_machine_host": "queries",
-    "inspect": "queries", "ip": "queries", "ls": "queries", "machine_fields": "queries", "parse_filters": "queries",
-    "status": "queries", "url": "queries", "version": "queries",
+    "SAMPLE_ROW": "queries", "active": "queries", "config": "queries", "describe": "queries",
+    "docker_machine_host": "queries", "env": "queries", "inspect": "queries", "ip": "queries", "ls": "queries",
+    "machine_fields": "queries", "parse_filters": "queries", "status": "queries", "url": "queries",
+    "version": "queries",
     "scp": "transfer", "ssh": "transfer",
 }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -37,6 +36,6 @@ def locked(store: Store, name: str, recover: bool = False) -> Iterator[tuple[Mac
 def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT) -> Connection:
     from machine.ssh import Connection  # late: the commands that only look (ip, env, ls) never connect
 
-    endpoint = dataclasses.replace(driver.ssh_endpoint(), name=machine.name)
+    endpoint = driver.ssh_endpoint()._replace(name=machine.name)
     return Connection.wait_ready(endpoint, machine.key_path, machine.known_hosts_path,
                                  timeout=timeout, is_alive=driver.is_alive)

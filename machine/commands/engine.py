@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from machine import certs, dockercontext, enginecache, ui
@@ -19,22 +18,14 @@ if TYPE_CHECKING:
     from machine.roles import Recap
 
 
-def server_pair(machine: Machine) -> certs.Pair:
-    return certs.Pair(machine.dir / "server.pem", machine.dir / "server-key.pem")
-
-
-def registry_pair(machine: Machine) -> certs.Pair:
-    return certs.Pair(machine.dir / "registry.pem", machine.dir / "registry-key.pem")
-
-
 def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -> tuple[str, str, str]:
     """CA, server cert and key for the machine; the server certs (the engine's, and its registry's) are reissued
     when they miss a name."""
     ca, client = certs.ensure_ca(store.certs())
-    server = server_pair(machine)
+    server = certs.server_pair(machine.dir)
     names = {n for n in (*driver.cert_names(), machine.name, *machine.engine.get("tls_san", [])) if n}
     hosts_registry = machine.engine.get("registry_enabled", False)
-    for pair in (server, registry_pair(machine)) if hosts_registry else (server,):
+    for pair in (server, certs.registry_pair(machine.dir)) if hosts_registry else (server,):
         if renew or not pair.cert.exists() or not names <= certs.sans_of(pair.cert):
             certs.issue_server(ca, pair, machine.name, sorted(names))
     # DOCKER_CERT_PATH is the machine directory, laid out as the docker CLI expects.
@@ -96,7 +87,7 @@ def _registry_address(host: str) -> str:
 
 def _registry_addresses(machine: Machine) -> set[str]:
     """HOST:PORT for each name the machine's registry certificate carries (but loopback, each machine's own)."""
-    cert = registry_pair(machine).cert
+    cert = certs.registry_pair(machine.dir).cert
     if not machine.engine.get("registry_enabled") or not cert.exists():
         return set()
     return {_registry_address(host) for host in certs.sans_of(cert) - {"localhost", "127.0.0.1"}}
@@ -130,7 +121,7 @@ def _registry_vars(store: Store, machine: Machine, driver: Driver) -> dict[str, 
         if _is_loopback(address):
             raise MachineError(f"{machine.name} is reached through ports forwarded on {address}: a registry on it "
                                f"would be out of the other machines' reach (give it a network of its own)")
-        values["registry_tls_cert"], values["registry_tls_key"] = registry_pair(machine).pem()
+        values["registry_tls_cert"], values["registry_tls_key"] = certs.registry_pair(machine.dir).pem()
     return {**values, "registry_trusted": trusted_registries(store, machine)}
 
 
@@ -146,7 +137,7 @@ def share_registries(store: Store, registry: str) -> None:
             continue
         try:
             with locked(store, name) as (machine, driver):
-                if machine.state != "ready" or not server_pair(machine).cert.exists():
+                if machine.state != "ready" or not certs.server_pair(machine.dir).cert.exists():
                     continue  # no engine yet: its provisioning lists the store's registries then
                 if driver.state() != State.RUNNING:
                     raise MachineError("it is not running")
@@ -176,40 +167,3 @@ def upgrade(store: Store, name: str, reporter=None) -> Recap:
     if packages is not None and isinstance(driver, enginecache.PreparesPackages):
         driver.refresh_packages(packages)
     return recap
-
-
-def _checked_cert_dir(store: Store, name: str) -> tuple[Driver, Path]:
-    machine, driver = load(store, name)
-    server = server_pair(machine)
-    if not server.cert.exists() or not (machine.dir / "cert.pem").exists():
-        raise MachineError(f"machine {name!r} has no engine certificates yet (run `pymachine provision {name}`)")
-    address = driver.ip()
-    if address not in certs.sans_of(server.cert):
-        raise MachineError(
-            f"the engine certificate of {name!r} does not name its address {address} "
-            f"(run `pymachine regenerate-certs {name}`)"
-        )
-    return driver, machine.dir
-
-
-def env(store: Store, name: str) -> dict[str, str]:
-    """The docker CLI's variables for the machine."""
-    driver, cert_dir = _checked_cert_dir(store, name)
-    return {
-        "DOCKER_TLS_VERIFY": "1",
-        "DOCKER_HOST": driver.engine_url(),
-        "DOCKER_CERT_PATH": str(cert_dir),
-        "DOCKER_MACHINE_NAME": name,
-    }
-
-
-def config(store: Store, name: str) -> list[str]:
-    """The docker CLI's TLS flags for the machine."""
-    driver, cert_dir = _checked_cert_dir(store, name)
-    return [
-        "--tlsverify",
-        f"--tlscacert={cert_dir / 'ca.pem'}",
-        f"--tlscert={cert_dir / 'cert.pem'}",
-        f"--tlskey={cert_dir / 'key.pem'}",
-        f"-H={driver.engine_url()}",
-    ]

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from machine import certs, dockercontext, drivers, enginecache, sshkeys, ui
 from machine import provision as plan
 from machine.commands.common import connect, locked
-from machine.commands.engine import run_provisioning, server_pair
+from machine.commands.engine import run_provisioning
 from machine.drivers.base import Driver, State
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
@@ -116,7 +116,7 @@ def restart(store: Store, name: str) -> None:
 def _follow_engine(machine: Machine, driver: Driver, before: str) -> None:
     """After a boot: keep the docker context pointing at the engine (a new lease, another forwarded port) and
     return once the engine answers, or say that its certificate must be reissued for the new address."""
-    cert = server_pair(machine).cert
+    cert = certs.server_pair(machine.dir).cert
     if machine.state != "ready" or not cert.exists():
         return  # never provisioned: no engine to wait for
     if driver.ip() not in certs.sans_of(cert):

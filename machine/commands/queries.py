@@ -1,4 +1,4 @@
-"""Commands that only look: ls, status, ip, url, inspect, active, version."""
+"""Commands that only look: ls, status, ip, url, env, config, inspect, active, version."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from machine import __version__
+from machine import __version__, certs
 from machine.commands.common import driver_for, load
 from machine.drivers.base import Driver, State
 from machine.errors import MachineError, UsageError
@@ -135,6 +136,44 @@ def url(store: Store, name: str) -> str:
     return driver.engine_url()
 
 
+def cert_dir(store: Store, name: str) -> tuple[Driver, Path]:
+    """The machine's driver and its DOCKER_CERT_PATH, once its certificates name its current address."""
+    machine, driver = load(store, name)
+    server = certs.server_pair(machine.dir)
+    if not server.cert.exists() or not (machine.dir / "cert.pem").exists():
+        raise MachineError(f"machine {name!r} has no engine certificates yet (run `pymachine provision {name}`)")
+    address = driver.ip()
+    if address not in certs.sans_of(server.cert):
+        raise MachineError(
+            f"the engine certificate of {name!r} does not name its address {address} "
+            f"(run `pymachine regenerate-certs {name}`)"
+        )
+    return driver, machine.dir
+
+
+def env(store: Store, name: str) -> dict[str, str]:
+    """The docker CLI's variables for the machine."""
+    driver, certs_path = cert_dir(store, name)
+    return {
+        "DOCKER_TLS_VERIFY": "1",
+        "DOCKER_HOST": driver.engine_url(),
+        "DOCKER_CERT_PATH": str(certs_path),
+        "DOCKER_MACHINE_NAME": name,
+    }
+
+
+def config(store: Store, name: str) -> list[str]:
+    """The docker CLI's TLS flags for the machine."""
+    driver, certs_path = cert_dir(store, name)
+    return [
+        "--tlsverify",
+        f"--tlscacert={certs_path / 'ca.pem'}",
+        f"--tlscert={certs_path / 'cert.pem'}",
+        f"--tlskey={certs_path / 'key.pem'}",
+        f"-H={driver.engine_url()}",
+    ]
+
+
 def inspect(store: Store, name: str) -> dict[str, Any]:
     machine, driver = load(store, name)
     endpoint = driver.ssh_endpoint() if driver.ip() else None
@@ -160,12 +199,10 @@ def inspect(store: Store, name: str) -> dict[str, Any]:
 def docker_machine_host(store: Store, name: str) -> dict[str, Any]:
     """`inspect` in docker-machine's shape (its host JSON), so `inspect --format '{{.Driver.IPAddress}}'` and
     friends keep working; pymachine's own fields are there too, under their own (lower-case) names."""
-    from machine.commands.engine import server_pair  # late: the quick commands (status, ip, ls) never need it
-
     own = inspect(store, name)
     ssh = own["ssh"] or {}
     machine = store.load(name)
-    server = server_pair(machine)
+    server = certs.server_pair(machine.dir)
     certs_dir = store.certs_dir
     return {
         **own,

@@ -12,7 +12,7 @@ from typing import Any
 
 from machine import ui
 from machine.commands.common import load, locked
-from machine.commands.engine import _checked_cert_dir
+from machine.commands.queries import cert_dir
 from machine.drivers.base import Driver, State
 from machine.engineapi import SWARM_PORT, EngineAPI
 from machine.errors import MachineError
@@ -21,12 +21,12 @@ from machine.store import Store
 
 def _engine(store: Store, name: str) -> tuple[Driver, EngineAPI]:
     """The machine's driver and a client of its running Docker engine, or why there is none."""
-    driver, cert_dir = _checked_cert_dir(store, name)
+    driver, certs_path = cert_dir(store, name)
     if driver.machine.engine.get("engine", "docker") != "docker":
         raise MachineError(f"{name} runs {driver.machine.engine['engine']}, which has no swarm mode (use Docker)")
     if driver.state() != State.RUNNING:
         raise MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
-    return driver, EngineAPI(name, driver.engine_url(), cert_dir)
+    return driver, EngineAPI(name, driver.engine_url(), certs_path)
 
 
 def _swarm_of(api: EngineAPI) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from machine import certs, drivers, provision, shellenv
-from machine.commands.engine import _registry_vars, registry_pair, trusted_registries
+from machine.commands.engine import _registry_vars, trusted_registries
 from machine.errors import MachineError
 from machine.store import Store
 
@@ -18,7 +18,7 @@ def _machine(store: Store, name: str, registry: bool, sans: list[str] | None = N
     with store.reserve(name, "local", {}, provision.engine_config(registry=registry)) as machine:
         if sans is not None:
             ca, _ = certs.ensure_ca(store.certs())
-            certs.issue_server(ca, registry_pair(machine), name, sans)
+            certs.issue_server(ca, certs.registry_pair(machine.dir), name, sans)
 
 
 def test_every_name_of_every_registry_is_trusted_but_loopback(tmp_path):

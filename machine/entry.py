@@ -1,0 +1,69 @@
+"""The program's entry point. Shell prompts, aliases and scripts run a few commands over and over (`pymachine ip
+web1`, `url`, `status`, `config`, `env web1`, `active`, `ls`); in that plain form (no option) they are answered here,
+without click: loading the full command line takes longer than the answer. Anything else, and these commands with
+an option or `--help`, goes to machine.cli, which answers them through the same functions below."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from machine import commands, failure, shellenv, ui
+from machine.names import validate_name
+from machine.store import Store
+
+
+def one(query: str, name: str) -> None:
+    """`ip`, `url`, `status`, `config`: what the query says of one machine."""
+    answer = getattr(commands, query)(Store(), name)
+    print(answer if isinstance(answer, str) else "\n".join(answer))
+
+
+def env(name: str, shell: str | None = None) -> None:
+    """The commands that point the docker CLI at a machine, in the syntax of the user's shell."""
+    print(shellenv.render(commands.env(Store(), name), shell or shellenv.detect(), f" {name}"))
+    overrides = shellenv.ca_bundle_overrides()
+    if overrides:
+        ui.err(f"note: {' and '.join(overrides)} replace the machine's CA for docker-compose 1.x (Python's "
+               f"requests): run it as `env -u REQUESTS_CA_BUNDLE -u CURL_CA_BUNDLE docker-compose …`")
+
+
+def active() -> None:
+    print(commands.active(Store()))
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """`ls` rows as docker-machine's table."""
+    return ui.columns([("NAME", "ACTIVE", "DRIVER", "STATE", "URL", "ERRORS"),
+                       *((r["name"], "*" if r["active"] else "-", r["driver"], r["state"], r["url"], r["error"])
+                         for r in rows)])
+
+
+def _ls() -> None:
+    print(table(commands.ls(Store())))
+
+
+# (command, number of arguments) -> what answers it; the arguments are machine names.
+_PLAIN: dict[tuple[str, int], Callable[..., None]] = {
+    **{(query, 1): lambda name, q=query: one(q, name) for query in ("ip", "url", "status", "config")},
+    ("env", 1): env,
+    ("active", 0): active,
+    ("ls", 0): _ls,
+}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    plain = _PLAIN.get((args[0], len(args) - 1)) if args and not any(a.startswith("-") for a in args) else None
+    if plain is None:
+        from machine import cli
+
+        cli.main()
+        return
+    try:
+        for name in args[1:]:
+            validate_name(name)
+        plain(*args[1:])
+    except (KeyboardInterrupt, Exception) as e:  # as machine.cli reports them: one line, never a traceback
+        failure.exit_with(e)
