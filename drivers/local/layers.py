@@ -36,7 +36,7 @@ from machine.errors import MachineError
 from machine.store import file_lock, write_atomic
 
 DIR = "engine-layers"
-RECIPE = 1  # bump when the build below changes what a layer holds
+RECIPE = 2  # bump when the build below changes what a layer holds
 VALID_FOR = 86400.0  # seconds between two questions to the archive (the engine role's cache_valid_time)
 BUILD_TIMEOUT = 3600.0
 # What the build's throwaway container, apt and dpkg write that is about that run and not about the packages.
@@ -46,6 +46,9 @@ STRIP = (
     "root/.ssh", "var/lib/docker", "var/lib/containers", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
     "var/cache/apt/archives/partial",
     "var/cache/debconf/*-old", "var/lib/apt/lists/partial",
+    # The engine's start at boot, which the package enabled: a machine made from the layer would start it with
+    # the package's settings and provisioning restart it with its own. It starts once, when the role enables it.
+    "etc/systemd/system/multi-user.target.wants/docker.service",
 )
 # Directories whose files are the build's (logs, temporary files): emptied, kept (apt and dpkg log into them).
 EMPTIED = ("var/log", "tmp", "var/tmp")
