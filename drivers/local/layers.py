@@ -21,6 +21,7 @@ machines get and when the archive was last asked about it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ from machine.errors import MachineError
 from machine.store import file_lock, write_atomic
 
 DIR = "engine-layers"
-RECIPE = 2  # bump when the build below changes what a layer holds
+RECIPE = 3  # bump when the build below changes what a layer holds
 VALID_FOR = 86400.0  # seconds between two questions to the archive (the engine role's cache_valid_time)
 BUILD_TIMEOUT = 3600.0
 # What the build's throwaway container, apt and dpkg write that is about that run and not about the packages.
@@ -232,7 +233,9 @@ def _run_in(base: Path, build: Path, script: str) -> str:
 def _strip(rootfs: Path) -> None:
     """Take out of the build's upper layer what is about the build (STRIP), and its overlay bookkeeping."""
     for pattern in STRIP:
-        for path in rootfs.glob(pattern):
+        # glob.glob, not Path.glob: a link to what only the machine has (a unit, its resolv.conf) dangles here,
+        # and Path.glob skips a dangling link named without a wildcard.
+        for path in map(Path, glob.glob(str(rootfs / pattern))):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:

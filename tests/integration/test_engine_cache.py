@@ -129,6 +129,15 @@ def test_provisioning_finds_the_packages_and_still_configures_the_machine(first)
     assert statuses["engine : daemon.json"] == "changed"
 
 
+def test_the_engine_starts_once_with_its_configuration(cli, first):
+    # The layer does not start the engine at boot (it would start with the package's settings, only to be
+    # restarted by provisioning): the role starts it once, configured.
+    assert not (layer_of(cli, "a") / "etc/systemd/system/multi-user.target.wants/docker.service").exists()
+    starts = ssh(cli, "a", "journalctl -b -u docker.service -o cat | grep -c '^Starting docker.service'")
+    assert starts == "1", ssh(cli, "a", "journalctl -b -u docker.service -o cat")
+    assert ssh(cli, "a", "systemctl is-enabled docker.service") == "enabled"  # and at every later boot
+
+
 def test_machines_from_one_layer_have_identities_of_their_own(cli, first):
     def identity(name: str) -> tuple[str, ...]:
         return (ssh(cli, name, "cat /etc/machine-id"), ssh(cli, name, "cat /etc/ssh/ssh_host_ed25519_key.pub"),

@@ -67,7 +67,13 @@ def test_the_build_leaves_no_identity_in_the_layer(tmp_path):
                 "var/log/apt/term.log", "var/lib/docker/engine-id", "usr/bin/dockerd", "etc/group"):
         (rootfs / rel).parent.mkdir(parents=True, exist_ok=True)
         (rootfs / rel).write_text("x")
+    # Links to what only the machine has dangle on the host: they go too (the engine's start at boot, resolv.conf).
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "docker.service").symlink_to("/nonexistent/lib/systemd/system/docker.service")
+    (wants / "ssh.service").symlink_to("/nonexistent/lib/systemd/system/ssh.service")
+    (rootfs / "etc/resolv.conf").symlink_to("/nonexistent/run/systemd/resolve/stub-resolv.conf")
     layers._strip(rootfs)
-    kept = sorted(str(p.relative_to(rootfs)) for p in rootfs.rglob("*") if p.is_file())
-    assert kept == ["etc/group", "usr/bin/dockerd"]
+    kept = sorted(str(p.relative_to(rootfs)) for p in rootfs.rglob("*") if p.is_file() or p.is_symlink())
+    assert kept == ["etc/group", "etc/systemd/system/multi-user.target.wants/ssh.service", "usr/bin/dockerd"]
     assert (rootfs / "var/log/apt").is_dir()  # apt logs into it on the machine
