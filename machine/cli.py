@@ -565,6 +565,18 @@ def swarm_leave(names: tuple[str, ...], force: bool) -> None:
     _each(lambda store, name: commands.swarm.leave(store, name, force), names, "left")
 
 
+for _name, _role, _help in [
+    ("promote", "manager", "Make swarm workers managers."),
+    ("demote", "worker", "Make swarm managers workers (never the last manager)."),
+]:
+    # One at a time, as joins: each waits until its machine acts in the new role, so the swarm's managers never
+    # lose their quorum between two changes.
+    def _set_role(names: tuple[str, ...], _role: str = _role, _done: str = f"{_name}d") -> None:
+        _each(lambda store, name: commands.swarm.set_role(store, name, _role), names, _done, parallel=1)
+
+    swarm.command(_name, help=_help, context_settings=_CONTEXT)(_names_argument()(_set_role))
+
+
 @swarm.command("ls", context_settings=_CONTEXT)
 @_name_argument("manager")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -607,6 +619,8 @@ _EXAMPLES = {
     "swarm join": ["pymachine swarm join web2 web3 --manager web1", "pymachine swarm join web4 --manager web1 "
                    "--as-manager"],
     "swarm leave": ["pymachine swarm leave web3"],
+    "swarm promote": ["pymachine swarm promote web2 web3"],
+    "swarm demote": ["pymachine swarm demote web1"],
     "swarm ls": ["pymachine swarm ls web1"],
     "upgrade": ["pymachine upgrade web1"],
     "url": ["pymachine url web1"],

@@ -88,6 +88,14 @@ class EngineAPI:
     def nodes(self) -> list[dict[str, Any]]:
         return self.request("GET", "/nodes")
 
+    def node(self, node_id: str) -> dict[str, Any]:
+        """One node: its Spec and the Version.Index an update of the spec must name."""
+        return self.request("GET", f"/nodes/{node_id}")
+
+    def update_node(self, node_id: str, version: int, spec: dict[str, Any]) -> None:
+        """Replace the node's spec (role, availability, labels); `version` guards against a concurrent update."""
+        self.request("POST", f"/nodes/{node_id}/update", spec, query={"version": str(version)})
+
     def remove_node(self, node_id: str) -> None:
         self.request("DELETE", f"/nodes/{node_id}", query={"force": "true"})
 

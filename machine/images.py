@@ -7,7 +7,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
@@ -109,17 +109,33 @@ def _read(source: str, stream: BinaryIO) -> bytes:
 
 
 @contextlib.contextmanager
-def _progress(source: str, size: int):
-    if ui.current_line() is not None:  # one of several machines: its line says so (one live display at a time)
-        with ui.step(f"downloading {Path(urlparse(source).path).name}"):
-            yield lambda n: None
-        return
-    if not ui.console.is_terminal:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn  # late: only a download
+def _progress(source: str, size: int) -> Iterator[Callable[[int], None]]:
+    """Report a download: its size when it starts, how far it has got and how fast (ui.long_step: live on a
+    terminal, every few seconds in a log), and its size, time and mean rate when it ends."""
+    name = Path(urlparse(source).path).name
+    with ui.long_step(f"downloading {name}" + (f" ({_size(size)})" if size else "")) as step:
+        got = 0
 
-    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=ui.console, transient=True) as progress:
-        task = progress.add_task(f"downloading {Path(urlparse(source).path).name}", total=size or None)
-        yield lambda n: progress.advance(task, n)
+        def advance(n: int) -> None:
+            nonlocal got
+            got += n
+            rate = _rate(got, step.elapsed())
+            step.report(f"{got * 100 // size}% ({_size(got)}, {rate})" if size else f"{_size(got)} ({rate})")
+
+        yield advance
+        elapsed = step.elapsed()
+        step.done(f"downloaded {name}: {_size(got)} in {ui.duration(elapsed)} ({_rate(got, elapsed)})")
+
+
+def _rate(got: int, seconds: float) -> str:
+    """The mean rate of a download so far: `22.9 MiB/s`."""
+    return f"{_size(got / max(seconds, 1e-3))}/s"
+
+
+def _size(n: float) -> str:
+    """`281.9 MiB`: a size (or a rate's bytes) as a person reads it."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"

@@ -11,7 +11,8 @@ import contextlib
 import functools
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 _thread = threading.local()  # .line: the Line of the machine this thread works on
 _write_lock = threading.Lock()  # whole lines from concurrent workers, never interleaved
 _live = threading.Event()  # set while a live display owns the terminal
+# A long step's progress in a log: often enough to show it is alive, seldom enough to stay readable (a
+# three-minute debootstrap is a few dozen lines, not the thousands of packages and chunks behind them).
+PROGRESS_INTERVAL = 5.0
 
 
 @functools.cache
@@ -38,7 +42,11 @@ def __getattr__(name: str) -> Any:
 
 
 class Line(Protocol):
-    def update(self, text: str) -> None: ...
+    def update(self, text: str) -> None:
+        """What the machine is doing now (a step, a task): always shown."""
+
+    def progress(self, text: str) -> None:
+        """How far the current step has got: live on a terminal, in a log only every PROGRESS_INTERVAL seconds."""
 
 
 def current_line() -> Line | None:
@@ -70,6 +78,56 @@ def step(message: str) -> Iterator[None]:
     with _console().status(message):
         yield
     _console().print(f"[green]✓[/] {message}")
+
+
+class LongStep:
+    """How a long step reports (`long_step`): `report(detail)` as it goes, `done(text)` for its last line."""
+
+    def __init__(self, message: str, show: Callable[[str], None]) -> None:
+        self._message, self._show = message, show
+        self.started = time.monotonic()
+        self.ended: str | None = None
+
+    def report(self, detail: str) -> None:
+        self._show(f"{self._message}: {detail}")
+
+    def done(self, text: str) -> None:
+        """The line that ends the step (instead of `MESSAGE: done in 2m13s`)."""
+        self.ended = text
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+@contextlib.contextmanager
+def long_step(message: str) -> Iterator[LongStep]:
+    """A step that takes a while (a base-image build, a download) and says how far it has got: `message` when it
+    starts, the details reported (`MESSAGE: DETAIL`) and how it ended, on this thread's machine line (in a log,
+    as plain lines, PROGRESS_INTERVAL seconds apart) or in a spinner on a terminal. Quiet otherwise, as ui.step."""
+    line = current_line()
+    if line is not None:
+        line.update(message)
+        step = LongStep(message, line.progress)
+        yield step
+        line.update(step.ended or f"{message}: done in {duration(step.elapsed())}")
+        return
+    if not _console().is_terminal:
+        yield LongStep(message, lambda text: None)
+        return
+    from rich.markup import escape
+
+    with _console().status(escape(message)) as status:
+        step = LongStep(message, lambda text: status.update(escape(text)))
+        yield step
+    _console().print(f"[green]✓[/] {escape(step.ended or message)}")
+
+
+def duration(seconds: float) -> str:
+    """`4.2 s`, `2m13s`: how long a step took, as a person reads it in a log."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
 
 
 def columns(rows: Sequence[Sequence[str]]) -> str:
@@ -121,11 +179,49 @@ class _PlainLine:
     def __init__(self, name: str) -> None:
         self.name = name
         self._last = ""
+        self._written = 0.0  # time.monotonic() of the last line written
+        self._pending: str | None = None  # progress held back by the interval
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()  # the worker's progress against the timer's flush
 
     def update(self, text: str) -> None:
-        if text != self._last:  # a step re-announced (a retried connection) is one line in a log
-            self._last = text
-            out(f"{self.name}: {text}\n")
+        with self._lock:
+            self._pending = None  # a new step: the last one's progress is no news any more
+            if text != self._last:  # a step re-announced (a retried connection) is one line in a log
+                self._write(text)
+
+    def progress(self, text: str) -> None:
+        with self._lock:
+            wait = self._written + PROGRESS_INTERVAL - time.monotonic()
+            if wait <= 0:
+                self._pending = None
+                if text != self._last:
+                    self._write(text)
+                return
+            self._pending = text
+            if self._timer is None:
+                # Written when the interval is up even if nothing follows it for minutes (debootstrap's
+                # `Unpacking the base system...`): a log never shows a stale stage for what is being done.
+                self._timer = threading.Timer(wait, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def end(self, text: str) -> None:
+        """The machine's last line (how the command ended for it): no held-back progress after it."""
+        with self._lock:
+            self._pending = None
+            self._write(text)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._pending is not None and self._pending != self._last:
+                self._write(self._pending)
+            self._pending = None
+
+    def _write(self, text: str) -> None:
+        self._last, self._written = text, time.monotonic()
+        out(f"{self.name}: {text}\n")
 
 
 class PlainBoard:
@@ -134,6 +230,7 @@ class PlainBoard:
 
     def __init__(self, done: str) -> None:
         self._done = done
+        self._lines: dict[str, _PlainLine] = {}
 
     def __enter__(self) -> PlainBoard:
         return self
@@ -142,10 +239,12 @@ class PlainBoard:
         pass
 
     def line(self, name: str) -> Line:
-        return _PlainLine(name)
+        self._lines[name] = _PlainLine(name)
+        return self._lines[name]
 
     def finish(self, name: str, error: str | None) -> None:
-        out(f"{name}: {self._done if error is None else 'failed: ' + error}\n")
+        line = self._lines.pop(name, None) or _PlainLine(name)
+        line.end(self._done if error is None else "failed: " + error)
 
 
 class _LiveLine:
@@ -156,6 +255,8 @@ class _LiveLine:
         from rich.markup import escape
 
         self._progress.update(self._task, description=escape(text))
+
+    progress = update  # rich redraws the line at its own pace, however often it changes
 
 
 class LiveBoard:

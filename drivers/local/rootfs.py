@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from machine import images, templating, ui
@@ -52,16 +53,17 @@ def base_rootfs(
         staging = root.parent / f".{key}.build"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
+        what = f"unpacking {image}" if tarball else f"building the {release} base image with debootstrap (once)"
         try:
-            if tarball:
-                with ui.step(f"unpacking {image}"):
+            with ui.long_step(what) as step:
+                if tarball:
                     _run(["tar", "--numeric-owner", "--xattrs", "-xpf", str(tarball), "-C", str(staging / "rootfs")],
                          mkdir=staging / "rootfs")
-            else:
-                with ui.step(f"building the {release} base image with debootstrap (once)"):
+                else:
+                    # debootstrap's `I: Retrieving libc6 2.36-9`, `I: Unpacking …`: how far the build has got
                     _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-                          release, str(staging / "rootfs"), mirror])
-            _customise(staging / "rootfs")
+                          release, str(staging / "rootfs"), mirror], report=step.report)
+                _customise(staging / "rootfs")
             (staging / "complete").touch()
             os.rename(staging, root)
         except BaseException:
@@ -70,13 +72,26 @@ def base_rootfs(
     return root / "rootfs"
 
 
-def _run(cmd: list[str], mkdir: Path | None = None) -> None:
+def _run(cmd: list[str], mkdir: Path | None = None, report: Callable[[str], None] | None = None) -> None:
+    """Run `cmd`, passing each `I: …` line it prints (debootstrap's steps) to `report`; a failure is its last
+    line of output."""
     if mkdir is not None:
         mkdir.mkdir()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    last = "no output"
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as proc:
+        try:
+            for line in proc.stdout or ():
+                if not line.strip():
+                    continue
+                last = line.strip()
+                if report is not None and last.startswith("I: "):
+                    report(last[3:])
+        except BaseException:  # Ctrl-C (raised in this worker thread): no build goes on behind the user's back
+            proc.kill()
+            raise
     if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise MachineError(f"{cmd[0]} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+        raise MachineError(f"{cmd[0]} failed (exit {proc.returncode}): {last}")
 
 
 def _customise(root: Path) -> None:

@@ -28,12 +28,15 @@ from machine.store import Machine, Store
 
 CREATE, REPROVISION, RECREATE, UNCHANGED, REMOVE, KEEP, REFUSED = (
     "create", "re-provision", "recreate", "unchanged", "remove", "keep", "refused")
-# Swarm steps, after every machine is ready.
-INIT, JOIN_MANAGER, JOIN_WORKER, LEAVE = "swarm init", "join as manager", "join as worker", "leave the swarm"
+# Swarm steps, after every machine is ready, in this order: the swarm keeps a manager throughout (workers are
+# promoted, and new managers join, before managers are demoted or leave).
+INIT, PROMOTE, JOIN_MANAGER, JOIN_WORKER, DEMOTE, LEAVE = (
+    "swarm init", "promote", "join as manager", "join as worker", "demote", "leave the swarm")
+_SWARM_ORDER = (INIT, PROMOTE, JOIN_MANAGER, JOIN_WORKER, DEMOTE, LEAVE)
 # How a summary counts what was done.
 DONE = {CREATE: "created", REPROVISION: "re-provisioned", RECREATE: "re-created", REMOVE: "removed",
         INIT: "made a swarm", JOIN_MANAGER: "joined as manager", JOIN_WORKER: "joined as worker",
-        LEAVE: "left the swarm"}
+        PROMOTE: "promoted", DEMOTE: "demoted", LEAVE: "left the swarm"}
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,6 +48,7 @@ class Step:
     name: str
     reason: str = ""
     spec: MachineSpec | None = None
+    via: str = ""  # a join: the manager of the swarm it joins through
 
 
 @dataclass(frozen=True)
@@ -177,33 +181,39 @@ def _setting_changes(machine: Machine, fleet: Fleet, spec: MachineSpec) -> list[
 
 
 def _plan_swarm(store: Store, fleet: Fleet, new: set[str]) -> list[Step]:
-    """Swarm steps: the first manager of the file makes the swarm, the other machines join it; a machine of the
-    fleet that the file no longer gives a swarm role leaves. Machines being made are not in any swarm yet."""
-    first = next((s.name for s in fleet.machines if s.swarm == "manager"), None)
-    members = _swarm_members(store, first, new) if first else {}
-    steps = [Step(INIT, first)] if first and first not in members else []
+    """Swarm steps, in the order of _SWARM_ORDER: unless a manager of the fleet (as the file or the records say)
+    manages a swarm, the file's first manager makes one; the file's other machines join it, a machine whose role
+    the file changed is promoted or demoted, and a machine of the fleet the file no longer gives a swarm role
+    leaves. Machines being made are not in any swarm yet."""
+    wanted = [s.name for s in fleet.machines if s.swarm == "manager"]
+    recorded = [n for n in store.names()
+                if _fleet_of(store, n) == fleet.name and _recorded_swarm(store, n) == "manager"]
+    via, members = _swarm_members(store, [n for n in dict.fromkeys(wanted + recorded) if n not in new])
+    steps = []
+    if wanted and via is None:
+        via, members = wanted[0], {wanted[0]: "manager"}
+        steps.append(Step(INIT, via))
     for spec in fleet.machines:
         role = members.get(spec.name)
-        if spec.name == first:
-            continue
         if spec.swarm and role is None:
-            steps.append(Step(JOIN_MANAGER if spec.swarm == "manager" else JOIN_WORKER, spec.name))
+            steps.append(Step(JOIN_MANAGER if spec.swarm == "manager" else JOIN_WORKER, spec.name, via=via or ""))
         elif spec.swarm and role != spec.swarm:
-            steps.append(Step(REFUSED, spec.name, f"is a swarm {role}, the file says {spec.swarm} (`pymachine swarm "
-                                                  f"leave {spec.name}` first)"))
+            steps.append(Step(PROMOTE if spec.swarm == "manager" else DEMOTE, spec.name, f"{role} → {spec.swarm}"))
         elif not spec.swarm and spec.name not in new and (role or _recorded_swarm(store, spec.name)):
             steps.append(Step(LEAVE, spec.name))
-    return steps
+    return sorted(steps, key=lambda step: _SWARM_ORDER.index(step.action))
 
 
-def _swarm_members(store: Store, manager: str, new: set[str]) -> dict[str, str]:
-    """{machine: role} of the swarm `manager` manages; empty when it manages none (or does not exist yet)."""
-    if manager in new or not store.exists(manager):
-        return {}
-    try:
-        return {row["machine"]: row["role"] for row in swarm.ls(store, manager) if row["machine"]}
-    except MachineError:  # not in a swarm, or not running: `swarm init` (run after provisioning) says which
-        return {}
+def _swarm_members(store: Store, managers: list[str]) -> tuple[str | None, dict[str, str]]:
+    """The first of `managers` that manages a swarm, and {machine: role} of that swarm; (None, {}) if none does."""
+    for name in managers:
+        if not store.exists(name):
+            continue
+        try:
+            return name, {row["machine"]: row["role"] for row in swarm.ls(store, name) if row["machine"]}
+        except MachineError:  # not in a swarm, a worker, or not running: `swarm init` (after provisioning) says which
+            continue
+    return None, {}
 
 
 def _recorded_swarm(store: Store, name: str) -> str:
@@ -330,10 +340,6 @@ def _run_extra_roles(machine: Machine, driver: Driver, fleet: Fleet, spec: Machi
     return recap.changed
 
 
-def _first_manager(fleet: Fleet) -> str:
-    return next(s.name for s in fleet.machines if s.swarm == "manager")
-
-
 def _swarm_marker(store: Store, name: str, role: str) -> None:
     with locked(store, name) as (machine, _):
         machine.fleet = {**machine.fleet, "swarm": role}
@@ -347,8 +353,14 @@ def _init(store: Store, fleet: Fleet, step: Step) -> None:
 
 def _join(store: Store, fleet: Fleet, step: Step) -> None:
     as_manager = step.action == JOIN_MANAGER
-    swarm.join(store, step.name, _first_manager(fleet), as_manager=as_manager)
+    swarm.join(store, step.name, step.via, as_manager=as_manager)
     _swarm_marker(store, step.name, "manager" if as_manager else "worker")
+
+
+def _set_role(store: Store, fleet: Fleet, step: Step) -> None:
+    role = "manager" if step.action == PROMOTE else "worker"
+    swarm.set_role(store, step.name, role)
+    _swarm_marker(store, step.name, role)
 
 
 def _leave(store: Store, fleet: Fleet, step: Step) -> None:
@@ -357,7 +369,7 @@ def _leave(store: Store, fleet: Fleet, step: Step) -> None:
 
 
 _SWARM_ACTIONS: dict[str, Callable[[Store, Fleet, Step], str | None]] = {
-    INIT: _init, JOIN_MANAGER: _join, JOIN_WORKER: _join, LEAVE: _leave,
+    INIT: _init, JOIN_MANAGER: _join, JOIN_WORKER: _join, PROMOTE: _set_role, DEMOTE: _set_role, LEAVE: _leave,
 }
 
 

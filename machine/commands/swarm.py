@@ -1,4 +1,4 @@
-"""Docker swarm mode across machines: init, join, leave, ls.
+"""Docker swarm mode across machines: init, join, leave, promote and demote (set_role), ls.
 
 Everything goes through the engines' mutual-TLS API (machine.engineapi). Join tokens are read from the manager
 the moment a machine joins and handed straight to that machine's engine: never printed, logged or stored.
@@ -8,6 +8,7 @@ machines before a join (EC2: security-group rules naming the peers' groups) and 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from machine import ui
@@ -121,6 +122,10 @@ def leave(store: Store, name: str, force: bool = False) -> None:
         node_id = swarm.get("NodeID", "")
         manager = _other_manager(store, swarm, exclude=name)
         peers = _peers(store, manager, exclude=name) if manager else []
+        if force and manager and swarm.get("ControlAvailable"):
+            # A manager that leaves takes its vote in the raft store along: of two managers, the one left would
+            # have no quorum. Demoted first, it leaves as a worker.
+            _change_role(manager, api, name, node_id, "worker")
         api.swarm_leave(force)  # a manager refuses without force: the engine says why (quorum)
         if manager:
             # Left alone, the node stays listed as Down; removed, its tasks are rescheduled at once.
@@ -129,6 +134,40 @@ def leave(store: Store, name: str, force: bool = False) -> None:
             except MachineError as e:
                 ui.err(f"warning: {name} left, but its manager still lists it: {e}")
         driver.close_swarm_ports(peers)
+
+
+def set_role(store: Store, name: str, role: str) -> None:
+    """Make the machine a manager (promote) or a worker (demote) of its swarm: its node's spec with the new Role,
+    through a manager (the machine itself when it is one). The swarm's last manager is never demoted."""
+    with locked(store, name):
+        _, api = _engine(store, name)
+        swarm = _swarm_of(api)
+        if not _in_swarm(swarm):
+            raise MachineError(f"{name} is not in a swarm")
+        manager = api if swarm.get("ControlAvailable") else _other_manager(store, swarm, exclude=name)
+        if manager is None:
+            raise MachineError(f"no manager of the swarm of {name} is a machine of this store that answers: "
+                               f"cannot make {name} a {role}")
+        node_id = swarm.get("NodeID", "")
+        others = [n for n in manager.nodes() if n.get("ID") != node_id]
+        if role == "worker" and not any(n.get("Spec", {}).get("Role") == "manager" for n in others):
+            raise MachineError(f"{name} is the last manager of its swarm: it stays a manager (make another "
+                               f"machine a manager first)")
+        _change_role(manager, api, name, node_id, role)
+
+
+def _change_role(manager: EngineAPI, api: EngineAPI, name: str, node_id: str, role: str) -> None:
+    """The node's spec with its new Role, through `manager`; back once the machine's engine (`api`) acts as one:
+    a promoted node joins the managers' raft store seconds after its spec says manager, and a demotion before
+    that would find it no fellow manager yet."""
+    node = manager.node(node_id)
+    manager.update_node(node_id, node["Version"]["Index"], {**node["Spec"], "Role": role})
+    deadline = time.monotonic() + api.timeout
+    while bool(_swarm_of(api).get("ControlAvailable")) != (role == "manager"):
+        if time.monotonic() > deadline:
+            raise MachineError(f"{name} does not act as a {role} of its swarm {api.timeout:.0f} s after it was "
+                               f"made one")
+        time.sleep(0.5)
 
 
 def _other_manager(store: Store, swarm: dict[str, Any], exclude: str) -> EngineAPI | None:

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from machine.commands import swarm
+from machine.errors import MachineError
+from machine.store import Store
 from tests.conftest import CLI
 from tests.integration.conftest import bridge_leftovers, docker, leftovers, machine_cli, machine_record
 
@@ -21,13 +24,14 @@ def cli(tmp_path_factory) -> Iterator[CLI]:
     yield from machine_cli(tmp / "home", DOCKER_CONFIG=str(tmp / "docker-config"))
 
 
-def fleet(path: Path, web1: dict | None = None, web2: bool = True) -> Path:
-    """web1 manages a swarm that web2 joins, and runs the file's own role `stamp`; `web1` adds keys to its entry."""
+def fleet(path: Path, web1: dict | None = None, web2: bool = True, web2_swarm: str | None = "worker") -> Path:
+    """web1 manages a swarm that web2 joins (with the role `web2_swarm`; None: no `swarm:`), and runs the file's
+    own role `stamp`; `web1` adds keys to its entry."""
     tasks = path.parent / "roles" / "stamp" / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     (tasks / "main.yml").write_text("- name: stamp\n  copy: {dest: /etc/fleet-stamp, content: \"{{ stamp }}\\n\"}\n")
     web1_entry = {"swarm": "manager", "roles": ["stamp"], "vars": {"stamp": "one"}, **(web1 or {})}
-    machines = {"web1": web1_entry} | ({"web2": {"swarm": "worker"}} if web2 else {})
+    machines = {"web1": web1_entry} | ({"web2": {"swarm": web2_swarm} if web2_swarm else {}} if web2 else {})
     data = {"name": "test-apply", "defaults": {"engine_install": "distro"}, "machines": machines}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -43,6 +47,11 @@ def labels(cli: CLI, name: str) -> list[str]:
     return json.loads(docker(cli, name, "info", "--format", "{{json .Labels}}"))
 
 
+def roles(cli: CLI, manager: str) -> list[tuple[str, str]]:
+    """(machine, role) of the swarm's nodes, as `pymachine swarm ls MANAGER` shows them."""
+    return sorted((n["machine"], n["role"]) for n in json.loads(cli("swarm", "ls", "--format", "json", manager).stdout))
+
+
 def test_apply_makes_keeps_reprovisions_and_prunes_only_its_own(cli, tmp_path):
     cli("create", "--no-provision", "hand1", timeout=900)  # made by hand: apply --prune must leave it
     path = fleet(tmp_path / "fleet.yaml")
@@ -50,8 +59,7 @@ def test_apply_makes_keeps_reprovisions_and_prunes_only_its_own(cli, tmp_path):
     first = cli("apply", str(path), timeout=1800)
     assert plan_lines(first.stdout) == [("create", "web1"), ("create", "web2"), ("swarm init", "web1"),
                                         ("join as worker", "web2")]
-    nodes = json.loads(cli("swarm", "ls", "--format", "json", "web1").stdout)
-    assert sorted((n["machine"], n["role"]) for n in nodes) == [("web1", "manager"), ("web2", "worker")]
+    assert roles(cli, "web1") == [("web1", "manager"), ("web2", "worker")]
     assert machine_record(cli, "web1")["fleet"]["name"] == "test-apply"
     assert cli("ssh", "web1", "--", "cat", "/etc/fleet-stamp").stdout == "one\n"
     assert machine_record(cli, "hand1")["fleet"] == {}
@@ -71,6 +79,34 @@ def test_apply_makes_keeps_reprovisions_and_prunes_only_its_own(cli, tmp_path):
     edited = cli("apply", str(path), timeout=900)
     assert plan_lines(edited.stdout) == [("re-provision", "web1"), ("unchanged", "web2")]
     assert "team=web" in labels(cli, "web1") and "team=web" not in labels(cli, "web2")
+
+    # Swarm roles swapped in the file, through the engines' API: web2 is promoted before web1 is demoted (the
+    # swarm keeps a manager throughout), although the file names web1 first.
+    label = {"engine_label": ["team=web"]}
+    fleet(path, web1={**label, "swarm": "worker"}, web2_swarm="manager")
+    swapped = cli("apply", str(path), timeout=900)
+    assert plan_lines(swapped.stdout) == [("unchanged", "web1"), ("unchanged", "web2"), ("promote", "web2"),
+                                          ("demote", "web1")]
+    assert "(worker → manager)" in swapped.stdout and "1 promoted, 1 demoted" in swapped.stdout
+    assert roles(cli, "web2") == [("web1", "worker"), ("web2", "manager")]
+    assert machine_record(cli, "web1")["fleet"]["swarm"] == "worker"
+    # The swarm's last manager is never demoted: one line, and nothing changes.
+    with pytest.raises(MachineError) as refused:
+        swarm.set_role(Store(cli.home), "web2", "worker")
+    assert str(refused.value) == ("web2 is the last manager of its swarm: it stays a manager (make another "
+                                  "machine a manager first)")
+    assert roles(cli, "web2") == [("web1", "worker"), ("web2", "manager")]
+    # `swarm:` taken away from the manager web2 while web1 becomes one again: web1 is promoted, then web2 is demoted
+    # and leaves (a manager that left as one would take its vote along: web1 alone would have no quorum, and
+    # `swarm ls` could not list the nodes); given `swarm:` back, web2 joins again.
+    fleet(path, web1=label, web2_swarm=None)
+    left = cli("apply", str(path), timeout=900)
+    assert plan_lines(left.stdout)[2:] == [("promote", "web1"), ("leave the swarm", "web2")]
+    assert roles(cli, "web1") == [("web1", "manager")]
+    fleet(path, web1=label)
+    rejoined = cli("apply", str(path), timeout=900)
+    assert plan_lines(rejoined.stdout)[2:] == [("join as worker", "web2")]
+    assert roles(cli, "web1") == [("web1", "manager"), ("web2", "worker")]
 
     # web2 leaves the file: kept without --prune, removed with it; hand1 (made by hand) survives.
     fleet(path, web1={"engine_label": ["team=web"]}, web2=False)

@@ -89,6 +89,15 @@ def test_three_machines_form_a_swarm_and_no_token_is_shown_or_kept(swarm):
     assert kept.returncode == 1, kept.stdout  # grep found nothing in the store
 
 
+def test_a_worker_promoted_manages_and_demoted_works_again(swarm):
+    cli, worker = swarm.cli, WORKERS[0]
+    cli("swarm", "promote", worker)
+    assert nodes(cli)[worker] == ("manager", "ready")
+    assert json.loads(docker(cli, worker, "info", "--format", "{{json .Swarm}}"))["ControlAvailable"]
+    cli("swarm", "demote", worker)
+    assert nodes(cli) == {MANAGER: ("manager", "ready"), **{w: ("worker", "ready") for w in WORKERS}}
+
+
 def test_a_service_spreads_and_its_tasks_reach_each_other_over_the_overlay(swarm):
     cli = swarm.cli
     docker(cli, MANAGER, "network", "create", "--driver", "overlay", "pmnet")
@@ -165,6 +174,7 @@ def test_a_node_that_leaves_has_its_task_rescheduled_on_the_others(swarm):
     (("swarm", "leave", MANAGER), "refused POST /swarm/leave: You are attempting to leave the swarm on a node that "
                                   "is participating as a manager"),
     (("swarm", "ls", WORKERS[-1]), f"{WORKERS[-1]} is not in a swarm"),
+    (("swarm", "demote", MANAGER), f"{MANAGER} is the last manager of its swarm"),
     (("swarm", "join", WORKERS[-1], "--manager", "nosuch"), "nosuch"),
 ])
 def test_refusals_are_one_line_and_change_nothing(swarm, args, message):

@@ -105,6 +105,18 @@ def test_join_leave_and_node_removal_send_what_the_engine_expects(engine, cert_d
                                       "RemoteAddrs": ["10.0.0.5:2377"], "JoinToken": "SWMTKN-1-secret"}
 
 
+def test_a_role_change_reads_the_node_and_updates_its_spec_at_that_version(engine, cert_dir):
+    spec = {"Role": "manager", "Availability": "active"}
+    engine.replies[("GET", "/nodes/n2")] = (200, {"ID": "n2", "Version": {"Index": 7}, "Spec": {"Role": "worker"}})
+    engine.replies[("POST", "/nodes/n2/update")] = (200, None)
+    api = client(engine, cert_dir)
+    assert api.node("n2")["Version"]["Index"] == 7
+    api.update_node("n2", 7, spec)
+    assert [(s["method"], s["path"]) for s in engine.seen] == [("GET", "/nodes/n2"),
+                                                                ("POST", "/nodes/n2/update?version=7")]
+    assert engine.seen[1]["body"] == spec
+
+
 def test_an_engine_refusal_is_one_line_quoting_its_message(engine, cert_dir):
     engine.replies[("GET", "/swarm")] = (503, {"message": "This node is not a swarm manager."})
     with pytest.raises(EngineError) as caught:

@@ -196,3 +196,35 @@ def test_a_refused_plan_fails_even_as_a_dry_run(cli, tmp_path):
     assert proc.returncode == 1 and proc.stdout.split()[:2] == ["refused", "web1"]
     assert proc.stderr == (f"pymachine: error: {tmp_path / 'fleet.yaml'}: web1: exists and was made by "
                            f"`pymachine create`, not by this file; nothing was changed\n")
+
+
+def test_swarm_roles_changed_in_the_file_are_promoted_before_demoted(tmp_path, monkeypatch):
+    """web1 manages the swarm (as the records say); the file makes web2 its manager instead: web2 is promoted
+    before web1 is demoted, a newcomer joins through web1 (the manager there is), a machine without `swarm:`
+    leaves. The engines' answers are stubbed: the integration test (test_apply) does it with real ones."""
+    store = Store(tmp_path / "home")
+    fleet = fleetfile.load(write(tmp_path, """\
+        name: shop
+        machines:
+          web1: {swarm: worker}
+          web2: {swarm: manager}
+          web3: {swarm: worker}
+          web4: {}
+    """))
+    for spec in fleet.machines:
+        record(store, spec, "shop")
+    with store.locked("web1") as machine:
+        machine.fleet = {**machine.fleet, "swarm": "manager"}
+        machine.save()
+    nodes = [("web1", "manager"), ("web2", "worker"), ("web4", "worker")]
+
+    def ls(store: Store, manager: str) -> list[dict[str, str]]:
+        if manager != "web1":
+            raise MachineError(f"{manager} is a worker of its swarm, not a manager: name one of its managers")
+        return [{"machine": name, "role": role} for name, role in nodes]
+
+    monkeypatch.setattr(apply.swarm, "ls", ls)
+    swarm_steps = [s for s in apply.plan(store, fleet).steps if s.action not in (apply.REPROVISION, apply.UNCHANGED)]
+    assert [(s.action, s.name, s.reason, s.via) for s in swarm_steps] == [
+        (apply.PROMOTE, "web2", "worker → manager", ""), (apply.JOIN_WORKER, "web3", "", "web1"),
+        (apply.DEMOTE, "web1", "manager → worker", ""), (apply.LEAVE, "web4", "", "")]
