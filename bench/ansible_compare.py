@@ -42,7 +42,7 @@ import yaml
 
 from machine import certs, commands
 from machine import provision as plan
-from machine.commands.engine import server_pair
+from machine.certs import server_pair
 from machine.paths import roles_dir
 from machine.store import Store
 
@@ -95,7 +95,7 @@ class Bench:
         ca, _ = certs.ensure_ca(self.store.certs())
         for name in self.names:
             machine, _ = commands.load(self.store, name)
-            server_cert, server_key = server_pair(machine).pem()
+            server_cert, server_key = server_pair(machine.dir).pem()
             hosts[name] = {**commands.host_vars(self.store, name), "ansible_python_interpreter": "/usr/bin/python3",
                            **plan.role_vars(machine.engine, ca.cert.read_text(), server_cert, server_key)}
         return {"machines": {"hosts": hosts}}

@@ -13,16 +13,21 @@ rounds, every run a whole command as a user types it:
 - `ansible-playbook -f N`: the same roles and variables on the same N machines (bench/ansible_compare.py's
   setup: pipelining, ControlPersist masters up before the clock runs, facts limited to what the roles read);
 - with --mitogen: the same with Mitogen's `mitogen_linear` strategy;
-- with --pyinfra: `pyinfra -y --parallel N` of a deploy checking what the roles manage: the seven files they
-  write (content, mode, owner; copies taken from each machine before the clock runs), the engine packages,
-  the engine's and containerd's services (running, enabled) and ip_forward. It checks less than the roles do
-  (no module probes, no engine bridge check), so it is a lower bound for pyinfra.
+- with --pyinfra (or pyinfra on PATH): `pyinfra -y --parallel N` of a deploy checking what the roles manage,
+  on the first machine alone and on all N: the seven files they write (content, mode, owner; copies taken from
+  each machine before the clock runs), the engine packages, the engine's and containerd's services (running,
+  enabled) and ip_forward. It checks less than the roles do (no module probes, no engine bridge check), so it
+  is a lower bound for pyinfra.
+
+The machines go on PYMACHINE_BENCH_BRIDGE / PYMACHINE_BENCH_SUBNET (defaults below).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,9 +63,9 @@ server.sysctl(name="ip_forward", key="net.ipv4.ip_forward", value=1)
 """
 
 
-def pyinfra_setup(names: list[str], work: Path) -> tuple[Path, Path]:
-    """(inventory, deploy) for pyinfra: pymachine's address, key and pinned host key; each machine's copies of
-    the files the roles wrote, with their modes and owners."""
+def pyinfra_setup(names: list[str], work: Path) -> tuple[Path, Path, list[str]]:
+    """(inventory, deploy, the machines' addresses) for pyinfra: pymachine's address, key and pinned host key;
+    each machine's copies of the files the roles wrote, with their modes and owners."""
     from machine import commands
     from machine.store import Store
 
@@ -83,17 +88,20 @@ def pyinfra_setup(names: list[str], work: Path) -> tuple[Path, Path]:
     inventory, deploy = work / "pyinfra_inventory.py", work / "pyinfra_deploy.py"
     inventory.write_text(f"machines = {hosts!r}\n")
     deploy.write_text(PYINFRA_DEPLOY)
-    return inventory, deploy
+    return inventory, deploy, [address for address, _ in hosts]
 
 
-def run_pyinfra(venv: Path, inventory: Path, deploy: Path, parallel: int) -> None:
-    """One pyinfra run, which must succeed and change nothing (its results table's grand total)."""
-    proc = subprocess.run([str(venv / "bin" / "pyinfra"), "-y", "--parallel", str(parallel), str(inventory),
-                           str(deploy)], capture_output=True, text=True)
-    total = next((line.split()[2:] for line in (proc.stdout + proc.stderr).splitlines()
-                  if line.strip().startswith("Grand total")), None)
-    # hosts, changed ("Success"), errors, unchanged: a no-op has neither changes nor errors
-    if proc.returncode != 0 or total is None or total[1:3] != ["-", "-"]:
+def run_pyinfra(pyinfra: Path, inventory: Path, deploy: Path, hosts: list[str]) -> None:
+    """One pyinfra run on `hosts` (all at once), which must succeed and change nothing (its results table's
+    grand total)."""
+    limits = [arg for host in hosts for arg in ("--limit", host)]
+    proc = subprocess.run([str(pyinfra), "-y", "--parallel", str(len(hosts)), *limits, str(inventory), str(deploy)],
+                          capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    total = next((line.split()[2:] for line in output.splitlines() if line.strip().startswith("Grand total")), None)
+    reached = set(re.findall(r"^\s+\[([^\]]+)\] ", output, re.M))  # hosts named in the operations' lines
+    # (host operations), changed ("Success"), errors, unchanged: a no-op on every host has neither changes nor errors
+    if proc.returncode != 0 or total is None or total[1:3] != ["-", "-"] or reached != set(hosts):
         raise SystemExit(f"pyinfra failed or changed something:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
 
 
@@ -108,9 +116,11 @@ def main() -> None:
     parser.add_argument("--machines", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mitogen", type=Path, help="directory holding ansible_mitogen (pip install --target)")
-    parser.add_argument("--pyinfra", type=Path, help="virtualenv with pyinfra installed")
+    parser.add_argument("--pyinfra", type=Path, help="virtualenv with pyinfra installed (default: pyinfra on PATH)")
     parser.add_argument("--ansible-rounds", type=int, default=3, help="rounds of the (slow) ansible-playbook runs")
     args = parser.parse_args()
+    on_path = shutil.which("pyinfra")
+    pyinfra = args.pyinfra / "bin" / "pyinfra" if args.pyinfra else Path(on_path) if on_path else None
     names = [f"cmp{i}" for i in range(1, args.machines + 1)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -132,11 +142,13 @@ def main() -> None:
                     lambda: run("apply", str(one), expect="1 machine unchanged"), args.rounds)
             measure(f"`pymachine apply` (fleet of {n}, unchanged)",
                     lambda: run("apply", str(fleet), expect=f"{n} machines unchanged"), args.rounds)
-            if args.pyinfra:
-                inventory, deploy = pyinfra_setup(names, work)
-                run_pyinfra(args.pyinfra, inventory, deploy, n)  # warm, and must be a no-op
+            if pyinfra:
+                inventory, deploy, addresses = pyinfra_setup(names, work)
+                run_pyinfra(pyinfra, inventory, deploy, addresses)  # warm, and must be a no-op
+                measure("`pyinfra` (1 machine, no-op; checks less)",
+                        lambda: run_pyinfra(pyinfra, inventory, deploy, addresses[:1]), args.rounds)
                 measure(f"`pyinfra --parallel {n}` ({n} machines, no-op; checks less)",
-                        lambda: run_pyinfra(args.pyinfra, inventory, deploy, n), args.rounds)
+                        lambda: run_pyinfra(pyinfra, inventory, deploy, addresses), args.rounds)
             bench = Bench(names, work)
             assert bench.ansible(names)[1] == 0, "ansible-playbook changed what pymachine provisioned"
             measure(f"`ansible-playbook -f {n}` ({n} machines, no-op)", lambda: bench.ansible(names),

@@ -1,6 +1,7 @@
 """Provisioning speed on one local machine: no-op re-run and converge, against the physical floor.
 
-Run as root: `.venv/bin/python bench/provision.py [--rounds N]`. Prints a Markdown table.
+Run as root: `.venv/bin/python bench/provision.py [--rounds N]`. Prints a Markdown table. The machine goes on
+PYMACHINE_BENCH_BRIDGE / PYMACHINE_BENCH_SUBNET (defaults below).
 
 - no-op: the full role set on a machine that is already provisioned (nothing to change), measured
   in-process (one SSH connection, as `pymachine provision` does) and as the whole CLI command.
@@ -27,7 +28,8 @@ from machine import commands
 from machine.commands.engine import run_provisioning
 from machine.store import Store
 
-BRIDGE, SUBNET = "pmbench0", "10.231.251.0/24"
+BRIDGE = os.environ.get("PYMACHINE_BENCH_BRIDGE", "pmbench0")
+SUBNET = os.environ.get("PYMACHINE_BENCH_SUBNET", "10.231.251.0/24")
 CACHE = os.environ.get("PYMACHINE_TEST_CACHE", "/var/tmp/pymachine-test-cache")
 MANAGED = ("/etc/modules-load.d/pymachine.conf /etc/sysctl.d/90-pymachine.conf /etc/docker/daemon.json "
            "/etc/systemd/system/docker.service.d/pymachine.conf /etc/docker/tls/ca.pem "

@@ -20,6 +20,7 @@ import os
 import select
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,15 @@ true
 
 def _paramiko():
     # Imported on first use: `create` spawns the machine first and imports paramiko while it boots.
+    if "paramiko" not in sys.modules and "invoke" not in sys.modules:
+        # paramiko.config imports invoke when it is installed (and through it unittest.mock): ~60 ms of a
+        # no-op provision, for ssh_config's `Match exec` alone, which pymachine never reads. Hidden while
+        # paramiko loads (config then says so if it is ever asked to run one), importable again afterwards.
+        sys.modules["invoke"] = None  # type: ignore[assignment]
+        try:
+            import paramiko
+        finally:
+            del sys.modules["invoke"]
     import paramiko
 
     return paramiko

@@ -12,12 +12,12 @@ import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from machine import drivers, fleetfile, ui
 from machine import provision as provisioning
 from machine.commands import swarm
-from machine.commands.common import connect, load, locked
+from machine.commands.common import load, locked
 from machine.commands.engine import run_provisioning, share_registries
 from machine.commands.machines import create, rm, start
 from machine.drivers.base import Driver, State
@@ -319,25 +319,10 @@ _MACHINE_ACTIONS: dict[str, Callable[[Store, Fleet, Step], str | None]] = {
 
 def _provision(store: Store, machine: Machine, driver: Driver, fleet: Fleet, spec: MachineSpec,
                check: bool = False) -> int:
-    """The engine's roles with the fleet's variables, then the machine's extra roles; the tasks that changed (or
-    would, with `check`). The caller holds the machine's lock."""
-    changed = run_provisioning(store, machine, driver, check=check, extra=spec.vars).changed
-    if spec.roles:
-        changed += _run_extra_roles(machine, driver, fleet, spec, check)
-    return changed
-
-
-def _run_extra_roles(machine: Machine, driver: Driver, fleet: Fleet, spec: MachineSpec, check: bool) -> int:
-    from machine.roles import run_roles
-
-    # The engine's settings are theirs to read (a role may depend on the engine); the fleet's vars win.
-    variables: dict[str, Any] = {k: v for k, v in machine.engine.items() if k != "tls_san"} | spec.vars
-    with connect(machine, driver, timeout=30) as conn:
-        recap = run_roles(conn, list(spec.roles), list(fleet.roles_path), variables, check=check,
-                          host_name=machine.name, become=conn.endpoint.needs_become)
-    if recap.failed:
-        raise MachineError(f"provisioning {machine.name} ({', '.join(spec.roles)}) failed: {recap.failure}")
-    return recap.changed
+    """The engine's roles, then the machine's extra roles (found in the fleet's roles path), in one play with the
+    fleet's variables; the tasks that changed (or would, with `check`). The caller holds the machine's lock."""
+    return run_provisioning(store, machine, driver, check=check, extra=spec.vars, roles=spec.roles,
+                            roles_path=fleet.roles_path).changed
 
 
 def _swarm_marker(store: Store, name: str, role: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from machine import certs, dockercontext, enginecache, ui
@@ -37,8 +39,9 @@ def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -
 
 def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: bool = False, diff: bool = False,
                      tags: tuple[str, ...] = (), renew_certs: bool = False, extra: dict[str, Any] | None = None,
-                     reporter=None) -> Recap:
-    """Run the roles on a running machine (the caller holds its lock)."""
+                     reporter=None, roles: Sequence[str] = (), roles_path: Sequence[Path] = ()) -> Recap:
+    """Run the roles on a running machine (the caller holds its lock); `roles`, found in `roles_path`, run after
+    the engine's in the same play (one connection, one fact gathering, one recap)."""
     from machine.roles import run_roles  # the executor is the heaviest import; `--no-provision` skips it
 
     ca_pem, server_cert, server_key = _tls_material(store, machine, driver, renew_certs)
@@ -47,7 +50,7 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
     with connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, list(plan.ROLES), roles_dir(), variables, check=check, diff=diff,
                           tags=list(tags) or None, reporter=reporter, host_name=machine.name,
-                          become=conn.endpoint.needs_become)
+                          become=conn.endpoint.needs_become, more=[(roles, roles_path)] if roles else ())
     if recap.failed:
         raise MachineError(f"provisioning {machine.name} failed: {recap.failure}")
     if not check:

@@ -436,13 +436,25 @@ class Play:
 def run_roles(conn: Runner, roles: Sequence[str], roles_path: Path | Sequence[Path],
               extra_vars: Mapping[str, Any] | None = None, *, check: bool = False, diff: bool = False,
               tags: Sequence[str] | None = None, skip_tags: Sequence[str] | None = None, become: bool = False,
-              reporter: Reporter | None = None, host_name: str = "web1") -> Recap:
+              reporter: Reporter | None = None, host_name: str = "web1",
+              more: Sequence[tuple[Sequence[str], Path | Sequence[Path]]] = ()) -> Recap:
     """Validate `roles` (raising RoleError before anything runs), then run them on `conn`'s host.
+
+    `more` adds (roles, roles path) pairs to the same play, after `roles`: roles of another path (a fleet's own)
+    run with one connection, one fact gathering and one recap, and each name is still looked up in its own path
+    (a fleet's role named like one of the engine's does not replace it). A role that already ran with the same
+    parameters runs once, as in Ansible.
 
     The returned Recap has Ansible's counters; `recap.failure` names the failed task, its file:line and the
     module's message. Extra vars have the highest precedence, as in Ansible.
     """
-    runs = load_play(roles, roles_path)
+    runs = list(load_play(roles, roles_path))
+    for names, path in more:
+        runs += [run for run in load_play(names, path)
+                 if not any(r.role.path == run.role.path and r.params == run.params for r in runs)]
     play = Play(Remote(conn), runs, extra_vars or {}, check=check, diff=diff, tags=tags, skip_tags=skip_tags,
                 become=become, reporter=reporter or SilentReporter(), host=host_name)
-    return play.run()
+    try:
+        return play.run()
+    finally:
+        play.templar.code.save()  # what only running compiled (templated defaults, say), if the code is kept

@@ -56,8 +56,11 @@ class Remote:
             env: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
         if not self.shells:
             return self.conn.run(self.command(script, become, env), stdin=stdin, timeout=timeout)
-        return self.conn.run(shlex.join([*_env(env), "sh", "-c", script]), stdin=stdin, timeout=timeout,
-                             shell=self._as(become, ["sh"]))
+        # In the kept shell every command already runs in a subshell of its own (machine.sshshell): `eval` there
+        # parses and runs the script as `sh -c` would, without a second exec of sh per command (a no-op run
+        # makes dozens). The script stays one quoted word, so a syntax error in it fails that command alone.
+        command = shlex.join([*_env(env), "sh", "-c", script]) if env else f"eval {q(script)}"
+        return self.conn.run(command, stdin=stdin, timeout=timeout, shell=self._as(become, ["sh"]))
 
     def reconnect(self, timeout: float) -> None:
         """Re-open the connection after machine.ssh.ConnectionLost (raised by `run`)."""

@@ -7,17 +7,22 @@ template is rendered only when something uses it, so a default may refer to a fa
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
+import marshal
 import operator
+import os
 import posixpath
 import re
 import shlex
+import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import jinja2
@@ -87,6 +92,61 @@ class Vars(Mapping[str, Any]):
         return sum(1 for _ in self)
 
 
+class CodeCache(jinja2.BytecodeCache):
+    """Compiled template code by template name and source digest, shared by a Templar's environments.
+
+    Compiling (parsing, generating and compiling Python) the few hundred templates of the shipped roles is most
+    of what loading them costs; once `keep(path)` is called, the code is also kept in one file between runs, so
+    a process loading unchanged roles compiles nothing. The file holds code for one Python, one Jinja and one set
+    of filters and tests (`stamp`): Jinja refuses an unknown filter when it compiles, so code compiled with
+    another set is not used."""
+
+    def __init__(self, stamp: str) -> None:
+        self._stamp = stamp
+        self._code: dict[tuple[str, str], CodeType] = {}
+        self._used: set[tuple[str, str]] = set()
+        self._file: Path | None = None
+        self._dirty = False
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        bucket.code = self._code.get((bucket.key, bucket.checksum))
+        if bucket.code is not None:
+            self._used.add((bucket.key, bucket.checksum))
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        if bucket.code is not None:
+            self._code[bucket.key, bucket.checksum] = bucket.code
+            self._used.add((bucket.key, bucket.checksum))
+            self._dirty = True
+
+    def keep(self, path: Path) -> None:
+        """Use the code `path` holds, and save() there; a missing, damaged or outdated file is ignored, and so is
+        one that someone else could have written (its code would run as ours)."""
+        self._file = path
+        with contextlib.suppress(OSError, ValueError, EOFError, TypeError), path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return
+            stamp, code = marshal.loads(f.read())
+            if stamp == self._stamp and isinstance(code, dict):
+                self._code = {**code, **self._code}
+
+    def save(self) -> None:
+        """Write the code this process used to the kept file if anything was compiled since it was read (so code
+        of templates edited since is dropped, not kept forever). A cache: a failure to write it only costs the
+        next run the compiling."""
+        if self._file is None or not self._dirty:
+            return
+        from machine.store import write_atomic  # only a process that keeps its code needs it
+
+        self._dirty = False
+        used = set(self._used)  # copies first: other threads (a fleet's machines) may be adding
+        data = marshal.dumps((self._stamp, {k: v for k, v in dict(self._code).items() if k in used}))
+        with contextlib.suppress(OSError):
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self._file, data)
+
+
 class Templar:
     def __init__(self) -> None:
         self.env = jinja2.Environment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False,
@@ -94,8 +154,11 @@ class Templar:
         self.env.filters.update(FILTERS)
         self.env.tests.update(TESTS)
         self.env.globals["omit"] = OMIT
+        self.code = CodeCache("|".join([sys.version, jinja2.__version__, *sorted(self.env.filters), "",
+                                        *sorted(self.env.tests), "", *sorted(self.env.extensions)]))
         # The template module renders files with Ansible's defaults: trim_blocks on.
-        self._file_env = self.env.overlay(trim_blocks=True)
+        self._file_env = self.env.overlay(trim_blocks=True, bytecode_cache=self.code)
+        self._file_envs: dict[Path, jinja2.Environment] = {}
 
     def template(self, value: Any, variables: Mapping[str, Any]) -> Any:
         """Template strings inside `value` (recursively through lists and dicts)."""
@@ -130,9 +193,8 @@ class Templar:
             raise TemplateFailure(f"error in conditional '{text}': {e.message}") from None
 
     def render_file(self, path: Path, variables: Mapping[str, Any]) -> str:
-        env = self._file_env.overlay(loader=jinja2.FileSystemLoader(str(path.parent)))
         try:
-            return self._render(env.get_template(path.name), variables)
+            return self._render(self._file_template(path), variables)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateFailure(f"{path.name}:{e.lineno}: template syntax error: {e.message}") from None
 
@@ -156,13 +218,22 @@ class Templar:
         """Compile a template file as the template module will (unknown filters included), without rendering
         it: a syntax error is refused before the play starts, naming `display:line`."""
         try:
-            source = path.read_text()
+            path.read_text()  # Jinja's loader would say less about a file it cannot read
         except (OSError, UnicodeDecodeError) as e:
             raise RoleError(f"{display}: cannot read the template: {getattr(e, 'strerror', None) or e}") from None
         try:
-            self._file_env.compile(source, path.name, str(path))
+            self._file_template(path)
         except jinja2.TemplateSyntaxError as e:
             raise RoleError(f"{display}:{e.lineno}: template syntax error: {e.message}") from None
+
+    def _file_template(self, path: Path) -> jinja2.Template:
+        """`path` compiled, once per process while it is unchanged (Jinja's cache checks its mtime); includes
+        and imports in it are found next to it."""
+        env = self._file_envs.get(path.parent)
+        if env is None:
+            env = self._file_envs[path.parent] = self._file_env.overlay(
+                loader=jinja2.FileSystemLoader(str(path.parent)))
+        return env.get_template(path.name)
 
     # -- internals -------------------------------------------------------------------------------------
     def _expression(self, expr: str, variables: Mapping[str, Any]) -> Any:
@@ -181,10 +252,15 @@ class Templar:
     @lru_cache(maxsize=4096)  # noqa: B019 - one Templar per run; compiling dominates a no-op run otherwise
     def _compile(self, source: str, shown: str | None = None) -> jinja2.Template:
         """The compiled template; a syntax error names `shown` (what the role wrote), or else `source`."""
-        try:
-            return self.env.from_string(source)
-        except jinja2.TemplateSyntaxError as e:
-            raise TemplateFailure(f"template syntax error in {shown or source!r}: {e.message}") from None
+        bucket = self.code.get_bucket(self.env, "<string>", None, source)
+        if bucket.code is None:
+            try:
+                bucket.code = self.env.compile(source)
+            except jinja2.TemplateSyntaxError as e:
+                raise TemplateFailure(f"template syntax error in {shown or source!r}: {e.message}") from None
+            self.code.set_bucket(bucket)
+        # What Environment.from_string does with the code it compiles.
+        return self.env.template_class.from_code(self.env, bucket.code, self.env.make_globals(None), None)
 
     def _render(self, template: jinja2.Template, variables: Mapping[str, Any]) -> str:
         # shared=True hands Jinja our lazy mapping instead of a copy that would template every variable.

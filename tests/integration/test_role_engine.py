@@ -129,3 +129,20 @@ def test_tags_select_tasks(conn):
     recap, rec = play(conn, tags=["broken"])
     assert recap.failure is not None and "a never-tagged task ran" in recap.failure.msg
     assert [label for label, _ in rec.statuses] == ["Gathering Facts", "retest : Only when asked for"]
+
+
+def test_scripts_in_the_kept_shell_run_each_on_its_own(conn):
+    """The engine's scripts run by `eval` in the kept shell's subshells: a syntax error, an exit, a trap or a
+    variable of one reaches neither the shell nor the next script."""
+    from machine.roles.remote import Remote
+
+    remote = Remote(conn)
+    broken = remote.run("if then")
+    assert broken.rc == 2 and "Syntax error" in broken.stderr
+    ended = remote.run("x=1; cd /tmp; trap 'echo bye' EXIT; exit 3")
+    assert (ended.rc, ended.stdout) == (3, "bye\n")
+    after = remote.run('echo "${x:-unset} $(pwd)"').stdout
+    assert after.startswith("unset ") and after != "unset /tmp\n"
+    assert remote.run("echo unterminated 'quote").rc == 2  # one quoted word: the shell does not wait for more
+    assert remote.run("cat", stdin=b"in\n").stdout == "in\n"
+    assert remote.run('echo "$A"', env={"A": "b c"}).stdout == "b c\n"

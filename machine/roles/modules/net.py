@@ -101,7 +101,8 @@ class WaitFor(Module):
             check = f"[ -e {path} ]" + (f" && grep -Eq {q(p['search_regex'])} {path}" if p["search_regex"] else "")
             what = p["path"]
         up = p["state"] in ("started", "present")
-        script = (f"end=$(( $(date +%s) + {p['timeout']} )); sleep {p['delay']}\n"
+        delay = f"; sleep {p['delay']}" if p["delay"] else ""  # not `sleep 0`: a process for nothing
+        script = (f"end=$(( $(date +%s) + {p['timeout']} )){delay}\n"
                   f"while :; do\n  if {check}; then {'exit 0' if up else ':'}; else {':' if up else 'exit 0'}; fi\n"
                   f"  [ $(date +%s) -ge $end ] && exit 1\n  sleep {p['sleep']}\ndone")
         res = self.ctx.run(script, timeout=p["timeout"] + p["delay"] + 30)

@@ -314,3 +314,29 @@ def test_assert_keeps_one_condition_with_commas_whole(shell, roles):
     path = roles("r", tasks="- {name: in a list, assert: {that: \"'b' in ['a', 'b']\"}}\n")
     recap, _ = play(shell, path)
     assert recap.failed == 0 and recap.failure is None
+
+
+def test_more_roles_join_the_play_each_found_in_its_own_path(shell, roles, tmp_path):
+    shipped = roles("base", tasks="- debug: msg=shipped-base\n")
+    roles("engine", tasks="- debug: msg=engine\n", meta="dependencies: [base]\n")
+    own = tmp_path / "own"
+    (own / "base" / "tasks").mkdir(parents=True)  # named like a shipped role: runs only where it is asked for
+    (own / "base" / "tasks" / "main.yml").write_text("- debug: msg=own-base\n")
+    (own / "extra" / "tasks").mkdir(parents=True)
+    (own / "extra" / "tasks" / "main.yml").write_text("- set_fact: {seen: '{{ engine_var }}'}\n- debug: var=seen\n")
+    (own / "extra" / "meta").mkdir()
+    (own / "extra" / "meta" / "main.yml").write_text("dependencies: [base]\n")
+    recap, events = play(shell, shipped, roles=("engine",), extra_vars={"engine_var": 1},
+                         more=[(["extra"], [own, shipped])])
+    assert not recap.failed, recap.failure
+    # One play (one fact gathering): the shipped base once, the fleet's own base as extra's dependency.
+    assert events.labels() == ["Gathering Facts", "base : debug", "engine : debug", "base : debug",
+                               "extra : set_fact", "extra : debug"]
+    assert [m for _, _, _, m in events.results if "base" in m] == ["shipped-base", "own-base"]
+
+
+def test_more_roles_already_in_the_play_run_once(shell, roles):
+    path = roles("base", tasks="- debug: msg=base\n")
+    recap, events = play(shell, path, roles=("base",), more=[(["base"], path)])
+    assert recap.ok == 2
+    assert events.labels() == ["Gathering Facts", "base : debug"]

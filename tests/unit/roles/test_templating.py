@@ -107,3 +107,77 @@ def test_template_file_uses_trim_blocks(t, tmp_path):
     (tmp_path / "bad.j2").write_text("line\n{% if %}\n")
     with pytest.raises(TemplateFailure, match=r"bad.j2:2: template syntax error"):
         t.render_file(tmp_path / "bad.j2", vs(t, {}))
+
+
+def test_compiled_code_is_kept_between_templars(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "code"
+    first = Templar()
+    first.code.keep(cache)
+    (tmp_path / "f.j2").write_text("{{ a }}!\n")
+    assert first.template("{{ a }}-{{ b }}", vs(first, {"a": 1, "b": 2})) == "1-2"
+    assert first.render_file(tmp_path / "f.j2", vs(first, {"a": 1})) == "1!\n"
+    first.code.save()
+    assert cache.is_file()
+
+    second = Templar()
+    second.code.keep(cache)
+    monkeypatch.setattr(second.env, "compile", lambda *a, **k: pytest.fail("compiled again"))
+    monkeypatch.setattr(second._file_env, "compile", lambda *a, **k: pytest.fail("compiled again"))
+    assert second.template("{{ a }}-{{ b }}", vs(second, {"a": 3, "b": 4})) == "3-4"
+    assert second.render_file(tmp_path / "f.j2", vs(second, {"a": 3})) == "3!\n"
+    (tmp_path / "f.j2").write_text("{{ a }}?\n")  # a changed file is compiled again (its checksum differs)
+    monkeypatch.undo()
+    assert Templar().render_file(tmp_path / "f.j2", vs(second, {"a": 3})) == "3?\n"
+
+
+def test_kept_code_of_another_filter_set_or_a_damaged_file_is_not_used(tmp_path):
+    cache = tmp_path / "code"
+    first = Templar()
+    first.code.keep(cache)
+    first.template("{{ 'x' | quote }}", vs(first, {}))
+    first.code.save()
+    other = Templar()
+    other.env.filters.pop("quote")  # as in a later version without the filter: Jinja refuses it when compiling
+    other.code = type(other.code)("another stamp")
+    other.code.keep(cache)
+    with pytest.raises(TemplateFailure, match="quote"):
+        other.template("{{ 'x' | quote }}", vs(other, {}))
+    cache.write_bytes(b"garbage")
+    damaged = Templar()
+    damaged.code.keep(cache)
+    assert damaged.template("{{ 'x' | quote }}", vs(damaged, {})) == "x"
+
+
+def test_nothing_is_written_unless_something_was_compiled(tmp_path):
+    t = Templar()
+    t.code.save()  # not kept: nowhere to write
+    t.code.keep(tmp_path / "code")
+    t.code.save()
+    assert not (tmp_path / "code").exists()
+
+
+def test_code_of_templates_no_longer_used_is_dropped_when_saving(tmp_path):
+    cache = tmp_path / "code"
+    first = Templar()
+    first.code.keep(cache)
+    first.template("{{ 'old' }}", vs(first, {}))
+    first.code.save()
+    second = Templar()
+    second.code.keep(cache)
+    second.template("{{ 'new' }}", vs(second, {}))
+    second.code.save()
+    third = Templar()
+    third.code.keep(cache)
+    assert len(third.code._code) == 1  # 'new' alone: 'old' was not used by the second process
+
+
+def test_kept_code_others_could_have_written_is_not_used(tmp_path):
+    cache = tmp_path / "code"
+    first = Templar()
+    first.code.keep(cache)
+    first.template("{{ 'x' }}", vs(first, {}))
+    first.code.save()
+    cache.chmod(0o666)
+    second = Templar()
+    second.code.keep(cache)
+    assert not second.code._code
