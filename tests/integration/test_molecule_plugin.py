@@ -98,6 +98,36 @@ def test_a_role_of_ones_own_passes_molecule_test_on_two_local_machines(project):
     assert bridge_leftovers() == []
 
 
+def kill_tree(root: int) -> None:
+    """SIGKILL a process and everything it started. Not its process group: ansible's workers call setsid, so the
+    driver's `create` would go on making machines while destroy removes them. Stopped first, so none forks after
+    the tree was read."""
+    stopped: set[int] = set()
+    while new := ({root} | descendants(root)) - stopped:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def test_destroy_after_an_interrupted_create_leaves_nothing(project):
     cli, _, role, env = project
     create = subprocess.Popen(["molecule", "create"], cwd=role, env=env, stdout=subprocess.DEVNULL,
@@ -110,7 +140,7 @@ def test_destroy_after_an_interrupted_create_leaves_nothing(project):
             assert create.poll() is None and time.monotonic() < deadline, "create ended before making a machine"
             time.sleep(0.02)
     finally:
-        os.killpg(create.pid, signal.SIGKILL)
+        kill_tree(create.pid)
         create.wait()
     record = journal_record(cli, "hello-a")
     proc = subprocess.run(["molecule", "destroy"], cwd=role, env=env, capture_output=True, text=True, timeout=600)
