@@ -130,12 +130,18 @@ def test_compiled_code_is_kept_between_templars(tmp_path, monkeypatch):
     assert Templar().render_file(tmp_path / "f.j2", vs(second, {"a": 3})) == "3?\n"
 
 
+def kept_after(cache, source: str) -> Templar:
+    """A Templar keeping its code in `cache`, which has templated `source` and saved what it compiled."""
+    t = Templar()
+    t.code.keep(cache)
+    t.template(source, vs(t, {}))
+    t.code.save()
+    return t
+
+
 def test_kept_code_of_another_filter_set_or_a_damaged_file_is_not_used(tmp_path):
     cache = tmp_path / "code"
-    first = Templar()
-    first.code.keep(cache)
-    first.template("{{ 'x' | quote }}", vs(first, {}))
-    first.code.save()
+    kept_after(cache, "{{ 'x' | quote }}")
     other = Templar()
     other.env.filters.pop("quote")  # as in a later version without the filter: Jinja refuses it when compiling
     other.code = type(other.code)("another stamp")
@@ -158,14 +164,8 @@ def test_nothing_is_written_unless_something_was_compiled(tmp_path):
 
 def test_code_of_templates_no_longer_used_is_dropped_when_saving(tmp_path):
     cache = tmp_path / "code"
-    first = Templar()
-    first.code.keep(cache)
-    first.template("{{ 'old' }}", vs(first, {}))
-    first.code.save()
-    second = Templar()
-    second.code.keep(cache)
-    second.template("{{ 'new' }}", vs(second, {}))
-    second.code.save()
+    kept_after(cache, "{{ 'old' }}")
+    kept_after(cache, "{{ 'new' }}")
     third = Templar()
     third.code.keep(cache)
     assert len(third.code._code) == 1  # 'new' alone: 'old' was not used by the second process
@@ -173,10 +173,7 @@ def test_code_of_templates_no_longer_used_is_dropped_when_saving(tmp_path):
 
 def test_kept_code_others_could_have_written_is_not_used(tmp_path):
     cache = tmp_path / "code"
-    first = Templar()
-    first.code.keep(cache)
-    first.template("{{ 'x' }}", vs(first, {}))
-    first.code.save()
+    kept_after(cache, "{{ 'x' }}")
     cache.chmod(0o666)
     second = Templar()
     second.code.keep(cache)
