@@ -259,13 +259,6 @@ def env(name: str | None, shell: str | None, unset: bool) -> None:
     entry.env(name, shell)
 
 
-@cli.command(context_settings=_CONTEXT)
-@_name_argument()
-def config(name: str) -> None:
-    """Print the docker CLI's TLS flags for a machine."""
-    entry.one("config", name)
-
-
 @cli.command("ls", context_settings=_CONTEXT)
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="name=GLOB, driver=NAME, state=STATE, label=KEY=VALUE (repeat: a key's values are alternatives).")
@@ -292,10 +285,6 @@ def ls_(filters: tuple[str, ...], fmt: str, timeout: float | None, quiet: bool) 
         click.echo(entry.table(rows))
 
 
-def _print_table(headers: Sequence[str], rows: list[Sequence[str]]) -> None:
-    click.echo(ui.columns([headers, *rows]))
-
-
 def _template(fmt: str, sample: dict) -> gotemplate.Template | None:
     """A Go template (anything but `table` and `json`), checked against a sample before anything is asked."""
     if fmt in ("table", "json"):
@@ -311,6 +300,7 @@ for _name, _help in [
     ("status", "Print a machine's state."),
     ("ip", "Print a machine's IP address."),
     ("url", "Print a machine's engine URL."),
+    ("config", "Print the docker CLI's TLS flags for a machine."),
 ]:
     def _one(name: str, _query: str = _name) -> None:
         entry.one(_query, name)
@@ -587,7 +577,8 @@ def swarm_ls(manager: str, fmt: str) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     columns = ("machine", "hostname", "role", "state", "availability", "manager_status", "address")
-    _print_table([c.upper().replace("_", " ") for c in columns], [[r[c] or "-" for c in columns] for r in rows])
+    click.echo(ui.columns([[c.upper().replace("_", " ") for c in columns],
+                           *([r[c] or "-" for c in columns] for r in rows)]))
 
 
 # One or two examples at the end of each command's --help.
