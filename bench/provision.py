@@ -41,7 +41,7 @@ for m in overlay br_netfilter; do [ -d /sys/module/$m ] || grep -q "^$m " /proc/
 cat /proc/sys/net/ipv4/ip_forward
 dpkg-query -W -f='${{Package}} ${{Status}}\\n' docker.io containerd runc
 systemctl is-active docker containerd; systemctl is-enabled docker containerd
-command -v dockerd && dockerd --version
+command -v dockerd
 findmnt -n -o FSTYPE --target /var/lib/docker
 iptables -t nat -S POSTROUTING
 docker network inspect bridge --format '{{{{json .IPAM.Config}}}}'

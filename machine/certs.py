@@ -69,29 +69,36 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x5
 
 def ensure_ca(certs_dir: Path) -> tuple[Pair, Pair]:
     """The store's CA and client certificate, made once (under a lock) and shared by all machines."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
     ca = Pair(certs_dir / "ca.pem", certs_dir / "ca-key.pem")
     client = Pair(certs_dir / "cert.pem", certs_dir / "key.pem")
     with file_lock(certs_dir / ".lock", timeout=60, what="the certificate store"):
         if not ca.cert.exists():
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = (_builder(_name("pymachine CA"), _name("pymachine CA"), key.public_key(), _CA_DAYS)
-                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                    .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                 content_commitment=False, key_encipherment=False,
-                                                 data_encipherment=False, key_agreement=False,
-                                                 encipher_only=False, decipher_only=False), critical=True)
-                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                    .sign(key, hashes.SHA256()))
-            _write(ca, cert, key)
+            _make_ca(ca)
             client.cert.unlink(missing_ok=True)  # a client cert of an older CA is useless
         if not client.cert.exists():
+            from cryptography.x509.oid import ExtendedKeyUsageOID
+
             _issue(ca, client, "pymachine client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
     return ca, client
+
+
+def _make_ca(ca: Pair) -> None:
+    # cryptography is imported where a certificate is made: it costs ~40 ms, and every command using a machine
+    # that exists only reads the files.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (_builder(_name("pymachine CA"), _name("pymachine CA"), key.public_key(), _CA_DAYS)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    _write(ca, cert, key)
 
 
 def issue_server(ca: Pair, target: Pair, hostname: str, sans: Iterable[str]) -> Pair:

@@ -209,7 +209,7 @@ def provision_(names: tuple[str, ...], parallel: int | None, check: bool, diff: 
                registry: bool) -> None:
     """Run the provisioning roles again (idempotent)."""
     selected = tuple(t for t in tags.split(",") if t)
-    if len(names) == 1:
+    if len(names) == 1:  # `pymachine provision NAME` alone is answered by machine.entry
         commands.provision(_store(), names[0], check=check, diff=diff, tags=selected, registry=registry,
                            reporter=_reporter("tasks"))
         return

@@ -5,7 +5,9 @@ Only contexts pymachine made (recognised by their description) are ever replaced
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,21 +22,52 @@ def _docker(*args: str) -> subprocess.CompletedProcess[str] | None:
     return subprocess.run([client, "context", *args], capture_output=True, text=True)
 
 
-def _ours(name: str) -> bool | None:
-    """True if pymachine made context `name`, False if someone else did, None if there is none."""
+def _inspect(name: str) -> dict | None:
+    """The docker CLI's record of context `name`; None if there is none (or no docker CLI)."""
     proc = _docker("inspect", name)
     if proc is None or proc.returncode != 0:
         return None
+    return json.loads(proc.stdout)[0]
+
+
+def _stored(name: str) -> dict | None:
+    """The record as the CLI stores it (`Storage` in its inspect output), read without running it: every
+    provisioning ends by checking the context, and the CLI's start costs ~25 ms. None if it is not found there,
+    and the CLI is asked."""
+    store = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "contexts"
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    try:
+        record = json.loads((store / "meta" / digest / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {**record, "Storage": {"TLSPath": str(store / "tls" / digest)}} if isinstance(record, dict) else None
+
+
+def _ours(context: dict) -> bool:
     # Not --format: the CLI cannot template fields of context metadata.
-    return json.loads(proc.stdout)[0].get("Metadata", {}).get("Description") == _DESCRIPTION
+    return context.get("Metadata", {}).get("Description") == _DESCRIPTION
+
+
+def _up_to_date(context: dict, url: str, cert_dir: Path) -> bool:
+    """Whether the context already reaches `url` with the machine's certificates (nothing to write)."""
+    if context.get("Endpoints", {}).get("docker", {}).get("Host") != url:
+        return False
+    kept = Path(context.get("Storage", {}).get("TLSPath", "/nonexistent"), "docker")
+    try:
+        return all((kept / f).read_bytes() == (cert_dir / f).read_bytes() for f in ("ca.pem", "cert.pem", "key.pem"))
+    except OSError:
+        return False
 
 
 def save(name: str, url: str, cert_dir: Path) -> bool:
     """Create or update the machine's context; False when the docker CLI is missing or the name is taken."""
-    owned = _ours(name)
-    if owned is False:
-        return False
-    if owned:
+    stored = _stored(name)
+    if stored is not None and _ours(stored) and _up_to_date(stored, url, cert_dir):
+        return True
+    context = _inspect(name)
+    if context is not None:
+        if not _ours(context):
+            return False
         _docker("rm", "-f", name)
     endpoint = f"host={url},ca={cert_dir / 'ca.pem'},cert={cert_dir / 'cert.pem'},key={cert_dir / 'key.pem'}"
     proc = _docker("create", name, "--description", _DESCRIPTION, "--docker", endpoint)
@@ -42,5 +75,6 @@ def save(name: str, url: str, cert_dir: Path) -> bool:
 
 
 def remove(name: str) -> None:
-    if _ours(name):
+    context = _inspect(name)
+    if context is not None and _ours(context):
         _docker("rm", "-f", name)

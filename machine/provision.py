@@ -245,11 +245,14 @@ def role_vars(engine: dict[str, Any], ca_pem: str, server_cert: str, server_key:
 def check_roles(tags: Sequence[str] = ()) -> None:
     """Refuse broken roles (YAML, an unknown module or keyword, a missing or broken template) before a machine
     is made or touched, and a tag no task has: Ansible would run nothing for a misspelt tag, and succeed."""
-    from machine.roles.loader import as_list, load_play, shared_templar, walk  # the heaviest import
+    from machine.roles.loader import as_list, keep_plays, load_play, shared_templar, walk  # the heaviest import
 
-    # Every command that provisions comes here first: the roles' compiled templates are kept in the cache
-    # between commands. A run (machine.roles.run_roles) writes them: a command refused here writes nothing.
-    shared_templar().code.keep(Store().cache_dir / "role-templates.marshal")
+    # Every command that provisions comes here first: the roles' loaded plays and compiled templates are kept in
+    # the cache between commands. A run (machine.roles.run_roles) writes the templates: a command refused here
+    # writes none.
+    cache = Store().cache_dir
+    keep_plays(cache / "role-plays.pickle")
+    shared_templar().code.keep(cache / "role-templates.marshal")
     runs = load_play(list(ROLES), roles_dir())
     tasks = [task for run in runs for task in walk([*run.role.tasks, *run.role.handlers])]
     if not tags or any(task.action == "include_tasks" and task.tasks is None for task in tasks):

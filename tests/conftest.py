@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +49,14 @@ def cli(tmp_path: Path) -> CLI:
     return CLI(env)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests press Ctrl-C (in this process, and to the commands they start). A suite started in the background by
+    a non-interactive shell (`cmd &`) inherits SIGINT ignored: Python then never raises KeyboardInterrupt and
+    those tests would wait for it for good. Handled here, SIGINT is also back to its default in the commands."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With pytest-xdist (`scripts/test` runs integration tests on several workers), keep each module on one
@@ -56,3 +65,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
         item.add_marker(pytest.mark.xdist_group("libvirt" if module.startswith("test_libvirt") else module))
+    # xdist hands the groups out in this order. The libvirt group (TCG boots, one after another) is the longest:
+    # first, it runs beside all the others instead of starting late and finishing alone.
+    items.sort(key=lambda item: not item.path.stem.startswith("test_libvirt"))

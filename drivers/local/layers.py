@@ -37,7 +37,7 @@ from machine.errors import MachineError
 from machine.store import file_lock, write_atomic
 
 DIR = "engine-layers"
-RECIPE = 3  # bump when the build below changes what a layer holds
+RECIPE = 4  # bump when the build below changes what a layer holds
 VALID_FOR = 86400.0  # seconds between two questions to the archive (the engine role's cache_valid_time)
 BUILD_TIMEOUT = 3600.0
 # What the build's throwaway container, apt and dpkg write that is about that run and not about the packages.
@@ -47,10 +47,16 @@ STRIP = (
     "root/.ssh", "var/lib/docker", "var/lib/containers", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
     "var/cache/apt/archives/partial",
     "var/cache/debconf/*-old", "var/lib/apt/lists/partial",
-    # The engine's start at boot, which the package enabled: a machine made from the layer would start it with
-    # the package's settings and provisioning restart it with its own. It starts once, when the role enables it.
-    "etc/systemd/system/multi-user.target.wants/docker.service",
 )
+# The engine's start at boot, which the package enabled, waits for its configuration: a machine made from the
+# layer would start it with the package's settings, only for provisioning to restart it with its own. The unit
+# stays enabled (enabling it again would cost every create ~0.5 s: systemctl reloads systemd), and a placeholder
+# of the engine role's drop-in holds it back until the role writes the real one (after daemon.json).
+HELD_BACK = ("systemd/system/docker.service", "etc/systemd/system/docker.service.d/pymachine.conf", """\
+# pymachine's engine layer: replaced by the engine role's drop-in when the machine is provisioned.
+[Unit]
+ConditionPathExists=/etc/docker/daemon.json
+""")
 # Directories whose files are the build's (logs, temporary files): emptied, kept (apt and dpkg log into them).
 EMPTIED = ("var/log", "tmp", "var/tmp")
 # Same options as the engine role's apt task (machine/roles/modules/packages.py), so the layer holds what it would.
@@ -189,6 +195,7 @@ def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path 
             raise MachineError(f"the archive changed while the {packages.name} engine layer was built "
                                f"({', '.join(moved[:3])}): run the command again")
         _strip(build / "rootfs")
+        _hold_back(build / "rootfs")
         for part in ("work", "root"):
             shutil.rmtree(build / part)
         (build / "users").mkdir()
@@ -228,6 +235,14 @@ def _run_in(base: Path, build: Path, script: str) -> str:
         raise MachineError(f"building the engine layer failed (exit {proc.returncode}): "
                            f"{lines[-1] if lines else 'no output'}")
     return proc.stdout
+
+
+def _hold_back(rootfs: Path) -> None:
+    """Add HELD_BACK's placeholder when the layer installed its unit (in /usr/lib: merged /usr, or /lib)."""
+    unit, placeholder, text = HELD_BACK
+    if any((rootfs / lib / unit).exists() for lib in ("usr/lib", "lib")):
+        (rootfs / placeholder).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        write_atomic(rootfs / placeholder, text.encode(), 0o644)
 
 
 def _strip(rootfs: Path) -> None:

@@ -20,7 +20,7 @@ from machine.paths import data_dir
 from machine.store import file_lock
 
 # Bump when the recipe below changes, so old caches are not reused for a different result.
-RECIPE = 5
+RECIPE = 6
 LOOP_DEVICES = 64
 PACKAGES = (
     "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "sudo", "kmod",

@@ -10,7 +10,7 @@ from typing import Any
 
 from machine.errors import MachineError
 from machine.roles import facts as facts_mod
-from machine.roles.loader import RoleRun, Task, as_list, handler_names, load_play, shared_templar
+from machine.roles.loader import RoleRun, Task, as_list, handler_names, load_play, save_plays, shared_templar
 from machine.roles.modules import Context, ModuleFailure
 from machine.roles.remote import Become, Remote, Runner
 from machine.roles.report import Failure, Recap, Reporter, SilentReporter, TaskInfo, TaskResult
@@ -458,3 +458,4 @@ def run_roles(conn: Runner, roles: Sequence[str], roles_path: Path | Sequence[Pa
         return play.run()
     finally:
         play.templar.code.save()  # what only running compiled (templated defaults, say), if the code is kept
+        save_plays()

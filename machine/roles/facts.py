@@ -8,7 +8,8 @@ from typing import Any
 
 # Each section starts with a `@@name` line; parse_facts() reads them back. Every probe tolerates a missing tool.
 # Files are read with shell builtins (`r`) and only what has no file runs a program: each process costs a few ms
-# on a small host, and every provisioning run (every machine of a fleet at once) starts with this script.
+# on a small host, and every provisioning run (every machine of a fleet at once) starts with this script. A
+# container says what it is in /run/systemd/container, which systemd-detect-virt reads too.
 FACTS_SCRIPT = r"""
 s() { echo "@@$1"; }
 r() { while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done < "$1"; } 2>/dev/null
@@ -23,7 +24,7 @@ for p in apt-get dnf5 dnf yum zypper apk pacman; do command -v $p >/dev/null 2>&
 s meminfo; grep -E '^(MemTotal|MemFree|SwapTotal):' /proc/meminfo 2>/dev/null
 s vcpus; grep -c '^processor' /proc/cpuinfo 2>/dev/null || nproc 2>/dev/null
 s virt
-systemd-detect-virt 2>/dev/null || r /run/systemd/container || { [ -f /.dockerenv ] && echo docker; }
+r /run/systemd/container || systemd-detect-virt 2>/dev/null || { [ -f /.dockerenv ] && echo docker; }
 s cgroup
 if [ -f /sys/fs/cgroup/cgroup.controllers ]; then echo cgroup2fs; else stat -fc %T /sys/fs/cgroup 2>/dev/null; fi
 s route; routes=$(ip -4 route show default 2>/dev/null); printf '%s\n' "$routes"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -178,17 +179,72 @@ def load_play(roles: Sequence[str], roles_path: Path | Sequence[Path]) -> list[R
     """The roles in the order they run: each role's dependencies first, a role with the same parameters once.
 
     A process that loads the same roles again (`create` validates them before it makes the machine, then runs
-    them) gets the same play back while no file under the roles path changed, by content."""
+    them) gets the same play back while no file under the roles path changed, by content; so does the next
+    process, once keep_plays() was called."""
     key = (tuple(roles), tuple(str(p) for p in _paths(roles_path)))
     stamp = _stamp(_paths(roles_path))
     cached = _PLAYS.get(key)
     if cached is None or cached[0] != stamp:
-        cached = _PLAYS[key] = (stamp, _load_play(roles, roles_path))
+        kept = _kept_plays().get(key)
+        if kept is not None and kept[0] == stamp:
+            cached = _PLAYS[key] = kept
+        else:
+            cached = _PLAYS[key] = _unsaved[key] = (stamp, _load_play(roles, roles_path))
     return cached[1]
 
 
 # load_play's cache: (roles, roles path) -> (stamp of the roles path's files, the play)
 _PLAYS: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, list[RoleRun]]] = {}
+_unsaved: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, list[RoleRun]]] = {}  # loaded, not yet kept
+_kept_file: Path | None = None
+
+
+def keep_plays(path: Path | None) -> None:
+    """Use the plays kept in `path`, and save_plays() there (None: no longer). Parsing and checking the shipped
+    roles' YAML costs a command that provisions ~50 ms (with the YAML library's import); reading them back from
+    `path` costs ~1 ms."""
+    global _kept_file
+    _kept_file = path
+
+
+def _code_stamp() -> bytes:
+    """What the kept plays were made with: this Python and the role engine's code (a play holds its objects)."""
+    engine = sorted(Path(__file__).parent.rglob("*.py"))
+    return repr([sys.version, *((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in engine)]).encode()
+
+
+def _kept_plays() -> dict[Any, tuple[bytes, list[RoleRun]]]:
+    """The plays kept in the file; none if it is missing, damaged, made by other code, or writable by someone
+    else (unpickling it runs what it says, as loading our own code would)."""
+    import pickle
+
+    if _kept_file is None:
+        return {}
+    with contextlib.suppress(OSError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+                             pickle.UnpicklingError), _kept_file.open("rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+            code, plays = pickle.load(f)
+            if code == _code_stamp() and isinstance(plays, dict):
+                return plays
+    return {}
+
+
+def save_plays() -> None:
+    """Add the plays this process loaded to the kept file (the others it holds stay); called by a run, so that a
+    command refused before it writes nothing. A cache: failing to write it only costs the next run the loading."""
+    import pickle
+
+    if _kept_file is None or not _unsaved:
+        return
+    from machine.store import write_atomic  # only a process that keeps its plays needs it
+
+    new = dict(_unsaved)
+    _unsaved.clear()
+    with contextlib.suppress(OSError, TypeError, AttributeError, pickle.PicklingError):
+        data = pickle.dumps((_code_stamp(), {**_kept_plays(), **new}), protocol=pickle.HIGHEST_PROTOCOL)
+        _kept_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(_kept_file, data)
 
 
 def _stamp(paths: Sequence[Path]) -> bytes:

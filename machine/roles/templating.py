@@ -18,7 +18,6 @@ import posixpath
 import re
 import shlex
 import sys
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -26,13 +25,12 @@ from types import CodeType
 from typing import Any
 
 import jinja2
-import yaml
 from jinja2 import StrictUndefined, Undefined
 
 from machine.roles.yamlload import RoleError, Unsafe
 
 # Ansible's `omit`: an argument templated to this value is dropped from the module's arguments.
-OMIT = f"__omit_place_holder__{uuid.uuid4().hex}"
+OMIT = f"__omit_place_holder__{os.urandom(20).hex()}"
 
 _LONE_EXPR = re.compile(r"\{\{-?(.*?)-?\}\}", re.S)
 
@@ -370,12 +368,22 @@ def _flatten(seq: Iterable[Any], levels: int | None = None) -> list[Any]:
 
 
 def _to_yaml(value: Any, **kw: Any) -> str:
+    import yaml  # here: most runs never dump YAML, and the library's import costs ~15 ms
+
     return yaml.safe_dump(_plain(value), allow_unicode=True, default_flow_style=kw.pop("default_flow_style", None),
                           **kw)
 
 
 def _to_nice_yaml(value: Any, indent: int = 4, **kw: Any) -> str:
+    import yaml
+
     return yaml.safe_dump(_plain(value), allow_unicode=True, default_flow_style=False, indent=indent, **kw)
+
+
+def _from_yaml(value: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(value)
 
 
 def _plain(value: Any) -> Any:
@@ -401,7 +409,7 @@ FILTERS: dict[str, Any] = {
     "from_json": lambda v: json.loads(v),
     "to_yaml": _to_yaml,
     "to_nice_yaml": _to_nice_yaml,
-    "from_yaml": lambda v: yaml.safe_load(v),
+    "from_yaml": _from_yaml,
     "regex_replace": _regex_replace,
     "regex_search": _regex_search,
     "regex_findall": _regex_findall,

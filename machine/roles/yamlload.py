@@ -1,4 +1,7 @@
-"""YAML loading that remembers where every mapping (and each of its keys) starts, for file:line errors."""
+"""YAML loading that remembers where every mapping (and each of its keys) starts, for file:line errors.
+
+The YAML library is imported by the functions that parse: a command whose roles were kept loaded
+(machine.roles.loader.keep_plays) never needs it."""
 
 from __future__ import annotations
 
@@ -6,11 +9,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from machine.errors import MachineError
-
-_Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class RoleError(MachineError):
@@ -34,7 +33,9 @@ class LineDict(dict):
 
 
 def _loader(display: str) -> type:
-    class Loader(_Base):  # type: ignore[misc, valid-type]
+    import yaml
+
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> LineDict:
             self.flatten_mapping(node)
             data = LineDict()
@@ -57,6 +58,8 @@ def _loader(display: str) -> type:
 
 def load_yaml(path: Path, display: str) -> Any:
     """Parse `path`; `display` is the name used in messages (e.g. `roles/x/tasks/main.yml`)."""
+    import yaml
+
     try:
         text = path.read_text()
     except OSError as e:

@@ -131,11 +131,14 @@ def test_provisioning_finds_the_packages_and_still_configures_the_machine(first)
 
 def test_the_engine_starts_once_with_its_configuration(cli, first):
     # The layer does not start the engine at boot (it would start with the package's settings, only to be
-    # restarted by provisioning): the role starts it once, configured.
-    assert not (layer_of(cli, "a") / "etc/systemd/system/multi-user.target.wants/docker.service").exists()
+    # restarted by provisioning): the role starts it once, configured. It is enabled already (no `systemctl
+    # enable`, which reloads systemd), and starts at every later boot.
+    statuses = dict(first.statuses)
+    assert statuses["engine : Docker enabled and started"] == "ok", first.stream.getvalue()
     starts = ssh(cli, "a", "journalctl -b -u docker.service -o cat | grep -c '^Starting docker.service'")
     assert starts == "1", ssh(cli, "a", "journalctl -b -u docker.service -o cat")
-    assert ssh(cli, "a", "systemctl is-enabled docker.service") == "enabled"  # and at every later boot
+    assert ssh(cli, "a", "systemctl is-enabled docker.service") == "enabled"
+    assert "ConditionPathExists" not in ssh(cli, "a", "systemctl cat docker.service")  # the role's drop-in now
 
 
 def test_machines_from_one_layer_have_identities_of_their_own(cli, first):

@@ -67,13 +67,27 @@ def test_the_build_leaves_no_identity_in_the_layer(tmp_path):
                 "var/log/apt/term.log", "var/lib/docker/engine-id", "usr/bin/dockerd", "etc/group"):
         (rootfs / rel).parent.mkdir(parents=True, exist_ok=True)
         (rootfs / rel).write_text("x")
-    # Links to what only the machine has dangle on the host: they go too (the engine's start at boot, resolv.conf).
+    # Links dangle on the host: the build's resolv.conf goes (named without a wildcard), the units' links stay.
     wants = rootfs / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True)
     (wants / "docker.service").symlink_to("/nonexistent/lib/systemd/system/docker.service")
-    (wants / "ssh.service").symlink_to("/nonexistent/lib/systemd/system/ssh.service")
     (rootfs / "etc/resolv.conf").symlink_to("/nonexistent/run/systemd/resolve/stub-resolv.conf")
     layers._strip(rootfs)
     kept = sorted(str(p.relative_to(rootfs)) for p in rootfs.rglob("*") if p.is_file() or p.is_symlink())
-    assert kept == ["etc/group", "etc/systemd/system/multi-user.target.wants/ssh.service", "usr/bin/dockerd"]
+    assert kept == ["etc/group", "etc/systemd/system/multi-user.target.wants/docker.service", "usr/bin/dockerd"]
     assert (rootfs / "var/log/apt").is_dir()  # apt logs into it on the machine
+
+
+def test_a_layer_with_the_engine_holds_its_start_back_until_provisioning(tmp_path):
+    unit, placeholder, _ = layers.HELD_BACK
+    without, with_engine = tmp_path / "podman", tmp_path / "docker"
+    (with_engine / "usr/lib" / unit).parent.mkdir(parents=True)
+    (with_engine / "usr/lib" / unit).write_text("[Service]\n")
+    without.mkdir()
+    for rootfs in (without, with_engine):
+        layers._hold_back(rootfs)
+    assert not (without / placeholder).exists()
+    # The engine role writes its own drop-in at this path (after daemon.json): the condition holds from then on.
+    assert "ConditionPathExists=/etc/docker/daemon.json" in (with_engine / placeholder).read_text()
+    tasks = (Path(__file__).parents[2] / "roles/engine/tasks/docker.yml").read_text()
+    assert f"dest: /{placeholder}\n" in tasks

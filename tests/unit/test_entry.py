@@ -76,3 +76,13 @@ def test_failures_read_as_the_full_command_line_gives_them(home: Path):
 @pytest.mark.parametrize("args", [("ls", "-q"), ("ip", "--help"), ("ip",), ("ip", "web1", "web2"), ("version",)])
 def test_other_forms_go_to_the_full_command_line(home: Path, args: tuple[str, ...]):
     assert "click" in run(home, *args)[2]
+
+
+def test_provision_of_one_machine_skips_the_full_command_line(home: Path):
+    """`pymachine provision web1` re-checks a machine's configuration from scripts and loops: no click either."""
+    quick = run(home, "provision", "web1")
+    full = run(home, "provision", "--", "web1")
+    assert not {"click", "machine.cli"} & set(quick[2]) and "click" in full[2]
+    assert quick[0] == full[0] == 1
+    assert quick[3] == full[3] == ("pymachine: error: machine 'web1' is not running "
+                                   "(start it with `pymachine start web1`)")

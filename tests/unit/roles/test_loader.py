@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from machine.roles import RoleError, load_role, run_roles, validate
+from machine.roles import RoleError, load_role, loader, run_roles, validate
 from machine.roles.loader import handler_names, load_play
 from machine.roles.modules import MODULES
 
@@ -132,3 +136,49 @@ def test_args_keyword_adds_options_to_a_free_form_module(roles):
     path = roles("r", tasks="- command: make install\n  args:\n    chdir: /src\n    creates: /usr/bin/x\n")
     task = load_role("r", path).tasks[0]
     assert task.args == {"_raw_params": "make install", "chdir": "/src", "creates": "/usr/bin/x"}
+
+
+_NEXT_PROCESS = """
+import json, sys
+from pathlib import Path
+from machine.roles import loader
+loader.keep_plays(Path(sys.argv[1]))
+play = loader.load_play(["r"], sys.argv[2])
+loader.save_plays()
+print(json.dumps([[t.name for t in play[0].role.tasks], "yaml" in sys.modules]))
+"""
+
+
+def next_process(kept, path) -> tuple[list[str], bool]:
+    """What a new process loads with `kept` as its kept plays: (task names, whether it parsed YAML)."""
+    out = subprocess.run([sys.executable, "-c", _NEXT_PROCESS, str(kept), str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    return tuple(json.loads(out))
+
+
+def test_a_loaded_play_is_kept_for_the_next_process_until_a_role_file_changes(roles, tmp_path):
+    path = roles("r", tasks="- name: first\n  debug: {}\n")
+    kept = tmp_path / "cache" / "plays"
+    assert next_process(kept, path) == (["first"], True)
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert next_process(kept, path) == (["first"], False)  # read back: no YAML parsed, not even imported
+
+    (path / "r/tasks/main.yml").write_text("- name: second\n  debug: {}\n")
+    assert next_process(kept, path) == (["second"], True)
+    assert next_process(kept, path) == (["second"], False)
+
+    kept.chmod(0o666)  # someone else could have written it: unpickling it would run their code
+    assert next_process(kept, path) == (["second"], True)
+    kept.write_bytes(b"damaged")
+    assert next_process(kept, path) == (["second"], True)
+
+
+def test_a_refused_command_keeps_nothing(roles, tmp_path):
+    path = roles("r", tasks="- name: first\n  debug: {}\n")
+    loader.keep_plays(tmp_path / "plays")
+    try:
+        load_play(["r"], path)  # loaded (checked), but no run followed: save_plays() was not called
+        assert not (tmp_path / "plays").exists()
+    finally:
+        loader.keep_plays(None)
+        loader._unsaved.clear()
