@@ -32,12 +32,13 @@ import time
 from pathlib import Path
 
 from machine import ui
+from machine.drivers.local.rootfs import mark_up_to_date
 from machine.enginecache import PackageSet
 from machine.errors import MachineError
 from machine.store import file_lock, write_atomic
 
 DIR = "engine-layers"
-RECIPE = 4  # bump when the build below changes what a layer holds
+RECIPE = 5  # bump when the build below changes what a layer holds
 VALID_FOR = 86400.0  # seconds between two questions to the archive (the engine role's cache_valid_time)
 BUILD_TIMEOUT = 3600.0
 # What the build's throwaway container, apt and dpkg write that is about that run and not about the packages.
@@ -196,6 +197,8 @@ def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path 
                                f"({', '.join(moved[:3])}): run the command again")
         _strip(build / "rootfs")
         _hold_back(build / "rootfs")
+        if (build / "rootfs/usr").is_dir():  # its /usr hides the base's, and is newer than the base's stamps
+            mark_up_to_date(build / "rootfs")
         for part in ("work", "root"):
             shutil.rmtree(build / part)
         (build / "users").mkdir()

@@ -20,7 +20,7 @@ from machine.paths import data_dir
 from machine.store import file_lock
 
 # Bump when the recipe below changes, so old caches are not reused for a different result.
-RECIPE = 6
+RECIPE = 7
 LOOP_DEVICES = 64
 PACKAGES = (
     "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "sudo", "kmod",
@@ -110,6 +110,7 @@ def _customise(root: Path) -> None:
     _install(root, "etc/systemd/system/pymachine-loop-devices.service", "loop-devices.service")
     _write(root / "usr/lib/pymachine/loop-devices.conf", _render("loop-devices.conf.j2", count=LOOP_DEVICES))
     _install(root, "etc/systemd/system/ssh.service.d/pymachine.conf", "ssh-boot.conf")
+    mark_up_to_date(root)
     mounts = [_engine_data_mount(root, name, where) for name, where in ENGINE_VOLUMES.items()]
     _run(["systemctl", "--root", str(root), "enable", "systemd-networkd", "ssh",
           "pymachine-cgroup-delegate.service", "pymachine-loop-devices.service", *mounts])
@@ -118,6 +119,18 @@ def _customise(root: Path) -> None:
           *(f"modprobe@{m}.service" for m in ("configfs", "dm_mod", "drm", "efi_pstore", "fuse", "loop")),
           "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-kernel-config.mount",
           "sys-fs-fuse-connections.mount"])
+
+
+def mark_up_to_date(root: Path) -> None:
+    """Mark `root`'s /etc and /var as updated for its /usr, as systemd-update-done would. Otherwise every boot runs
+    systemd's update units (sysusers, ldconfig, the hwdb and journal catalog), and sysusers is on the way to sshd
+    (networkd waits for it): work the packages' own scripts did when they were installed into `root`."""
+    usr = (root / "usr").stat().st_mtime_ns
+    for directory in ("etc", "var"):
+        stamp = root / directory / ".updated"
+        # systemd compares the stamp's mtime with /usr's (and its TIMESTAMP_NSEC line where mtimes are coarse).
+        stamp.write_text(f"# Written by pymachine, as systemd-update-done would.\nTIMESTAMP_NSEC={usr}\n")
+        os.utime(stamp, ns=(usr, usr))
 
 
 def _engine_data_mount(root: Path, name: str, where: str) -> str:

@@ -139,6 +139,8 @@ def test_the_engine_starts_once_with_its_configuration(cli, first):
     assert starts == "1", ssh(cli, "a", "journalctl -b -u docker.service -o cat")
     assert ssh(cli, "a", "systemctl is-enabled docker.service") == "enabled"
     assert "ConditionPathExists" not in ssh(cli, "a", "systemctl cat docker.service")  # the role's drop-in now
+    # The layer's /usr is newer than the base's: it is marked up to date too (no update units at boot).
+    assert ssh(cli, "a", "systemctl show -P ConditionResult systemd-sysusers") == "no"
 
 
 def test_machines_from_one_layer_have_identities_of_their_own(cli, first):

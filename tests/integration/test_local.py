@@ -45,6 +45,8 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
     assert banner == "SSH-"
     # The engine installed later needs writable cgroup controllers of the machine's own.
     local("ssh", "m1", "--", "mkdir /sys/fs/cgroup/cpuset/probe && rmdir /sys/fs/cgroup/cpuset/probe")
+    # The base is up to date for its /usr: no boot runs systemd's update units (sysusers delays sshd).
+    assert local("ssh", "m1", "--", "systemctl show -P ConditionResult systemd-sysusers").stdout == "no\n"
 
     # scp both ways, files and directories.
     tree = tmp_path / "tree"
