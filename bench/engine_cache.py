@@ -67,6 +67,7 @@ def main() -> None:
             pymachine(env, "rm", "-y", "plain")
             rows.append(("cold: the layer is built first (apt-get update + install, once)",
                          pymachine(env, "create", *ENGINE, "cold"), upper_mib(home, "cold")))
+            pymachine(env, "rm", "-y", "cold")  # each create starts with no other machine running
             warm, disk = [], 0.0
             for i in range(args.rounds):
                 warm.append(pymachine(env, "create", *ENGINE, f"warm{i}"))
