@@ -248,8 +248,8 @@ def check_roles(tags: Sequence[str] = ()) -> None:
     from machine.roles.loader import as_list, keep_plays, load_play, shared_templar, walk  # the heaviest import
 
     # Every command that provisions comes here first: the roles' loaded plays and compiled templates are kept in
-    # the cache between commands. A run (machine.roles.run_roles) writes the templates: a command refused here
-    # writes none.
+    # the cache between commands. A run (machine.roles.run_roles) writes them: a command refused here writes
+    # nothing.
     cache = Store().cache_dir
     keep_plays(cache / "role-plays.pickle")
     shared_templar().code.keep(cache / "role-templates.marshal")
