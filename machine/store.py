@@ -44,6 +44,25 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     _fsync_dir(path.parent)
 
 
+def read_own(path: Path) -> bytes | None:
+    """`path`'s content if this user owns it and nobody else may write it, else None (also when it cannot be read):
+    for cache files whose content runs as our code (compiled templates, loaded plays)."""
+    try:
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            return None if st.st_uid != os.geteuid() or st.st_mode & 0o022 else f.read()
+    except OSError:
+        return None
+
+
+def write_cache(path: Path, data: bytes) -> None:
+    """Replace the cache file `path` (readable by its owner only); a failure only costs the next run the work
+    the file would have spared it."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+
+
 def _fsync_dir(path: Path) -> None:
     dir_fd = os.open(path, os.O_RDONLY)
     try:

@@ -218,15 +218,15 @@ def _kept_plays() -> dict[Any, tuple[bytes, list[RoleRun]]]:
     else (unpickling it runs what it says, as loading our own code would)."""
     import pickle
 
-    if _kept_file is None:
+    from machine.store import read_own
+
+    data = read_own(_kept_file) if _kept_file is not None else None
+    if data is None:
         return {}
-    with contextlib.suppress(OSError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-                             pickle.UnpicklingError), _kept_file.open("rb") as f:
-        st = os.fstat(f.fileno())
-        if st.st_uid == os.geteuid() and not st.st_mode & 0o022:
-            code, plays = pickle.load(f)
-            if code == _code_stamp() and isinstance(plays, dict):
-                return plays
+    with contextlib.suppress(EOFError, ValueError, TypeError, AttributeError, ImportError, pickle.UnpicklingError):
+        code, plays = pickle.loads(data)
+        if code == _code_stamp() and isinstance(plays, dict):
+            return plays
     return {}
 
 
@@ -237,14 +237,13 @@ def save_plays() -> None:
 
     if _kept_file is None or not _unsaved:
         return
-    from machine.store import write_atomic  # only a process that keeps its plays needs it
+    from machine.store import write_cache  # only a process that keeps its plays needs it
 
     new = dict(_unsaved)
     _unsaved.clear()
-    with contextlib.suppress(OSError, TypeError, AttributeError, pickle.PicklingError):
-        data = pickle.dumps((_code_stamp(), {**_kept_plays(), **new}), protocol=pickle.HIGHEST_PROTOCOL)
-        _kept_file.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(_kept_file, data)
+    with contextlib.suppress(TypeError, AttributeError, pickle.PicklingError):
+        write_cache(_kept_file, pickle.dumps((_code_stamp(), {**_kept_plays(), **new}),
+                                             protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _stamp(paths: Sequence[Path]) -> bytes:

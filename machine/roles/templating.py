@@ -120,12 +120,14 @@ class CodeCache(jinja2.BytecodeCache):
     def keep(self, path: Path) -> None:
         """Use the code `path` holds, and save() there; a missing, damaged or outdated file is ignored, and so is
         one that someone else could have written (its code would run as ours)."""
+        from machine.store import read_own
+
         self._file = path
-        with contextlib.suppress(OSError, ValueError, EOFError, TypeError), path.open("rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                return
-            stamp, code = marshal.loads(f.read())
+        data = read_own(path)
+        if data is None:
+            return
+        with contextlib.suppress(ValueError, EOFError, TypeError):
+            stamp, code = marshal.loads(data)
             if stamp == self._stamp and isinstance(code, dict):
                 self._code = {**code, **self._code}
 
@@ -135,14 +137,11 @@ class CodeCache(jinja2.BytecodeCache):
         next run the compiling."""
         if self._file is None or not self._dirty:
             return
-        from machine.store import write_atomic  # only a process that keeps its code needs it
+        from machine.store import write_cache  # only a process that keeps its code needs it
 
         self._dirty = False
         used = set(self._used)  # copies first: other threads (a fleet's machines) may be adding
-        data = marshal.dumps((self._stamp, {k: v for k, v in dict(self._code).items() if k in used}))
-        with contextlib.suppress(OSError):
-            self._file.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self._file, data)
+        write_cache(self._file, marshal.dumps((self._stamp, {k: v for k, v in dict(self._code).items() if k in used})))
 
 
 class Templar:
