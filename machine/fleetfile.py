@@ -198,7 +198,7 @@ def _machine(key: str, where: str, defaults: Any, entry: Any, roles_path: tuple[
         cls = drivers.get(driver)
     except UsageError as e:
         raise fail(driver_where, str(e)) from None
-    _known_options(settings, fail)
+    _known_options({k: v for k, v in settings.items() if k not in {o.key for o in cls.options}}, fail)
     options = _driver_options(cls, settings, fail, where)
     engine = _engine(engine_raw, fail, where)
     try:
@@ -215,8 +215,10 @@ def _as_keys(message: str) -> str:
 
 
 def _known_options(settings: dict[str, tuple[Any, str]], fail: Fail) -> None:
-    """What is left after the fleet and engine keys must be some driver's option (the chosen driver's is
-    checked by create's parser)."""
+    """What is left after the fleet and engine keys and the chosen driver's options must be another driver's
+    option (refused later, by create's parser, with its own message). The other drivers are imported only then."""
+    if not settings:
+        return
     driver_keys = {o.key for d in drivers.names() for o in drivers.get(d).options}
     for option, (_, at) in settings.items():
         if option in driver_keys:

@@ -63,7 +63,7 @@ def progress() -> Reporter:
     line = ui.current_line()
     if line is not None:
         return _OnLine(line)
-    return _Spinner() if ui.console.is_terminal else SilentReporter()
+    return _Spinner() if ui.is_terminal() else SilentReporter()
 
 
 def tasks(stream: io.StringIO | None = None) -> Reporter:

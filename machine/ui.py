@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import threading
 import time
@@ -25,6 +26,8 @@ _live = threading.Event()  # set while a live display owns the terminal
 # A long step's progress in a log: often enough to show it is alive, seldom enough to stay readable (a
 # three-minute debootstrap is a few dozen lines, not the thousands of packages and chunks behind them).
 PROGRESS_INTERVAL = 5.0
+# The variables with which rich takes a stream that is not a terminal for one.
+_FORCING = {"FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"}
 
 
 @functools.cache
@@ -33,6 +36,14 @@ def _console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False)
+
+
+def is_terminal() -> bool:
+    """Whether progress goes to a terminal, as rich decides it; answered without importing rich (~15 ms of a
+    command's start) where stderr is plainly not one and no variable makes rich treat it as one."""
+    if not sys.stderr.isatty() and not os.environ.keys() & _FORCING:
+        return False
+    return is_terminal()
 
 
 def __getattr__(name: str) -> Any:
@@ -72,7 +83,7 @@ def step(message: str) -> Iterator[None]:
         line.update(message)
         yield
         return
-    if not _console().is_terminal:
+    if not is_terminal():
         yield
         return
     with _console().status(message):
@@ -111,7 +122,7 @@ def long_step(message: str) -> Iterator[LongStep]:
         yield step
         line.update(step.ended or f"{message}: done in {duration(step.elapsed())}")
         return
-    if not _console().is_terminal:
+    if not is_terminal():
         yield LongStep(message, lambda text: None)
         return
     from rich.markup import escape
@@ -137,7 +148,7 @@ def columns(rows: Sequence[Sequence[str]]) -> str:
 
 
 def note(message: str) -> None:
-    if _console().is_terminal:
+    if is_terminal():
         _console().print(message)
 
 
@@ -296,6 +307,6 @@ class LiveBoard:
 def board(names: Sequence[str], done: str, plain_for_one: bool = False) -> Board | None:
     """The lines for a command over `names` (None: a single machine keeps the spinner of ui.step, and outside a
     terminal its silence, unless `plain_for_one`)."""
-    if _console().is_terminal:
+    if is_terminal():
         return LiveBoard(names, done) if len(names) > 1 else None
     return PlainBoard(done) if len(names) > 1 or plain_for_one else None

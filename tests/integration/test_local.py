@@ -47,6 +47,8 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
     local("ssh", "m1", "--", "mkdir /sys/fs/cgroup/cpuset/probe && rmdir /sys/fs/cgroup/cpuset/probe")
     # The base is up to date for its /usr: no boot runs systemd's update units (sysusers delays sshd).
     assert local("ssh", "m1", "--", "systemctl show -P ConditionResult systemd-sysusers").stdout == "no\n"
+    # Logins run no message-of-the-day scripts (pam_motd writes what they print to /run/motd.dynamic).
+    assert local("ssh", "m1", "--", "ls /run/motd.dynamic", check=False).returncode != 0
 
     # scp both ways, files and directories.
     tree = tmp_path / "tree"

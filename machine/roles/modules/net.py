@@ -101,9 +101,12 @@ class WaitFor(Module):
             check = f"[ -e {path} ]" + (f" && grep -Eq {q(p['search_regex'])} {path}" if p["search_regex"] else "")
             what = p["path"]
         up = p["state"] in ("started", "present")
-        delay = f"; sleep {p['delay']}" if p["delay"] else ""  # not `sleep 0`: a process for nothing
-        script = (f"end=$(( $(date +%s) + {p['timeout']} )){delay}\n"
+        delay = f"sleep {p['delay']}\n" if p["delay"] else ""  # not `sleep 0`: a process for nothing
+        # The clock is read only once the first check failed (a no-op run finds the port open and starts no
+        # `date`), so the timeout may run up to one check longer than asked.
+        script = (f"{delay}end=\n"
                   f"while :; do\n  if {check}; then {'exit 0' if up else ':'}; else {':' if up else 'exit 0'}; fi\n"
+                  f"  [ -n \"$end\" ] || end=$(( $(date +%s) + {p['timeout'] - p['delay']} ))\n"
                   f"  [ $(date +%s) -ge $end ] && exit 1\n  sleep {p['sleep']}\ndone")
         res = self.ctx.run(script, timeout=p["timeout"] + p["delay"] + 30)
         if res.rc == 2:

@@ -103,7 +103,6 @@ class Apt(_Packages):
     # Ansible reads the cache age from this stamp (written by apt's own hooks on Ubuntu, by us elsewhere).
     _STAMP = "/var/lib/apt/periodic/update-success-stamp"
     _FORMAT = "${Package}|${db:Status-Abbrev}|${Version}\n"
-    holder = ""  # `PID COMMAND` of whoever held an apt or dpkg lock at the probe
 
     def plan(self) -> tuple[list[str], list[str], bool]:
         p = self.params
@@ -111,14 +110,13 @@ class Apt(_Packages):
         bases = " ".join(q(_base(n)) for n in names)
         latest = f"apt-cache policy {bases} 2>/dev/null" if p["state"] == "latest" and names else "true"
         query = f"dpkg-query -W -f={q(self._FORMAT)} {bases} 2>/dev/null" if names else "true"
-        # The lock holder and the journal ride along in the probe: no round trip of their own.
+        # The journal rides along in the probe: no round trip of its own.
         out = self.sh(
             f"date +%s; stat -c %Y {self._STAMP} 2>/dev/null || stat -c %Y /var/lib/apt/lists 2>/dev/null || echo 0; "
-            f"{lock_holder_function()}; holder || echo; "
             f"for f in {_DPKG_JOURNAL}/[0-9]*; do [ -e \"$f\" ] && echo interrupted || echo; break; done; "
             f"echo {_MARK}; {query}; echo {_MARK}; {latest}; true", what="probe").stdout
         head, dpkg, policy = out.split(_MARK + "\n")
-        now, stamp, self.holder, journal = head.split("\n")[:4]
+        now, stamp, journal = head.split("\n")[:3]
         self.repair = journal == "interrupted"
         installed = {}
         for line in dpkg.splitlines():
@@ -140,8 +138,10 @@ class Apt(_Packages):
     def apply(self, install: list[str], remove: list[str], refresh: bool) -> bool:
         p = self.params
         timeout = p["lock_timeout"]
-        if self.holder:
-            pid, _, command = self.holder.partition(" ")
+        # Asked here, not in the plan's probe: a run with nothing to install starts no `stat` and `awk` for it.
+        holder = self.sh(f"{lock_holder_function()}; holder || true", what="probe").stdout.strip()
+        if holder:
+            pid, _, command = holder.partition(" ")
             log.warning("%s: waiting up to %ds for the dpkg lock held by process %s (%s)",
                         self.ctx.facts.get("hostname", "host"), timeout, pid, command or "?")
         # apt waits on its own too (DPkg::Lock::Timeout), for whoever takes a lock after the wait below.
