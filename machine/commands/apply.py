@@ -277,7 +277,7 @@ def _create(store: Store, fleet: Fleet, step: Step) -> str:
     and variables. A failed provisioning keeps the (marked) machine: the next apply finds it drifted."""
     spec = step.spec
     assert spec is not None
-    create(store, spec.name, spec.driver, spec.options, engine=spec.engine, provision=False)
+    create(store, spec.name, spec.driver, spec.options, engine=spec.engine, provision=False, prepare_engine=True)
     with locked(store, spec.name) as (machine, driver):
         machine.fleet = spec.marker(fleet.name)
         machine.save()

@@ -36,11 +36,14 @@ def parse_driver_options(driver_name: str, raw: dict[str, Any]) -> dict[str, Any
 # -- create ------------------------------------------------------------------------------------------------
 def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options: dict[str, Any] | None = None,
            engine: dict[str, Any] | None = None, provision: bool = True, keep_on_failure: bool = False,
-           reporter=None, wait_for_ssh: bool = True) -> Machine:
+           reporter=None, wait_for_ssh: bool = True, prepare_engine: bool | None = None) -> Machine:
     """Make and boot a machine and, with `provision`, install its engine (configured by `engine`, from
     provision.engine_config, recorded either way for a later `provision`); on failure leave nothing.
-    Without `wait_for_ssh`, return once the host is made (and so without provisioning)."""
+    Without `wait_for_ssh`, return once the host is made (and so without provisioning). `prepare_engine`: make the
+    host with the engine's packages from the driver's cache (default: when this create provisions; a caller that
+    provisions the machine itself right after says True)."""
     provision = provision and wait_for_ssh
+    prepare_engine = provision if prepare_engine is None else prepare_engine
     validate_name(name)
     values = parse_driver_options(driver_name, options or {})
     if store.exists(name):
@@ -58,7 +61,7 @@ def create(store: Store, name: str, driver_name: str = drivers.DEFAULT, options:
                 keys = sshkeys.new_keypair(f"pymachine@{name}")
                 write_atomic(machine.key_path, keys.private_openssh, 0o600)
                 write_atomic(machine.key_path.with_suffix(".pub"), (keys.public_line + "\n").encode(), 0o644)
-            packages = enginecache.package_set(engine or {}) if provision else None
+            packages = enginecache.package_set(engine or {}) if prepare_engine else None
             if packages is not None and isinstance(driver, enginecache.PreparesPackages):
                 driver.prepare_packages(packages)  # a host with them installed: provisioning then finds them there
             with ui.step(f"creating {name} ({driver_name})"):

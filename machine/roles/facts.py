@@ -7,9 +7,10 @@ import shlex
 from typing import Any
 
 # Each section starts with a `@@name` line; parse_facts() reads them back. Every probe tolerates a missing tool.
-# Files are read with shell builtins (`r`) and only what has no file runs a program: each process costs a few ms
-# on a small host, and every provisioning run (every machine of a fleet at once) starts with this script. A
-# container says what it is in /run/systemd/container, which systemd-detect-virt reads too.
+# Files are read with shell builtins (`r`; not sysctl's numbers, which dash's byte-wise `read` cannot read past
+# their first byte), CPUs are counted by a glob, and only what has no file runs a program: each process costs a
+# few ms on a small host, and every provisioning run (every machine of a fleet at once) starts with this script.
+# A container says what it is in /run/systemd/container, which systemd-detect-virt reads too.
 FACTS_SCRIPT = r"""
 s() { echo "@@$1"; }
 r() { while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done < "$1"; } 2>/dev/null
@@ -21,8 +22,8 @@ s hostname; r /proc/sys/kernel/hostname || uname -n
 s service_mgr; if [ -d /run/systemd/system ]; then echo systemd; else r /proc/1/comm; fi
 s pkg_mgr
 for p in apt-get dnf5 dnf yum zypper apk pacman; do command -v $p >/dev/null 2>&1 && { echo $p; break; }; done
-s meminfo; grep -E '^(MemTotal|MemFree|SwapTotal):' /proc/meminfo 2>/dev/null
-s vcpus; grep -c '^processor' /proc/cpuinfo 2>/dev/null || nproc 2>/dev/null
+s meminfo; r /proc/meminfo
+s vcpus; set -- /sys/devices/system/cpu/cpu[0-9]*; [ -e "$1" ] && echo $# || nproc 2>/dev/null
 s virt
 r /run/systemd/container || systemd-detect-virt 2>/dev/null || { [ -f /.dockerenv ] && echo docker; }
 s cgroup

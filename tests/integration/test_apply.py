@@ -63,6 +63,8 @@ def test_apply_makes_keeps_reprovisions_and_prunes_only_its_own(cli, tmp_path):
     assert machine_record(cli, "web1")["fleet"]["name"] == "test-apply"
     assert cli("ssh", "web1", "--", "cat", "/etc/fleet-stamp").stdout == "one\n"
     assert machine_record(cli, "hand1")["fleet"] == {}
+    # The fleet's machines come with the engine's packages from the engine cache, as `create`'s do.
+    assert all(machine_record(cli, name)["resources"].get("engine_layer") for name in ("web1", "web2"))
 
     again = cli("apply", str(path), timeout=900)
     assert again.stdout.strip().splitlines()[-1] == "2 machines unchanged"
