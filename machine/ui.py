@@ -43,7 +43,7 @@ def is_terminal() -> bool:
     command's start) where stderr is plainly not one and no variable makes rich treat it as one."""
     if not sys.stderr.isatty() and not os.environ.keys() & _FORCING:
         return False
-    return is_terminal()
+    return _console().is_terminal
 
 
 def __getattr__(name: str) -> Any:
