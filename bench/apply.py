@@ -1,4 +1,4 @@
-"""`pymachine apply` of an unchanged fleet against one machine's no-op, and against ansible-playbook (forks = N).
+"""`pymachine apply` of an unchanged fleet against one machine's no-op; pymachine against pyinfra and ansible-playbook.
 
 Run as root: `.venv/bin/python bench/apply.py [--machines 8] [--rounds 3] [--mitogen DIR] [--pyinfra VENV]`
 (ansible-core in the venv; DIR: where `pip install --target DIR mitogen` put Mitogen; VENV: a virtualenv with
@@ -10,14 +10,19 @@ rounds, every run a whole command as a user types it:
 - `pymachine provision cmp1`: one machine's no-op (the roles, nothing to change);
 - `pymachine apply one.yaml`: the same machine as a fleet of one (plan: a check-mode run; nothing to do);
 - `pymachine apply fleet.yaml`: all N machines, unchanged ("N machines unchanged" asserted);
+- floor: bench/provision.py's hand-written script of the roles' checks, run by `ssh` on the first machine and
+  on all N at once: what the machines' own work costs with no tool around it, and how it grows on these CPUs;
 - `ansible-playbook -f N`: the same roles and variables on the same N machines (bench/ansible_compare.py's
   setup: pipelining, ControlPersist masters up before the clock runs, facts limited to what the roles read);
 - with --mitogen: the same with Mitogen's `mitogen_linear` strategy;
 - with --pyinfra (or pyinfra on PATH): `pyinfra -y --parallel N` of a deploy checking what the roles manage,
   on the first machine alone and on all N: the seven files they write (content, mode, owner; copies taken from
   each machine before the clock runs), the engine packages, the engine's and containerd's services (running,
-  enabled) and ip_forward. It checks less than the roles do (no module probes, no engine bridge check), so it
-  is a lower bound for pyinfra.
+  enabled) and ip_forward, and restarting the engine when a file was written. It checks less than the roles do
+  (no module probes, no engine bridge check), so it is a lower bound for pyinfra.
+- converge, on the first machine and on all N: the seven files deleted before each round (not timed), then
+  `pymachine provision` of the machines (at once), the pyinfra deploy, and ansible-playbook write them again and
+  restart the engine (each asserted to change something).
 
 The machines go on PYMACHINE_BENCH_BRIDGE / PYMACHINE_BENCH_SUBNET (defaults below).
 """
@@ -35,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ansible_compare import MANAGED, Bench  # bench/, the script's own directory
+from provision import FLOOR
 from timing import median_seconds
 
 BRIDGE = os.environ.get("PYMACHINE_BENCH_BRIDGE", "pmbench2")
@@ -53,13 +59,17 @@ def fleet_file(path: Path, names: list[str]) -> Path:
 PYINFRA_DEPLOY = """\
 from pyinfra import host
 from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations.util import any_changed
 
-for path, mode, user, group in host.data.managed:
-    files.put(name=f"file {path}", src=f"{host.data.copies}{path}", dest=path, mode=mode, user=user, group=group)
+written = [files.put(name=f"file {path}", src=f"{host.data.copies}{path}", dest=path, mode=mode, user=user,
+                     group=group) for path, mode, user, group in host.data.managed]
 apt.packages(name="engine packages", packages=["docker.io", "containerd", "runc"])
 for unit in ("docker", "containerd"):
     systemd.service(name=f"service {unit}", service=unit, running=True, enabled=True)
 server.sysctl(name="ip_forward", key="net.ipv4.ip_forward", value=1)
+# As the engine role's handler: the engine restarts (units read again) only when its configuration was written.
+systemd.service(name="restart docker", service="docker", restarted=True, daemon_reload=True,
+                _if=any_changed(*written))
 """
 
 
@@ -91,9 +101,9 @@ def pyinfra_setup(names: list[str], work: Path) -> tuple[Path, Path, list[str]]:
     return inventory, deploy, [address for address, _ in hosts]
 
 
-def run_pyinfra(pyinfra: Path, inventory: Path, deploy: Path, hosts: list[str]) -> None:
+def run_pyinfra(pyinfra: Path, inventory: Path, deploy: Path, hosts: list[str], converge: bool = False) -> None:
     """One pyinfra run on `hosts` (all at once), which must succeed and change nothing (its results table's
-    grand total)."""
+    grand total), or with `converge` change something."""
     limits = [arg for host in hosts for arg in ("--limit", host)]
     proc = subprocess.run([str(pyinfra), "-y", "--parallel", str(len(hosts)), *limits, str(inventory), str(deploy)],
                           capture_output=True, text=True)
@@ -101,14 +111,45 @@ def run_pyinfra(pyinfra: Path, inventory: Path, deploy: Path, hosts: list[str]) 
     total = next((line.split()[2:] for line in output.splitlines() if line.strip().startswith("Grand total")), None)
     reached = set(re.findall(r"^\s+\[([^\]]+)\] ", output, re.M))  # hosts named in the operations' lines
     # (host operations), changed ("Success"), errors, unchanged: a no-op on every host has neither changes nor errors
-    if proc.returncode != 0 or total is None or total[1:3] != ["-", "-"] or reached != set(hosts):
+    if (proc.returncode != 0 or total is None or total[2] != "-" or (total[1] == "-") == converge
+            or reached != set(hosts)):
         raise SystemExit(f"pyinfra failed or changed something:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
 
 
-def run(*args: str, expect: str | None = None) -> None:
+def floor_logins(names: list[str]) -> list[list[str]]:
+    """For each machine, an OpenSSH command running FLOOR (bench/provision.py: the roles' checks as one hand-written
+    script) with its key and pinned host key, and paramiko's key exchange (OpenSSH's default costs both sides more)."""
+    from machine import commands
+    from machine.store import Store
+
+    logins = []
+    for name in names:
+        machine, driver = commands.load(Store(), name)
+        logins.append(["ssh", "-q", "-i", str(machine.key_path), "-o", f"UserKnownHostsFile={machine.known_hosts_path}",
+                       "-o", "StrictHostKeyChecking=yes", "-o", "KexAlgorithms=curve25519-sha256",
+                       f"root@{driver.ip()}", FLOOR])
+    return logins
+
+
+def floor(logins: list[list[str]]) -> None:
+    """The floor on every machine at once: nothing but the checks and a login each."""
+    procs = [subprocess.Popen(login, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for login in logins]
+    if any(proc.wait() != 0 for proc in procs):
+        raise SystemExit("the floor script failed")
+
+
+def run(*args: str, expect: str | None = None) -> str:
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True)
     if proc.returncode != 0 or (expect and expect not in proc.stdout):
         raise SystemExit(f"pymachine {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def converge(names: list[str]) -> None:
+    """`pymachine provision` of `names` (at once), which must change something on every one of them."""
+    changed = dict(re.findall(r"^(\S+) : ok=\d+ changed=(\d+)", run("provision", *names), re.M))
+    if sorted(changed) != sorted(names) or "0" in changed.values():
+        raise SystemExit(f"pymachine provision changed nothing on some of {names}: {changed}")
 
 
 def main() -> None:
@@ -132,8 +173,9 @@ def main() -> None:
             run("apply", str(fleet), expect=f"{len(names)} machines unchanged")  # warm: page cache, pyc files
             results: dict[str, float] = {}
 
-            def measure(what: str, fn: Callable[[], object], rounds: int) -> None:
-                results[what] = median_seconds(fn, rounds)
+            def measure(what: str, fn: Callable[[], object], rounds: int,
+                        before: Callable[[], object] | None = None) -> None:
+                results[what] = median_seconds(fn, rounds, before)
                 print(f"{what}: {results[what]:.2f}s", file=sys.stderr)  # kept if a later, slower one is cut short
 
             n = len(names)
@@ -142,6 +184,11 @@ def main() -> None:
                     lambda: run("apply", str(one), expect="1 machine unchanged"), args.rounds)
             measure(f"`pymachine apply` (fleet of {n}, unchanged)",
                     lambda: run("apply", str(fleet), expect=f"{n} machines unchanged"), args.rounds)
+            logins = floor_logins(names)
+            measure("floor: the roles' checks as one shell script over `ssh` (1 machine)",
+                    lambda: floor(logins[:1]), args.rounds)
+            measure(f"floor: the same on {n} machines at once", lambda: floor(logins), args.rounds)
+            bench = Bench(names, work)  # ansible_compare's: Ansible's inventory, and reset() for the converge runs
             if pyinfra:
                 inventory, deploy, addresses = pyinfra_setup(names, work)
                 run_pyinfra(pyinfra, inventory, deploy, addresses)  # warm, and must be a no-op
@@ -149,17 +196,34 @@ def main() -> None:
                         lambda: run_pyinfra(pyinfra, inventory, deploy, addresses[:1]), args.rounds)
                 measure(f"`pyinfra --parallel {n}` ({n} machines, no-op; checks less)",
                         lambda: run_pyinfra(pyinfra, inventory, deploy, addresses), args.rounds)
-            bench = Bench(names, work)
-            assert bench.ansible(names)[1] == 0, "ansible-playbook changed what pymachine provisioned"
-            measure(f"`ansible-playbook -f {n}` ({n} machines, no-op)", lambda: bench.ansible(names),
-                    args.ansible_rounds)
+            # Converge: the files the roles write are deleted on the machines before each round (not timed); the
+            # run writes them again and restarts the engine.
+            for size in (1, n):
+                subset = names[:size]
+                measure(f"`pymachine provision` ({size} machine{'s' * (size > 1)}, converge)",
+                        lambda s=subset: converge(s), args.rounds, lambda s=subset: bench.reset(s))
+                if pyinfra:
+                    measure(f"`pyinfra --parallel {size}` ({size} machine{'s' * (size > 1)}, converge)",
+                            lambda a=addresses[:size]: run_pyinfra(pyinfra, inventory, deploy, a, converge=True),
+                            args.rounds, lambda s=subset: bench.reset(s))
+            ansible_runs: list[tuple[str, dict[str, str]]] = [("", {})]
             if args.mitogen:
                 plugins = args.mitogen / "ansible_mitogen" / "plugins" / "strategy"
-                bench.env |= {"ANSIBLE_STRATEGY": "mitogen_linear", "ANSIBLE_STRATEGY_PLUGINS": str(plugins),
-                              "PYTHONPATH": str(args.mitogen)}
-                assert bench.ansible(names)[1] == 0, "ansible-playbook with Mitogen changed something"
-                measure(f"`ansible-playbook -f {n}`, Mitogen ({n} machines, no-op)", lambda: bench.ansible(names),
+                ansible_runs.append((", Mitogen", {"ANSIBLE_STRATEGY": "mitogen_linear", "ANSIBLE_STRATEGY_PLUGINS":
+                                                   str(plugins), "PYTHONPATH": str(args.mitogen)}))
+            plain_env = dict(bench.env)
+
+            def ansible(converging: bool) -> None:
+                if (bench.ansible(names)[1] > 0) != converging:
+                    raise SystemExit(f"ansible-playbook {'changed nothing' if converging else 'changed something'}")
+
+            for label, extra in ansible_runs:
+                bench.env = plain_env | extra
+                ansible(False)  # warm: SSH masters up; it must find what pymachine provisioned
+                measure(f"`ansible-playbook -f {n}`{label} ({n} machines, no-op)", lambda: ansible(False),
                         args.ansible_rounds)
+                measure(f"`ansible-playbook -f {n}`{label} ({n} machines, converge)", lambda: ansible(True),
+                        args.ansible_rounds, lambda: bench.reset(names))
             bench.pool.shutdown()
         finally:
             subprocess.run([*CLI, "rm", "-f", *names], check=False, capture_output=True)

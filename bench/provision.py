@@ -44,7 +44,7 @@ systemctl is-active docker containerd; systemctl is-enabled docker containerd
 command -v dockerd
 findmnt -n -o FSTYPE --target /var/lib/docker
 iptables -t nat -S POSTROUTING
-docker network inspect bridge --format '{{{{json .IPAM.Config}}}}'
+ip -4 -o route show dev docker0 proto kernel scope link
 """
 
 

@@ -7,9 +7,12 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable[[], object], rounds: int) -> float:
+def median_seconds(fn: Callable[[], object], rounds: int, before: Callable[[], object] | None = None) -> float:
+    """The median time of `fn`; `before` (not timed) runs ahead of each round (to undo what the last one did)."""
     times = []
     for _ in range(rounds):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
