@@ -185,8 +185,53 @@ class Play:
 
     # -- task lists, blocks -------------------------------------------------------------------------------
     def _run_list(self, tasks: Sequence[Task], run: RoleRun, scope: Scope, handler: bool = False) -> None:
-        for task in tasks:
+        for index, task in enumerate(tasks):
+            if task.module is not None and task.module.reads_file and not self.diff:  # --diff reads the text too
+                self._read_ahead(tasks[index:], run, scope)
             self._run_task(task, run, scope, handler)
+
+    # -- files read ahead -------------------------------------------------------------------------------
+    def _read_ahead(self, tasks: Sequence[Task], run: RoleRun, scope: Scope) -> None:
+        """Read the files of this file task and of the file tasks right after it in one command (a role's
+        directory, configuration files and drop-ins come in a row): each then finds its file known instead of
+        probing it, as long as no command runs in between. Only what can be worked out now is read; a task whose
+        path or condition depends on what runs before it simply probes for itself."""
+        paths: list[str] = []
+        become: Become | None = None
+        for task in tasks:
+            found = self._files_of(task, run, scope)
+            if found is None or (become is not None and found[1] != become):
+                break
+            paths += found[0]
+            become = found[1]
+        if become is not None and len(paths) > 1 and self.remote.known_file(paths[0], become) is None:
+            self._remote_call(lambda: self.remote.read_files_ahead(paths, become))
+
+    def _files_of(self, task: Task, run: RoleRun, scope: Scope) -> tuple[list[str], Become] | None:
+        """The paths a file task will read (one per loop item) and as whom, or None when that is not plain now."""
+        module = task.module
+        tags = scope.tags | frozenset(map(str, as_list(task.get("tags"))))
+        if (module is None or not module.reads_file or "until" in task.data or "with_items" in task.data
+                or "index_var" in (task.get("loop_control") or {}) or not selected(tags, self.only, self.skip)):
+            return None
+        own = scope.inherit(task, conditions=False, tags=False)
+        variables = self.variables(run, scope, task.get("vars"))
+        loop_var = (task.get("loop_control") or {}).get("loop_var", "item")
+        try:  # an optimisation: whatever cannot be worked out now is left to the task itself
+            items = self._items(task, variables) if "loop" in task.data else [None]
+            paths = []
+            for item in items:
+                ivars = variables if "loop" not in task.data else variables.child(
+                    {loop_var: item, "ansible_loop_var": loop_var})
+                if not all(self.templar.condition(c, ivars) for c in (*scope.when, *as_list(task.get("when")))):
+                    return None
+                path = module.file_read(self.templar.template(task.args, ivars))
+                if path is None:
+                    return None
+                paths.append(path)
+            return paths, Become(own.become, str(self.templar.template(own.become_user, variables)))
+        except (TemplateFailure, RoleError):
+            return None
 
     def _run_task(self, task: Task, run: RoleRun, scope: Scope, handler: bool = False) -> None:
         if task.action == "block":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +40,8 @@ class Remote:
         self.conn = conn
         self.user = getattr(conn.endpoint, "user", "root")
         self.shells = isinstance(conn, Connection)  # a test double runs each command on its own
+        # Files read ahead (read_files_ahead), by the user that read them: true until the next command runs.
+        self._known: dict[tuple[Become, str], KnownFile] = {}
 
     def command(self, script: str, become: Become = Become(), env: Mapping[str, Any] | None = None) -> str:
         return self._as(become, [*_env(env), "sh", "-c", script])
@@ -52,8 +55,38 @@ class Remote:
             return shlex.join(["sudo", "-n", "-H", "-u", target, "--", *argv])
         return shlex.join(["su", "-s", "/bin/sh", target, "-c", shlex.join(argv)])
 
+    def known_file(self, path: str, become: Become) -> KnownFile | None:
+        """What read_files_ahead found at `path`, if no command ran since (any command may have changed it)."""
+        return self._known.get((become, path))
+
+    def read_files_ahead(self, paths: Sequence[str], become: Become) -> None:
+        """Read the kind, attributes and checksum of `paths` with one command of two programs, whatever their
+        number: the file tasks that follow each other in a role then know their file without a command each.
+        Links (their target needs a program each) and names stat or sha256sum would escape are left out."""
+        plain = [p for p in dict.fromkeys(paths) if "\n" not in p and "\\" not in p]
+        if len(plain) < 2:
+            return
+        mark, names = f"@@pm-files-{os.urandom(4).hex()}", " ".join(q(p) for p in plain)
+        out = self.run(
+            f"LC_ALL=C stat -c '%F|%a|%U|%G|%n' -- {names} 2>/dev/null; echo {mark}; set --; "
+            f'for p in {names}; do [ -f "$p" ] && [ ! -L "$p" ] && set -- "$@" "$p"; done; '
+            f'[ $# -eq 0 ] || sha256sum -- "$@" 2>/dev/null; true', become=become).stdout
+        stats, _, sums = out.partition(mark + "\n")
+        checksums = {name: digest for digest, _, name in (line.partition("  ") for line in sums.splitlines())}
+        known = {p: KnownFile(FileState("absent"), "") for p in plain}
+        for line in stats.splitlines():
+            kind, mode, owner, group, name = [*line.split("|", 4), "", "", "", ""][:5]
+            if name in known:
+                if kind == "symbolic link" or not mode.isdigit():
+                    del known[name]
+                    continue
+                kind = "file" if kind.startswith("regular") else kind if kind == "directory" else "other"
+                known[name] = KnownFile(FileState(kind, int(mode, 8), owner, group, ""), checksums.get(name, ""))
+        self._known = {(become, p): fact for p, fact in known.items()}
+
     def run(self, script: str, *, stdin: bytes | None = None, become: Become = Become(),
             env: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
+        self._known = {}
         if not self.shells:
             return self.conn.run(self.command(script, become, env), stdin=stdin, timeout=timeout)
         # In the kept shell every command already runs in a subshell of its own (machine.sshshell): `eval` there
@@ -64,6 +97,7 @@ class Remote:
 
     def reconnect(self, timeout: float) -> None:
         """Re-open the connection after machine.ssh.ConnectionLost (raised by `run`)."""
+        self._known = {}
         self.conn.reconnect(timeout)
 
 
@@ -118,6 +152,14 @@ class FileState:
     @property
     def exists(self) -> bool:
         return self.kind != "absent"
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    """A file as Remote.read_files_ahead found it: its state, and its sha256 when it is a regular file."""
+
+    state: FileState
+    checksum: str
 
 
 def parse_mode(mode: Any) -> int | None:

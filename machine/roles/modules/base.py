@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from machine.roles.remote import Become, Remote, attrs_script
+from machine.roles.remote import Become, KnownFile, Remote, attrs_script
 from machine.roles.templating import Templar, Vars, to_bool
 
 
@@ -47,6 +47,10 @@ class Context:
     def run(self, script: str, stdin: bytes | None = None, timeout: float | None = None) -> Any:
         return self.remote.run(script, stdin=stdin, become=self.become, env=self.env, timeout=timeout)
 
+    def known_file(self, path: str) -> KnownFile | None:
+        """`path` as the play read it ahead (Remote.read_files_ahead), if nothing ran since."""
+        return self.remote.known_file(path, self.become)
+
 
 def _coerce(name: str, value: Any, kind: str) -> Any:
     if value is None or kind == "raw":
@@ -78,6 +82,16 @@ class Module:
     free_form: ClassVar[bool] = False
     # Any argument is accepted (set_fact).
     open_args: ClassVar[bool] = False
+    # The argument naming the file whose state the module reads first, when it can use a state read ahead.
+    reads_file: ClassVar[str | None] = None
+
+    @classmethod
+    def file_read(cls, args: Mapping[str, Any]) -> str | None:
+        """The path the module will read first with these (templated) arguments, if `reads_file` says one."""
+        if cls.reads_file is None:
+            return None
+        path = next((args[k] for k, name in cls.arg_names().items() if name == cls.reads_file and k in args), None)
+        return path if isinstance(path, str) else None
 
     def __init__(self, ctx: Context, args: Mapping[str, Any]) -> None:
         self.ctx = ctx

@@ -29,6 +29,10 @@ class _Probe:
     """`path`'s attributes, checksum and (when asked) text, from one command's output."""
 
     def __init__(self, module: Module, path: str, *, content: bool, dir_basename: str = "") -> None:
+        known = None if content else module.ctx.known_file(path)
+        if known is not None and not (dir_basename and known.state.kind == "directory"):
+            self.path, self.state, self.checksum, self.text = path, known.state, known.checksum, None
+            return
         # When dest is an existing directory, copy/template write into it under the source's name.
         into_dir = f'[ -d "$p" ] && p="$p"/{q(dir_basename)}; ' if dir_basename else ""
         want_text = f'if [ $t = file ] && [ "$sz" -le {_DIFF_LIMIT} ]; then echo {_SECTION}; cat "$p"; fi' \
@@ -45,6 +49,8 @@ class _Probe:
 
 class _Content(Module):
     """Put bytes at `dest` with attributes; copy and template only differ in where the bytes come from."""
+
+    reads_file = "dest"
 
     def content(self) -> bytes:
         raise NotImplementedError
@@ -128,10 +134,13 @@ class File(Module):
             "src": Arg(type="str"), "force": Arg(default=False, type="bool"),
             "modification_time": Arg(type="str"), "access_time": Arg(type="str"), **_ATTRS}
 
+    reads_file = "path"
+
     def run(self) -> dict[str, Any]:
         p = self.params
         path, mode = p["path"], _mode(self)
-        cur = FileState.parse(self.sh(f"p={q(path)}; {stat_line()}", what="probe").stdout)
+        known = self.ctx.known_file(path)
+        cur = known.state if known else FileState.parse(self.sh(f"p={q(path)}; {stat_line()}", what="probe").stdout)
         # Without a state Ansible keeps the current kind (and only manages attributes).
         state = p["state"] or (cur.kind if cur.kind in ("file", "directory") else "file")
         steps: list[str] = []

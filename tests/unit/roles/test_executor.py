@@ -340,3 +340,46 @@ def test_more_roles_already_in_the_play_run_once(shell, roles):
     recap, events = play(shell, path, roles=("base",), more=[(["base"], path)])
     assert recap.ok == 2
     assert events.labels() == ["Gathering Facts", "base : debug"]
+
+
+def test_file_tasks_in_a_row_read_their_files_with_one_command(shell, roles, tmp_path):
+    """A directory, a template, a looped copy and a removal in a row: one command reads all their files (two
+    programs), none probes on its own, and each still reports what it found; a second run changes nothing."""
+    conf, keep, gone = tmp_path / "conf", tmp_path / "keep.txt", tmp_path / "gone.txt"
+    keep.write_text("kept\n")
+    gone.write_text("old\n")
+    path = roles("r", tasks=f"""
+        - file: {{path: {conf}, state: directory, mode: "0755"}}
+        - template: {{src: t.j2, dest: "{conf}/t.conf", mode: "0644"}}
+        - copy: {{dest: "{{{{ item.dest }}}}", content: "{{{{ item.text }}}}"}}
+          loop:
+            - {{dest: {keep}, text: "kept\\n"}}
+            - {{dest: {conf}/new.txt, text: "new\\n"}}
+        - file: {{path: {gone}, state: absent}}
+        """, files={"templates/t.j2": "x={{ 1 + 1 }}\n"})
+    recap, events = play(shell, path)
+    assert recap.failed == 0 and recap.changed == 4, events.results  # dir, template, new.txt, removal
+    assert (conf / "t.conf").read_text() == "x=2\n" and (conf / "new.txt").read_text() == "new\n"
+    assert not gone.exists()
+    shell.commands.clear()
+    recap, events = play(shell, path)
+    assert recap.changed == 0 and recap.ok == 5, events.results  # facts, dir, template, the copies, removal
+    # Facts, then the five files read at once: stat of all five, sha256sum of the regular ones.
+    assert len(shell.commands) == 2, shell.commands
+    assert "sha256sum --" in shell.commands[1] and str(gone) in shell.commands[1]
+
+
+def test_a_command_between_file_tasks_makes_them_read_their_files_again(shell, roles, tmp_path):
+    """Files read ahead are forgotten as soon as any command runs: a task that changes a file the next task
+    manages (behind the play's back) is seen by that task."""
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    path = roles("r", tasks=f"""
+        - copy: {{dest: {first}, content: "one\\n"}}
+        - command: sh -c 'echo other > {second}'
+          changed_when: false
+        - copy: {{dest: {second}, content: "two\\n"}}
+        """)
+    first.write_text("one\n")
+    second.write_text("two\n")  # what was read ahead: the copy would find nothing to do
+    recap, events = play(shell, path)
+    assert second.read_text() == "two\n" and recap.changed == 1, events.results  # the command's edit was seen
