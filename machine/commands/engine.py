@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ from machine.commands.common import connect, load, locked
 from machine.drivers.base import Driver, State
 from machine.errors import MachineError
 from machine.paths import roles_dir
-from machine.store import Machine, Store
+from machine.store import Machine, Store, write_atomic
 
 if TYPE_CHECKING:
     from machine.roles import Recap
@@ -30,10 +29,13 @@ def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -
     for pair in (server, certs.registry_pair(machine.dir)) if hosts_registry else (server,):
         if renew or not pair.cert.exists() or not names <= certs.sans_of(pair.cert):
             certs.issue_server(ca, pair, machine.name, sorted(names))
-    # DOCKER_CERT_PATH is the machine directory, laid out as the docker CLI expects.
-    for source, target in ((ca.cert, "ca.pem"), (client.cert, "cert.pem"), (client.key, "key.pem")):
-        shutil.copyfile(source, machine.dir / target)
-    (machine.dir / "key.pem").chmod(0o600)
+    # DOCKER_CERT_PATH is the machine directory, laid out as the docker CLI expects (written when they differ: a
+    # fleet's no-op run would otherwise rewrite three files per machine).
+    for source, target, mode in ((ca.cert, "ca.pem", 0o644), (client.cert, "cert.pem", 0o644),
+                                 (client.key, "key.pem", 0o600)):
+        data, dest = source.read_bytes(), machine.dir / target
+        if not dest.is_file() or dest.read_bytes() != data or dest.stat().st_mode & 0o777 != mode:
+            write_atomic(dest, data, mode)
     return (ca.cert.read_text(), *server.pem())
 
 

@@ -186,32 +186,34 @@ class Play:
     # -- task lists, blocks -------------------------------------------------------------------------------
     def _run_list(self, tasks: Sequence[Task], run: RoleRun, scope: Scope, handler: bool = False) -> None:
         for index, task in enumerate(tasks):
-            if task.module is not None and task.module.reads_file and not self.diff:  # --diff reads the text too
+            if task.module is not None and task.module.reads and not self.diff:  # --diff reads files' text too
                 self._read_ahead(tasks[index:], run, scope)
             self._run_task(task, run, scope, handler)
 
-    # -- files read ahead -------------------------------------------------------------------------------
+    # -- reading ahead ----------------------------------------------------------------------------------
     def _read_ahead(self, tasks: Sequence[Task], run: RoleRun, scope: Scope) -> None:
-        """Read the files of this file task and of the file tasks right after it in one command (a role's
-        directory, configuration files and drop-ins come in a row): each then finds its file known instead of
-        probing it, as long as no command runs in between. Only what can be worked out now is read; a task whose
-        path or condition depends on what runs before it simply probes for itself."""
-        paths: list[str] = []
-        become: Become | None = None
-        for task in tasks:
-            found = self._files_of(task, run, scope)
-            if found is None or (become is not None and found[1] != become):
+        """Read what this task and the tasks of the same kind right after it will look at first (files of file
+        tasks, units of service tasks) with one command: a role's directory, configuration files and drop-ins,
+        or its services, come in a row, and each task then finds what it reads known instead of asking for it,
+        as long as no command runs in between. Only what can be worked out now is read; a task whose name or
+        condition depends on what runs before it simply asks for itself."""
+        first = self._reads_of(tasks[0], run, scope)
+        if first is None:
+            return
+        kind, names, become = first
+        for task in tasks[1:]:
+            more = self._reads_of(task, run, scope)
+            if more is None or (more[0], more[2]) != (kind, become):
                 break
-            paths += found[0]
-            become = found[1]
-        if become is not None and len(paths) > 1 and self.remote.known_file(paths[0], become) is None:
-            self._remote_call(lambda: self.remote.read_files_ahead(paths, become))
+            names += more[1]
+        if len(names) > 1 and self.remote.known(kind, names[0], become) is None:
+            self._remote_call(lambda: self.remote.read_ahead(kind, names, become))
 
-    def _files_of(self, task: Task, run: RoleRun, scope: Scope) -> tuple[list[str], Become] | None:
-        """The paths a file task will read (one per loop item) and as whom, or None when that is not plain now."""
+    def _reads_of(self, task: Task, run: RoleRun, scope: Scope) -> tuple[str, list[str], Become] | None:
+        """(kind, the names the task will read: one per loop item, as whom), or None when that is not plain now."""
         module = task.module
         tags = scope.tags | frozenset(map(str, as_list(task.get("tags"))))
-        if (module is None or not module.reads_file or "until" in task.data or "with_items" in task.data
+        if (module is None or module.reads is None or "until" in task.data or "with_items" in task.data
                 or "index_var" in (task.get("loop_control") or {}) or not selected(tags, self.only, self.skip)):
             return None
         own = scope.inherit(task, conditions=False, tags=False)
@@ -219,17 +221,17 @@ class Play:
         loop_var = (task.get("loop_control") or {}).get("loop_var", "item")
         try:  # an optimisation: whatever cannot be worked out now is left to the task itself
             items = self._items(task, variables) if "loop" in task.data else [None]
-            paths = []
+            names = []
             for item in items:
                 ivars = variables if "loop" not in task.data else variables.child(
                     {loop_var: item, "ansible_loop_var": loop_var})
                 if not all(self.templar.condition(c, ivars) for c in (*scope.when, *as_list(task.get("when")))):
                     return None
-                path = module.file_read(self.templar.template(task.args, ivars))
-                if path is None:
+                name = module.reading(self.templar.template(task.args, ivars))
+                if name is None:
                     return None
-                paths.append(path)
-            return paths, Become(own.become, str(self.templar.template(own.become_user, variables)))
+                names.append(name)
+            return module.reads[0], names, Become(own.become, str(self.templar.template(own.become_user, variables)))
         except (TemplateFailure, RoleError):
             return None
 

@@ -40,8 +40,8 @@ class Remote:
         self.conn = conn
         self.user = getattr(conn.endpoint, "user", "root")
         self.shells = isinstance(conn, Connection)  # a test double runs each command on its own
-        # Files read ahead (read_files_ahead), by the user that read them: true until the next command runs.
-        self._known: dict[tuple[Become, str], KnownFile] = {}
+        # What read_ahead found, by the user that read it and (kind, name): true until the next command runs.
+        self._known: dict[tuple[Become, str, str], Any] = {}
 
     def command(self, script: str, become: Become = Become(), env: Mapping[str, Any] | None = None) -> str:
         return self._as(become, [*_env(env), "sh", "-c", script])
@@ -55,17 +55,24 @@ class Remote:
             return shlex.join(["sudo", "-n", "-H", "-u", target, "--", *argv])
         return shlex.join(["su", "-s", "/bin/sh", target, "-c", shlex.join(argv)])
 
-    def known_file(self, path: str, become: Become) -> KnownFile | None:
-        """What read_files_ahead found at `path`, if no command ran since (any command may have changed it)."""
-        return self._known.get((become, path))
+    def known(self, kind: str, name: str, become: Become) -> Any:
+        """What read_ahead found of the `kind` ("file": a KnownFile, "unit": its properties) named `name`, if no
+        command ran since (any command may have changed it); None otherwise."""
+        return self._known.get((become, kind, name))
 
-    def read_files_ahead(self, paths: Sequence[str], become: Become) -> None:
-        """Read the kind, attributes and checksum of `paths` with one command of two programs, whatever their
-        number: the file tasks that follow each other in a role then know their file without a command each.
-        Links (their target needs a program each) and names stat or sha256sum would escape are left out."""
-        plain = [p for p in dict.fromkeys(paths) if "\n" not in p and "\\" not in p]
-        if len(plain) < 2:
-            return
+    def read_ahead(self, kind: str, names: Sequence[str], become: Become) -> None:
+        """Read what the modules of several tasks in a row will look at first, with one command whatever their
+        number: the files of file tasks, the units of service tasks. Kept until the next command runs."""
+        read = {"file": self._read_files, "unit": self._read_units}[kind]
+        found = read(list(dict.fromkeys(names)), become)
+        self._known = {(become, kind, name): value for name, value in found.items()}
+
+    def _read_files(self, paths: list[str], become: Become) -> dict[str, KnownFile]:
+        """Kind, attributes and checksum of `paths` from one stat and one sha256sum. Links (their target needs a
+        program each) and names stat or sha256sum would escape are left out."""
+        plain = [p for p in paths if "\n" not in p and "\\" not in p]
+        if not plain:
+            return {}
         mark, names = f"@@pm-files-{os.urandom(4).hex()}", " ".join(q(p) for p in plain)
         out = self.run(
             f"LC_ALL=C stat -c '%F|%a|%U|%G|%n' -- {names} 2>/dev/null; echo {mark}; set --; "
@@ -82,7 +89,17 @@ class Remote:
                     continue
                 kind = "file" if kind.startswith("regular") else kind if kind == "directory" else "other"
                 known[name] = KnownFile(FileState(kind, int(mode, 8), owner, group, ""), checksums.get(name, ""))
-        self._known = {(become, p): fact for p, fact in known.items()}
+        return known
+
+    def _read_units(self, units: list[str], become: Become) -> dict[str, dict[str, str]]:
+        """UNIT_PROPERTIES of `units` from one systemctl, which answers one block per unit, in order."""
+        out = self.run(f"systemctl show {' '.join(f'-p {p}' for p in UNIT_PROPERTIES)} -- "
+                       f"{' '.join(q(u) for u in units)}", become=become)
+        blocks = out.stdout.strip("\n").split("\n\n")
+        if out.rc != 0 or len(blocks) != len(units):
+            return {}
+        return {unit: dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+                for unit, block in zip(units, blocks, strict=True)}
 
     def run(self, script: str, *, stdin: bytes | None = None, become: Become = Become(),
             env: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
@@ -152,6 +169,10 @@ class FileState:
     @property
     def exists(self) -> bool:
         return self.kind != "absent"
+
+
+# What a service task reads of its unit (machine.roles.modules.system.Service).
+UNIT_PROPERTIES = ("LoadState", "ActiveState", "UnitFileState", "NeedDaemonReload")
 
 
 @dataclass(frozen=True)

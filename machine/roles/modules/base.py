@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from machine.roles.remote import Become, KnownFile, Remote, attrs_script
+from machine.roles.remote import Become, Remote, attrs_script
 from machine.roles.templating import Templar, Vars, to_bool
 
 
@@ -47,9 +47,9 @@ class Context:
     def run(self, script: str, stdin: bytes | None = None, timeout: float | None = None) -> Any:
         return self.remote.run(script, stdin=stdin, become=self.become, env=self.env, timeout=timeout)
 
-    def known_file(self, path: str) -> KnownFile | None:
-        """`path` as the play read it ahead (Remote.read_files_ahead), if nothing ran since."""
-        return self.remote.known_file(path, self.become)
+    def known(self, kind: str, name: str) -> Any:
+        """What the play read ahead of a file or a unit (Remote.read_ahead), if nothing ran since; else None."""
+        return self.remote.known(kind, name, self.become)
 
 
 def _coerce(name: str, value: Any, kind: str) -> Any:
@@ -82,16 +82,17 @@ class Module:
     free_form: ClassVar[bool] = False
     # Any argument is accepted (set_fact).
     open_args: ClassVar[bool] = False
-    # The argument naming the file whose state the module reads first, when it can use a state read ahead.
-    reads_file: ClassVar[str | None] = None
+    # What the module reads first, when it can use what the play read ahead (Remote.read_ahead): the kind
+    # ("file" or "unit") and the argument naming it.
+    reads: ClassVar[tuple[str, str] | None] = None
 
     @classmethod
-    def file_read(cls, args: Mapping[str, Any]) -> str | None:
-        """The path the module will read first with these (templated) arguments, if `reads_file` says one."""
-        if cls.reads_file is None:
+    def reading(cls, args: Mapping[str, Any]) -> str | None:
+        """The name of what the module will read first with these (templated) arguments, if `reads` says."""
+        if cls.reads is None:
             return None
-        path = next((args[k] for k, name in cls.arg_names().items() if name == cls.reads_file and k in args), None)
-        return path if isinstance(path, str) else None
+        name = next((args[k] for k, arg in cls.arg_names().items() if arg == cls.reads[1] and k in args), None)
+        return name if isinstance(name, str) else None
 
     def __init__(self, ctx: Context, args: Mapping[str, Any]) -> None:
         self.ctx = ctx

@@ -29,7 +29,7 @@ class _Probe:
     """`path`'s attributes, checksum and (when asked) text, from one command's output."""
 
     def __init__(self, module: Module, path: str, *, content: bool, dir_basename: str = "") -> None:
-        known = None if content else module.ctx.known_file(path)
+        known = None if content else module.ctx.known("file", path)
         if known is not None and not (dir_basename and known.state.kind == "directory"):
             self.path, self.state, self.checksum, self.text = path, known.state, known.checksum, None
             return
@@ -50,7 +50,7 @@ class _Probe:
 class _Content(Module):
     """Put bytes at `dest` with attributes; copy and template only differ in where the bytes come from."""
 
-    reads_file = "dest"
+    reads = ("file", "dest")
 
     def content(self) -> bytes:
         raise NotImplementedError
@@ -134,12 +134,12 @@ class File(Module):
             "src": Arg(type="str"), "force": Arg(default=False, type="bool"),
             "modification_time": Arg(type="str"), "access_time": Arg(type="str"), **_ATTRS}
 
-    reads_file = "path"
+    reads = ("file", "path")
 
     def run(self) -> dict[str, Any]:
         p = self.params
         path, mode = p["path"], _mode(self)
-        known = self.ctx.known_file(path)
+        known = self.ctx.known("file", path)
         cur = known.state if known else FileState.parse(self.sh(f"p={q(path)}; {stat_line()}", what="probe").stdout)
         # Without a state Ansible keeps the current kind (and only manages attributes).
         state = p["state"] or (cur.kind if cur.kind in ("file", "directory") else "file")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure, unified_diff
-from machine.roles.remote import q, write_script
+from machine.roles.remote import UNIT_PROPERTIES, q, write_script
 
 _MARK = "@@pm@@"
 
@@ -124,11 +124,13 @@ class Service(Module):
         "enabled": Arg(type="bool"),
     }
 
+    reads = ("unit", "name")
+
     def run(self) -> dict[str, Any]:
         p = self.params
         unit = p["name"]
-        show = f"systemctl show -p LoadState -p ActiveState -p UnitFileState -p NeedDaemonReload -- {q(unit)}"
-        props = self._show(show)
+        show = f"systemctl show {' '.join(f'-p {prop}' for prop in UNIT_PROPERTIES)} -- {q(unit)}"
+        props = self.ctx.known("unit", unit) or self._show(show)
         # daemon_reload always reloads, as in Ansible (NeedDaemonReload misses a drop-in directory that did not
         # exist before). Starting a unit whose files systemd has not read also reloads: a run that failed after
         # changing them must not leave the next run starting the old definition.
