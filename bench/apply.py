@@ -213,17 +213,19 @@ def main() -> None:
                                                    str(plugins), "PYTHONPATH": str(args.mitogen)}))
             plain_env = dict(bench.env)
 
-            def ansible(converging: bool) -> None:
-                if (bench.ansible(names)[1] > 0) != converging:
+            def ansible(subset: list[str], converging: bool) -> None:
+                if (bench.ansible(subset)[1] > 0) != converging:
                     raise SystemExit(f"ansible-playbook {'changed nothing' if converging else 'changed something'}")
 
             for label, extra in ansible_runs:
                 bench.env = plain_env | extra
-                ansible(False)  # warm: SSH masters up; it must find what pymachine provisioned
-                measure(f"`ansible-playbook -f {n}`{label} ({n} machines, no-op)", lambda: ansible(False),
-                        args.ansible_rounds)
-                measure(f"`ansible-playbook -f {n}`{label} ({n} machines, converge)", lambda: ansible(True),
-                        args.ansible_rounds, lambda: bench.reset(names))
+                ansible(names, False)  # warm: SSH masters up; it must find what pymachine provisioned
+                for size in (1, n):
+                    subset, machines = names[:size], f"{size} machine{'s' * (size > 1)}"
+                    measure(f"`ansible-playbook -f {size}`{label} ({machines}, no-op)",
+                            lambda s=subset: ansible(s, False), args.ansible_rounds)
+                    measure(f"`ansible-playbook -f {size}`{label} ({machines}, converge)",
+                            lambda s=subset: ansible(s, True), args.ansible_rounds, lambda s=subset: bench.reset(s))
             bench.pool.shutdown()
         finally:
             subprocess.run([*CLI, "rm", "-f", *names], check=False, capture_output=True)
