@@ -146,3 +146,33 @@ def test_scripts_in_the_kept_shell_run_each_on_its_own(conn):
     assert remote.run("echo unterminated 'quote").rc == 2  # one quoted word: the shell does not wait for more
     assert remote.run("cat", stdin=b"in\n").stdout == "in\n"
     assert remote.run('echo "$A"', env={"A": "b c"}).stdout == "b c\n"
+
+
+def test_units_read_ahead_are_each_their_own(conn, tmp_path):
+    """Two service tasks in a row have their units read by one `systemctl show`: each acts on its own unit's
+    state (one started, the other stopped), and a second run finds both as wanted."""
+    unit = "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n"
+    tasks = tmp_path / "roles" / "units" / "tasks"
+    tasks.mkdir(parents=True)
+    (tasks / "main.yml").write_text(
+        "".join(f"- copy: {{dest: /etc/systemd/system/pm-{u}.service, content: {json.dumps(unit)}}}\n" for u in "ab")
+        + "- systemd: {daemon_reload: true}\n"
+        "- command: systemctl start pm-b\n"  # b runs, a does not
+        "  changed_when: false\n"
+        "- service: {name: pm-a, state: started}\n"
+        "- service: {name: pm-b, state: stopped}\n")
+    commands: list[str] = []
+
+    class Recording:  # the connection, each command noted (run one channel each: not machine.ssh's kept shells)
+        endpoint = conn.endpoint
+
+        def run(self, command: str, **kw):
+            commands.append(command)
+            return conn.run(command, **kw)
+
+    rec = Recorder()
+    recap = run_roles(Recording(), ["units"], tmp_path / "roles", {}, reporter=rec, host_name=NAME)
+    assert recap.failed == 0, recap.failure
+    assert rec.changed()[-2:] == ["units : service", "units : service"], rec.statuses
+    assert sh(conn, "systemctl is-active pm-a pm-b || true").split() == ["active", "inactive"]
+    assert [c for c in commands if "systemctl show" in c and "pm-a" in c and "pm-b" in c], commands
