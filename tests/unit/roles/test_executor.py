@@ -383,3 +383,18 @@ def test_a_command_between_file_tasks_makes_them_read_their_files_again(shell, r
     second.write_text("two\n")  # what was read ahead: the copy would find nothing to do
     recap, events = play(shell, path)
     assert second.read_text() == "two\n" and recap.changed == 1, events.results  # the command's edit was seen
+
+
+def test_a_copy_into_a_directory_read_ahead_still_lands_inside_it(shell, roles, tmp_path):
+    """What was read ahead of a copy's dest says it is a directory: the copy probes for itself and writes the file
+    into it under the source's name, as Ansible does."""
+    into, other = tmp_path / "into", tmp_path / "other.txt"
+    into.mkdir()
+    path = roles("r", tasks=f"""
+        - copy: {{src: a.txt, dest: {into}}}
+        - copy: {{dest: {other}, content: "b\\n"}}
+        """, files={"files/a.txt": "a\n"})
+    recap, events = play(shell, path)
+    assert recap.changed == 2, events.results
+    assert (into / "a.txt").read_text() == "a\n" and other.read_text() == "b\n"
+    assert any("sha256sum --" in c for c in shell.commands)  # both dests were read ahead
