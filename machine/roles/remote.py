@@ -177,7 +177,7 @@ UNIT_PROPERTIES = ("LoadState", "ActiveState", "UnitFileState", "NeedDaemonReloa
 
 @dataclass(frozen=True)
 class KnownFile:
-    """A file as Remote.read_files_ahead found it: its state, and its sha256 when it is a regular file."""
+    """A file as Remote.read_ahead found it: its state, and its sha256 when it is a regular file."""
 
     state: FileState
     checksum: str
