@@ -201,12 +201,14 @@ class Play:
         if first is None:
             return
         kind, names, become = first
+        if self.remote.known(kind, names[0], become) is not None:  # read with the tasks before it: nothing ran since
+            return
         for task in tasks[1:]:
             more = self._reads_of(task, run, scope)
             if more is None or (more[0], more[2]) != (kind, become):
                 break
             names += more[1]
-        if len(names) > 1 and self.remote.known(kind, names[0], become) is None:
+        if len(names) > 1:
             self._remote_call(lambda: self.remote.read_ahead(kind, names, become))
 
     def _reads_of(self, task: Task, run: RoleRun, scope: Scope) -> tuple[str, list[str], Become] | None:
