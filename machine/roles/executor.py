@@ -201,7 +201,7 @@ class Play:
         if first is None:
             return
         kind, names, become = first
-        if self.remote.known(kind, names[0], become) is not None:  # read with the tasks before it: nothing ran since
+        if names and self.remote.known(kind, names[0], become) is not None:  # read with the tasks before it
             return
         for task in tasks[1:]:
             more = self._reads_of(task, run, scope)

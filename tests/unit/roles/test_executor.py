@@ -398,3 +398,17 @@ def test_a_copy_into_a_directory_read_ahead_still_lands_inside_it(shell, roles, 
     assert recap.changed == 2, events.results
     assert (into / "a.txt").read_text() == "a\n" and other.read_text() == "b\n"
     assert any("sha256sum --" in c for c in shell.commands)  # both dests were read ahead
+
+
+def test_a_file_task_looping_over_nothing_reads_nothing_ahead(shell, roles, tmp_path):
+    """A loop over an empty list (the engine role's extra files, say) names no file to read: the play goes on to
+    the tasks after it, which still read ahead and act."""
+    after = tmp_path / "after.txt"
+    path = roles("r", tasks=f"""
+        - copy: {{dest: "{{{{ item }}}}", content: "x\\n"}}
+          loop: []
+        - copy: {{dest: {after}, content: "after\\n"}}
+        """)
+    recap, events = play(shell, path)
+    assert recap.failed == 0 and recap.changed == 1, events.results
+    assert after.read_text() == "after\n"
