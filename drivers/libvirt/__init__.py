@@ -1,7 +1,8 @@
 """The libvirt driver: a QEMU/KVM virtual machine booted from a cloud image, configured by cloud-init.
 
 Each machine's disk is a qcow2 overlay over a base image that is downloaded once and uploaded once into the
-storage pool; a NoCloud seed carries the machine's SSH key, hostname and a host key pinned before boot.
+storage pool (with the engine cache, over a layer of the engine's packages over it: engine_layer.py); a
+NoCloud seed carries the machine's SSH key, hostname and a host key pinned before boot.
 The guest is reached on a libvirt network (its DHCP lease) or, with `--libvirt-network user`, through
 loopback ports that QEMU forwards to its SSH and engine ports.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -17,6 +19,7 @@ from machine import sshkeys, ui
 from machine.drivers.base import Driver, Option, State, each_step
 from machine.drivers.libvirt import catalog, domain, network, seed, storage
 from machine.drivers.libvirt.connection import connect, is_missing, libvirt_module, message
+from machine.enginecache import PackageSet
 from machine.errors import MachineError, UsageError
 from machine.store import write_atomic
 
@@ -49,6 +52,7 @@ class LibvirtDriver(Driver):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._conn: libvirt.virConnect | None = None
+        self._packages: PackageSet | None = None
 
     # -- checks -------------------------------------------------------------------------------------------
     @classmethod
@@ -135,6 +139,9 @@ class LibvirtDriver(Driver):
         pool = self._pool()
         with ui.step("uploading the base image into the storage pool (once per image)"):
             base = storage.base_volume(pool, image, self.store.cache("libvirt"))
+        backing = self._engine_layer(pool, image, base, fmt) if self._packages else None
+        if backing is not None:
+            base, fmt = backing, "qcow2"
 
         self.machine.record(pool=pool.name(), domain_type=domain_type, mac=network.new_mac(), disk=self._disk_name)
         storage.overlay(pool, self._disk_name, base, fmt, capacity)
@@ -151,6 +158,34 @@ class LibvirtDriver(Driver):
         self.machine.record(uuid=str(uuid.uuid4()))  # before defining: a failed create can always find it
         self._define()
         self._boot()
+
+    # -- the engine cache (machine/enginecache.py) ---------------------------------------------------------
+    def prepare_packages(self, packages: PackageSet) -> None:
+        self._packages = packages  # create() puts the machine's disk over their layer
+
+    def refresh_packages(self, packages: PackageSet) -> None:
+        from machine.drivers.libvirt import engine_layer  # late: it brings the local driver's layers
+
+        o = self.opts
+        image = catalog.fetch(catalog.resolve(o["libvirt_image"], o["libvirt_image_sha256"]),
+                              self.store.cache("libvirt"))
+        engine_layer.prepare(image, self.store.cache("libvirt"), packages, recheck=True)
+
+    def _engine_layer(self, pool: libvirt.virStoragePool, image: Path, base: libvirt.virStorageVol,
+                      base_format: str) -> libvirt.virStorageVol | None:
+        """The volume of the engine's packages over `base` (shared by the machines made with them), or None
+        when this host cannot prepare them (the roles install them then)."""
+        from machine.drivers.libvirt import engine_layer
+
+        assert self._packages is not None
+        cache = self.store.cache("libvirt")
+        layer = engine_layer.prepare(image, cache, self._packages)
+        if layer is None:
+            return None
+        with ui.step("uploading the engine layer into the storage pool (once per layer)"):
+            volume = storage.layer_volume(pool, layer, base, base_format, cache)
+        self.machine.record(engine_layer=volume.name())
+        return volume
 
     def _refuse_taken_name(self) -> None:
         lv = libvirt_module()

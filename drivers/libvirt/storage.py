@@ -1,8 +1,8 @@
 """Volumes in a libvirt storage pool: the shared base image, each machine's overlay and its seed.
 
 The base image is uploaded into the pool once (QEMU under qemu:///system runs as its own user and cannot
-read pymachine's 0700 cache); each machine's disk is a qcow2 overlay backed by it, so a new machine costs
-only the blocks it writes.
+read pymachine's 0700 cache); each machine's disk is a qcow2 overlay backed by it, or by an engine layer
+backed by it (drivers/libvirt/engine_layer.py), so a new machine costs only the blocks it writes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import html
 import io
 import struct
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -94,17 +95,37 @@ def find(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | Non
 def base_volume(pool: libvirt.virStoragePool, image: Path, lock_dir: Path) -> libvirt.virStorageVol:
     """The pool's copy of a cached image (named by its sha256, the cache file's name), uploaded once."""
     fmt, _ = image_info(image)
-    name = f"pymachine-base-{image.name[:16]}.{fmt}"
-    size = image.stat().st_size
-    with file_lock(lock_dir / ".pool.lock", timeout=3600, what=f"base volume {name}"):
+    return _uploaded(pool, f"pymachine-base-{image.name[:16]}.{fmt}", image, fmt, lock_dir)
+
+
+def layer_volume(pool: libvirt.virStoragePool, layer: Path, base: libvirt.virStorageVol, base_format: str,
+                 lock_dir: Path) -> libvirt.virStorageVol:
+    """The pool's copy of an engine layer (drivers/libvirt/engine_layer.py: a qcow2 generation), uploaded once
+    and backed by the base volume, named by its layer and generation."""
+    name = f"pymachine-engine-{layer.parent.parent.name}-{layer.parent.name}.qcow2"
+    # Its backing file is the image in the cache until it names the base volume as QEMU will find it.
+    rebase = ("qemu-img", "rebase", "-u", "-F", base_format, "-b", base.path(), str(layer))
+    return _uploaded(pool, name, layer, "qcow2", lock_dir, before=rebase)
+
+
+def _uploaded(pool: libvirt.virStoragePool, name: str, path: Path, fmt: str, lock_dir: Path,
+              before: tuple[str, ...] = ()) -> libvirt.virStorageVol:
+    """The volume `name` holding the file at `path`, uploaded unless the pool has it whole (after running the
+    command `before`, which must not change the file's size)."""
+    size = path.stat().st_size
+    with file_lock(lock_dir / ".pool.lock", timeout=3600, what=f"volume {name}"):
         existing = find(pool, name)
         if existing is not None and _physical_size(existing) == size:
             return existing
         if existing is not None:  # torn by an upload that was killed: never a disk's backing file
             existing.delete()
+        if before:
+            proc = subprocess.run(before, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise MachineError(f"{' '.join(before[:2])} of {path.name} failed: {proc.stderr.strip()}")
         vol = _create(pool, name, fmt, size, mode="0644")
         try:
-            _upload(pool, vol, image.open("rb"), size)
+            _upload(pool, vol, path.open("rb"), size)
         except BaseException:
             vol.delete()
             raise

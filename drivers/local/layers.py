@@ -70,11 +70,11 @@ _BUILD_XATTRS = ("trusted.overlay.origin", "trusted.overlay.impure")
 def layer(cache: Path, base: Path, packages: PackageSet, recheck: bool = False) -> Path:
     """The current layer (its rootfs) of `packages` over `base`, built when missing; asked against the archive
     when the last answer is older than VALID_FOR, or with `recheck`, and rebuilt when the archive moved on."""
-    slot = _slot(cache, base, packages)
     started = time.time()
-    current = _current(slot)
-    if current and not recheck and started - current[1] < VALID_FOR:
-        return current[0] / "rootfs"
+    known = None if recheck else fresh(cache, base, packages)
+    if known is not None:
+        return known
+    slot = _slot(cache, base, packages)
     slot.mkdir(parents=True, exist_ok=True)
     with file_lock(slot.parent / f"{slot.name}.lock", timeout=BUILD_TIMEOUT, what=f"engine layer {slot.name}"):
         current = _current(slot)  # another create may have built or checked it while this one waited
@@ -83,6 +83,12 @@ def layer(cache: Path, base: Path, packages: PackageSet, recheck: bool = False) 
         for leftover in slot.glob(".build-*"):  # an interrupted build's (the lock says none is running)
             shutil.rmtree(leftover, ignore_errors=True)
         return _check_or_build(slot, base, packages, current[0] if current else None) / "rootfs"
+
+
+def fresh(cache: Path, base: Path, packages: PackageSet) -> Path | None:
+    """The current layer (its rootfs) when the archive was asked about it less than VALID_FOR ago, else None."""
+    current = _current(_slot(cache, base, packages))
+    return current[0] / "rootfs" if current and time.time() - current[1] < VALID_FOR else None
 
 
 def add_user(rootfs: Path, machine_dir: Path) -> bool:

@@ -113,10 +113,20 @@ def test_create_boots_from_the_cloud_image_and_runs_containers(cli, pool, vm, tm
     # cloud-init grew the root filesystem to the requested 4 GiB.
     size = int(cli("ssh", vm, "--", "df -B1M --output=size /").stdout.split()[-1])
     assert size > 3000
-    # The disk is an overlay over the shared base volume in the pool, and the seed is a virtio disk.
+    # The disk is an overlay over the engine's packages (the engine cache), an overlay over the shared base
+    # volume in the pool; the seed is a virtio disk.
     disk_xml = virsh(URI, "vol-dumpxml", "--pool", pool, r["disk"]).stdout
-    assert "<backingStore>" in disk_xml and "pymachine-base-" in disk_xml
+    assert "<backingStore>" in disk_xml and f"/{r['engine_layer']}</path>" in disk_xml
+    assert r["engine_layer"].startswith("pymachine-engine-") and r["engine_layer"] in volumes(URI, pool)
+    layer_xml = virsh(URI, "vol-dumpxml", "--pool", pool, r["engine_layer"]).stdout
+    assert "<backingStore>" in layer_xml and "pymachine-base-" in layer_xml
     assert "<compat>1.1</compat>" in disk_xml  # zeroes the guest writes stay holes
+    # The guest sees what the layer holds: apt's lists as refreshed by the layer's build, so fresh that the engine
+    # role did not refresh them again (it would have touched the stamp at provisioning).
+    stamp = "var/lib/apt/periodic/update-success-stamp"
+    [built] = [p for p in (Path(cli.env["PYMACHINE_CACHE"]) / "libvirt/engine-layers").glob(f"*/*/rootfs/{stamp}")
+               if f"-{p.parents[5].name}.qcow2" in r["engine_layer"]]
+    assert int(cli("ssh", vm, "--", f"stat -c %Y /{stamp}").stdout) == int(built.stat().st_mtime)
     assert r["seed"] in volumes(URI, pool)
     assert f"<pm:id>{record['id']}</pm:id>" in virsh(URI, "dumpxml", vm).stdout
     # The image came through the cache, named by its checksum.
@@ -159,3 +169,4 @@ def test_kill_then_rm_leaves_nothing(cli, pool, vm):
     assert r["uuid"] not in virsh(URI, "list", "--all", "--uuid").stdout
     assert r["disk"] not in volumes(URI, pool) and r["seed"] not in volumes(URI, pool)
     assert not (pool_dir / r["disk"]).exists() and not (pool_dir / r["seed"]).exists()
+    assert r["engine_layer"] in volumes(URI, pool)  # shared: the next machine with this engine is made from it

@@ -1,0 +1,195 @@
+"""The engine cache for libvirt machines: a qcow2 layer of the engine's packages between a disk and its image.
+
+The packages are installed without booting anything, exactly as for local machines (drivers/local/layers.py,
+whose keys, archive checks, identity strip and generations this reuses): the cloud image's root filesystem is
+mounted on the host from a raw copy, the layer build installs the package set over it in a throwaway container,
+and what that wrote is then applied to the copy. qemu-img keeps only the clusters of the copy that differ from
+the image, so the generation's `disk.qcow2` holds the packages and nothing else. The driver uploads it into
+the pool once, backed by the base volume, and each machine's disk is an overlay over it:
+machine → engine layer → base image.
+
+It needs root on pymachine's host (a loop mount, the container) and a Debian-family image whose root filesystem
+the host can mount from one of its partitions; otherwise (a session libvirt as a user, an LVM or btrfs image)
+nothing is prepared and the roles install the packages in the machine, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from machine import ui
+from machine.drivers.libvirt import storage
+from machine.drivers.local import layers
+from machine.enginecache import PackageSet
+from machine.errors import MachineError
+from machine.store import file_lock
+
+DIR = "engine-roots"  # in the libvirt cache: <image key>/rootfs, where an image's root is mounted while building
+DISK = "disk.qcow2"  # in a layer's generation, beside its rootfs/ (what the build wrote) and manifest
+_OPAQUE = "trusted.overlay.opaque"  # an overlay's "this directory replaces the lower one whole"
+_DECLINED = 3  # _build's exit code for "this image's root cannot be prepared here"
+
+
+def prepare(image: Path, cache: Path, packages: PackageSet, recheck: bool = False) -> Path | None:
+    """The qcow2 layer of `packages` over `image` (its backing file is `image`), built when missing and checked
+    against the archive as local layers are; None when this host cannot build one (see the module's text)."""
+    if os.geteuid() != 0:
+        return None
+    key = cache / DIR / image.name[:16]  # the cache names images by their sha256
+    root = key / "rootfs"
+    fresh = None if recheck else layers.fresh(cache, root, packages)
+    if fresh is not None and (fresh.parent / DISK).is_file():
+        return fresh.parent / DISK
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(key.parent / f"{key.name}.lock", timeout=layers.BUILD_TIMEOUT, what=f"engine layer of {key.name}"):
+        fresh = None if recheck else layers.fresh(cache, root, packages)  # built while this one waited
+        if fresh is not None and (fresh.parent / DISK).is_file():
+            return fresh.parent / DISK
+        raw = key / "image.raw"
+        try:
+            with ui.step(f"preparing the {packages.name} engine layer over the image (once)"):
+                _qemu_img("convert", "-O", "raw", str(image), str(raw))
+                generation = _build(raw, root, cache, packages, recheck)
+            if generation is None:
+                return None
+            if (generation / DISK).is_file():
+                return generation / DISK
+            with ui.step(f"preparing the {packages.name} engine layer: writing its qcow2 layer"):
+                # An empty overlay of the changed copy, rebased onto the image in safe mode: qemu-img compares
+                # the two and writes only the clusters that differ (`convert -B` would copy every used one).
+                part = generation / f".{DISK}.part"
+                _qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=1.1", "-b", str(raw), "-F", "raw", str(part))
+                _qemu_img("rebase", "-f", "qcow2", "-b", str(image), "-F", storage.image_info(image)[0], str(part))
+                os.rename(part, generation / DISK)
+            return generation / DISK
+        finally:
+            raw.unlink(missing_ok=True)
+
+
+def _build(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bool) -> Path | None:
+    """Mount the raw copy's root filesystem at `root`, check or build the layer over it and, for a generation
+    without its qcow2 yet, apply what the build wrote to the copy; the generation, or None when the image's
+    root cannot be mounted or has no apt. Runs in a process with a mount namespace of its own: the mount is seen
+    by nothing else (a local machine starting meanwhile would keep a copy of it, and the copy's filesystem
+    unwritten) and vanishes with that process, whatever happens to it."""
+    # Where the `machine` package is, for a pymachine run from a checkout as much as from a wheel.
+    package_path = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_path, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", __name__, str(raw), str(root),
+         str(cache), json.dumps({"name": packages.name, "apt": packages.apt, "recheck": recheck})],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode == _DECLINED:
+        return None
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise MachineError(lines[-1] if lines else f"building the engine layer failed (exit {proc.returncode})")
+    return Path(proc.stdout.strip())
+
+
+def _build_here(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bool) -> Path | None:
+    """_build's work, in its own mount namespace."""
+    offset, size = _root_partition(raw)
+    if subprocess.run(["mount", "-o", f"loop,offset={offset},sizelimit={size}", str(raw), str(root)],
+                      capture_output=True).returncode != 0:
+        return None  # LVM, an unknown filesystem: the roles install the packages
+    try:
+        if not (root / "usr/bin/apt-get").exists():
+            return None
+        generation = layers.layer(cache, root, packages, recheck).parent
+        if not (generation / DISK).is_file():
+            _apply(generation / "rootfs", root)
+        return generation
+    finally:
+        subprocess.run(["umount", str(root)], check=True)  # writes the filesystem out before the copy is read
+
+
+def _qemu_img(*args: str) -> str:
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise MachineError(f"qemu-img {args[0]} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def _root_partition(raw: Path) -> tuple[int, int]:
+    """(offset, size) in bytes of the largest partition: the root filesystem of a cloud image (Debian's and
+    Ubuntu's beside small BIOS boot and EFI partitions)."""
+    proc = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True)
+    try:
+        table = json.loads(proc.stdout)["partitiontable"]
+        largest = max(table["partitions"], key=lambda p: p["size"])
+        sector = table.get("sectorsize", 512)
+        return largest["start"] * sector, largest["size"] * sector
+    except (ValueError, KeyError):  # no partition table: a filesystem image
+        return 0, raw.stat().st_size
+
+
+def _apply(upper: Path, root: Path) -> None:
+    """Write an overlay's upper directory onto `root`: what it holds replaces what `root` had, its whiteouts
+    remove, its opaque directories replace theirs whole; owners, modes, times and xattrs (file capabilities)
+    are kept, the overlay's own bookkeeping is not."""
+    for dirpath, dirnames, filenames in os.walk(upper):
+        here = root / os.path.relpath(dirpath, upper)
+        for name in [*dirnames, *filenames]:
+            source, target = Path(dirpath, name), here / name
+            st = os.lstat(source)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # a whiteout: the build removed it
+                _remove(target)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if target.is_symlink() or (target.exists() and (not target.is_dir() or _opaque(source))):
+                    _remove(target)
+                if not target.exists():
+                    target.mkdir()
+            else:
+                _remove(target)
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(source), target)
+                elif stat.S_ISREG(st.st_mode):
+                    shutil.copyfile(source, target)
+                else:
+                    os.mknod(target, st.st_mode, st.st_rdev)
+            os.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)  # first: a chown clears set-id bits
+            shutil.copystat(source, target, follow_symlinks=False)
+            with contextlib.suppress(OSError):
+                os.removexattr(target, _OPAQUE, follow_symlinks=False)
+
+
+def _opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, _OPAQUE, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.is_symlink() or path.exists():
+        path.unlink()
+
+
+def _main(raw: str, root: str, cache: str, spec: str) -> int:
+    wanted = json.loads(spec)
+    try:
+        generation = _build_here(Path(raw), Path(root), Path(cache), PackageSet(wanted["name"], tuple(wanted["apt"])),
+                                 wanted["recheck"])
+    except MachineError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if generation is None:
+        return _DECLINED
+    print(generation)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(*sys.argv[1:]))

@@ -1,0 +1,99 @@
+"""The libvirt engine cache's build, for real and without a boot: packages from the archive installed over a disk
+image's root filesystem, kept as a qcow2 layer that holds only what changed and is backed by the image.
+
+The image is the suite's local base (it has apt and the archive's address) on an MBR disk, as a cloud image is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from machine.drivers.libvirt import engine_layer
+from machine.drivers.local import rootfs
+from machine.enginecache import PackageSet
+from tests.integration.conftest import CACHE
+
+pytestmark = pytest.mark.integration
+
+PACKAGES = PackageSet("hello", ("hello",))  # small, and in no base
+IDENTITY = ("etc/hostname", "etc/hosts", "etc/resolv.conf", "etc/machine-id")
+
+
+def read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    """A qcow2 disk image (an MBR partition at 1 MiB holding ext4) of the local base, named by its sha256 as the
+    image cache names images."""
+    base = rootfs.base_rootfs(Path(CACHE) / "local", "bookworm", "http://deb.debian.org/debian")
+    work = tmp_path_factory.mktemp("image")
+    part, disk = work / "part.raw", work / "disk.raw"
+    run("truncate", "-s", "600M", str(part))
+    run("mkfs.ext4", "-q", "-d", str(base), str(part))
+    run("truncate", "-s", "602M", str(disk))
+    subprocess.run(["sfdisk", "-q", str(disk)], input="label: dos\nstart=2048, type=83\n", text=True, check=True)
+    run("dd", f"if={part}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none")
+    qcow = work / "disk.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", str(disk), str(qcow))
+    part.unlink()
+    disk.unlink()
+    named = work / hashlib.sha256(qcow.read_bytes()).hexdigest()
+    qcow.rename(named)
+    return named
+
+
+@contextlib.contextmanager
+def root_of(disk: Path, tmp: Path) -> Iterator[Path]:
+    """The root filesystem that `disk` (qcow2, through its whole backing chain) holds, mounted read-only."""
+    raw, mnt = tmp / f"{disk.name}.raw", tmp / f"{disk.name}.mnt"
+    run("qemu-img", "convert", "-O", "raw", str(disk), str(raw))
+    mnt.mkdir()
+    run("mount", "-o", "ro,loop,offset=1048576", str(raw), str(mnt))
+    try:
+        yield mnt
+    finally:
+        run("umount", str(mnt))
+        raw.unlink()
+
+
+def test_the_layer_holds_the_packages_and_only_what_changed(image, tmp_path):
+    cache = tmp_path / "cache"
+    layer = engine_layer.prepare(image, cache, PACKAGES)
+    assert layer is not None and layer.name == "disk.qcow2"
+    info = json.loads(run("qemu-img", "info", "--output=json", str(layer)))
+    assert info["backing-filename"] == str(image) and info["virtual-size"] == json.loads(
+        run("qemu-img", "info", "--output=json", str(image)))["virtual-size"]
+    # The package and apt's lists, not a copy of the image's ~300 MiB.
+    assert info["actual-size"] < image.stat().st_size // 3, (info["actual-size"], image.stat().st_size)
+    with root_of(image, tmp_path) as root:
+        assert not (root / "usr/bin/hello").exists()  # the image itself is untouched
+        identity = {name: read(root / name) for name in IDENTITY}
+    with root_of(layer, tmp_path) as root:
+        assert (root / "usr/bin/hello").is_file()
+        assert "Package: hello\n" in (root / "var/lib/dpkg/status").read_text()
+        assert (root / "var/lib/apt/periodic/update-success-stamp").is_file()  # the engine role's apt sees it fresh
+        # What the build's container wrote about itself is not in the layer: the image's own files show through.
+        assert {name: read(root / name) for name in IDENTITY} == identity
+    # Nothing of the build is left mounted or copied.
+    key = cache / engine_layer.DIR / image.name[:16]
+    assert not os.path.ismount(key / "rootfs") and not (key / "image.raw").exists()
+
+    # Asked again: the same layer, without a build; rechecked against an archive that did not move: the same.
+    built = layer.stat().st_mtime_ns
+    assert engine_layer.prepare(image, cache, PACKAGES) == layer
+    assert engine_layer.prepare(image, cache, PACKAGES, recheck=True) == layer
+    assert layer.stat().st_mtime_ns == built and len(list(layer.parents[1].glob("2*"))) == 1
