@@ -47,6 +47,9 @@ class LibvirtDriver(Driver):
                                   "forwarded from 127.0.0.1)", network.USER),
         Option("libvirt-domain-type", "hypervisor: kvm, qemu (TCG emulation) or auto (kvm when available)",
                "auto", choices=("auto", "kvm", "qemu")),
+        Option("libvirt-engine-layer", "the engine's packages come pre-installed from a backing volume shared by "
+               "the machines of one image (built once, as root, without a boot); false: installed per machine",
+               True, type=bool),
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -161,12 +164,15 @@ class LibvirtDriver(Driver):
 
     # -- the engine cache (machine/enginecache.py) ---------------------------------------------------------
     def prepare_packages(self, packages: PackageSet) -> None:
-        self._packages = packages  # create() puts the machine's disk over their layer
+        if self.opts["libvirt_engine_layer"]:
+            self._packages = packages  # create() puts the machine's disk over their layer
 
     def refresh_packages(self, packages: PackageSet) -> None:
         from machine.drivers.libvirt import engine_layer  # late: it brings the local driver's layers
 
         o = self.opts
+        if not o["libvirt_engine_layer"]:
+            return
         image = catalog.fetch(catalog.resolve(o["libvirt_image"], o["libvirt_image_sha256"]),
                               self.store.cache("libvirt"))
         engine_layer.prepare(image, self.store.cache("libvirt"), packages, recheck=True)

@@ -90,7 +90,8 @@ def _build(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bo
         return None
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
-        raise MachineError(lines[-1] if lines else f"building the engine layer failed (exit {proc.returncode})")
+        raise MachineError(f"{lines[-1] if lines else f'building the engine layer failed (exit {proc.returncode})'}"
+                           f" (--no-libvirt-engine-layer installs the packages in the machine instead)")
     return Path(proc.stdout.strip())
 
 
