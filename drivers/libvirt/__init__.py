@@ -9,6 +9,8 @@ loopback ports that QEMU forwards to its SSH and engine ports.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +28,7 @@ from machine.store import write_atomic
 if TYPE_CHECKING:
     import libvirt
 
+log = logging.getLogger("pymachine.libvirt")
 STOP_TIMEOUT = 60.0
 LEASE_TIMEOUT = 180.0  # a cloud image asks for its lease ~50 s after power-on under TCG
 BOOT_TIMEOUT = 600.0  # until sshd answers: ~75 s for a cloud image under TCG, more on a loaded host
@@ -175,7 +178,8 @@ class LibvirtDriver(Driver):
             return
         image = catalog.fetch(catalog.resolve(o["libvirt_image"], o["libvirt_image_sha256"]),
                               self.store.cache("libvirt"))
-        engine_layer.prepare(image, self.store.cache("libvirt"), packages, recheck=True)
+        with contextlib.suppress(engine_layer.Declined):  # create said why, and installs the packages
+            engine_layer.prepare(image, self.store.cache("libvirt"), packages, recheck=True)
 
     def _engine_layer(self, pool: libvirt.virStoragePool, image: Path, base: libvirt.virStorageVol,
                       base_format: str) -> libvirt.virStorageVol | None:
@@ -185,8 +189,10 @@ class LibvirtDriver(Driver):
 
         assert self._packages is not None
         cache = self.store.cache("libvirt")
-        layer = engine_layer.prepare(image, cache, self._packages)
-        if layer is None:
+        try:
+            layer = engine_layer.prepare(image, cache, self._packages)
+        except engine_layer.Declined as e:
+            log.warning("%s: no engine cache (%s): provisioning installs the engine's packages", self.machine.name, e)
             return None
         with ui.step("uploading the engine layer into the storage pool (once per layer)"):
             volume = storage.layer_volume(pool, layer, base, base_format, cache)

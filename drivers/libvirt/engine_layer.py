@@ -9,8 +9,9 @@ the pool once, backed by the base volume, and each machine's disk is an overlay 
 machine → engine layer → base image.
 
 It needs root on pymachine's host (a loop mount, the container) and a Debian-family image whose root filesystem
-the host can mount from one of its partitions; otherwise (a session libvirt as a user, an LVM or btrfs image)
-nothing is prepared and the roles install the packages in the machine, as before.
+the host can mount from one of its partitions and has room for the packages (a cloud image's is only a little
+larger than its contents until cloud-init grows it at boot); otherwise (a session libvirt as a user, an LVM
+image) it is Declined, with the reason, and the roles install the packages in the machine, as before.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ _OPAQUE = "trusted.overlay.opaque"  # an overlay's "this directory replaces the 
 _DECLINED = 3  # _build's exit code for "this image's root cannot be prepared here"
 
 
-def prepare(image: Path, cache: Path, packages: PackageSet, recheck: bool = False) -> Path | None:
+class Declined(Exception):
+    """This host or image cannot have the layer (the reason): the roles install the packages in the machine."""
+
+
+def prepare(image: Path, cache: Path, packages: PackageSet, recheck: bool = False) -> Path:
     """The qcow2 layer of `packages` over `image` (its backing file is `image`), built when missing and checked
-    against the archive as local layers are; None when this host cannot build one (see the module's text)."""
+    against the archive as local layers are; Declined when it cannot be had here (see the module's text)."""
     if os.geteuid() != 0:
-        return None
+        raise Declined("building it needs root")
     key = cache / DIR / image.name[:16]  # the cache names images by their sha256
     root = key / "rootfs"
     fresh = None if recheck else layers.fresh(cache, root, packages)
@@ -57,8 +62,6 @@ def prepare(image: Path, cache: Path, packages: PackageSet, recheck: bool = Fals
             with ui.step(f"preparing the {packages.name} engine layer over the image (once)"):
                 _qemu_img("convert", "-O", "raw", str(image), str(raw))
                 generation = _build(raw, root, cache, packages, recheck)
-            if generation is None:
-                return None
             if (generation / DISK).is_file():
                 return generation / DISK
             with ui.step(f"preparing the {packages.name} engine layer: writing its qcow2 layer"):
@@ -73,12 +76,12 @@ def prepare(image: Path, cache: Path, packages: PackageSet, recheck: bool = Fals
             raw.unlink(missing_ok=True)
 
 
-def _build(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bool) -> Path | None:
+def _build(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bool) -> Path:
     """Mount the raw copy's root filesystem at `root`, check or build the layer over it and, for a generation
-    without its qcow2 yet, apply what the build wrote to the copy; the generation, or None when the image's
-    root cannot be mounted or has no apt. Runs in a process with a mount namespace of its own: the mount is seen
-    by nothing else (a local machine starting meanwhile would keep a copy of it, and the copy's filesystem
-    unwritten) and vanishes with that process, whatever happens to it."""
+    without its qcow2 yet, apply what the build wrote to the copy; the generation (Declined: the image's root
+    cannot be mounted, has no apt, or no room for the packages). Runs in a process with a mount namespace of its
+    own: the mount is seen by nothing else (a local machine starting meanwhile would keep a copy of it, and the
+    copy's filesystem unwritten) and vanishes with that process, whatever happens to it."""
     # Where the `machine` package is, for a pymachine run from a checkout as much as from a wheel.
     package_path = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_path, os.environ.get("PYTHONPATH")]))}
@@ -86,26 +89,28 @@ def _build(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bo
         ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", __name__, str(raw), str(root),
          str(cache), json.dumps({"name": packages.name, "apt": packages.apt, "recheck": recheck})],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
     if proc.returncode == _DECLINED:
-        return None
+        raise Declined(lines[-1])
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
         raise MachineError(f"{lines[-1] if lines else f'building the engine layer failed (exit {proc.returncode})'}"
                            f" (--no-libvirt-engine-layer installs the packages in the machine instead)")
     return Path(proc.stdout.strip())
 
 
-def _build_here(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bool) -> Path | None:
+def _build_here(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bool) -> Path:
     """_build's work, in its own mount namespace."""
     offset, size = _root_partition(raw)
-    if subprocess.run(["mount", "-o", f"loop,offset={offset},sizelimit={size}", str(raw), str(root)],
-                      capture_output=True).returncode != 0:
-        return None  # LVM, an unknown filesystem: the roles install the packages
+    mount = subprocess.run(["mount", "-o", f"loop,offset={offset},sizelimit={size}", str(raw), str(root)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:  # LVM, a filesystem this kernel does not know
+        raise Declined(f"the image's root filesystem cannot be mounted here ({mount.stderr.strip()[:200]})")
     try:
         if not (root / "usr/bin/apt-get").exists():
-            return None
+            raise Declined("the image has no apt-get")
         generation = layers.layer(cache, root, packages, recheck).parent
         if not (generation / DISK).is_file():
+            _make_room(generation / "rootfs", root)
             _apply(generation / "rootfs", root)
         return generation
     finally:
@@ -131,6 +136,17 @@ def _root_partition(raw: Path) -> tuple[int, int]:
         return largest["start"] * sector, largest["size"] * sector
     except (ValueError, KeyError):  # no partition table: a filesystem image
         return 0, raw.stat().st_size
+
+
+def _make_room(upper: Path, root: Path) -> None:
+    """Declined unless `root` has room for what `upper` holds: a cloud image's filesystem is only as large as its
+    contents and some slack (cloud-init grows it to the disk at boot, where the roles would install)."""
+    needed = sum(os.lstat(os.path.join(d, name)).st_blocks * 512 for d, dirs, files in os.walk(upper)
+                 for name in [*dirs, *files])
+    fs = os.statvfs(root)
+    free = fs.f_bavail * fs.f_frsize
+    if needed + (64 << 20) > free:  # and some room for the filesystem's own metadata
+        raise Declined(f"the image's root filesystem has {free >> 20} MiB free, the packages take {needed >> 20} MiB")
 
 
 def _apply(upper: Path, root: Path) -> None:
@@ -183,11 +199,12 @@ def _main(raw: str, root: str, cache: str, spec: str) -> int:
     try:
         generation = _build_here(Path(raw), Path(root), Path(cache), PackageSet(wanted["name"], tuple(wanted["apt"])),
                                  wanted["recheck"])
+    except Declined as e:
+        print(e, file=sys.stderr)
+        return _DECLINED
     except MachineError as e:
         print(e, file=sys.stderr)
         return 1
-    if generation is None:
-        return _DECLINED
     print(generation)
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from machine.drivers.libvirt import engine_layer
-from machine.drivers.local import rootfs
+from machine.drivers.local import layers, rootfs
 from machine.enginecache import PackageSet
 from tests.integration.conftest import CACHE
 
@@ -35,16 +35,15 @@ def run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    """A qcow2 disk image (an MBR partition at 1 MiB holding ext4) of the local base, named by its sha256 as the
-    image cache names images."""
+def disk_image(work: Path, slack_mib: int) -> Path:
+    """A qcow2 disk image (an MBR partition at 1 MiB holding ext4) of the local base with about `slack_mib` to
+    spare, named by its sha256 as the image cache names images."""
     base = rootfs.base_rootfs(Path(CACHE) / "local", "bookworm", "http://deb.debian.org/debian")
-    work = tmp_path_factory.mktemp("image")
+    size = int(run("du", "-sm", str(base)).split()[0]) + slack_mib
     part, disk = work / "part.raw", work / "disk.raw"
-    run("truncate", "-s", "600M", str(part))
+    run("truncate", "-s", f"{size}M", str(part))
     run("mkfs.ext4", "-q", "-d", str(base), str(part))
-    run("truncate", "-s", "602M", str(disk))
+    run("truncate", "-s", f"{size + 2}M", str(disk))
     subprocess.run(["sfdisk", "-q", str(disk)], input="label: dos\nstart=2048, type=83\n", text=True, check=True)
     run("dd", f"if={part}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none")
     qcow = work / "disk.qcow2"
@@ -54,6 +53,11 @@ def image(tmp_path_factory) -> Path:
     named = work / hashlib.sha256(qcow.read_bytes()).hexdigest()
     qcow.rename(named)
     return named
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    return disk_image(tmp_path_factory.mktemp("image"), 300)
 
 
 @contextlib.contextmanager
@@ -97,3 +101,15 @@ def test_the_layer_holds_the_packages_and_only_what_changed(image, tmp_path):
     assert engine_layer.prepare(image, cache, PACKAGES) == layer
     assert engine_layer.prepare(image, cache, PACKAGES, recheck=True) == layer
     assert layer.stat().st_mtime_ns == built and len(list(layer.parents[1].glob("2*"))) == 1
+
+
+def test_an_image_without_room_for_the_packages_is_declined_and_leaves_nothing(tmp_path):
+    """A cloud image's filesystem is barely larger than its contents until cloud-init grows it at boot: where the
+    packages do not fit, the layer is declined with the reason (the roles install them in the grown machine)."""
+    tight = disk_image(tmp_path, 60)  # less than apt's lists alone
+    cache = tmp_path / "cache"
+    with pytest.raises(engine_layer.Declined, match=r"has \d+ MiB free, the packages take \d+ MiB"):
+        engine_layer.prepare(tight, cache, PACKAGES)
+    key = cache / engine_layer.DIR / tight.name[:16]
+    assert not os.path.ismount(key / "rootfs") and not (key / "image.raw").exists()
+    assert not list(cache.glob(f"{layers.DIR}/*/*/{engine_layer.DISK}"))
