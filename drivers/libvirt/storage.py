@@ -11,8 +11,10 @@ import contextlib
 import functools
 import html
 import io
+import json
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -103,15 +105,13 @@ def layer_volume(pool: libvirt.virStoragePool, layer: Path, base: libvirt.virSto
     """The pool's copy of an engine layer (drivers/libvirt/engine_layer.py: a qcow2 generation), uploaded once
     and backed by the base volume, named by its layer and generation."""
     name = f"pymachine-engine-{layer.parent.parent.name}-{layer.parent.name}.qcow2"
-    # Its backing file is the image in the cache until it names the base volume as QEMU will find it.
-    rebase = ("qemu-img", "rebase", "-u", "-F", base_format, "-b", base.path(), str(layer))
-    return _uploaded(pool, name, layer, "qcow2", lock_dir, before=rebase)
+    return _uploaded(pool, name, layer, "qcow2", lock_dir, backing=(base.path(), base_format))
 
 
 def _uploaded(pool: libvirt.virStoragePool, name: str, path: Path, fmt: str, lock_dir: Path,
-              before: tuple[str, ...] = ()) -> libvirt.virStorageVol:
-    """The volume `name` holding the file at `path`, uploaded unless the pool has it whole (after running the
-    command `before`, which must not change the file's size)."""
+              backing: tuple[str, str] | None = None) -> libvirt.virStorageVol:
+    """The volume `name` holding the file at `path`, uploaded unless the pool has it whole; with `backing` (path,
+    format), the volume's qcow2 header names that backing file instead of the cached file's own."""
     size = path.stat().st_size
     with file_lock(lock_dir / ".pool.lock", timeout=3600, what=f"volume {name}"):
         existing = find(pool, name)
@@ -119,17 +119,35 @@ def _uploaded(pool: libvirt.virStoragePool, name: str, path: Path, fmt: str, loc
             return existing
         if existing is not None:  # torn by an upload that was killed: never a disk's backing file
             existing.delete()
-        if before:
-            proc = subprocess.run(before, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise MachineError(f"{' '.join(before[:2])} of {path.name} failed: {proc.stderr.strip()}")
         vol = _create(pool, name, fmt, size, mode="0644")
         try:
-            _upload(pool, vol, path.open("rb"), size)
+            with _backed_by(path, backing) if backing else contextlib.nullcontext():
+                _upload(pool, vol, path.open("rb"), size)
         except BaseException:
             vol.delete()
             raise
         return vol
+
+
+@contextlib.contextmanager
+def _backed_by(path: Path, backing: tuple[str, str]) -> Iterator[None]:
+    """For the block, the qcow2 at `path` names `backing` as its backing file (`rebase -u` rewrites only the
+    header, whose size does not change); then again the one it named."""
+    info = json.loads(qemu_img("info", "--output=json", str(path)))
+    qemu_img("rebase", "-u", "-F", backing[1], "-b", backing[0], str(path))
+    try:
+        yield
+    finally:
+        qemu_img("rebase", "-u", "-F", info["backing-filename-format"], "-b", info["backing-filename"], str(path))
+
+
+def qemu_img(*args: str) -> str:
+    """Run qemu-img; its output (MachineError with its last line when it fails)."""
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise MachineError(f"qemu-img {args[0]} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+    return proc.stdout
 
 
 def overlay(pool: libvirt.virStoragePool, name: str, base: libvirt.virStorageVol, base_format: str,

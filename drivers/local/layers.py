@@ -85,10 +85,11 @@ def layer(cache: Path, base: Path, packages: PackageSet, recheck: bool = False) 
         return _check_or_build(slot, base, packages, current[0] if current else None) / "rootfs"
 
 
-def fresh(cache: Path, base: Path, packages: PackageSet) -> Path | None:
-    """The current layer (its rootfs) when the archive was asked about it less than VALID_FOR ago, else None."""
+def fresh(cache: Path, base: Path, packages: PackageSet, any_age: bool = False) -> Path | None:
+    """The current layer (its rootfs) when the archive was asked about it less than VALID_FOR ago (or ever, with
+    `any_age`), else None."""
     current = _current(_slot(cache, base, packages))
-    return current[0] / "rootfs" if current and time.time() - current[1] < VALID_FOR else None
+    return current[0] / "rootfs" if current and (any_age or time.time() - current[1] < VALID_FOR) else None
 
 
 def add_user(rootfs: Path, machine_dir: Path) -> bool:

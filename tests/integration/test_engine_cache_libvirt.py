@@ -10,7 +10,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +62,24 @@ def image(tmp_path_factory) -> Path:
     return disk_image(tmp_path_factory.mktemp("image"), 300)
 
 
+def nothing_left(key: Path) -> bool:
+    """No loop device on a copy of the image under `key`, and no copy."""
+    devices = json.loads(run("losetup", "--list", "--json") or '{"loopdevices": []}')["loopdevices"]
+    return not [d for d in devices if str(key) in (d.get("back-file") or "")] and not list(key.glob("*.raw"))
+
+
+@contextlib.contextmanager
+def no_program(name: str) -> Iterator[None]:
+    """`name` fails for the block (a PATH with a stand-in that exits 1 first)."""
+    stand_in = Path(tempfile.mkdtemp())
+    (stand_in / name).write_text("#!/bin/sh\nexit 1\n")
+    (stand_in / name).chmod(0o755)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{stand_in}:{os.environ['PATH']}")
+        yield
+    shutil.rmtree(stand_in)
+
+
 @contextlib.contextmanager
 def root_of(disk: Path, tmp: Path) -> Iterator[Path]:
     """The root filesystem that `disk` (qcow2, through its whole backing chain) holds, mounted read-only."""
@@ -77,7 +97,7 @@ def root_of(disk: Path, tmp: Path) -> Iterator[Path]:
 def test_the_layer_holds_the_packages_and_only_what_changed(image, tmp_path):
     cache = tmp_path / "cache"
     layer = engine_layer.prepare(image, cache, PACKAGES)
-    assert layer is not None and layer.name == "disk.qcow2"
+    assert layer.name == engine_layer.DISK
     info = json.loads(run("qemu-img", "info", "--output=json", str(layer)))
     assert info["backing-filename"] == str(image) and info["virtual-size"] == json.loads(
         run("qemu-img", "info", "--output=json", str(image)))["virtual-size"]
@@ -92,15 +112,19 @@ def test_the_layer_holds_the_packages_and_only_what_changed(image, tmp_path):
         assert (root / "var/lib/apt/periodic/update-success-stamp").is_file()  # the engine role's apt sees it fresh
         # What the build's container wrote about itself is not in the layer: the image's own files show through.
         assert {name: read(root / name) for name in IDENTITY} == identity
-    # Nothing of the build is left mounted or copied.
-    key = cache / engine_layer.DIR / image.name[:16]
-    assert not os.path.ismount(key / "rootfs") and not (key / "image.raw").exists()
+    # Nothing of the build is left mounted (its loop device) or copied.
+    assert nothing_left(cache / engine_layer.DIR / image.name[:16])
 
     # Asked again: the same layer, without a build; rechecked against an archive that did not move: the same.
     built = layer.stat().st_mtime_ns
     assert engine_layer.prepare(image, cache, PACKAGES) == layer
     assert engine_layer.prepare(image, cache, PACKAGES, recheck=True) == layer
     assert layer.stat().st_mtime_ns == built and len(list(layer.parents[1].glob("2*"))) == 1
+
+    # A day later the archive cannot be asked (here: the build cannot even start): the layer it had still serves.
+    (layer.parents[1] / "current.json").write_text(json.dumps({"generation": layer.parent.name, "checked": 0}))
+    with no_program("unshare"):
+        assert engine_layer.prepare(image, cache, PACKAGES) == layer
 
 
 def test_an_image_without_room_for_the_packages_is_declined_and_leaves_nothing(tmp_path):
@@ -110,6 +134,8 @@ def test_an_image_without_room_for_the_packages_is_declined_and_leaves_nothing(t
     cache = tmp_path / "cache"
     with pytest.raises(engine_layer.Declined, match=r"has \d+ MiB free, the packages take \d+ MiB"):
         engine_layer.prepare(tight, cache, PACKAGES)
-    key = cache / engine_layer.DIR / tight.name[:16]
-    assert not os.path.ismount(key / "rootfs") and not (key / "image.raw").exists()
+    assert nothing_left(cache / engine_layer.DIR / tight.name[:16])
     assert not list(cache.glob(f"{layers.DIR}/*/*/{engine_layer.DISK}"))
+    # The next create is told at once, without copying and mounting the image again.
+    with pytest.raises(engine_layer.Declined, match="MiB free"), no_program("qemu-img"):
+        engine_layer.prepare(tight, cache, PACKAGES)

@@ -6,6 +6,7 @@ no traffic to any other address. One VM is shared by the lifecycle tests (a TCG 
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -127,6 +128,11 @@ def test_create_boots_from_the_cloud_image_and_runs_containers(cli, pool, vm, tm
     [built] = [p for p in (Path(cli.env["PYMACHINE_CACHE"]) / "libvirt/engine-layers").glob(f"*/*/rootfs/{stamp}")
                if f"-{p.parents[5].name}.qcow2" in r["engine_layer"]]
     assert int(cli("ssh", vm, "--", f"stat -c %Y /{stamp}").stdout) == int(built.stat().st_mtime)
+    # The cached layer still names the cached image as its backing file (only the pool's copy names the volume).
+    cached = subprocess.run(["qemu-img", "info", "--output=json", str(built.parents[5] / "disk.qcow2")],
+                            capture_output=True, text=True, check=True).stdout
+    assert json.loads(cached)["backing-filename"] == str(
+        Path(cli.env["PYMACHINE_CACHE"]) / "libvirt" / cli.env["PYMACHINE_LIBVIRT_IMAGE_SHA256"])
     assert r["seed"] in volumes(URI, pool)
     assert f"<pm:id>{record['id']}</pm:id>" in virsh(URI, "dumpxml", vm).stdout
     # The image came through the cache, named by its checksum.

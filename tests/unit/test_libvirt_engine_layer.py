@@ -51,6 +51,28 @@ def test_an_upper_directory_is_applied_with_its_whiteouts_opaque_directories_and
     assert (root / "var/new/data").read_text() == "data\n" and (root / "kept/file").read_text() == "untouched\n"
 
 
+@root_only
+def test_hard_links_stay_links_kinds_swap_and_directories_keep_their_times(tmp_path):
+    root, upper = tmp_path / "root", tmp_path / "upper"
+    (root / "was-dir").mkdir(parents=True)
+    (root / "was-dir/inside").write_text("x\n")
+    (root / "was-file").write_text("file\n")
+    (upper / "usr/bin").mkdir(parents=True)
+    (upper / "was-dir").write_text("now a file\n")
+    (upper / "was-file").mkdir()
+    (upper / "was-file/inside").write_text("now a directory\n")
+    (upper / "usr/bin/tool").write_text("tool\n")
+    os.link(upper / "usr/bin/tool", upper / "usr/bin/tool-alias")
+    os.utime(upper / "usr", ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+
+    engine_layer._apply(upper, root)
+
+    assert (root / "was-dir").read_text() == "now a file\n"
+    assert (root / "was-file/inside").read_text() == "now a directory\n"
+    assert os.stat(root / "usr/bin/tool").st_ino == os.stat(root / "usr/bin/tool-alias").st_ino
+    assert os.stat(root / "usr").st_mtime_ns == 1_000_000_000_000_000_000  # not the time of the writes inside
+
+
 def test_the_root_filesystem_is_the_largest_partition_or_the_whole_image(tmp_path):
     disk, bare = tmp_path / "disk.raw", tmp_path / "fs.raw"
     disk.write_bytes(b"")
