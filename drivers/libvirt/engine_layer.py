@@ -82,7 +82,7 @@ def prepare(image: Path, cache: Path, packages: PackageSet, recheck: bool = Fals
             if current is None or not (current.parent / DISK).is_file():
                 raise
             log.warning("the %s engine layer was not checked against the archive (%s): using the one from %s",
-                        packages.name, e, _manifest(current.parent).get("built", "before"))
+                        packages.name, e, layers.manifest(current.parent).get("built", "before"))
             return current.parent / DISK
         finally:
             raw.unlink(missing_ok=True)
@@ -96,13 +96,6 @@ def _known(cache: Path, root: Path, packages: PackageSet) -> Path | None:
         if where is not None and (where / _DECLINED_FILE).is_file():
             raise Declined((where / _DECLINED_FILE).read_text().strip())
     return fresh.parent / DISK if fresh is not None and (fresh.parent / DISK).is_file() else None
-
-
-def _manifest(generation: Path) -> dict:
-    try:
-        return json.loads((generation / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _build(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bool) -> Path:

@@ -151,7 +151,8 @@ def _current(slot: Path) -> tuple[Path, float] | None:
     return (generation, checked) if (generation / "manifest.json").is_file() else None
 
 
-def _manifest(generation: Path) -> dict:
+def manifest(generation: Path) -> dict:
+    """What a generation's build recorded (its packages and versions, when it was built); {} if unreadable."""
     try:
         return json.loads((generation / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -189,7 +190,7 @@ def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path 
         with ui.step(f"checking the {packages.name} engine layer against the archive"):
             wanted = _versions(_run_in(base, build, f"apt-get -q update >&2 && apt-get -s install {names}"),
                                r"^Inst (\S+) (?:\[\S+\] )?\((\S+) ")
-        if current is not None and _manifest(current).get("packages") == wanted:
+        if current is not None and manifest(current).get("packages") == wanted:
             shutil.rmtree(build)
             _set_current(slot, current)
             return current
@@ -209,9 +210,9 @@ def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path 
         for part in ("work", "root"):
             shutil.rmtree(build / part)
         (build / "users").mkdir()
-        manifest = {"recipe": RECIPE, "base": str(base), "apt": list(packages.apt), "packages": wanted,
-                    "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_atomic(build / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode(), 0o644)
+        record = {"recipe": RECIPE, "base": str(base), "apt": list(packages.apt), "packages": wanted,
+                  "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_atomic(build / "manifest.json", json.dumps(record, indent=1, sort_keys=True).encode(), 0o644)
         generation = slot / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.urandom(3).hex()}"
         os.rename(build, generation)
     except BaseException:
