@@ -3,7 +3,8 @@
 Provisioning never sees a driver, and a driver never sees a role. Before `create` makes the host, it turns the
 machine's engine settings into a `PackageSet` (read from the engine role's own package table, so the cache and
 the role cannot disagree) and hands it to a driver that can prepare it (`PreparesPackages`): the local driver
-pre-installs it in a shared read-only layer under the machine's root (drivers/local/layers.py). Provisioning
+pre-installs it in a shared read-only layer under the machine's root (drivers/local/layers.py), the libvirt
+driver in a backing volume under the machine's disk (drivers/libvirt/engine_layer.py). Provisioning
 then runs unchanged: the package tasks find everything installed and report ok; the rest runs as always.
 """
 
