@@ -38,7 +38,7 @@ DIR = "engine-roots"  # in the libvirt cache: <image key>/rootfs, where an image
 DISK = "disk.qcow2"  # in a layer's generation, beside its rootfs/ (what the build wrote) and manifest
 _OPAQUE = "trusted.overlay.opaque"  # an overlay's "this directory replaces the lower one whole"
 _DECLINED = 3  # _build's exit code for "this image's root cannot be prepared here"
-_DECLINED_FILE = "declined"  # in a generation that cannot be had over this image: why
+_DECLINED_FILE = "declined"  # why, in an image's directory (no apt) or a generation (no room) that cannot be had
 log = logging.getLogger("pymachine.libvirt")
 
 
