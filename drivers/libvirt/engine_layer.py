@@ -78,7 +78,7 @@ def prepare(image: Path, cache: Path, packages: PackageSet, recheck: bool = Fals
             return generation / DISK
         except MachineError as e:
             # The daily question to the archive failed (offline, say): the layer it had is still good for a create.
-            current = None if recheck else layers.fresh(cache, root, packages, any_age=True)
+            current = None if recheck else layers.current(cache, root, packages)
             if current is None or not (current.parent / DISK).is_file():
                 raise
             log.warning("the %s engine layer was not checked against the archive (%s): using the one from %s",
@@ -194,15 +194,15 @@ def _apply(upper: Path, root: Path) -> None:
             source, target = Path(dirpath, name), here / name
             st = os.lstat(source)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # a whiteout: the build removed it
-                _remove(target)
+                layers.remove(target)
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if target.is_symlink() or (target.exists() and (not target.is_dir() or _opaque(source))):
-                    _remove(target)
+                    layers.remove(target)
                 if not target.exists():
                     target.mkdir()
             else:
-                _remove(target)
+                layers.remove(target)
                 if (st.st_dev, st.st_ino) in linked:
                     os.link(linked[st.st_dev, st.st_ino], target)
                     continue
@@ -236,13 +236,6 @@ def _opaque(path: Path) -> bool:
         return os.getxattr(path, _OPAQUE, follow_symlinks=False) == b"y"
     except OSError:
         return False
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.is_symlink() or path.exists():
-        path.unlink()
 
 
 def _main(raw: str, root: str, cache: str, spec: str) -> int:

@@ -85,11 +85,16 @@ def layer(cache: Path, base: Path, packages: PackageSet, recheck: bool = False) 
         return _check_or_build(slot, base, packages, current[0] if current else None) / "rootfs"
 
 
-def fresh(cache: Path, base: Path, packages: PackageSet, any_age: bool = False) -> Path | None:
-    """The current layer (its rootfs) when the archive was asked about it less than VALID_FOR ago (or ever, with
-    `any_age`), else None."""
-    current = _current(_slot(cache, base, packages))
-    return current[0] / "rootfs" if current and (any_age or time.time() - current[1] < VALID_FOR) else None
+def current(cache: Path, base: Path, packages: PackageSet) -> Path | None:
+    """The current layer (its rootfs), however long ago the archive was asked about it, or None."""
+    found = _current(_slot(cache, base, packages))
+    return found[0] / "rootfs" if found else None
+
+
+def fresh(cache: Path, base: Path, packages: PackageSet) -> Path | None:
+    """The current layer (its rootfs) when the archive was asked about it less than VALID_FOR ago, else None."""
+    found = _current(_slot(cache, base, packages))
+    return found[0] / "rootfs" if found and time.time() - found[1] < VALID_FOR else None
 
 
 def add_user(rootfs: Path, machine_dir: Path) -> bool:
@@ -248,6 +253,14 @@ def _run_in(base: Path, build: Path, script: str) -> str:
     return proc.stdout
 
 
+def remove(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a directory tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.is_symlink() or path.exists():
+        path.unlink()
+
+
 def _hold_back(rootfs: Path) -> None:
     """Add HELD_BACK's placeholder when the layer installed its unit (in /usr/lib: merged /usr, or /lib)."""
     unit, placeholder, text = HELD_BACK
@@ -262,10 +275,7 @@ def _strip(rootfs: Path) -> None:
         # glob.glob, not Path.glob: a link to what only the machine has (a unit, its resolv.conf) dangles here,
         # and Path.glob skips a dangling link named without a wildcard.
         for path in map(Path, glob.glob(str(rootfs / pattern))):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            remove(path)
     for top in EMPTIED:
         for path in (rootfs / top).rglob("*"):
             if not path.is_dir() or path.is_symlink():
