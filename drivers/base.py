@@ -86,6 +86,13 @@ _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": 
 ENGINE_PORT = 2376
 
 
+class Pruned(NamedTuple):
+    """Something of a driver's cache that `pymachine cache prune` removed (or would): what, and its bytes."""
+
+    what: str
+    size: int
+
+
 class Driver(ABC):
     name: ClassVar[str]
     options: ClassVar[tuple[Option, ...]] = ()
@@ -121,6 +128,13 @@ class Driver(ABC):
     def check_engine(cls, options: dict[str, Any], engine: dict[str, Any]) -> None:
         """Refuse, before anything is written, engine settings (provision.engine_config) that the host this
         driver makes with `options` cannot run: raise UsageError in one line naming the option that would work."""
+
+    @classmethod
+    def prune_cache(cls, store: Store, everything: bool, dry_run: bool) -> list[Pruned]:
+        """Remove what the driver keeps for its machines to share (engine layers, a pool's copy of an image) that
+        no machine uses and that is no longer current (with `everything`, current too: the next create makes it
+        again); with `dry_run`, only say what. Nothing to remove by default."""
+        return []
 
     @abstractmethod
     def create(self) -> None:

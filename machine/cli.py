@@ -581,9 +581,31 @@ def swarm_ls(manager: str, fmt: str) -> None:
                            *([r[c] or "-" for c in columns] for r in rows)]))
 
 
+@cli.group(context_settings=_CONTEXT)
+def cache() -> None:
+    """What machines share: engine layers of pre-installed packages, a storage pool's copies of images."""
+
+
+@cache.command("prune", context_settings=_CONTEXT)
+@click.option("-a", "--all", "everything", is_flag=True,
+              help="Also what the next create would use (current engine layers, images in storage pools).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+def cache_prune(everything: bool, dry_run: bool) -> None:
+    """Remove what no machine uses: engine layers the archive has moved past, what interrupted builds left."""
+    pruned = commands.prune_cache(_store(), everything, dry_run)
+    for each in pruned:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {each.what} ({ui.size(each.size)})")
+    if pruned:
+        click.echo(f"{'would free' if dry_run else 'freed'} {ui.size(sum(each.size for each in pruned))}")
+    else:
+        click.echo("nothing to remove" + ("" if everything else " (--all: also what the next create would use)"))
+
+
 # One or two examples at the end of each command's --help.
 _EXAMPLES = {
     "active": ["eval $(pymachine env web1); pymachine active"],
+    "cache": ["pymachine cache prune --dry-run --all"],
+    "cache prune": ["pymachine cache prune", "pymachine cache prune --all --dry-run"],
     "apply": ["pymachine apply fleet.yaml --dry-run", "pymachine apply fleet.yaml --prune"],
     "completion": ["pymachine completion bash > /etc/bash_completion.d/pymachine",
                    "pymachine completion fish > ~/.config/fish/completions/pymachine.fish"],

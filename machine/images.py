@@ -113,29 +113,20 @@ def _progress(source: str, size: int) -> Iterator[Callable[[int], None]]:
     """Report a download: its size when it starts, how far it has got and how fast (ui.long_step: live on a
     terminal, every few seconds in a log), and its size, time and mean rate when it ends."""
     name = Path(urlparse(source).path).name
-    with ui.long_step(f"downloading {name}" + (f" ({_size(size)})" if size else "")) as step:
+    with ui.long_step(f"downloading {name}" + (f" ({ui.size(size)})" if size else "")) as step:
         got = 0
 
         def advance(n: int) -> None:
             nonlocal got
             got += n
             rate = _rate(got, step.elapsed())
-            step.report(f"{got * 100 // size}% ({_size(got)}, {rate})" if size else f"{_size(got)} ({rate})")
+            step.report(f"{got * 100 // size}% ({ui.size(got)}, {rate})" if size else f"{ui.size(got)} ({rate})")
 
         yield advance
         elapsed = step.elapsed()
-        step.done(f"downloaded {name}: {_size(got)} in {ui.duration(elapsed)} ({_rate(got, elapsed)})")
+        step.done(f"downloaded {name}: {ui.size(got)} in {ui.duration(elapsed)} ({_rate(got, elapsed)})")
 
 
 def _rate(got: int, seconds: float) -> str:
     """The mean rate of a download so far: `22.9 MiB/s`."""
-    return f"{_size(got / max(seconds, 1e-3))}/s"
-
-
-def _size(n: float) -> str:
-    """`281.9 MiB`: a size (or a rate's bytes) as a person reads it."""
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
+    return f"{ui.size(got / max(seconds, 1e-3))}/s"

@@ -63,6 +63,18 @@ def write_cache(path: Path, data: bytes) -> None:
         write_atomic(path, data)
 
 
+def disk_usage(path: Path) -> int:
+    """Bytes the files under `path` (a file or a tree) take on disk, each hard-linked file once, as `du`."""
+    paths = [path]
+    if path.is_dir() and not path.is_symlink():
+        paths += (Path(root, name) for root, dirs, files in os.walk(path) for name in [*dirs, *files])
+    inodes = {}
+    for each in paths:
+        st = each.lstat()
+        inodes[st.st_dev, st.st_ino] = st.st_blocks * 512
+    return sum(inodes.values())
+
+
 def _fsync_dir(path: Path) -> None:
     dir_fd = os.open(path, os.O_RDONLY)
     try:
@@ -71,11 +83,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
-def _flock(fd: int, timeout: float, what: str) -> None:
+def _flock(fd: int, timeout: float, what: str, shared: bool = False) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
@@ -84,11 +96,12 @@ def _flock(fd: int, timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (a lock file, or a directory), waiting at most `timeout` seconds."""
+def file_lock(path: Path, timeout: float, what: str, shared: bool = False) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (a lock file, or a directory), or with `shared` one that excludes only
+    the exclusive holders, waiting at most `timeout` seconds."""
     fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        _flock(fd, timeout, what)
+        _flock(fd, timeout, what, shared)
         yield
     finally:
         os.close(fd)

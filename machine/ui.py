@@ -133,6 +133,15 @@ def long_step(message: str) -> Iterator[LongStep]:
     _console().print(f"[green]✓[/] {escape(step.ended or message)}")
 
 
+def size(n: float) -> str:
+    """`281.9 MiB`: a size (or a rate's bytes) as a person reads it."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 def duration(seconds: float) -> str:
     """`4.2 s`, `2m13s`: how long a step took, as a person reads it in a log."""
     if seconds < 60:

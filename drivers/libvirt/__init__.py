@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from machine import sshkeys, ui
-from machine.drivers.base import Driver, Option, State, each_step
+from machine.drivers.base import Driver, Option, Pruned, State, each_step
 from machine.drivers.libvirt import catalog, domain, network, seed, storage
 from machine.drivers.libvirt.connection import connect, is_missing, libvirt_module, message
 from machine.enginecache import PackageSet
 from machine.errors import MachineError, UsageError
-from machine.store import write_atomic
+from machine.store import Store, disk_usage, file_lock, write_atomic
 
 if TYPE_CHECKING:
     import libvirt
@@ -33,6 +33,10 @@ STOP_TIMEOUT = 60.0
 LEASE_TIMEOUT = 180.0  # a cloud image asks for its lease ~50 s after power-on under TCG
 BOOT_TIMEOUT = 600.0  # until sshd answers: ~75 s for a cloud image under TCG, more on a loaded host
 MIN_MEMORY = 256
+# Held shared by each create (and upgrade) from its first use of the image cache until its disk is backed by what
+# it uploaded, exclusively by a prune: a prune never takes a layer or base a create is about to use.
+_PRUNE_LOCK = "prune.lock"
+_PRUNE_WAIT = 3600.0  # a create's layer build may take minutes under it
 
 
 class LibvirtDriver(Driver):
@@ -143,14 +147,15 @@ class LibvirtDriver(Driver):
             raise MachineError(f"--libvirt-disk-size {o['libvirt_disk_size']} GiB is smaller than the image "
                                f"({-(-virtual_size // storage.GIB)} GiB)")
         pool = self._pool()
-        with ui.step("uploading the base image into the storage pool (once per image)"):
-            base = storage.base_volume(pool, image, self.store.cache("libvirt"))
-        backing = self._engine_layer(pool, image, base, fmt) if self._packages else None
-        if backing is not None:
-            base, fmt = backing, "qcow2"
-
-        self.machine.record(pool=pool.name(), domain_type=domain_type, mac=network.new_mac(), disk=self._disk_name)
-        storage.overlay(pool, self._disk_name, base, fmt, capacity)
+        with _using_cache(self.store):  # until the disk is backed by what it uploads: a prune would see it unused
+            with ui.step("uploading the base image into the storage pool (once per image)"):
+                base = storage.base_volume(pool, image, self.store.cache("libvirt"))
+            backing = self._engine_layer(pool, image, base, fmt) if self._packages else None
+            if backing is not None:
+                base, fmt = backing, "qcow2"
+            self.machine.record(pool=pool.name(), domain_type=domain_type, mac=network.new_mac(),
+                                disk=self._disk_name)
+            storage.overlay(pool, self._disk_name, base, fmt, capacity)
 
         host_key = sshkeys.new_keypair(f"root@{name}")
         user_key = sshkeys.public_line(self.machine.key_path.read_bytes(), f"pymachine@{name}")
@@ -166,6 +171,56 @@ class LibvirtDriver(Driver):
         self._boot()
 
     # -- the engine cache (machine/enginecache.py) ---------------------------------------------------------
+    @classmethod
+    def prune_cache(cls, store: Store, everything: bool, dry_run: bool) -> list[Pruned]:
+        """The engine layers in the image cache, then in each pool the store's machines use (and the default
+        one): the layers' volumes, and with `everything` the images' too, that no disk is backed by."""
+        from machine.drivers.local import layers
+
+        cache = store.cache_dir / "libvirt"
+        if not cache.is_dir():
+            return []  # this store never made a libvirt machine
+        with file_lock(cache / _PRUNE_LOCK, timeout=_PRUNE_WAIT, what="the libvirt image cache"):
+            pruned = []
+            for copy in cache.glob("engine-roots/*/image-*.raw"):  # a layer build's, its create killed
+                pruned.append(Pruned(f"interrupted layer build's copy of image {copy.parent.name}", disk_usage(copy)))
+                if not dry_run:
+                    copy.unlink()
+            files = layers.prune(cache, everything, dry_run)
+            pruned += [Pruned(f"engine layer {path.parent.name}/{path.name} (libvirt)", size) for path, size in files]
+            gone = {path for path, _ in files}
+            kept = {storage.layer_volume_name(generation) for generation in cache.glob(f"{layers.DIR}/*/*")
+                    if generation.is_dir() and generation not in gone}
+            for uri, pools in cls._pools(store).items():
+                try:
+                    conn = connect(uri)
+                except MachineError as e:
+                    log.warning("%s: its pools were not pruned", e)
+                    continue
+                try:
+                    for name in sorted(pools):
+                        pool = storage.find_pool(conn, name)
+                        if pool is not None and pool.isActive():
+                            pruned += [Pruned(f"volume {name}/{volume}", size) for volume, size in storage.prune(
+                                pool, lambda v: everything or (storage.is_layer(v) and v not in kept), dry_run)]
+                finally:
+                    conn.close()
+        return pruned
+
+    @classmethod
+    def _pools(cls, store: Store) -> dict[str, set[str]]:
+        """{URI: pool names}: the default connection's default pool, and the ones the store's machines use."""
+        default = {o.key: o.parse(None) for o in cls.options}
+        pools = {default["libvirt_uri"]: {default["libvirt_pool"]}}
+        for name in store.names():
+            with contextlib.suppress(MachineError):  # a damaged record: `ls` names it; its pool is pruned later
+                machine = store.load(name)
+                if machine.driver == cls.name:
+                    opts = cls(machine, store).opts
+                    pools.setdefault(opts["libvirt_uri"], set()).add(
+                        machine.resources.get("pool", opts["libvirt_pool"]))
+        return pools
+
     def prepare_packages(self, packages: PackageSet) -> None:
         if self.opts["libvirt_engine_layer"]:
             self._packages = packages  # create() puts the machine's disk over their layer
@@ -178,7 +233,7 @@ class LibvirtDriver(Driver):
             return
         image = catalog.fetch(catalog.resolve(o["libvirt_image"], o["libvirt_image_sha256"]),
                               self.store.cache("libvirt"))
-        with contextlib.suppress(engine_layer.Declined):  # create said why, and installs the packages
+        with _using_cache(self.store), contextlib.suppress(engine_layer.Declined):  # create said why
             engine_layer.prepare(image, self.store.cache("libvirt"), packages, recheck=True)
 
     def _engine_layer(self, pool: libvirt.virStoragePool, image: Path, base: libvirt.virStorageVol,
@@ -382,3 +437,8 @@ def _available_memory_mib(conn: libvirt.virConnect) -> int | None:
 
 
 DRIVER = LibvirtDriver
+
+
+def _using_cache(store: Store) -> contextlib.AbstractContextManager[None]:
+    return file_lock(store.cache("libvirt") / _PRUNE_LOCK, timeout=_PRUNE_WAIT, what="the libvirt image cache",
+                     shared=True)

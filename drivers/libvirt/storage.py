@@ -14,7 +14,7 @@ import io
 import json
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import libvirt
 
 GIB = 1 << 30
+_BASE, _LAYER = "pymachine-base-", "pymachine-engine-"  # the volumes machines share: images and engine layers
 _QCOW2_MAGIC = b"QFI\xfb"
 _CHUNK = 1 << 20
 
@@ -97,15 +98,50 @@ def find(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | Non
 def base_volume(pool: libvirt.virStoragePool, image: Path, lock_dir: Path) -> libvirt.virStorageVol:
     """The pool's copy of a cached image (named by its sha256, the cache file's name), uploaded once."""
     fmt, _ = image_info(image)
-    return _uploaded(pool, f"pymachine-base-{image.name[:16]}.{fmt}", image, fmt, lock_dir)
+    return _uploaded(pool, f"{_BASE}{image.name[:16]}.{fmt}", image, fmt, lock_dir)
 
 
 def layer_volume(pool: libvirt.virStoragePool, layer: Path, base: libvirt.virStorageVol, base_format: str,
                  lock_dir: Path) -> libvirt.virStorageVol:
-    """The pool's copy of an engine layer (drivers/libvirt/engine_layer.py: a qcow2 generation), uploaded once
-    and backed by the base volume, named by its layer and generation."""
-    name = f"pymachine-engine-{layer.parent.parent.name}-{layer.parent.name}.qcow2"
-    return _uploaded(pool, name, layer, "qcow2", lock_dir, backing=(base.path(), base_format))
+    """The pool's copy of an engine layer (drivers/libvirt/engine_layer.py: a generation's qcow2), uploaded once
+    and backed by the base volume."""
+    return _uploaded(pool, layer_volume_name(layer.parent), layer, "qcow2", lock_dir,
+                     backing=(base.path(), base_format))
+
+
+def layer_volume_name(generation: Path) -> str:
+    """The volume of an engine layer's generation: named by its layer (slot) and generation."""
+    return f"{_LAYER}{generation.parent.name}-{generation.name}.qcow2"
+
+
+def is_layer(volume: str) -> bool:
+    return volume.startswith(_LAYER)
+
+
+def prune(pool: libvirt.virStoragePool, removable: Callable[[str], bool], dry_run: bool) -> list[tuple[str, int]]:
+    """Delete the pool's copies of images and engine layers that no volume is backed by and `removable(name)`
+    allows, layers first (an image only they were backed by goes too); the name and bytes of each (with
+    `dry_run`, of each that would go, and none goes)."""
+    from xml.etree import ElementTree  # late: the quick commands load this module
+
+    lv = libvirt_module()
+    try:
+        pool.refresh(0)
+        volumes = {vol.name(): vol for vol in pool.listAllVolumes(0)}
+        backing = {name: ElementTree.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")
+                   for name, vol in volumes.items()}
+    except lv.libvirtError as e:
+        raise MachineError(f"storage pool {pool.name()}: {message(e)}") from None
+    removed: list[tuple[str, int]] = []
+    for prefix in (_LAYER, _BASE):
+        gone = {name for name, _ in removed}
+        used = {path for name, path in backing.items() if name not in gone}
+        for name, vol in sorted(volumes.items()):
+            if name.startswith(prefix) and vol.path() not in used and removable(name):
+                removed.append((name, _physical_size(vol)))
+                if not dry_run:
+                    delete(pool, name)
+    return removed
 
 
 def _uploaded(pool: libvirt.virStoragePool, name: str, path: Path, fmt: str, lock_dir: Path,

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from machine.drivers.base import Driver, Option, State, each_step
+from machine.drivers.base import Driver, Option, Pruned, State, each_step
 from machine.drivers.local import cgroups
 from machine.errors import MachineError, UsageError
 from machine.paths import data_dir
-from machine.store import write_atomic
+from machine.store import Store, write_atomic
 
 if TYPE_CHECKING:
     from machine.drivers.local.network import Network
@@ -131,6 +131,13 @@ class LocalDriver(Driver):
         return self.machine.dir / "layer" / part
 
     # -- the engine cache (machine/enginecache.py) ---------------------------------------------------------
+    @classmethod
+    def prune_cache(cls, store: Store, everything: bool, dry_run: bool) -> list[Pruned]:
+        from machine.drivers.local import layers
+
+        return [Pruned(f"engine layer {path.parent.name}/{path.name}", size)
+                for path, size in layers.prune(store.cache_dir / "local", everything, dry_run)]
+
     def prepare_packages(self, packages: PackageSet) -> None:
         from machine.drivers.local import layers
 

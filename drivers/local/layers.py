@@ -12,7 +12,8 @@ machines get and when the archive was last asked about it.
   `upgrade`; when an answer differs from the manifest, a new generation is built and becomes current.
 - Built under the slot's lock in `.build-*` and published by rename, so a concurrent create waits for it and
   never sees half a layer. A generation is never changed or removed while a machine uses it (`users/` names the
-  machine directories); `rm` takes its name out, and only `prune()` removes generations.
+  machine directories); `rm` takes its name out, and only `prune()` (`pymachine cache prune`) removes
+  generations.
 - No identity: the build runs in a throwaway container without a boot, so no host key, machine-id, engine key,
   certificate or daemon.json is ever made, and what the build's container itself wrote (hostname, hosts,
   resolv.conf, logs, apt's download cache) is taken out before publishing. Each machine still writes its own.
@@ -35,7 +36,7 @@ from machine import ui
 from machine.drivers.local.rootfs import mark_up_to_date
 from machine.enginecache import PackageSet
 from machine.errors import MachineError
-from machine.store import file_lock, write_atomic
+from machine.store import disk_usage, file_lock, write_atomic
 
 DIR = "engine-layers"
 RECIPE = 5  # bump when the build below changes what a layer holds
@@ -112,26 +113,33 @@ def remove_user(rootfs: Path, machine_dir: Path) -> None:
     _user_file(rootfs, machine_dir).unlink(missing_ok=True)
 
 
-def prune(cache: Path) -> list[Path]:
-    """Remove every layer no existing machine uses (a current one too: the next create builds it again) and
-    what interrupted builds left; return the generations removed."""
-    removed: list[Path] = []
+def prune(cache: Path, everything: bool = False, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove the generations no existing machine uses that are no longer current (with `everything`, the
+    current ones too: the next create builds them again) and what interrupted builds left; return what was
+    removed and the bytes it held (with `dry_run`, what would be, and nothing is)."""
+    removed: list[tuple[Path, int]] = []
     top = cache / DIR
     for slot in sorted(p for p in top.iterdir() if p.is_dir()) if top.is_dir() else []:
         with file_lock(top / f"{slot.name}.lock", timeout=BUILD_TIMEOUT, what=f"engine layer {slot.name}"):
-            for entry in slot.iterdir():
-                if entry.name.startswith(".build-"):
-                    shutil.rmtree(entry, ignore_errors=True)
+            current = _current(slot)
+            for entry in sorted(slot.iterdir()):
+                if entry.name.startswith(".build-"):  # builds hold the slot's lock: this one was interrupted
+                    removed.append((entry, disk_usage(entry)))
+                    if not dry_run:
+                        shutil.rmtree(entry, ignore_errors=True)
+                    continue
+                if not entry.is_dir() or (not everything and current is not None and entry == current[0]):
                     continue
                 with _marks_lock(slot):  # a create marking it now either comes first or sees it gone
-                    if entry.is_dir() and not _in_use(entry):
-                        (entry / "manifest.json").unlink()
+                    if _in_use(entry):
+                        continue
+                    removed.append((entry, disk_usage(entry)))
+                    if not dry_run:
+                        (entry / "manifest.json").unlink(missing_ok=True)  # what add_user() looks for
                         shutil.rmtree(entry)
-                        removed.append(entry)
-            current = _current(slot)
-            if current is None:
+            if not dry_run and _current(slot) is None:
                 (slot / "current.json").unlink(missing_ok=True)
-            if not any(slot.iterdir()):
+            if not dry_run and not any(slot.iterdir()):
                 slot.rmdir()
     return removed
 

@@ -16,6 +16,7 @@ _MODULES = {
     "apply": "apply", "swarm": "swarm",
     "connect": "common", "driver_for": "common", "load": "common",
     "provision": "engine", "regenerate_certs": "engine", "share_registries": "engine", "upgrade": "engine",
+    "prune_cache": "cache",
     "as_yaml_inventory": "ansible_inventory", "host_vars": "ansible_inventory", "inventory": "ansible_inventory",
     "create": "machines", "kill": "machines", "parse_driver_options": "machines", "remove_machine": "machines",
     "restart": "machines", "rm": "machines", "start": "machines", "stop": "machines",

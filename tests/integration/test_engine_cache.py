@@ -17,7 +17,6 @@ import pytest
 
 from machine import commands
 from machine import provision as plan
-from machine.drivers.local import layers
 from machine.store import CACHE_ENV, Store
 from tests.conftest import CLI
 from tests.integration.conftest import (
@@ -166,14 +165,23 @@ def test_a_changed_candidate_version_rebuilds_the_layer_for_new_machines(cli, re
     assert ssh(cli, "a", "systemctl is-active docker") == "active"
 
 
-def test_rm_keeps_the_layer_and_leaves_nothing_and_prune_removes_unused_layers(cli, cache, rebuilt):
+def test_rm_keeps_the_layer_and_leaves_nothing_and_prune_removes_unused_layers(cli, rebuilt):
     old, new, _ = rebuilt
     record, machine_dir = machine_record(cli, "c"), cli.home / "machines/c"
     cli("rm", "-y", "c")
     assert leftovers(record, machine_dir) == []
     assert (new / "usr/sbin/dockerd").is_file()
 
-    # The old generation serves a and b; the new one serves nobody now, current or not.
-    assert layers.prune(cache / "local") == [new.parent]
+    # The old generation serves a and b. The new one serves nobody now, but the next create would use it: only
+    # --all removes it (a dry run says so first).
+    assert cli("cache", "prune").stdout == "nothing to remove (--all: also what the next create would use)\n"
+    name = f"engine layer {new.parents[1].name}/{new.parent.name}"
+    dry_run = cli("cache", "prune", "--all", "--dry-run").stdout.splitlines()
+    assert len(dry_run) == 2 and dry_run[0].startswith(f"would remove {name} (") and dry_run[1].startswith(
+        "would free "), dry_run
+    assert new.is_dir()
+    removed, freed = cli("cache", "prune", "--all").stdout.splitlines()
+    assert removed.startswith(f"removed {name} (") and removed.endswith(" MiB)") and freed.startswith("freed ")
+    assert float(removed.split("(")[1].split()[0]) > 100  # the packages: hundreds of MiB
     assert old.is_dir() and not new.parent.exists()
     assert not (new.parents[1] / "current.json").exists()  # the next create builds again

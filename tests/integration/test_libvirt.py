@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from machine.drivers.libvirt import storage
 from tests.conftest import CLI
 from tests.integration.conftest import URI, busybox_image, docker, docker_env, libvirt_cli, machine_record
 from tests.integration.libvirt_host import domains, scratch_pool, virsh, volumes
@@ -143,6 +144,21 @@ def test_create_boots_from_the_cloud_image_and_runs_containers(cli, pool, vm, tm
     assert docker(cli, vm, "run", "--rm", "pm-busybox", "echo", "hello from libvirt").strip() == "hello from libvirt"
 
 
+def prune(cli: CLI, *flags: str) -> list[str]:
+    """What `cache prune` removed or would: each line's phrase, its size left out."""
+    lines = cli("cache", "prune", *flags).stdout.splitlines()
+    return [line.rsplit(" (", 1)[0] for line in lines if line.startswith(("removed ", "would remove "))]
+
+
+def test_cache_prune_never_takes_what_a_disk_is_backed_by(cli, pool, vm):
+    r = machine_record(cli, vm)["resources"]
+    base = next(v for v in volumes(URI, pool) if v.startswith("pymachine-base-"))
+    # Everything the next create would use goes with --all, but not the volumes vm1's disk is backed by.
+    would = prune(cli, "--all", "--dry-run")
+    assert [line for line in would if r["engine_layer"] in line or base in line] == [], would
+    assert any(line.endswith("(libvirt)") for line in would), would  # the cached layer: the pool has its copy
+
+
 def test_stop_is_a_clean_shutdown_and_start_moves_ports_someone_took(cli, vm):
     old = machine_record(cli, vm)["resources"]
     cli("stop", vm, timeout=300)
@@ -176,3 +192,22 @@ def test_kill_then_rm_leaves_nothing(cli, pool, vm):
     assert r["disk"] not in volumes(URI, pool) and r["seed"] not in volumes(URI, pool)
     assert not (pool_dir / r["disk"]).exists() and not (pool_dir / r["seed"]).exists()
     assert r["engine_layer"] in volumes(URI, pool)  # shared: the next machine with this engine is made from it
+
+
+def test_cache_prune_removes_the_volumes_no_disk_is_backed_by(cli, pool):
+    # vm1 is gone (the test above): its engine layer's volume and the image's copy stay for the next create.
+    cache = Path(cli.env["PYMACHINE_CACHE"]) / "libvirt"
+    [generation] = [g for g in cache.glob("engine-layers/*/*") if g.is_dir()]
+    layer = storage.layer_volume_name(generation)
+    base = next(v for v in volumes(URI, pool) if v.startswith("pymachine-base-"))
+    assert layer in volumes(URI, pool)
+    assert not [line for line in prune(cli) if layer in line or base in line]  # current: kept
+    assert layer in volumes(URI, pool) and generation.is_dir()
+
+    expected = {f"engine layer {generation.parent.name}/{generation.name} (libvirt)", f"volume {pool}/{layer}",
+                f"volume {pool}/{base}"}
+    assert expected <= {line.removeprefix("would remove ") for line in prune(cli, "--all", "--dry-run")}
+    assert layer in volumes(URI, pool) and generation.is_dir()
+    assert expected <= {line.removeprefix("removed ") for line in prune(cli, "--all")}
+    assert layer not in volumes(URI, pool) and base not in volumes(URI, pool) and not generation.exists()
+    assert prune(cli, "--all") == []

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from machine import provision as plan
 from machine.drivers.local import layers
 from machine.enginecache import PackageSet, package_set
+from machine.store import disk_usage
 
 DOCKER = PackageSet("docker-distro", ("docker.io",))
 
@@ -40,10 +42,17 @@ def test_a_fresh_current_layer_is_used_as_it_is(tmp_path):
     assert layers._slot(tmp_path, base, PackageSet("podman-distro", ("podman", "socat"))) != rootfs.parents[1]
 
 
+def pruned(cache: Path, **flags: bool) -> list[Path]:
+    return [path for path, _ in layers.prune(cache, **flags)]
+
+
 def test_prune_keeps_what_machines_use_and_rm_only_takes_its_mark(tmp_path):
     base = tmp_path / "rootfs/bookworm-abc/rootfs"
     old = fake_generation(tmp_path, base, DOCKER, "g1", 0)
     new = fake_generation(tmp_path, base, DOCKER, "g2", time.time())
+    (new / "dockerd").write_bytes(b"x" * 10000)
+    interrupted = new.parents[1] / ".build-0badc0de"
+    interrupted.mkdir()
     machines = [tmp_path / "home/machines/a", tmp_path / "home/machines/b"]
     for machine in machines:
         machine.mkdir(parents=True)
@@ -52,13 +61,25 @@ def test_prune_keeps_what_machines_use_and_rm_only_takes_its_mark(tmp_path):
     layers.remove_user(new, machines[0])  # as rm does: the layer stays
     assert new.is_dir()
 
+    # Unused and current: kept (the next create uses it) unless everything goes; a dry run removes nothing.
+    assert pruned(tmp_path) == [interrupted] and not interrupted.exists()
+    assert layers.prune(tmp_path, everything=True, dry_run=True) == [(new.parent, disk_usage(new.parent))]
+    assert disk_usage(new.parent) >= 10000 and new.is_dir()
     machines[1].rmdir()  # b is gone without its rm (a killed create): a still uses the old layer
-    assert layers.prune(tmp_path) == [new.parent]
+    assert pruned(tmp_path, everything=True) == [new.parent]
     assert old.is_dir() and not (new.parents[1] / "current.json").exists()
     assert not layers.add_user(new, machines[0])  # a create that found it before the prune must look again
     machines[0].rmdir()
-    assert layers.prune(tmp_path) == [old.parent]
+    assert pruned(tmp_path) == [old.parent]  # not current: the default prune takes it once nobody uses it
     assert not (tmp_path / layers.DIR / new.parents[1].name).exists()
+
+
+def test_disk_usage_counts_a_hard_linked_file_once(tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 8192)
+    os.link(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "c").symlink_to("/nonexistent")
+    assert 8192 <= disk_usage(tmp_path) < 2 * 8192
+    assert disk_usage(tmp_path / "a") == os.stat(tmp_path / "a").st_blocks * 512
 
 
 def test_the_build_leaves_no_identity_in_the_layer(tmp_path):
