@@ -114,6 +114,9 @@ def _engine_options(command: Callable) -> Callable:
         click.option("--engine-install", default="official", show_default=True,
                      type=click.Choice(provision.INSTALL_METHODS),
                      help="Docker's official repository, or the distribution's packages."),
+        click.option("--engine-install-url", metavar="URL",
+                     help="Docker's repository for --engine-install official (a mirror of "
+                          "https://download.docker.com/linux)."),
         click.option("--engine-storage-driver", default="overlay2", show_default=True,
                      type=click.Choice(provision.STORAGE_DRIVERS)),
         click.option("--engine-storage-device", metavar="DEVICE", help="Block device for btrfs/zfs storage."),

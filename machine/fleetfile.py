@@ -41,6 +41,7 @@ ENGINE_OPTIONS: dict[str, str] = {
     "engine_registry_mirror": "registry_mirrors", "engine_bip": "bip",
     "engine_default_address_pool": "address_pools", "engine_mtu": "mtu", "engine_icc": "icc",
     "engine_iptables": "iptables", "engine_ip_forward": "ip_forward", "tls_san": "tls_san", "registry": "registry",
+    "engine_install_url": "install_url",
 }
 _INT_OPTIONS = frozenset({"engine_mtu"})
 _BOOL_OPTIONS = frozenset({"engine_icc", "engine_iptables", "engine_ip_forward", "registry"})

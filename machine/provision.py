@@ -142,16 +142,20 @@ def _insecure_registry(value: str) -> str:
     return value
 
 
-def _registry_mirror(value: str) -> str:
+def _http_url(flag: str, value: str) -> str:
     parts = urlsplit(value)
     try:
         port = parts.port
     except ValueError as e:
-        raise UsageError(f"--engine-registry-mirror: {value!r}: {e}") from None
+        raise UsageError(f"--{flag}: {value!r}: {e}") from None
     host = parts.hostname or ""
     if parts.scheme not in ("http", "https") or not (_is_ip(host) or _is_dns_name(host)) or port == 0:
-        raise UsageError(f"--engine-registry-mirror: {value!r} is not an http(s) URL")
+        raise UsageError(f"--{flag}: {value!r} is not an http(s) URL")
     return value
+
+
+def _registry_mirror(value: str) -> str:
+    return _http_url("engine-registry-mirror", value)
 
 
 def _check_bip(bip: str) -> None:
@@ -205,9 +209,12 @@ def engine_config(
     ip_forward: bool = True,
     tls_san: tuple[str, ...] = (),
     registry: bool = False,
+    install_url: str | None = None,
 ) -> dict[str, Any]:
     """Validate create's engine flags and return them as the machine's recorded engine settings."""
     _check_choices(engine, install, storage_driver)
+    if install_url and (engine, install) != ("docker", "official"):
+        raise UsageError("--engine-install-url: only Docker's official repository (--engine-install official) has one")
     _check_storage(engine, storage_driver, storage_device)
     if bip:
         _check_bip(bip)
@@ -232,6 +239,8 @@ def engine_config(
         "engine_ip_forward": ip_forward,
         "tls_san": [_tls_san(name) for name in tls_san],
         "registry_enabled": registry,
+        # Recorded only when given: the role's default (download.docker.com) serves the rest.
+        **({"engine_official_url": _http_url("engine-install-url", install_url).rstrip("/")} if install_url else {}),
     }
 
 

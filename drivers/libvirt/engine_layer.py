@@ -17,6 +17,7 @@ image) it is Declined, with the reason, and the roles install the packages in th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -30,7 +31,7 @@ from pathlib import Path
 from machine import ui
 from machine.drivers.libvirt import storage
 from machine.drivers.local import layers
-from machine.enginecache import PackageSet
+from machine.enginecache import PackageSet, Repository
 from machine.errors import MachineError
 from machine.store import file_lock, write_atomic
 
@@ -110,7 +111,7 @@ def _build(raw: Path, root: Path, cache: Path, packages: PackageSet, recheck: bo
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_path, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", __name__, str(raw), str(root),
-         str(cache), json.dumps({"name": packages.name, "apt": packages.apt, "recheck": recheck})],
+         str(cache), json.dumps({"packages": dataclasses.asdict(packages), "recheck": recheck})],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
     if proc.returncode == _DECLINED:
@@ -241,9 +242,11 @@ def _opaque(path: Path) -> bool:
 def _main(raw: str, root: str, cache: str, spec: str) -> int:
     _die_with_parent()
     wanted = json.loads(spec)
+    given = wanted["packages"]
+    packages = PackageSet(given["name"], tuple(given["apt"]),
+                          Repository(**given["repository"]) if given["repository"] else None)
     try:
-        generation = _build_here(Path(raw), Path(root), Path(cache), PackageSet(wanted["name"], tuple(wanted["apt"])),
-                                 wanted["recheck"])
+        generation = _build_here(Path(raw), Path(root), Path(cache), packages, wanted["recheck"])
     except Declined as e:
         print(e, file=sys.stderr)
         return _DECLINED

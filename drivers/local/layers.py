@@ -34,7 +34,7 @@ from pathlib import Path
 
 from machine import ui
 from machine.drivers.local.rootfs import mark_up_to_date
-from machine.enginecache import PackageSet
+from machine.enginecache import PackageSet, Repository
 from machine.errors import MachineError
 from machine.store import disk_usage, file_lock, write_atomic
 
@@ -148,6 +148,8 @@ def prune(cache: Path, everything: bool = False, dry_run: bool = False) -> list[
 def _slot(cache: Path, base: Path, packages: PackageSet) -> Path:
     # The base's cache key (its directory's name) already says release, mirror and recipe, or the image's hash.
     inputs = {"recipe": RECIPE, "base": base.parent.name, "apt": sorted(packages.apt)}
+    if packages.repository is not None:  # only then: the keys of layers without one stay what they were
+        inputs["repository"] = [packages.repository.url, packages.repository.channel]
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     return cache / DIR / f"{base.parent.name}-{packages.name}-{digest}"
 
@@ -199,6 +201,8 @@ def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path 
     try:
         for part in ("rootfs", "work", "root"):
             (build / part).mkdir(parents=True)
+        if packages.repository is not None:
+            _add_repository(base, build, packages.repository)
         names = " ".join(packages.apt)
         with ui.step(f"checking the {packages.name} engine layer against the archive"):
             wanted = _versions(_run_in(base, build, f"apt-get -q update >&2 && apt-get -s install {names}"),
@@ -233,6 +237,18 @@ def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path 
         raise
     _set_current(slot, generation)
     return generation
+
+
+def _add_repository(base: Path, build: Path, repository: Repository) -> None:
+    """Write the key and list the engine role writes to add `repository` on a host like `base` (its facts, from
+    the facts script run in the build's container) into the build's upper layer, for apt and the machines."""
+    from machine.roles.facts import FACTS_SCRIPT, parse_facts  # late: only a repository's build needs them
+
+    files = repository.files(parse_facts(_run_in(base, build, FACTS_SCRIPT)))
+    for path, data in ((files.key_path, repository.key(files)), (files.list_path, files.list_text.encode())):
+        target = build / "rootfs" / path.lstrip("/")
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        write_atomic(target, data, 0o644)
 
 
 def _versions(output: str, pattern: str) -> dict[str, str]:

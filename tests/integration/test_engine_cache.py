@@ -19,6 +19,7 @@ from machine import commands
 from machine import provision as plan
 from machine.store import CACHE_ENV, Store
 from tests.conftest import CLI
+from tests.integration import docker_repo
 from tests.integration.conftest import (
     BRIDGE,
     CACHE,
@@ -28,6 +29,7 @@ from tests.integration.conftest import (
     leftovers,
     machine_cli,
     machine_record,
+    serve_directory,
 )
 from tests.integration.test_role_engine import Recorder
 
@@ -56,14 +58,16 @@ def cli(tmp_path_factory, cache) -> Iterator[CLI]:
                            DOCKER_BUILDKIT="0")
 
 
-def create_reporting(cli: CLI, name: str, isolation: str) -> Recorder:
-    """`create --engine-install distro` of `name` in this process, keeping what each provisioning task reported."""
+def create_reporting(cli: CLI, name: str, isolation: str, **engine: str) -> Recorder:
+    """`create --engine-install distro` (or `engine`'s settings) of `name` in this process, keeping what each
+    provisioning task reported."""
     recorder = Recorder()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, cli.env["PYMACHINE_CACHE"])
         store = Store(cli.home)
     options = {"local_bridge": BRIDGE, "local_subnet": SUBNET, "local_isolation": isolation}
-    commands.create(store, name, "local", options, engine=plan.engine_config(install="distro"), reporter=recorder)
+    commands.create(store, name, "local", options, engine=plan.engine_config(**{"install": "distro", **engine}),
+                    reporter=recorder)
     return recorder
 
 
@@ -185,3 +189,27 @@ def test_rm_keeps_the_layer_and_leaves_nothing_and_prune_removes_unused_layers(c
     assert float(removed.split("(")[1].split()[0]) > 100  # the packages: hundreds of MiB
     assert old.is_dir() and not new.parent.exists()
     assert not (new.parents[1] / "current.json").exists()  # the next create builds again
+
+
+@pytest.fixture(scope="module")
+def docker_repository(tmp_path_factory) -> Iterator[tuple[str, list[str]]]:
+    """A stand-in for Docker's repository on 127.0.0.1 (tests/integration/docker_repo.py): (URL, paths asked)."""
+    with serve_directory(docker_repo.build(tmp_path_factory.mktemp("docker-repo"))) as served:
+        yield served
+
+
+def test_dockers_official_packages_come_from_the_cache_too(cli, docker_repository):
+    url, asked = docker_repository
+    report = create_reporting(cli, "o", "userns", install="official", install_url=f"{url}/linux")
+    # The build added the repository as the role does and installed from it; the machine, which could not reach
+    # 127.0.0.1 of this host, found the role's key, list and packages in place and asked nothing.
+    assert {"/linux/debian/gpg", "/linux/debian/dists/bookworm/InRelease"} <= set(asked)
+    assert any(path.startswith("/linux/debian/pool/stable/docker-ce_") for path in asked)
+    statuses = dict(report.statuses)
+    for task in ("engine : Docker's repository key", "engine : Docker's apt repository", PACKAGE_TASK):
+        assert statuses[task] == "ok", (task, report.stream.getvalue())
+    assert statuses["engine : Refresh the package lists"] == "skipped"
+    assert "-docker-official-" in str(layer_of(cli, "o"))
+    assert ssh(cli, "o", "dpkg-query -W -f '${Version}' docker-ce") == docker_repo.VERSION
+    assert f"{url}/linux/debian bookworm stable" in ssh(cli, "o", "cat /etc/apt/sources.list.d/docker.list")
+    assert docker(cli, "o", "version", "--format", "{{.Server.Os}}").strip() == "linux"

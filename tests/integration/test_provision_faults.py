@@ -286,9 +286,11 @@ def test_an_interrupted_dpkg_is_repaired(cli, machine):
     assert state.strip() == "ii"
 
 
-def test_an_unreachable_docker_repository_says_to_use_the_distro_packages(cli):
-    # Docker's repository cannot be reached from here (no route to the internet): the real role, the real URL.
-    proc = cli("create", "--engine-install", "official", "official", check=False, timeout=600)
+@pytest.mark.parametrize("where", [[], ["--no-local-engine-layer"]], ids=["engine cache", "role"])
+def test_an_unreachable_docker_repository_says_to_use_the_distro_packages(cli, where):
+    # Docker's repository cannot be reached from here (no route to the internet), the real URL: by the engine
+    # cache's build on this host, or by the real role on the machine.
+    proc = cli("create", "--engine-install", "official", *where, "official", check=False, timeout=600)
     line = one_line_error(proc)
     assert "Docker's repository https://download.docker.com/linux failed" in line
     assert "use --engine-install distro" in line

@@ -7,9 +7,12 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from machine import provision as plan
 from machine.drivers.local import layers
-from machine.enginecache import PackageSet, package_set
+from machine.enginecache import PackageSet, Repository, package_set
+from machine.errors import UsageError
 from machine.store import disk_usage
 
 DOCKER = PackageSet("docker-distro", ("docker.io",))
@@ -19,8 +22,36 @@ def test_the_package_set_is_what_the_engine_role_installs():
     assert package_set(plan.engine_config(install="distro")) == DOCKER
     assert package_set(plan.engine_config(engine="podman", install="distro")) == PackageSet(
         "podman-distro", ("podman", "socat"))
-    # Docker's repository is added by the role on each machine: nothing to prepare ahead.
-    assert package_set(plan.engine_config(install="official")) is None
+    official = package_set(plan.engine_config(install="official"))
+    assert official == PackageSet("docker-official", ("docker-ce", "docker-ce-cli", "containerd.io",
+                                                      "docker-buildx-plugin"),
+                                  Repository("https://download.docker.com/linux", "stable"))
+    mirror = package_set(plan.engine_config(install="official", install_url="http://127.0.0.1:8080/linux/"))
+    assert mirror.repository == Repository("http://127.0.0.1:8080/linux", "stable")
+
+
+@pytest.mark.parametrize(("facts", "key_url", "line"), [
+    ({"distribution": "Debian", "distribution_release": "bookworm", "architecture": "x86_64"},
+     "https://download.docker.com/linux/debian/gpg",
+     "deb [arch=amd64 signed-by=/etc/apt/keyrings/docker.asc] https://download.docker.com/linux/debian bookworm "
+     "stable"),
+    ({"distribution": "Ubuntu", "distribution_release": "noble", "architecture": "aarch64"},
+     "https://download.docker.com/linux/ubuntu/gpg",
+     "deb [arch=arm64 signed-by=/etc/apt/keyrings/docker.asc] https://download.docker.com/linux/ubuntu noble stable"),
+])
+def test_the_repository_files_are_what_the_role_writes(facts, key_url, line):
+    files = package_set(plan.engine_config(install="official")).repository.files(facts)
+    assert files.key_url == key_url and files.key_path == "/etc/apt/keyrings/docker.asc"
+    assert files.list_path == "/etc/apt/sources.list.d/docker.list"
+    assert files.list_text.splitlines()[-1] == line and files.list_text.endswith("\n")
+
+
+def test_an_install_url_is_only_for_dockers_repository():
+    with pytest.raises(UsageError, match="--engine-install-url: only Docker's official repository"):
+        plan.engine_config(install="distro", install_url="http://127.0.0.1/linux")
+    with pytest.raises(UsageError, match="is not an http"):
+        plan.engine_config(install="official", install_url="ftp://mirror/linux")
+    assert "engine_official_url" not in plan.engine_config(install="official")  # the role's default serves
 
 
 def fake_generation(cache: Path, base: Path, packages: PackageSet, name: str, checked: float) -> Path:
