@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -191,20 +192,27 @@ class LibvirtDriver(Driver):
             gone = {path for path, _ in files}
             kept = {storage.layer_volume_name(generation) for generation in cache.glob(f"{layers.DIR}/*/*")
                     if generation.is_dir() and generation not in gone}
-            for uri, pools in cls._pools(store).items():
-                try:
-                    conn = connect(uri)
-                except MachineError as e:
-                    log.warning("%s: its pools were not pruned", e)
-                    continue
-                try:
-                    for name in sorted(pools):
-                        pool = storage.find_pool(conn, name)
-                        if pool is not None and pool.isActive():
-                            pruned += [Pruned(f"volume {name}/{volume}", size) for volume, size in storage.prune(
-                                pool, lambda v: everything or (storage.is_layer(v) and v not in kept), dry_run)]
-                finally:
-                    conn.close()
+            return pruned + cls._prune_pools(
+                store, lambda volume: everything or (storage.is_layer(volume) and volume not in kept), dry_run)
+
+    @classmethod
+    def _prune_pools(cls, store: Store, removable: Callable[[str], bool], dry_run: bool) -> list[Pruned]:
+        """storage.prune of each pool the store's machines use, and the default one."""
+        pruned = []
+        for uri, pools in cls._pools(store).items():
+            try:
+                conn = connect(uri)
+            except MachineError as e:
+                log.warning("%s: its pools were not pruned", e)
+                continue
+            try:
+                for name in sorted(pools):
+                    pool = storage.find_pool(conn, name)
+                    if pool is not None and pool.isActive():
+                        pruned += [Pruned(f"volume {name}/{volume}", size)
+                                   for volume, size in storage.prune(pool, removable, dry_run)]
+            finally:
+                conn.close()
         return pruned
 
     @classmethod
