@@ -12,8 +12,8 @@ machines get and when the archive was last asked about it.
   `upgrade`; when an answer differs from the manifest, a new generation is built and becomes current.
 - Built under the slot's lock in `.build-*` and published by rename, so a concurrent create waits for it and
   never sees half a layer. A generation is never changed or removed while a machine uses it (`users/` names the
-  machine directories); `rm` takes its name out, and only `prune()` (`pymachine cache prune`) removes
-  generations.
+  machine directories); `rm` takes its name out. A new generation removes those it supersedes that no
+  machine uses; `prune()` (`pymachine cache prune`) removes the rest no machine uses.
 - No identity: the build runs in a throwaway container without a boot, so no host key, machine-id, engine key,
   certificate or daemon.json is ever made, and what the build's container itself wrote (hostname, hosts,
   resolv.conf, logs, apt's download cache) is taken out before publishing. Each machine still writes its own.
@@ -121,26 +121,33 @@ def prune(cache: Path, everything: bool = False, dry_run: bool = False) -> list[
     top = cache / DIR
     for slot in sorted(p for p in top.iterdir() if p.is_dir()) if top.is_dir() else []:
         with file_lock(top / f"{slot.name}.lock", timeout=BUILD_TIMEOUT, what=f"engine layer {slot.name}"):
-            current = _current(slot)
-            for entry in sorted(slot.iterdir()):
-                if entry.name.startswith(".build-"):  # builds hold the slot's lock: this one was interrupted
-                    removed.append((entry, disk_usage(entry)))
-                    if not dry_run:
-                        shutil.rmtree(entry, ignore_errors=True)
-                    continue
-                if not entry.is_dir() or (not everything and current is not None and entry == current[0]):
-                    continue
-                with _marks_lock(slot):  # a create marking it now either comes first or sees it gone
-                    if _in_use(entry):
-                        continue
-                    removed.append((entry, disk_usage(entry)))
-                    if not dry_run:
-                        (entry / "manifest.json").unlink(missing_ok=True)  # what add_user() looks for
-                        shutil.rmtree(entry)
-            if not dry_run and _current(slot) is None:
-                (slot / "current.json").unlink(missing_ok=True)
-            if not dry_run and not any(slot.iterdir()):
-                slot.rmdir()
+            removed += _prune_slot(slot, everything, dry_run)
+    return removed
+
+
+def _prune_slot(slot: Path, everything: bool, dry_run: bool) -> list[tuple[Path, int]]:
+    """prune() of one slot, whose lock the caller holds."""
+    removed = []
+    current = _current(slot)
+    for entry in sorted(slot.iterdir()):
+        if entry.name.startswith(".build-"):  # builds hold the slot's lock: this one was interrupted
+            removed.append((entry, disk_usage(entry)))
+            if not dry_run:
+                shutil.rmtree(entry, ignore_errors=True)
+            continue
+        if not entry.is_dir() or (not everything and current is not None and entry == current[0]):
+            continue
+        with _marks_lock(slot):  # a create marking it now either comes first or sees it gone
+            if _in_use(entry):
+                continue
+            removed.append((entry, disk_usage(entry)))
+            if not dry_run:
+                (entry / "manifest.json").unlink(missing_ok=True)  # what add_user() looks for
+                shutil.rmtree(entry)
+    if not dry_run and _current(slot) is None:
+        (slot / "current.json").unlink(missing_ok=True)
+    if not dry_run and not any(slot.iterdir()):
+        slot.rmdir()
     return removed
 
 
@@ -236,6 +243,7 @@ def _check_or_build(slot: Path, base: Path, packages: PackageSet, current: Path 
         shutil.rmtree(build, ignore_errors=True)
         raise
     _set_current(slot, generation)
+    _prune_slot(slot, everything=False, dry_run=False)  # what it supersedes and no machine uses: no create will
     return generation
 
 

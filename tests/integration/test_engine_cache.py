@@ -89,14 +89,22 @@ def rebuilt(cli, first) -> tuple[Path, Path, Recorder]:
     """The archive moved on (simulated), `upgrade a` asked it, then `c` was created: (the layer of a and b, the
     layer of c, what c's provisioning reported)."""
     old = layer_of(cli, "a")
-    manifest = old.parent / "manifest.json"
-    recorded = json.loads(manifest.read_text())
-    # As if the archive had moved on since the build: the recorded version is no longer the candidate.
-    recorded["packages"]["docker.io"] = "0.0~pmold"
-    manifest.write_text(json.dumps(recorded))
-    cli("upgrade", "a", timeout=1800)  # asks the archive now, whatever the age of the last answer
+    archive_moves_on(cli, old)
     report = create_reporting(cli, "c", "userns")
     return old, layer_of(cli, "c"), report
+
+
+def archive_moves_on(cli: CLI, layer: Path) -> Path:
+    """As if the archive had moved on since `layer` (the current one) was built: its recorded version is no
+    longer the candidate. `upgrade a` asks the archive now, whatever the age of the last answer, and builds the
+    next generation; returns it."""
+    manifest = layer.parent / "manifest.json"
+    recorded = json.loads(manifest.read_text())
+    recorded["packages"]["docker.io"] = "0.0~pmold"
+    manifest.write_text(json.dumps(recorded))
+    cli("upgrade", "a", timeout=1800)
+    slot = layer.parents[1]
+    return slot / json.loads((slot / "current.json").read_text())["generation"] / "rootfs"
 
 
 def layer_of(cli: CLI, name: str) -> Path:
@@ -176,19 +184,23 @@ def test_rm_keeps_the_layer_and_leaves_nothing_and_prune_removes_unused_layers(c
     assert leftovers(record, machine_dir) == []
     assert (new / "usr/sbin/dockerd").is_file()
 
-    # The old generation serves a and b. The new one serves nobody now, but the next create would use it: only
-    # --all removes it (a dry run says so first).
+    # The archive moves on again: the next generation removes the one it supersedes, which nobody uses now; the
+    # old one serves a and b, and stays.
+    newest = archive_moves_on(cli, new)
+    assert newest != new and not new.parent.exists() and old.is_dir() and layer_of(cli, "a") == old
+
+    # The newest serves nobody, but the next create would use it: only --all removes it (a dry run says so first).
     assert cli("cache", "prune").stdout == "nothing to remove (--all: also what the next create would use)\n"
-    name = f"engine layer {new.parents[1].name}/{new.parent.name}"
+    name = f"engine layer {newest.parents[1].name}/{newest.parent.name}"
     dry_run = cli("cache", "prune", "--all", "--dry-run").stdout.splitlines()
     assert len(dry_run) == 2 and dry_run[0].startswith(f"would remove {name} (") and dry_run[1].startswith(
         "would free "), dry_run
-    assert new.is_dir()
+    assert newest.is_dir()
     removed, freed = cli("cache", "prune", "--all").stdout.splitlines()
     assert removed.startswith(f"removed {name} (") and removed.endswith(" MiB)") and freed.startswith("freed ")
     assert float(removed.split("(")[1].split()[0]) > 100  # the packages: hundreds of MiB
-    assert old.is_dir() and not new.parent.exists()
-    assert not (new.parents[1] / "current.json").exists()  # the next create builds again
+    assert old.is_dir() and not newest.parent.exists()
+    assert not (newest.parents[1] / "current.json").exists()  # the next create builds again
 
 
 @pytest.fixture(scope="module")
