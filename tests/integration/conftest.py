@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CLI
+from tests.integration import docker_repo
 from tests.integration.libvirt_host import boot_image, require_libvirt, virsh
 
 # Overridable so that two runs on one host do not share a bridge. Each pytest-xdist worker gets a bridge and a
@@ -218,6 +219,13 @@ def serve_directory(directory: Path) -> Iterator[tuple[str, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def docker_repository(tmp_path_factory) -> Iterator[tuple[str, list[str]]]:
+    """A stand-in for Docker's repository on 127.0.0.1 (tests/integration/docker_repo.py): (URL, paths asked)."""
+    with serve_directory(docker_repo.build(tmp_path_factory.mktemp("docker-repo"))) as served:
+        yield served
 
 
 # -- a libvirtd for the libvirt modules, and the test image they boot ---------------------------------------

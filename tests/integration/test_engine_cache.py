@@ -29,7 +29,6 @@ from tests.integration.conftest import (
     leftovers,
     machine_cli,
     machine_record,
-    serve_directory,
 )
 from tests.integration.test_role_engine import Recorder
 
@@ -201,13 +200,6 @@ def test_rm_keeps_the_layer_and_leaves_nothing_and_prune_removes_unused_layers(c
     assert float(removed.split("(")[1].split()[0]) > 100  # the packages: hundreds of MiB
     assert old.is_dir() and not newest.parent.exists()
     assert not (newest.parents[1] / "current.json").exists()  # the next create builds again
-
-
-@pytest.fixture(scope="module")
-def docker_repository(tmp_path_factory) -> Iterator[tuple[str, list[str]]]:
-    """A stand-in for Docker's repository on 127.0.0.1 (tests/integration/docker_repo.py): (URL, paths asked)."""
-    with serve_directory(docker_repo.build(tmp_path_factory.mktemp("docker-repo"))) as served:
-        yield served
 
 
 def test_dockers_official_packages_come_from_the_cache_too(cli, docker_repository):

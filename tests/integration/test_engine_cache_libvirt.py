@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 
 from machine.drivers.libvirt import engine_layer
 from machine.drivers.local import layers, rootfs
-from machine.enginecache import PackageSet
+from machine.enginecache import PackageSet, Repository
 from tests.integration.conftest import CACHE
 
 pytestmark = pytest.mark.integration
@@ -125,6 +126,22 @@ def test_the_layer_holds_the_packages_and_only_what_changed(image, tmp_path):
     (layer.parents[1] / "current.json").write_text(json.dumps({"generation": layer.parent.name, "checked": 0}))
     with no_program("unshare"):
         assert engine_layer.prepare(image, cache, PACKAGES) == layer
+
+
+def test_a_repository_the_role_adds_is_in_the_layer_as_the_role_writes_it(image, tmp_path, docker_repository):
+    """Docker's repository (here its stand-in) for the image's own facts: its key and list in the layer, read by
+    apt in the build (the package is Debian's, small: the image has room for little more)."""
+    url, asked = docker_repository
+    packages = PackageSet("hello-docker-repo", ("hello",), Repository(f"{url}/linux", "stable"))
+    layer = engine_layer.prepare(image, tmp_path / "cache", packages)
+    with urllib.request.urlopen(f"{url}/linux/debian/gpg") as response:
+        key = response.read()
+    with root_of(layer, tmp_path) as root:
+        assert (root / "usr/bin/hello").is_file()
+        assert (root / "etc/apt/keyrings/docker.asc").read_bytes() == key
+        listed = (root / "etc/apt/sources.list.d/docker.list").read_text()
+        assert f"deb [arch=amd64 signed-by=/etc/apt/keyrings/docker.asc] {url}/linux/debian bookworm stable" in listed
+    assert "/linux/debian/dists/bookworm/InRelease" in asked
 
 
 def test_an_image_without_room_for_the_packages_is_declined_and_leaves_nothing(tmp_path):
