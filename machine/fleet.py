@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,21 +58,25 @@ class _Runner:
         self._running: dict[int, str] = {}  # thread ident -> the name its action works on
         self._outcomes: dict[str, Outcome] = {}
         self._cancelled = False
+        self._live = 0  # workers not ended yet; the last one to end sets _ended
+        self._ended = threading.Event()
 
     def run(self, names: list[str], workers: int) -> list[Outcome]:
         self._queue.extend(names)
         threads = [threading.Thread(target=self._work, name=f"fleet-{i}") for i in range(min(workers, len(names)))]
+        self._live = len(threads)
         try:
             for thread in threads:
                 thread.start()  # waits for the thread to run: Ctrl-C may come here
         except KeyboardInterrupt:
             self._interrupt()
-        # Polled, not joined: a join that Ctrl-C interrupts marks a running thread stopped (Python 3.11's
-        # threading, bpo-45274), and the kernel may hand SIGINT to a worker, which would not wake a main thread
-        # blocked in join for good.
+        # Waited for in short steps, not joined: a join that Ctrl-C interrupts marks a running thread stopped
+        # (Python 3.11's threading, bpo-45274), and the kernel may hand SIGINT to a worker, which would not wake
+        # a main thread blocked in join for good. The last worker's _ended ends the wait at once; a thread that
+        # Ctrl-C kept from starting never counts down, and the liveness check still ends the wait.
         while any(thread.is_alive() for thread in threads):
             try:
-                time.sleep(0.1)
+                self._ended.wait(0.1)
             except KeyboardInterrupt:  # again while waiting: interrupt what still runs (a slow rollback too)
                 self._interrupt()
         return [self._outcomes.get(n) or Outcome(n, KeyboardInterrupt(), started=False) for n in names]
@@ -100,6 +103,15 @@ class _Runner:
             _raise_in(threading.get_ident(), None)
 
     def _work(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._lock:
+                self._live -= 1
+                if self._live == 0:
+                    self._ended.set()
+
+    def _serve(self) -> None:
         while True:
             name = None
             try:

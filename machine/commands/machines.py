@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import time
 from typing import Any
 from urllib.parse import urlparse
@@ -139,6 +138,8 @@ def _wait_engine(machine: Machine, url: str, timeout: float = ENGINE_READY_TIMEO
     sshd answers before the engine has started, and a port QEMU forwards accepts connections before anything
     listens behind it: only a handshake tells that the engine is there.
     """
+    import ssl  # here: of the commands that load this module (rm, start, apply of a fleet) only create uses it
+
     address = urlparse(url)
     context = ssl.create_default_context(cafile=machine.dir / "ca.pem")
     context.load_cert_chain(machine.dir / "cert.pem", machine.dir / "key.pem")
