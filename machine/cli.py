@@ -586,15 +586,18 @@ def swarm_ls(manager: str, fmt: str) -> None:
 
 @cli.group(context_settings=_CONTEXT)
 def cache() -> None:
-    """What machines share: engine layers of pre-installed packages, a storage pool's copies of images."""
+    """What machines share: base images, engine layers of pre-installed packages, a storage pool's copies of
+    images."""
 
 
 @cache.command("prune", context_settings=_CONTEXT)
 @click.option("-a", "--all", "everything", is_flag=True,
-              help="Also what the next create would use (current engine layers, images in storage pools).")
+              help="Also what the next create would use (current base images and engine layers, images in "
+                   "storage pools).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 def cache_prune(everything: bool, dry_run: bool) -> None:
-    """Remove what no machine uses: engine layers the archive has moved past, what interrupted builds left."""
+    """Remove what no machine uses: engine layers the archive has moved past, base images of an older recipe,
+    what interrupted builds left."""
     pruned = commands.prune_cache(_store(), everything, dry_run)
     for each in pruned:
         click.echo(f"{'would remove' if dry_run else 'removed'} {each.what} ({ui.size(each.size)})")

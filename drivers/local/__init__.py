@@ -133,10 +133,16 @@ class LocalDriver(Driver):
     # -- the engine cache (machine/enginecache.py) ---------------------------------------------------------
     @classmethod
     def prune_cache(cls, store: Store, everything: bool, dry_run: bool) -> list[Pruned]:
-        from machine.drivers.local import layers
+        from machine.drivers.local import layers, rootfs
 
-        return [Pruned(f"engine layer {path.parent.name}/{path.name}", size)
-                for path, size in layers.prune(store.cache_dir / "local", everything, dry_run)]
+        cache = store.cache_dir / "local"
+        gone = layers.prune(cache, everything, dry_run)
+        # Layers first: a base stays while a layer built on it does. The store's machines are asked too, as
+        # machines made before bases were marked have no mark in theirs.
+        needed = layers.bases(cache, leaving={path for path, _ in gone}) | _recorded_bases(store)
+        return ([Pruned(f"engine layer {path.parent.name}/{path.name}", size) for path, size in gone]
+                + [Pruned(f"base image {path.name}", size)
+                   for path, size in rootfs.prune(cache, everything, dry_run, needed)])
 
     def prepare_packages(self, packages: PackageSet) -> None:
         from machine.drivers.local import layers
@@ -161,28 +167,33 @@ class LocalDriver(Driver):
     # -- lifecycle ----------------------------------------------------------------------------------------
     @functools.cached_property
     def _base(self) -> Path:
-        """The base rootfs (built, or an image fetched and unpacked, on first use): asked once per command."""
+        """The base rootfs (built, or an image fetched and unpacked, on first use), marked as this machine's:
+        asked once per command."""
         from machine.drivers.local import rootfs
 
         o = self.opts
-        return rootfs.base_rootfs(self.store.cache("local"), o["local_release"], o["local_mirror"],
-                                  o["local_image"], o["local_image_sha256"])
+        for _ in range(3):  # a prune may remove the base between finding it and marking it used: find it again
+            base = rootfs.base_rootfs(self.store.cache("local"), o["local_release"], o["local_mirror"],
+                                      o["local_image"], o["local_image_sha256"])
+            self.machine.record(base=str(base))  # first: rm takes the mark out even when a create dies after it
+            if rootfs.add_user(base, self.machine.dir):
+                return base
+        raise MachineError("the base image was pruned while this create used it: run it again")
 
     def create(self) -> None:
         from machine.drivers.local import rootfs, userns
 
         o = self.opts
-        base = self._base
+        base = self._base  # built (or found), recorded and marked as this machine's: start() mounts it
         for part in ("upper", "work", "root", *(f"volumes/{name}" for name in rootfs.ENGINE_VOLUMES)):
             self._layer(part).mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.machine.record(base=str(base))
         address = self._network.lease(str(self.machine.dir))
         self.machine.record(ip=address)
         shift = None
         if o["local_isolation"] == "userns":
             shift = userns.lease(str(self.machine.dir))
             self.machine.record(uid_range=[shift, userns.RANGE])
-        self._write_identity(address)
+        self._write_identity(base, address)
         if shift is not None:
             # Stored in the machine's range: its root owns its files, and the engine's data.
             userns.shift_tree(self._layer("upper"), shift)
@@ -190,7 +201,7 @@ class LocalDriver(Driver):
                 os.chown(self._layer(f"volumes/{name}"), shift, shift)
         self.start()
 
-    def _write_identity(self, address: str) -> None:
+    def _write_identity(self, base: Path, address: str) -> None:
         """Files that make the shared base this machine: name, address, keys, pinned host key."""
         from machine import sshkeys, templating
         from machine.drivers.local import rootfs
@@ -216,7 +227,6 @@ class LocalDriver(Driver):
             "etc/ssh/ssh_host_ed25519_key.pub": host_key.public_line + "\n",
             "root/.ssh/authorized_keys": user_key + "\n",
         }
-        base = Path(self.machine.resources["base"])
         for name in rootfs.ENGINE_VOLUMES:  # the volumes' mount points, made here rather than by nspawn as root
             _mkdirs_like(base, upper, Path(rootfs.VOLUMES_DIR.lstrip("/"), name))
         for rel, text in [*files.items(), *secret.items()]:
@@ -386,7 +396,8 @@ class LocalDriver(Driver):
             # must not go to the next machine while they do.
             raise MachineError(f"{e}; its address, UID range and files are kept until they are gone") from None
         try:
-            each_step(self._remove_cgroups, self._release_address, self._release_uids, self._leave_engine_layer)
+            each_step(self._remove_cgroups, self._release_address, self._release_uids, self._leave_engine_layer,
+                      self._leave_base)
         finally:
             shutil.rmtree(self.machine.dir / "layer", ignore_errors=True)
 
@@ -401,6 +412,13 @@ class LocalDriver(Driver):
         engine_layer = self.machine.resources.get("engine_layer")
         if engine_layer:
             layers.remove_user(Path(engine_layer), self.machine.dir)
+
+    def _leave_base(self) -> None:
+        from machine.drivers.local import rootfs
+
+        base = self.machine.resources.get("base")
+        if base:
+            rootfs.remove_user(Path(base), self.machine.dir)
 
     def _release_uids(self) -> None:
         # By owner too, and whatever the option says: a create killed before recording its range leased one.
@@ -429,6 +447,17 @@ class LocalDriver(Driver):
             return State.RUNNING
         return State.STOPPED
 
+
+
+def _recorded_bases(store: Store) -> set[Path]:
+    """The base rootfs each local machine of `store` records."""
+    found = set()
+    for name in store.names():
+        with contextlib.suppress(MachineError):  # a damaged record: its machine cannot start anyway
+            machine = store.load(name)
+            if machine.driver == "local" and machine.resources.get("base"):
+                found.add(Path(machine.resources["base"]))
+    return found
 
 
 def _start_time(pid: int) -> int | None:

@@ -30,9 +30,11 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from machine import ui
+from machine.drivers.local import marks
 from machine.drivers.local.rootfs import mark_up_to_date
 from machine.enginecache import PackageSet, Repository
 from machine.errors import MachineError
@@ -101,16 +103,18 @@ def fresh(cache: Path, base: Path, packages: PackageSet) -> Path | None:
 def add_user(rootfs: Path, machine_dir: Path) -> bool:
     """Mark the layer as used by the machine in `machine_dir` (prune keeps it while that directory exists); False
     when a prune removed it since `layer()` returned it (ask `layer()` again)."""
-    with _marks_lock(rootfs.parents[1]):
-        if not (rootfs.parent / "manifest.json").is_file():
-            return False
-        write_atomic(_user_file(rootfs, machine_dir), f"{machine_dir}\n".encode(), 0o644)
-    return True
+    return marks.add(rootfs.parent, "manifest.json", machine_dir, _marks_lock(rootfs.parents[1]))
 
 
 def remove_user(rootfs: Path, machine_dir: Path) -> None:
     """The machine is gone: the layer stays (other machines, the next create), only the mark goes."""
-    _user_file(rootfs, machine_dir).unlink(missing_ok=True)
+    marks.remove(rootfs.parent, machine_dir)
+
+
+def bases(cache: Path, leaving: Collection[Path] = ()) -> set[Path]:
+    """The base rootfs every generation of the cache was built on, but the generations in `leaving`."""
+    return {Path(manifest(generation)["base"]) for generation in (cache / DIR).glob("*/*")
+            if generation not in leaving and "base" in manifest(generation)}
 
 
 def prune(cache: Path, everything: bool = False, dry_run: bool = False) -> list[tuple[Path, int]]:
@@ -138,7 +142,7 @@ def _prune_slot(slot: Path, everything: bool, dry_run: bool) -> list[tuple[Path,
         if not entry.is_dir() or (not everything and current is not None and entry == current[0]):
             continue
         with _marks_lock(slot):  # a create marking it now either comes first or sees it gone
-            if _in_use(entry):
+            if marks.in_use(entry):
                 continue
             removed.append((entry, disk_usage(entry)))
             if not dry_run:
@@ -187,17 +191,7 @@ def _set_current(slot: Path, generation: Path) -> None:
 
 
 def _marks_lock(slot: Path) -> contextlib.AbstractContextManager[None]:
-    # Short-lived, apart from the build lock: marking a layer never waits for a build.
-    return file_lock(slot.parent / f"{slot.name}.users.lock", timeout=600, what=f"engine layer {slot.name}")
-
-
-def _user_file(rootfs: Path, machine_dir: Path) -> Path:
-    return rootfs.parent / "users" / hashlib.sha256(str(machine_dir).encode()).hexdigest()[:16]
-
-
-def _in_use(generation: Path) -> bool:
-    users = generation / "users"
-    return users.is_dir() and any(Path(u.read_text().strip()).is_dir() for u in users.iterdir())
+    return marks.lock(slot.parent / f"{slot.name}.users.lock", f"engine layer {slot.name}")
 
 
 # -- building ---------------------------------------------------------------------------------------------

@@ -1,26 +1,32 @@
 """The read-only base root filesystem that every local machine overlays.
 
 Built once with debootstrap (or unpacked from a user's tarball), keyed by everything that went into it,
-under a lock so that parallel creates build it once, and published with an atomic rename.
+under a lock so that parallel creates build it once, and published with an atomic rename. The machines that use
+a base are marked in it (machine/drivers/local/marks.py); prune() removes the bases nothing uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from machine import images, templating, ui
+from machine.drivers.local import marks
 from machine.errors import MachineError
 from machine.paths import data_dir
-from machine.store import file_lock
+from machine.store import disk_usage, file_lock
 
 # Bump when the recipe below changes, so old caches are not reused for a different result.
 RECIPE = 10
+DIR = "rootfs"  # in the cache: one directory per base (rootfs/, users/, RECIPE_FILE, READY last)
+RECIPE_FILE = "recipe.json"
+READY = "complete"
 LOOP_DEVICES = 64
 PACKAGES = (
     "systemd-sysv", "dbus", "openssh-server", "iproute2", "ca-certificates", "python3", "sudo", "kmod",
@@ -43,12 +49,12 @@ def base_rootfs(
     else:
         recipe = {"recipe": RECIPE, "release": release, "mirror": mirror, "packages": PACKAGES}
         key = f"{release}-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    root = cache / "rootfs" / key
-    if (root / "complete").exists():
+    root = cache / DIR / key
+    if (root / READY).exists():
         return root / "rootfs"
     root.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(root.parent / f"{key}.lock", timeout=3600, what=f"base image {key}"):
-        if (root / "complete").exists():
+    with _build_lock(root):
+        if (root / READY).exists():
             return root / "rootfs"
         staging = root.parent / f".{key}.build"
         shutil.rmtree(staging, ignore_errors=True)
@@ -64,12 +70,66 @@ def base_rootfs(
                     _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
                           release, str(staging / "rootfs"), mirror], report=step.report)
                 _customise(staging / "rootfs")
-            (staging / "complete").touch()
+            if not tarball:  # what prune() tells a base of an older recipe by (an image's key has no recipe)
+                (staging / RECIPE_FILE).write_text(json.dumps({"recipe": RECIPE}))
+            (staging / READY).touch()
             os.rename(staging, root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return root / "rootfs"
+
+
+def add_user(base: Path, machine_dir: Path) -> bool:
+    """Mark the base rootfs `base` as used by the machine in `machine_dir` (prune keeps it while that directory
+    exists); False when a prune removed it since base_rootfs() returned it (ask base_rootfs() again)."""
+    return marks.add(base.parent, READY, machine_dir, _marks_lock(base.parent))
+
+
+def remove_user(base: Path, machine_dir: Path) -> None:
+    marks.remove(base.parent, machine_dir)
+
+
+def prune(cache: Path, everything: bool = False, dry_run: bool = False, needed: Collection[Path] = ()
+          ) -> list[tuple[Path, int]]:
+    """Remove the bases no existing machine uses (its marks) and `needed` does not name (base rootfs paths: the
+    engine layers left, machines made before bases were marked) that an older recipe built (with `everything`,
+    every one: the next create builds it again), and what interrupted builds left; return what was removed and the
+    bytes it held (with `dry_run`, what would be, and nothing is). A base of the current recipe stays: the next
+    create with its release and mirror uses it, and so does one whose recipe is not recorded (built before it was),
+    or a user's image."""
+    removed: list[tuple[Path, int]] = []
+    top = cache / DIR
+    # A base linked in from another cache belongs to that cache.
+    for entry in sorted(p for p in top.iterdir() if p.is_dir() and not p.is_symlink()) if top.is_dir() else []:
+        staging = entry.name.startswith(".") and entry.name.endswith(".build")
+        root = entry.with_name(entry.name[1:-len(".build")]) if staging else entry
+        with _build_lock(root):  # a build in progress finishes first; a staging directory left now is debris
+            if not entry.is_dir() or not (staging or everything or _superseded(root)):
+                continue
+            with _marks_lock(root):  # a create marking it now either comes first or finds it gone
+                if not staging and (marks.in_use(root) or root / "rootfs" in needed):
+                    continue
+                removed.append((entry, disk_usage(entry)))
+                if not dry_run:
+                    (entry / READY).unlink(missing_ok=True)  # what add_user() looks for
+                    shutil.rmtree(entry)
+    return removed
+
+
+def _superseded(root: Path) -> bool:
+    try:
+        return json.loads((root / RECIPE_FILE).read_text())["recipe"] != RECIPE
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # built before recipes were recorded, or a user's image: kept but by --all
+
+
+def _build_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    return file_lock(root.parent / f"{root.name}.lock", timeout=3600, what=f"base image {root.name}")
+
+
+def _marks_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    return marks.lock(root.parent / f"{root.name}.users.lock", f"base image {root.name}")
 
 
 def _run(cmd: list[str], mkdir: Path | None = None, report: Callable[[str], None] | None = None) -> None:

@@ -182,6 +182,11 @@ def leftovers(record: dict, machine_dir: Path) -> list[str]:
             found.append(f"cgroup {path}")
     if machine_dir.exists():
         found.append(f"directory {machine_dir}")
+    if record.get("driver") == "local":  # the marks that keep a shared base or engine layer from a prune
+        for shared in filter(None, (record["resources"].get("base"), record["resources"].get("engine_layer"))):
+            users = Path(shared).parent / "users"
+            if users.is_dir() and any(u.read_text().strip() == str(machine_dir) for u in users.iterdir()):
+                found.append(f"mark in {users}")
     return found
 
 

@@ -1,4 +1,5 @@
-"""The engine cache without a machine: which engines it prepares, how layers are found, kept and pruned."""
+"""The engine cache without a machine: which engines it prepares, how layers and base images are found, kept and
+pruned."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from machine import provision as plan
 from machine.drivers.local import layers
+from machine.drivers.local import rootfs as base_images
 from machine.enginecache import PackageSet, Repository, package_set
 from machine.errors import UsageError
 from machine.store import disk_usage
@@ -103,6 +105,54 @@ def test_prune_keeps_what_machines_use_and_rm_only_takes_its_mark(tmp_path):
     machines[0].rmdir()
     assert pruned(tmp_path) == [old.parent]  # not current: the default prune takes it once nobody uses it
     assert not (tmp_path / layers.DIR / new.parents[1].name).exists()
+
+
+def fake_base(cache: Path, key: str, recipe: int | None) -> Path:
+    """A base as base_rootfs() leaves it (without its files); `recipe` None: built before recipes were kept."""
+    root = cache / base_images.DIR / key
+    (root / "rootfs/usr").mkdir(parents=True)
+    (root / "rootfs/usr/libc").write_bytes(b"x" * 5000)
+    if recipe is not None:
+        (root / base_images.RECIPE_FILE).write_text(json.dumps({"recipe": recipe}))
+    (root / base_images.READY).touch()
+    return root / "rootfs"
+
+
+def pruned_bases(cache: Path, needed: set[Path] = frozenset(), **flags: bool) -> list[str]:
+    return [path.name for path, _ in base_images.prune(cache, needed=needed, **flags)]
+
+
+def test_a_base_goes_when_no_machine_and_no_layer_needs_it_and_a_newer_recipe_replaced_it(tmp_path):
+    current = fake_base(tmp_path, "bookworm-new", base_images.RECIPE)
+    old = fake_base(tmp_path, "bookworm-old", base_images.RECIPE - 1)
+    older = fake_base(tmp_path, "bookworm-older", base_images.RECIPE - 2)
+    unknown = fake_base(tmp_path, "bookworm-unrecorded", None)
+    image = fake_base(tmp_path, "image-0123456789abcdef", None)
+    elsewhere = fake_base(tmp_path / "other-cache", "bookworm-linked", base_images.RECIPE - 1)
+    (tmp_path / base_images.DIR / "bookworm-linked").symlink_to(elsewhere.parent)  # another cache's: never pruned
+    interrupted = tmp_path / base_images.DIR / ".bookworm-new.build"
+    (interrupted / "rootfs").mkdir(parents=True)
+    machine = tmp_path / "home/machines/a"
+    machine.mkdir(parents=True)
+    assert base_images.add_user(old, machine)
+    gone = tmp_path / "home/machines/b"  # a create killed after marking: its directory is gone
+    assert base_images.add_user(current, gone)
+
+    # The default prune: what interrupted builds left, and the old recipe's base no machine or layer needs.
+    assert base_images.prune(tmp_path, dry_run=True, needed={older}) == [(interrupted, disk_usage(interrupted))]
+    assert pruned_bases(tmp_path, needed={older}) == [".bookworm-new.build"] and not interrupted.exists()
+    assert pruned_bases(tmp_path) == ["bookworm-older"] and not older.exists()
+    # A base of the current recipe, one whose recipe is unknown and a user's image stay but with --all.
+    assert pruned_bases(tmp_path, everything=True, dry_run=True) == [
+        "bookworm-new", "bookworm-unrecorded", "image-0123456789abcdef"]
+    assert unknown.is_dir() and image.is_dir()
+    base_images.remove_user(old, machine)  # as rm does
+    assert pruned_bases(tmp_path, needed={current}) == ["bookworm-old"]
+    assert pruned_bases(tmp_path, everything=True) == ["bookworm-new", "bookworm-unrecorded",
+                                                      "image-0123456789abcdef"]
+    assert [p.name for p in (tmp_path / base_images.DIR).iterdir() if p.is_dir()] == ["bookworm-linked"]
+    assert elsewhere.is_dir()
+    assert not base_images.add_user(current, machine)  # a create that found it before the prune must look again
 
 
 def test_disk_usage_counts_a_hard_linked_file_once(tmp_path):
