@@ -2,7 +2,7 @@
 
 Built once with debootstrap (or unpacked from a user's tarball), keyed by everything that went into it,
 under a lock so that parallel creates build it once, and published with an atomic rename. The machines that use
-a base are marked in it (machine/drivers/local/marks.py); prune() removes the bases nothing uses.
+a base are marked in it (drivers/local/marks.py); prune() removes the bases nothing uses.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _superseded(root: Path) -> bool:
     try:
         return json.loads((root / RECIPE_FILE).read_text())["recipe"] != RECIPE
     except (OSError, ValueError, KeyError, TypeError):
-        return False  # built before recipes were recorded, or a user's image: kept but by --all
+        return False  # built before recipes were recorded, or a user's image: only --all removes it
 
 
 def _build_lock(root: Path) -> contextlib.AbstractContextManager[None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,7 @@ def fake_base(cache: Path, key: str, recipe: int | None) -> Path:
     return root / "rootfs"
 
 
-def pruned_bases(cache: Path, needed: set[Path] = frozenset(), **flags: bool) -> list[str]:
+def pruned_bases(cache: Path, needed: Collection[Path] = (), **flags: bool) -> list[str]:
     return [path.name for path, _ in base_images.prune(cache, needed=needed, **flags)]
 
 
@@ -142,7 +143,7 @@ def test_a_base_goes_when_no_machine_and_no_layer_needs_it_and_a_newer_recipe_re
     assert base_images.prune(tmp_path, dry_run=True, needed={older}) == [(interrupted, disk_usage(interrupted))]
     assert pruned_bases(tmp_path, needed={older}) == [".bookworm-new.build"] and not interrupted.exists()
     assert pruned_bases(tmp_path) == ["bookworm-older"] and not older.exists()
-    # A base of the current recipe, one whose recipe is unknown and a user's image stay but with --all.
+    # A base of the current recipe, one whose recipe is unknown and a user's image go only with --all.
     assert pruned_bases(tmp_path, everything=True, dry_run=True) == [
         "bookworm-new", "bookworm-unrecorded", "image-0123456789abcdef"]
     assert unknown.is_dir() and image.is_dir()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 EXCHANGE = r"""
-import socket, sys
+import socket
 from machine.ssh import _QuickAckSocket
 
 def delayed_acks():
