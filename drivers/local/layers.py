@@ -113,8 +113,8 @@ def remove_user(rootfs: Path, machine_dir: Path) -> None:
 
 def bases(cache: Path, leaving: Collection[Path] = ()) -> set[Path]:
     """The base rootfs every generation of the cache was built on, but the generations in `leaving`."""
-    return {Path(manifest(generation)["base"]) for generation in (cache / DIR).glob("*/*")
-            if generation not in leaving and "base" in manifest(generation)}
+    recorded = (manifest(generation) for generation in (cache / DIR).glob("*/*") if generation not in leaving)
+    return {Path(record["base"]) for record in recorded if "base" in record}
 
 
 def prune(cache: Path, everything: bool = False, dry_run: bool = False) -> list[tuple[Path, int]]:
