@@ -12,6 +12,7 @@ rounds, every run a whole command as a user types it:
 - `pymachine apply fleet.yaml`: all N machines, unchanged ("N machines unchanged" asserted);
 - floor: bench/provision.py's hand-written script of the roles' checks, run by `ssh` on the first machine and
   on all N at once: what the machines' own work costs with no tool around it, and how it grows on these CPUs;
+  once with a login per run and once over connections kept between runs (ControlPersist), as pymachine's are;
 - `ansible-playbook -f N`: the same roles and variables on the same N machines (bench/ansible_compare.py's
   setup: pipelining, ControlPersist masters up before the clock runs, facts limited to what the roles read);
 - with --mitogen: the same with Mitogen's `mitogen_linear` strategy;
@@ -116,17 +117,20 @@ def run_pyinfra(pyinfra: Path, inventory: Path, deploy: Path, hosts: list[str], 
         raise SystemExit(f"pyinfra failed or changed something:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
 
 
-def floor_logins(names: list[str]) -> list[list[str]]:
+def floor_logins(names: list[str], masters: Path | None = None) -> list[list[str]]:
     """For each machine, an OpenSSH command running FLOOR (bench/provision.py: the roles' checks as one hand-written
-    script) with its key and pinned host key, and paramiko's key exchange (OpenSSH's default costs both sides more)."""
+    script) with its key and pinned host key, and paramiko's key exchange (OpenSSH's default costs both sides more);
+    with `masters`, over a connection kept there (ControlPersist, as pymachine's own are kept)."""
     from machine import commands
     from machine.store import Store
 
     logins = []
     for name in names:
         machine, driver = commands.load(Store(), name)
+        kept = ["-o", "ControlMaster=auto", "-o", f"ControlPath={masters / name}", "-o", "ControlPersist=900"] \
+            if masters else []
         logins.append(["ssh", "-q", "-i", str(machine.key_path), "-o", f"UserKnownHostsFile={machine.known_hosts_path}",
-                       "-o", "StrictHostKeyChecking=yes", "-o", "KexAlgorithms=curve25519-sha256",
+                       "-o", "StrictHostKeyChecking=yes", "-o", "KexAlgorithms=curve25519-sha256", *kept,
                        f"root@{driver.ip()}", FLOOR])
     return logins
 
@@ -188,6 +192,12 @@ def main() -> None:
             measure("floor: the roles' checks as one shell script over `ssh` (1 machine)",
                     lambda: floor(logins[:1]), args.rounds)
             measure(f"floor: the same on {n} machines at once", lambda: floor(logins), args.rounds)
+            masters = Path(f"/tmp/pmb-cp-{os.getpid()}")  # Bench's ControlPersist sockets (removed at the end)
+            masters.mkdir(mode=0o700, exist_ok=True)
+            kept = floor_logins(names, masters)
+            floor(kept)  # the masters up before the clock runs, as pymachine's are after its warm-up run
+            measure("floor over kept connections (1 machine)", lambda: floor(kept[:1]), args.rounds)
+            measure(f"floor over kept connections, {n} machines at once", lambda: floor(kept), args.rounds)
             bench = Bench(names, work)  # ansible_compare's: Ansible's inventory, and reset() for the converge runs
             if pyinfra:
                 inventory, deploy, addresses = pyinfra_setup(names, work)
@@ -229,7 +239,7 @@ def main() -> None:
             bench.pool.shutdown()
         finally:
             subprocess.run([*CLI, "rm", "-f", *names], check=False, capture_output=True)
-            masters = Path(f"/tmp/pmb-cp-{os.getpid()}")  # Bench's ControlPersist sockets
+            masters = Path(f"/tmp/pmb-cp-{os.getpid()}")
             for sock in masters.glob("*") if masters.is_dir() else []:
                 subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"], capture_output=True)
     base = next(iter(results.values()))

@@ -1,6 +1,8 @@
-"""One paramiko Transport per host, reused for every command and file transfer of a run (and, closed, kept a few
-seconds for the next connection of the same login). `run(shell=…)` runs a command in a shell kept running on
-the connection (machine.sshshell) instead of on a channel of its own.
+"""An SSH connection to one host. `run(shell=…)` runs a command in a shell kept running (machine.sshshell)
+instead of on a channel of its own; those shells run over OpenSSH's master connection kept between commands
+(machine.sshmux) when there is one. Everything else, and a first contact, uses one paramiko Transport per host,
+reused for every command and file transfer of a run (and, closed, kept a few seconds for the next connection of
+the same login).
 
 Host keys are pinned in the machine's own known_hosts: the first key seen (or the one a driver wrote there
 before boot) is the only one accepted afterwards.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -28,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from machine import sshmux
 from machine.endpoint import Endpoint
 from machine.errors import MachineError
-from machine.sshshell import Shell, ShellTimeout, drain
+from machine.sshshell import ChannelStream, Shell, ShellTimeout, drain
 from machine.store import write_atomic
 
 log = logging.getLogger("pymachine.ssh")
@@ -97,6 +101,13 @@ def _paramiko():
     import paramiko
 
     return paramiko
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a failing connection raises; paramiko's own only once it is loaded (a run over a kept connection
+    may never load it, and nothing else raises them)."""
+    paramiko = sys.modules.get("paramiko")
+    return (EOFError, OSError, paramiko.SSHException) if paramiko else (EOFError, OSError)
 
 
 @dataclass(frozen=True)
@@ -193,13 +204,21 @@ class Connection:
     def __init__(self, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float = 10.0,
                  is_alive: Callable[[], bool] | None = None) -> None:
         self.endpoint = endpoint
-        self._key = load_key(key_path)
         self._known_hosts = known_hosts
         self._timeout = timeout
         self._is_alive = is_alive
+        self._key_path = key_path
         self._transport: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._shells: dict[str, Shell] = {}  # run(shell=…): the shells kept running, by launcher
+        # The connection kept between commands (machine.sshmux) that runs the shells, when there is one.
+        self._master: sshmux.Master | None = None
+        self._opened = False
+
+    @functools.cached_property
+    def _key(self) -> paramiko.PKey:
+        # Read at the first login: over a kept connection (machine.sshmux) a run needs neither it nor paramiko.
+        return load_key(self._key_path)
 
     @property
     def _where(self) -> str:
@@ -207,10 +226,32 @@ class Connection:
 
     # -- connecting -------------------------------------------------------------------------------------
     def open(self) -> Connection:
-        self._transport = self._parked()
-        if self._transport is not None:
+        """Connect: through the connection kept for this login (machine.sshmux), found running or started now,
+        or else with paramiko. A first contact is paramiko's: it pins the host key. Over a kept connection,
+        paramiko logs in only for what needs a connection of its own (file transfers, streamed output)."""
+        self._master = self._kept_master()
+        if self._master is not None and self._master.listening():
+            log.debug("%s: a connection kept from an earlier command answers", self._where)
+        elif (parked := self._parked()) is not None:  # this command's own, closed a moment ago: no new login
             log.debug("%s: reusing the connection closed a moment ago", self._where)
-            return self
+            self._transport, self._master = parked, None
+        elif self._master is None or not self._master.connect():
+            self._master = None
+            self._transport = self._login_transport()
+        self._opened = True
+        return self
+
+    def _kept_master(self) -> sshmux.Master | None:
+        ssh = sshmux.client()
+        if ssh is None or not self._known_hosts.exists() or not self._known_hosts.stat().st_size:
+            return None  # no pinned host key yet
+        return sshmux.Master(ssh, self.endpoint, self._key_path, self._known_hosts, self._timeout)
+
+    def _login_transport(self) -> paramiko.Transport:
+        transport = self._parked()
+        if transport is not None:
+            log.debug("%s: reusing the connection closed a moment ago", self._where)
+            return transport
         ep = self.endpoint
         sock = _QuickAckSocket.connect_to(ep.host, ep.port, self._timeout)
         # Every command opens a channel; with Nagle's algorithm each open waits out the peer's delayed ACK
@@ -231,8 +272,7 @@ class Connection:
             transport.close()
             raise
         transport.set_keepalive(_KEEPALIVE)
-        self._transport = transport
-        return self
+        return transport
 
     def _pinned_key(self) -> paramiko.PKey | None:
         if not self._known_hosts.exists():
@@ -298,12 +338,13 @@ class Connection:
     def _close(self, park: bool) -> None:
         # On a dead transport, closing its channels and socket can only fail the same way again.
         self._close_shells()
-        with contextlib.suppress(EOFError, OSError, _paramiko().SSHException):
+        with contextlib.suppress(*_transport_errors()):
             if self._sftp is not None:
                 self._sftp.close()
             if self._transport is not None and not (park and self._park(self._transport)):
                 self._transport.close()
         self._sftp = self._transport = None
+        self._opened = False
 
     # -- reuse: a closed connection stays open a few seconds for the next open() of the same login ----------
     @property
@@ -322,6 +363,8 @@ class Connection:
 
     def _parked(self) -> paramiko.Transport | None:
         """The transport close() parked for this login, if it is still fresh, still pinned and still answers."""
+        if not _PARKED:  # nothing parked: no need to read the key (and load paramiko) for the login's name
+            return None
         with _PARKED_LOCK:
             since, transport = _PARKED.pop(self._login, (0.0, None))
         if transport is None:
@@ -342,7 +385,7 @@ class Connection:
 
     def _close_shells(self) -> None:
         for shell in self._shells.values():
-            with contextlib.suppress(EOFError, OSError, _paramiko().SSHException):
+            with contextlib.suppress(*_transport_errors()):
                 shell.close()
         self._shells.clear()
 
@@ -355,13 +398,18 @@ class Connection:
     @property
     def transport(self) -> paramiko.Transport:
         if self._transport is None:
-            raise MachineError(f"ssh connection to {self._where} is closed")
+            if not self._opened:
+                raise MachineError(f"ssh connection to {self._where} is closed")
+            try:  # open() found a kept connection: this login is for a transfer or a command of its own
+                self._transport = self._login_transport()
+            except (EOFError, _paramiko().SSHException, OSError) as e:
+                raise self._lost(e) from None
         if not self._transport.is_active():
             raise self._lost(self._transport.get_exception())
         return self._transport
 
-    def _lost(self, cause: BaseException | None) -> ConnectionLost:
-        reason = "closed by the host" if cause is None else str(cause) or type(cause).__name__
+    def _lost(self, cause: BaseException | str | None) -> ConnectionLost:
+        reason = "closed by the host" if not cause else str(cause) or type(cause).__name__
         return ConnectionLost(f"lost the ssh connection to {self._where} ({reason})")
 
     def _alive(self) -> bool:
@@ -380,8 +428,8 @@ class Connection:
             result = self._exec_in(shell, command, stdin, timeout) if shell else self._exec(command, stdin, timeout,
                                                                                              stream)
         except KeyboardInterrupt:
-            self._close_shells()  # their process groups end with the interrupted command's
             self._stop_remote()
+            self._close_shells()
             raise
         log.debug("%s rc=%d", self.endpoint.host, result.rc)
         if check and result.rc != 0:
@@ -416,7 +464,9 @@ class Connection:
         try:
             if shell is None:
                 log.debug("%s: starting the shell `%s`", self.endpoint.host, launcher)
-                shell = self._shells[launcher] = Shell(self.transport.open_session(), launcher)
+                stream = (self._master.start(launcher) if self._master is not None
+                          else ChannelStream(self.transport.open_session(), launcher))
+                shell = self._shells[launcher] = Shell(stream)
             reply = shell.run(command, stdin, timeout)
         except (EOFError, _paramiko().SSHException, OSError) as e:
             self._shells.pop(launcher, None)
@@ -428,8 +478,8 @@ class Connection:
             # The launcher failed (sudo refused) or the shell was killed: report it as this command's result,
             # as a command on a channel of its own would have failed; the next command starts a new shell.
             self._shells.pop(launcher).close()
-            if reply.rc == -1 and not (shell.channel.eof_received and self._alive()):
-                raise self._lost(self._transport.get_exception() if self._transport else None)
+            if shell.stream.lost():
+                raise self._lost(shell.stream.lost_reason(reply.stderr))
         return Result(reply.rc, reply.stdout.decode(errors="replace"), reply.stderr.decode(errors="replace"))
 
     def _converse(self, chan, command: str, stdin: bytes | None, timeout: float | None,
@@ -456,6 +506,9 @@ class Connection:
 
     def _stop_remote(self) -> None:
         """After Ctrl-C: end what the interrupted command started on the host, if the host can be told."""
+        groups = [shell.stream.group for shell in self._shells.values() if shell.stream.group]
+        if groups and self._master is not None:  # the kept connection's sessions may be other commands' too
+            self._master.signal_groups(groups)
         if not self._alive():
             return
         with contextlib.suppress(MachineError):

@@ -7,7 +7,7 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from machine import certs, dockercontext, drivers, enginecache, sshkeys, ui
+from machine import certs, dockercontext, drivers, enginecache, sshkeys, sshmux, ui
 from machine import provision as plan
 from machine.commands.common import connect, locked
 from machine.commands.engine import run_provisioning
@@ -103,13 +103,15 @@ def start(store: Store, name: str) -> None:
 
 
 def stop(store: Store, name: str) -> None:
-    with locked(store, name) as (_, driver):
+    with locked(store, name) as (machine, driver):
+        sshmux.forget(machine.known_hosts_path)
         driver.stop()
 
 
 def restart(store: Store, name: str) -> None:
     with locked(store, name) as (machine, driver):
         before = driver.engine_url()
+        sshmux.forget(machine.known_hosts_path)
         driver.restart()
         connect(machine, driver).close()
         _follow_engine(machine, driver, before)
@@ -160,7 +162,8 @@ def _wait_engine(machine: Machine, url: str, timeout: float = ENGINE_READY_TIMEO
 
 
 def kill(store: Store, name: str) -> None:
-    with locked(store, name) as (_, driver):
+    with locked(store, name) as (machine, driver):
+        sshmux.forget(machine.known_hosts_path)
         driver.kill()
 
 
@@ -170,6 +173,7 @@ def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool =
     Without `force` any error of the driver stops the removal; with it, only what is really left does.
     """
     dockercontext.remove(machine.name)
+    sshmux.forget(machine.known_hosts_path)
     error: MachineError | None = None
     try:
         driver.remove()

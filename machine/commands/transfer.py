@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import sshmux
 from machine.commands.common import connect, load
 from machine.drivers.base import State
 from machine.errors import MachineError, UsageError
@@ -21,15 +22,11 @@ def ssh(store: Store, name: str, command: list[str]) -> int:
     machine, driver = load(store, name)
     if driver.state() != State.RUNNING:
         raise MachineError(f"machine {name!r} is not running")
-    endpoint = driver.ssh_endpoint()
+    endpoint = driver.ssh_endpoint()._replace(name=machine.name)
     client = shutil.which("ssh")
     if client:
-        argv = [
-            client, "-i", str(machine.key_path), "-p", str(endpoint.port),
-            "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR",
-            "-o", f"UserKnownHostsFile={machine.known_hosts_path}", "-o", "ConnectTimeout=10",
-            f"{endpoint.user}@{endpoint.host}",
-        ]
+        # Through the machine's kept connection (machine.sshmux): a loop of `pymachine ssh` logs in once.
+        argv = sshmux.Master(client, endpoint, machine.key_path, machine.known_hosts_path, 10).argv(terminal=None)
         return subprocess.call([*argv, *command])
     if not command:
         raise MachineError("an interactive shell needs the ssh client (Debian: apt-get install openssh-client)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from machine import sshmux
 from tests.conftest import CLI
 from tests.integration import docker_repo
 from tests.integration.libvirt_host import boot_image, require_libvirt, virsh
@@ -158,9 +159,20 @@ def machine_record(cli: CLI, name: str) -> dict:
     return json.loads((cli.home / "machines" / name / "config.json").read_text())
 
 
+def ssh_masters(machine_dir: Path) -> list[int]:
+    """The ssh processes keeping a connection to the machine between commands (`ssh: CONTROL_PATH [mux]`)."""
+    tag = f"/{sshmux.machine_prefix(machine_dir / 'known_hosts')}-".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and tag in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
+
+
 def leftovers(record: dict, machine_dir: Path) -> list[str]:
     """Everything a removed machine could leave on the host; empty when it left nothing."""
-    found = []
+    found = [f"ssh master {pid}" for pid in ssh_masters(machine_dir)]
     unit = f"pm-{record['id']}"
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BRIDGE, SUBNET, bridge_leftovers, leftovers, machine_record
+from tests.integration.conftest import BRIDGE, SUBNET, bridge_leftovers, leftovers, machine_record, ssh_masters
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +63,10 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
 
     # Stop and start keep the address and the pinned host key.
     known_hosts = (local.home / "machines/m1/known_hosts").read_text()
+    assert ssh_masters(local.home / "machines/m1"), "the connection is kept between commands"
     local("stop", "m1")
     assert state(local, "m1") == "Stopped"
+    assert ssh_masters(local.home / "machines/m1") == [], "stop ends the kept connection"
     local("start", "m1")
     assert state(local, "m1") == "Running"
     assert local("ip", "m1").stdout.strip() == ip1

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from machine import sshmux
 from machine.errors import MachineError
 from machine.roles.remote import detached
 from machine.ssh import Connection, ConnectionLost, Endpoint, Result
@@ -163,7 +164,22 @@ def test_ctrl_c_stops_the_remote_command_but_lets_detached_work_finish(cli, mach
                  lambda: conn.run("cat /tmp/pm-detached 2>/dev/null").stdout == "finished\n", timeout=30)
 
 
-def test_a_kept_shell_runs_each_command_as_a_channel_of_its_own_would(cli, machine):
+def test_commands_share_one_login_kept_between_them(cli, machine):
+    """OpenSSH's multiplexing (machine.sshmux): the user's `ssh` and pymachine's own shells, one connection."""
+    sshd = cli("ssh", machine, "--", "echo $PPID").stdout  # the login shell's parent: the connection's sshd
+    assert cli("ssh", machine, "--", "echo $PPID").stdout == sshd
+    with connect(cli, machine) as conn:
+        assert conn.run("echo $PPID", shell="sh").stdout == sshd
+    alone = CLI({**cli.env, sshmux.PERSIST_ENV: "0"})
+    assert alone("ssh", machine, "--", "echo $PPID").stdout != sshd  # turned off: a login of its own
+    proc = CLI({**cli.env, sshmux.PERSIST_ENV: "soon"})("ssh", machine, "--", "true", check=False)
+    assert one_line_error(proc).endswith(f"{sshmux.PERSIST_ENV}='soon': expected a number of seconds "
+                                         "(0 turns kept connections off)")
+
+
+@pytest.mark.parametrize("persist", ["60", "0"], ids=["over-the-kept-connection", "on-a-channel-of-its-own"])
+def test_a_kept_shell_runs_each_command_as_a_channel_of_its_own_would(cli, machine, persist, monkeypatch):
+    monkeypatch.setenv(sshmux.PERSIST_ENV, persist)
     binary = bytes(range(256)) * 4  # NUL bytes, no final newline: not a here-document
     with connect(cli, machine) as conn:
         assert conn.run("echo out; echo err >&2; exit 3", shell="sh") == Result(3, "out\n", "err\n")

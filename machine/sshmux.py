@@ -1,0 +1,248 @@
+"""SSH connections kept between commands: OpenSSH's own multiplexing (ControlMaster, ControlPersist).
+
+A login costs the machine ~50 ms of CPU (sshd's re-exec, its privilege-separated children, PAM) and the client
+several round trips; a session on a connection already open costs neither. So the shells provisioning keeps
+running (machine.sshshell) run in `ssh` processes that share one master connection per machine, and the master
+stays `PYMACHINE_SSH_PERSIST` seconds (60 by default, as in Ansible's ssh settings) after its last session ends.
+The next command then logs in no more. `pymachine ssh` shares the same master. File transfers and the commands
+that stream their output keep paramiko's connection (machine.ssh), opened only when one is needed.
+
+The control sockets live in a directory of the user's own under the temporary directory (a socket's path is
+limited to ~100 bytes, too short for a store's path). A socket's name is a digest of everything that makes the
+login: machine, address, port, user, key and pinned host keys. A machine recreated under the same name, or at a
+new address, never reaches the previous one's master. `rm`, `stop`, `kill` and `restart` end a machine's masters
+(`forget`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+from machine.endpoint import Endpoint
+from machine.errors import MachineError
+
+log = logging.getLogger("pymachine.ssh")
+
+PERSIST_ENV = "PYMACHINE_SSH_PERSIST"
+_DEFAULT_PERSIST = 60
+_CONTROL_TIMEOUT = 5.0  # `ssh -O check|exit` only talks to the local master
+
+
+def persist_seconds() -> int:
+    """How long a master outlives its last session; 0: no kept connections (each command logs in)."""
+    raw = os.environ.get(PERSIST_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_PERSIST
+    if not raw.isdigit():
+        raise MachineError(f"{PERSIST_ENV}={raw!r}: expected a number of seconds (0 turns kept connections off)")
+    return int(raw)
+
+
+def client() -> str | None:
+    """The OpenSSH client, when connections are to be kept and it is installed."""
+    return shutil.which("ssh") if persist_seconds() > 0 else None
+
+
+def _control_dir() -> Path:
+    path = Path(tempfile.gettempdir()) / f"pymachine-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    # Whoever can open a master's socket runs commands on the machine as its user: the directory must be ours.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise MachineError(f"{path} must be a directory of user {os.getuid()} that only it can open (mode 0700)")
+    return path
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()
+
+
+def machine_prefix(known_hosts: Path) -> str:
+    """The start of the names of every master of one machine (its known_hosts file is its own)."""
+    return _digest(known_hosts.resolve())[:16]
+
+
+class Master:
+    """The kept connection to one machine: the arguments that reach it, and its control commands."""
+
+    def __init__(self, ssh: str, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float) -> None:
+        pinned = known_hosts.read_bytes() if known_hosts.exists() else b""
+        login = _digest(endpoint.host, endpoint.port, endpoint.user, key_path.resolve(), pinned)[:16]
+        self.path = _control_dir() / f"{machine_prefix(known_hosts)}-{login}"
+        self.endpoint = endpoint
+        self._timeout = timeout
+        self._argv = [
+            ssh, "-F", "none", "-i", str(key_path), "-p", str(endpoint.port), "-l", endpoint.user,
+            "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias={endpoint.known_hosts_name}",
+            "-o", f"ConnectTimeout={max(1, round(timeout))}", "-o", "LogLevel=ERROR",
+            # First the key exchange paramiko makes: OpenSSH's default (post-quantum sntrup761) cost ~80 ms of
+            # the client's CPU per login here, against ~10.
+            "-o", "KexAlgorithms=^curve25519-sha256",
+            # As paramiko's keepalives: a host that vanished without closing the connection ends the master.
+            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+        ]
+        persist = persist_seconds()
+        if persist:
+            self._argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.path}",
+                           "-o", f"ControlPersist={persist}"]
+
+    def argv(self, *command: str, terminal: bool | None = False) -> list[str]:
+        """The ssh command line that runs `command` (an interactive login when empty) over the master; with
+        `terminal=None`, ssh decides (a terminal for a login from a terminal), as a user's own ssh would."""
+        tty = {True: ["-t"], False: ["-T"], None: []}[terminal]
+        return [*self._argv, *tty, self.endpoint.host, *(["--", *command] if command else [])]
+
+    def listening(self) -> bool:
+        """True if a master for this login listens (then a session costs no login)."""
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(_CONTROL_TIMEOUT)
+            try:
+                probe.connect(str(self.path))  # a dead master's socket refuses; ssh itself would replace it
+            except OSError:
+                return False
+        return True
+
+    def connect(self) -> bool:
+        """Log in and leave the master running; False (with ssh's reason logged) if that failed: the caller then
+        logs in with paramiko, which says precisely why (a changed host key, a refused key) or retries."""
+        try:
+            proc = subprocess.run([*self._argv, "-f", "-N", self.endpoint.host], stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=self._timeout + _CONTROL_TIMEOUT, cwd="/")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.debug("%s: no kept connection: %s", self.endpoint.host, e)
+            return False
+        if proc.returncode != 0:
+            log.debug("%s: no kept connection: %s", self.endpoint.host, proc.stderr.strip())
+        return proc.returncode == 0
+
+    def answers(self) -> bool:
+        """True if the master answers a request (a master that lost its connection may still listen a moment)."""
+        try:
+            return subprocess.run([*self._argv, "-O", "check", self.endpoint.host], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=_CONTROL_TIMEOUT).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    def start(self, command: str) -> ProcessStream:
+        """`command` running on the machine, its stdin, stdout and stderr ours (machine.sshshell's stream)."""
+        # Its own session: Ctrl-C reaches pymachine, which ends the remote command itself (machine.ssh), and not
+        # the ssh process halfway through a request. `echo $$` first: the remote session's process group (in
+        # `sh`: the login shell may be any, fish has no `$$`).
+        remote = f"exec sh -c {shlex.quote(f'echo $$; exec {command}')}"
+        process = subprocess.Popen(self.argv(remote), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                   cwd="/")  # a master outlives us: it must keep no directory of ours busy
+        return ProcessStream(process, self)
+
+    def signal_groups(self, groups: list[int]) -> None:
+        """Terminate these process groups on the machine (the kept shells' sessions, after Ctrl-C)."""
+        kill = "kill -TERM -- " + " ".join(f"-{group}" for group in groups) + " 2>/dev/null; true"
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(self.argv(kill), stdin=subprocess.DEVNULL, capture_output=True, timeout=_CONTROL_TIMEOUT)
+
+
+def forget(known_hosts: Path) -> None:
+    """End every master of the machine whose known_hosts file this is (it was removed, stopped or restarted)."""
+    ssh = shutil.which("ssh")
+    try:
+        sockets = [p for p in _control_dir().glob(f"{machine_prefix(known_hosts)}-*") if p.is_socket()]
+    except (OSError, MachineError):
+        return
+    for path in sockets:
+        if ssh:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run([ssh, "-F", "none", "-o", f"ControlPath={path}", "-O", "exit", "-"],
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=_CONTROL_TIMEOUT)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a master that died without removing it
+
+
+class ProcessStream:
+    """An `ssh` process as machine.sshshell's stream: send, read what arrived, wait, exit status, close."""
+
+    def __init__(self, process: subprocess.Popen[bytes], master: Master) -> None:
+        assert process.stdin and process.stdout and process.stderr
+        self.process = process
+        self._master = master
+        self._stdin, self._stdout, self._stderr = process.stdin, process.stdout.fileno(), process.stderr.fileno()
+        self._open = {self._stdout, self._stderr}  # the pipes not at their end yet
+        for fd in self._open:
+            os.set_blocking(fd, False)
+        self.group: int | None = None  # the remote session's process group, once its first line arrived
+        self._head = b""
+
+    def send(self, data: bytes) -> None:
+        self._stdin.write(data)
+        self._stdin.flush()
+
+    def _drain(self, fd: int) -> bytes:
+        got = bytearray()
+        while fd in self._open:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                self._open.discard(fd)
+            got += data
+        return bytes(got)
+
+    def read(self) -> tuple[bytes, bytes]:
+        out, err = self._drain(self._stdout), self._drain(self._stderr)
+        if self.group is None and out:
+            line, newline, out = (self._head + out).partition(b"\n")
+            if not newline:
+                self._head = line
+                return b"", err
+            self.group = int(line) if line.isdigit() else 0  # 0: unknown (something printed before it)
+        return out, err
+
+    def wait(self, timeout: float) -> None:
+        if self._open:
+            select.select(list(self._open), [], [], timeout)
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+
+    def exit_status(self) -> int | None:
+        """The ssh process's status once it ended and all it wrote was read; None until then."""
+        return None if self._open else self.process.poll()
+
+    def ended(self) -> bool:
+        # A broken pipe means the process closed its stdin: it is ending.
+        try:
+            self.process.wait(_CONTROL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def lost(self) -> bool:
+        # ssh's own failures exit 255 (as does a remote shell killed by a signal, while the master lives on).
+        return self.process.returncode == 255 and not self._master.answers()
+
+    def lost_reason(self, stderr: bytes) -> str:
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        return f"ssh: {lines[-1]}" if lines else ""
+
+    def close(self) -> None:
+        # The master then closes the session, and the remote shell reads EOF and exits. Not an EOF sent to the
+        # shell first and its exit awaited: that took ~50 ms here.
+        self.process.terminate()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            with contextlib.suppress(OSError):  # stdin: what was left unsent goes nowhere
+                pipe.close()  # type: ignore[union-attr]

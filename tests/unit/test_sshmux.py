@@ -1,0 +1,115 @@
+"""machine.sshmux without a server: the setting, the control directory, one master per login, and the kept
+shell's protocol over a process's pipes (a local `sh` stands in for `ssh`). Kept connections to a real sshd are
+tested in tests/integration/test_provision_faults.py (one login for many commands, Ctrl-C, a killed connection)
+and by `leftovers()` after every `rm` of the integration suite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from machine import sshmux
+from machine.endpoint import Endpoint
+from machine.errors import MachineError
+from machine.sshshell import Reply, Shell
+
+
+@pytest.fixture(autouse=True)
+def own_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temporary directory of its own, short as /tmp's: a socket's path has ~104 bytes (pytest's are longer)."""
+    short = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    yield short
+    shutil.rmtree(short)
+
+
+def test_the_setting_is_seconds_and_zero_turns_it_off(monkeypatch):
+    monkeypatch.delenv(sshmux.PERSIST_ENV, raising=False)
+    assert sshmux.persist_seconds() == 60
+    monkeypatch.setenv(sshmux.PERSIST_ENV, "0")
+    assert sshmux.persist_seconds() == 0 and sshmux.client() is None
+    monkeypatch.setenv(sshmux.PERSIST_ENV, "1m")
+    with pytest.raises(MachineError, match=r"PYMACHINE_SSH_PERSIST='1m': expected a number of seconds"):
+        sshmux.client()
+
+
+def master(tmp_path: Path, host: str = "10.0.0.5", pin: str = "10.0.0.5 ssh-ed25519 AAAA\n",
+           name: str = "m1") -> sshmux.Master:
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    (directory / "known_hosts").write_text(pin)
+    return sshmux.Master("ssh", Endpoint(host), directory / "id_ed25519", directory / "known_hosts", 10)
+
+
+def test_a_master_per_login_named_after_its_machine(own_tmp):
+    first = master(own_tmp)
+    assert first.path.parent == own_tmp / f"pymachine-{os.getuid()}"
+    assert (first.path.parent.stat().st_mode & 0o777) == 0o700
+    assert first.path.name.startswith(sshmux.machine_prefix(own_tmp / "m1" / "known_hosts") + "-")
+    assert len(first.path.name) == 33  # a socket's path is limited to ~104 bytes: /tmp/pymachine-0/ and this
+    assert master(own_tmp).path == first.path
+    # Another address, another pinned key, another machine: never the same master.
+    others = {master(own_tmp, host="10.0.0.6").path, master(own_tmp, pin="10.0.0.5 ssh-ed25519 BBBB\n").path,
+              master(own_tmp, name="m2").path}
+    assert first.path not in others and len(others) == 3
+    argv = first.argv("uptime")
+    assert argv[-3:] == ["10.0.0.5", "--", "uptime"] and "-T" in argv
+    assert f"ControlPath={first.path}" in argv and "StrictHostKeyChecking=yes" in argv
+
+
+def test_no_control_directory_anyone_else_can_open(own_tmp):
+    shared = own_tmp / f"pymachine-{os.getuid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(MachineError, match=r"must be a directory of user \d+ that only it can open"):
+        master(own_tmp)
+    shared.rmdir()
+    shared.symlink_to(own_tmp)
+    with pytest.raises(MachineError, match="must be a directory"):
+        master(own_tmp)
+
+
+def test_forget_removes_a_dead_masters_socket(own_tmp):
+    stale = master(own_tmp).path
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(stale))  # bound, never listening: what a master killed with SIGKILL leaves
+    other = master(own_tmp, name="m2").path
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(other))
+    assert not master(own_tmp).listening()
+    sshmux.forget(own_tmp / "m1" / "known_hosts")
+    assert not stale.exists() and other.exists()
+
+
+def shell_over_pipes(launcher: str) -> tuple[Shell, sshmux.ProcessStream]:
+    process = subprocess.Popen(["sh", "-c", f"echo $$; exec {launcher}"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    stream = sshmux.ProcessStream(process, master=None)  # type: ignore[arg-type]  # lost() is never asked here
+    return Shell(stream), stream
+
+
+def test_the_kept_shell_over_a_process(own_tmp):
+    shell, stream = shell_over_pipes("sh")
+    try:
+        assert shell.run("echo out; echo err >&2; exit 3", None, 5) == Reply(3, b"out\n", b"err\n")
+        assert stream.group == stream.process.pid  # the session's process group, for Ctrl-C
+        binary = bytes(range(256)) * 64  # more than a pipe's buffer holds at once
+        assert shell.run("od -An -c | wc -l", binary, 5).stdout.strip() == str(len(binary) // 16).encode()
+        assert shell.run("cat", b"text\n", 5).stdout == b"text\n"
+    finally:
+        shell.close()
+    assert stream.process.poll() is not None
+
+
+def test_a_launcher_that_fails_is_the_commands_result(own_tmp):
+    shell, _ = shell_over_pipes("sh -c 'echo refused >&2; exit 7'")
+    reply = shell.run("echo never", None, 5)
+    assert reply == Reply(7, b"", b"refused\n", ended=True)
+    shell.close()
