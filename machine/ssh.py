@@ -468,7 +468,7 @@ class Connection:
                           else ChannelStream(self.transport.open_session(), launcher))
                 shell = self._shells[launcher] = Shell(stream)
             reply = shell.run(command, stdin, timeout)
-        except (EOFError, _paramiko().SSHException, OSError) as e:
+        except _transport_errors() as e:
             self._shells.pop(launcher, None)
             raise self._lost(e) from None
         except ShellTimeout:
