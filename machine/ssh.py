@@ -81,7 +81,7 @@ set -- $(f $own); sshd=$1
 for d in /proc/[0-9]*; do
   p=${d#/proc/}; [ "$p" = "$own" ] && continue
   x=$(f $p) || continue; set -- $x
-  [ "$1" = "$sshd" ] && kill -TERM -- -$p 2>/dev/null
+  [ "$1" = "$sshd" ] && kill -TERM -$p 2>/dev/null
 done
 true
 """
@@ -233,7 +233,6 @@ class Connection:
         if self._master is not None and self._master.listening():
             log.debug("%s: a connection kept from an earlier command answers", self._where)
         elif (parked := self._parked()) is not None:  # this command's own, closed a moment ago: no new login
-            log.debug("%s: reusing the connection closed a moment ago", self._where)
             self._transport, self._master = parked, None
         elif self._master is None or not self._master.connect():
             self._master = None
@@ -248,10 +247,6 @@ class Connection:
         return sshmux.Master(ssh, self.endpoint, self._key_path, self._known_hosts, self._timeout)
 
     def _login_transport(self) -> paramiko.Transport:
-        transport = self._parked()
-        if transport is not None:
-            log.debug("%s: reusing the connection closed a moment ago", self._where)
-            return transport
         ep = self.endpoint
         sock = _QuickAckSocket.connect_to(ep.host, ep.port, self._timeout)
         # Every command opens a channel; with Nagle's algorithm each open waits out the peer's delayed ACK
@@ -376,6 +371,7 @@ class Connection:
                 # A host that vanished without closing the connection (a killed VM) must not pass for one that
                 # answers, as a new connection would not: a channel has to open within a few seconds.
                 transport.open_session(timeout=_PARK_PROBE_TIMEOUT).close()
+                log.debug("%s: reusing the connection closed a moment ago", self._where)
                 return transport
         except (EOFError, OSError, _paramiko().SSHException):
             pass
@@ -401,7 +397,7 @@ class Connection:
             if not self._opened:
                 raise MachineError(f"ssh connection to {self._where} is closed")
             try:  # open() found a kept connection: this login is for a transfer or a command of its own
-                self._transport = self._login_transport()
+                self._transport = self._parked() or self._login_transport()
             except (EOFError, _paramiko().SSHException, OSError) as e:
                 raise self._lost(e) from None
         if not self._transport.is_active():

@@ -119,8 +119,10 @@ class Master:
     def connect(self) -> bool:
         """Log in and leave the master running; False (with ssh's reason logged) if that failed: the caller then
         logs in with paramiko, which says precisely why (a changed host key, a refused key) or retries."""
+        # A command (`true`), not `-f -N`: an ssh that lost the race to be the master (another pymachine started
+        # one meanwhile) then ends with its command instead of staying in the background with nothing to do.
         try:
-            proc = subprocess.run([*self._argv, "-f", "-N", self.endpoint.host], stdin=subprocess.DEVNULL,
+            proc = subprocess.run(self.argv("true"), stdin=subprocess.DEVNULL,
                                   capture_output=True, text=True, timeout=self._timeout + _CONTROL_TIMEOUT, cwd="/")
         except (OSError, subprocess.TimeoutExpired) as e:
             log.debug("%s: no kept connection: %s", self.endpoint.host, e)
@@ -131,11 +133,7 @@ class Master:
 
     def answers(self) -> bool:
         """True if the master answers a request (a master that lost its connection may still listen a moment)."""
-        try:
-            return subprocess.run([*self._argv, "-O", "check", self.endpoint.host], stdin=subprocess.DEVNULL,
-                                  capture_output=True, timeout=_CONTROL_TIMEOUT).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            return False
+        return _control(self._argv[0], self.path, "check")
 
     def start(self, command: str) -> ProcessStream:
         """`command` running on the machine, its stdin, stdout and stderr ours (machine.sshshell's stream)."""
@@ -150,9 +148,20 @@ class Master:
 
     def signal_groups(self, groups: list[int]) -> None:
         """Terminate these process groups on the machine (the kept shells' sessions, after Ctrl-C)."""
-        kill = "kill -TERM -- " + " ".join(f"-{group}" for group in groups) + " 2>/dev/null; true"
+        # Not `kill -TERM -- -G`: dash's kill takes no `--` (and without it, a group after the signal is fine).
+        kill = "kill -TERM " + " ".join(f"-{group}" for group in groups) + " 2>/dev/null; true"
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(self.argv(kill), stdin=subprocess.DEVNULL, capture_output=True, timeout=_CONTROL_TIMEOUT)
+
+
+def _control(ssh: str, path: Path, verb: str) -> bool:
+    """`ssh -O VERB` to the master listening on `path` (the socket names the connection: the host is only a
+    placeholder ssh requires, and must be a valid name)."""
+    try:
+        return subprocess.run([ssh, "-F", "none", "-o", f"ControlPath={path}", "-O", verb, "pymachine"],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=_CONTROL_TIMEOUT).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def forget(known_hosts: Path) -> None:
@@ -164,9 +173,7 @@ def forget(known_hosts: Path) -> None:
         return
     for path in sockets:
         if ssh:
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                subprocess.run([ssh, "-F", "none", "-o", f"ControlPath={path}", "-O", "exit", "-"],
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=_CONTROL_TIMEOUT)
+            _control(ssh, path, "exit")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a master that died without removing it
 

@@ -22,7 +22,7 @@ from machine.errors import MachineError
 from machine.roles.remote import detached
 from machine.ssh import Connection, ConnectionLost, Endpoint, Result
 from tests.conftest import CLI
-from tests.integration.conftest import busybox_image, docker, machine_cli
+from tests.integration.conftest import busybox_image, docker, machine_cli, ssh_masters
 
 pytestmark = pytest.mark.integration
 
@@ -170,6 +170,10 @@ def test_commands_share_one_login_kept_between_them(cli, machine):
     assert cli("ssh", machine, "--", "echo $PPID").stdout == sshd
     with connect(cli, machine) as conn:
         assert conn.run("echo $PPID", shell="sh").stdout == sshd
+    machine_dir = cli.home / "machines" / machine
+    assert len(ssh_masters(machine_dir)) == 1
+    sshmux.forget(machine_dir / "known_hosts")  # what rm, stop, kill and restart do first
+    wait_for("the master to end, the machine still running", lambda: ssh_masters(machine_dir) == [], timeout=5)
     alone = CLI({**cli.env, sshmux.PERSIST_ENV: "0"})
     assert alone("ssh", machine, "--", "echo $PPID").stdout != sshd  # turned off: a login of its own
     proc = CLI({**cli.env, sshmux.PERSIST_ENV: "soon"})("ssh", machine, "--", "true", check=False)
