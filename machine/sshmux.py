@@ -17,6 +17,7 @@ new address, never reaches the previous one's master. `rm`, `stop`, `kill` and `
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -50,19 +51,31 @@ def persist_seconds() -> int:
 
 
 def client() -> str | None:
-    """The OpenSSH client, when connections are to be kept and it is installed."""
-    return shutil.which("ssh") if persist_seconds() > 0 else None
+    """The OpenSSH client, when connections are to be kept, it is installed and there is a safe place for them."""
+    if not persist_seconds():
+        return None
+    ssh = shutil.which("ssh")
+    return ssh if ssh and _control_dir() else None
 
 
-def _control_dir() -> Path:
+def _control_dir() -> Path | None:
+    """The user's own directory for the masters' sockets; None (and a warning) if it is not safe to use."""
     path = Path(tempfile.gettempdir()) / f"pymachine-{os.getuid()}"
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    info = path.lstat()
+    try:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        info = path.lstat()
+    except OSError as e:
+        return _unsafe(str(e))
     # Whoever can open a master's socket runs commands on the machine as its user: the directory must be ours.
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise MachineError(f"{path} must be a directory of user {os.getuid()} that only it can open (mode 0700)")
+        return _unsafe(f"{path} is not a directory only user {os.getuid()} can open")
     return path
+
+
+@functools.cache  # once per command, not once per machine of a fleet
+def _unsafe(reason: str) -> None:
+    log.warning("SSH connections are not kept between commands: %s", reason)
 
 
 def _digest(*parts: object) -> str:
@@ -80,7 +93,9 @@ class Master:
     def __init__(self, ssh: str, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float) -> None:
         pinned = known_hosts.read_bytes() if known_hosts.exists() else b""
         login = _digest(endpoint.host, endpoint.port, endpoint.user, key_path.resolve(), pinned)[:16]
-        self.path = _control_dir() / f"{machine_prefix(known_hosts)}-{login}"
+        directory = _control_dir() if persist_seconds() else None
+        # The master's socket; None: this login keeps no connection (`argv` then logs in every time).
+        self.path = directory / f"{machine_prefix(known_hosts)}-{login}" if directory else None
         self.endpoint = endpoint
         self._timeout = timeout
         self._argv = [
@@ -95,10 +110,9 @@ class Master:
             # As paramiko's keepalives: a host that vanished without closing the connection ends the master.
             "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
         ]
-        persist = persist_seconds()
-        if persist:
+        if self.path:
             self._argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.path}",
-                           "-o", f"ControlPersist={persist}"]
+                           "-o", f"ControlPersist={persist_seconds()}"]
 
     def argv(self, *command: str, terminal: bool | None = False) -> list[str]:
         """The ssh command line that runs `command` (an interactive login when empty) over the master; with
@@ -108,6 +122,8 @@ class Master:
 
     def listening(self) -> bool:
         """True if a master for this login listens (then a session costs no login)."""
+        if self.path is None:
+            return False
         with socket.socket(socket.AF_UNIX) as probe:
             probe.settimeout(_CONTROL_TIMEOUT)
             try:
@@ -133,7 +149,7 @@ class Master:
 
     def answers(self) -> bool:
         """True if the master answers a request (a master that lost its connection may still listen a moment)."""
-        return _control(self._argv[0], self.path, "check")
+        return self.path is not None and _control(self._argv[0], self.path, "check")
 
     def start(self, command: str) -> ProcessStream:
         """`command` running on the machine, its stdin, stdout and stderr ours (machine.sshshell's stream)."""
@@ -166,10 +182,10 @@ def _control(ssh: str, path: Path, verb: str) -> bool:
 
 def forget(known_hosts: Path) -> None:
     """End every master of the machine whose known_hosts file this is (it was removed, stopped or restarted)."""
-    ssh = shutil.which("ssh")
+    ssh, directory = shutil.which("ssh"), _control_dir()
     try:
-        sockets = [p for p in _control_dir().glob(f"{machine_prefix(known_hosts)}-*") if p.is_socket()]
-    except (OSError, MachineError):
+        sockets = [p for p in directory.glob(f"{machine_prefix(known_hosts)}-*") if p.is_socket()] if directory else []
+    except OSError:
         return
     for path in sockets:
         if ssh:

@@ -64,16 +64,21 @@ def test_a_master_per_login_named_after_its_machine(own_tmp):
     assert f"ControlPath={first.path}" in argv and "StrictHostKeyChecking=yes" in argv
 
 
-def test_no_control_directory_anyone_else_can_open(own_tmp):
+def test_no_control_directory_anyone_else_can_open(own_tmp, caplog, monkeypatch):
+    """Refused, with a warning: no connection is kept (every command logs in, as before), nothing fails."""
+    monkeypatch.delenv(sshmux.PERSIST_ENV, raising=False)
     shared = own_tmp / f"pymachine-{os.getuid()}"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
-    with pytest.raises(MachineError, match=r"must be a directory of user \d+ that only it can open"):
-        master(own_tmp)
+    assert sshmux.client() is None and sshmux.client() is None
+    assert caplog.text.count(f"{shared} is not a directory only user {os.getuid()} can open") == 1  # once a command
+    plain = master(own_tmp)
+    assert plain.path is None and not plain.listening() and not any("Control" in a for a in plain.argv())
     shared.rmdir()
     shared.symlink_to(own_tmp)
-    with pytest.raises(MachineError, match="must be a directory"):
-        master(own_tmp)
+    assert sshmux.client() is None
+    shared.unlink()
+    assert sshmux.client() is not None  # made anew, mode 0700
 
 
 def test_forget_removes_a_dead_masters_socket(own_tmp):
