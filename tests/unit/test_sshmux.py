@@ -32,7 +32,7 @@ def own_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def test_the_setting_is_seconds_and_zero_turns_it_off(monkeypatch):
     monkeypatch.delenv(sshmux.PERSIST_ENV, raising=False)
-    assert sshmux.persist_seconds() == 60
+    assert sshmux.persist_seconds() == 600
     monkeypatch.setenv(sshmux.PERSIST_ENV, "0")
     assert sshmux.persist_seconds() == 0 and sshmux.client() is None
     monkeypatch.setenv(sshmux.PERSIST_ENV, "1m")
