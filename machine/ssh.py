@@ -100,14 +100,19 @@ def _paramiko():
             del sys.modules["invoke"]
     import paramiko
 
+    if not _LOADED:
+        _LOADED.append(paramiko)
     return paramiko
+
+
+# paramiko once _paramiko() returned it: sys.modules holds it half-initialized while another thread imports it.
+_LOADED: list[Any] = []
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """What a failing connection raises; paramiko's own only once it is loaded (a run over a kept connection
     may never load it, and nothing else raises them)."""
-    paramiko = sys.modules.get("paramiko")
-    return (EOFError, OSError, paramiko.SSHException) if paramiko else (EOFError, OSError)
+    return (EOFError, OSError, _LOADED[0].SSHException) if _LOADED else (EOFError, OSError)
 
 
 @dataclass(frozen=True)
