@@ -75,10 +75,7 @@ class Network:
     def lease(self, owner: str, wanted: str | None = None) -> str:
         """Give `owner` (a machine directory) an address, keeping `wanted` when it is still its own."""
         with self._leases() as leases:
-            # Forget owners whose machine directory is gone (a home deleted by hand).
-            for addr, who in list(leases.items()):
-                if who != owner and not Path(who).is_dir():
-                    del leases[addr]
+            _forget_orphans(leases, owner)
             if wanted and leases.get(wanted, owner) == owner:
                 leases[wanted] = owner
                 address = wanted
@@ -100,6 +97,7 @@ class Network:
     def release(self, owner: str) -> None:
         """Drop `owner`'s lease; the last one out takes the bridge and its rules with it."""
         with self._leases() as leases:
+            _forget_orphans(leases, owner)
             for addr in [a for a, who in leases.items() if who == owner]:
                 del leases[addr]
                 if _link_exists(self.bridge):
@@ -156,6 +154,14 @@ class Network:
                         f"--local-subnet {self.subnet} overlaps the host route {dst} on {route.get('dev')}; "
                         f"choose another subnet"
                     )
+
+
+def _forget_orphans(leases: dict[str, str], owner: str) -> None:
+    """Drop leases of other owners whose machine directory is gone (a home deleted by hand), so that they
+    neither hold addresses nor keep the bridge up after the last real machine's `rm`."""
+    for addr, who in list(leases.items()):
+        if who != owner and not Path(who).is_dir():
+            del leases[addr]
 
 
 def _link_exists(name: str) -> bool:

@@ -50,10 +50,12 @@ def machine_cli(home: Path, prefix: list[str] | None = None, **extra: str) -> It
     }
     env.pop("DOCKER_HOST", None)
     cli = CLI(env, prefix or [])
-    yield cli
-    names = cli("ls", "-q", check=False).stdout.split()
-    if names:
-        cli("rm", "-f", *names, check=False)
+    try:
+        yield cli
+    finally:  # also when the caller's block fails: a context manager throws its error in at the yield
+        names = cli("ls", "-q", check=False).stdout.split()
+        if names:
+            cli("rm", "-f", *names, check=False)
 
 
 @pytest.fixture

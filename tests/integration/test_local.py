@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BRIDGE, SUBNET, bridge_leftovers, leftovers, machine_record, ssh_masters
+from tests.integration.conftest import (
+    BRIDGE,
+    SUBNET,
+    bridge_leftovers,
+    leftovers,
+    machine_cli,
+    machine_record,
+    ssh_masters,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +95,20 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
     assert leftovers(records["m2"], local.home / "machines/m2") == []
     assert bridge_leftovers() == []
     assert local("ls", "-q").stdout.strip() == ""
+
+
+def test_a_home_gone_by_hand_does_not_keep_the_bridge_up(local, tmp_path):
+    with contextlib.contextmanager(machine_cli)(tmp_path / "other") as other:
+        other("create", "--no-provision", "elsewhere")
+        other("stop", "elsewhere")
+        local("create", "--no-provision", "here")
+        # The other home goes away (deleted, or on a filesystem not mounted now): its lease is nobody's.
+        moved = other.home.rename(tmp_path / "moved")
+        try:
+            local("rm", "-y", "here")
+            assert bridge_leftovers() == []
+        finally:
+            moved.rename(other.home)  # back, so that its machine is removed and its UID range released
 
 
 def test_host_key_mismatch_is_refused(local):
