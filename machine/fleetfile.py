@@ -19,7 +19,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -312,19 +311,13 @@ def _roles(value: Any, at: str, roles_path: tuple[Path, ...], fail: Fail) -> tup
     for role in value:
         if role in plan.ROLES:
             raise fail(at, f"role {role!r} runs on every machine already")
+    from machine.roles.loader import load_play  # loaded once per process, however many machines name them
+
     try:
-        _load_roles(tuple(value), roles_path)
+        load_play(list(value), list(roles_path))
     except RoleError as e:
         raise fail(at, str(e)) from None
     return tuple(value)
-
-
-@cache
-def _load_roles(roles: tuple[str, ...], roles_path: tuple[Path, ...]) -> None:
-    """Load (and so validate) the roles once per file, however many machines name them."""
-    from machine.roles.loader import load_play
-
-    load_play(list(roles), list(roles_path))
 
 
 def _reserved_vars() -> frozenset[str]:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -178,18 +179,20 @@ def _paths(roles_path: Path | Sequence[Path]) -> list[Path]:
 def load_play(roles: Sequence[str], roles_path: Path | Sequence[Path]) -> list[RoleRun]:
     """The roles in the order they run: each role's dependencies first, a role with the same parameters once.
 
-    A process that loads the same roles again (`create` validates them before it makes the machine, then runs
-    them) gets the same play back while no file under the roles path changed, by content; so does the next
-    process, once keep_plays() was called."""
+    A process reads the roles once: every later load in it gets the same play back (`create` validates the
+    roles before it makes the machine, then runs exactly what it validated; a fleet's machines all run one
+    play, loaded by whichever asked first). The next process gets it back from the kept plays (keep_plays())
+    while no file under the roles path changed, by content."""
     key = (tuple(roles), tuple(str(p) for p in _paths(roles_path)))
-    stamp = _stamp(_paths(roles_path))
-    cached = _PLAYS.get(key)
-    if cached is None or cached[0] != stamp:
-        kept = _kept_plays().get(key)
-        if kept is not None and kept[0] == stamp:
-            cached = _PLAYS[key] = kept
-        else:
-            cached = _PLAYS[key] = _unsaved[key] = (stamp, _load_play(roles, roles_path))
+    with _LOADING:
+        cached = _PLAYS.get(key)
+        if cached is None:
+            stamp = _stamp(_paths(roles_path))
+            kept = _kept_plays().get(key)
+            if kept is not None and kept[0] == stamp:
+                cached = _PLAYS[key] = kept
+            else:
+                cached = _PLAYS[key] = _unsaved[key] = (stamp, _load_play(roles, roles_path))
     return cached[1]
 
 
@@ -197,6 +200,7 @@ def load_play(roles: Sequence[str], roles_path: Path | Sequence[Path]) -> list[R
 _PLAYS: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, list[RoleRun]]] = {}
 _unsaved: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, list[RoleRun]]] = {}  # loaded, not yet kept
 _kept_file: Path | None = None
+_LOADING = threading.Lock()  # the machines of a fleet load their play at once: one reads, the others wait
 
 
 def keep_plays(path: Path | None) -> None:

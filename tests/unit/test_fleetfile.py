@@ -106,15 +106,15 @@ def test_a_bad_fleet_file_is_refused_naming_file_line_and_machine(tmp_path, text
 
 
 def test_roles_beside_the_file_are_found_and_checked_before_anything_runs(tmp_path):
-    tasks = tmp_path / "roles" / "site" / "tasks"
-    tasks.mkdir(parents=True)
-    (tasks / "main.yml").write_text("- name: hello\n  debug: {msg: hi}\n")
-    fleet = fleetfile.load(write(tmp_path, "machines:\n  web1:\n    roles: [site]\n"))
-    assert fleet.machines[0].roles == ("site",) and fleet.roles_path[0] == tmp_path / "roles"
-    (tasks / "main.yml").write_text("- name: hello\n  no_such_module: {}\n")
-    fleetfile._load_roles.cache_clear()
+    def site(directory: Path, tasks: str) -> Path:
+        (directory / "roles/site/tasks").mkdir(parents=True)
+        (directory / "roles/site/tasks/main.yml").write_text(tasks)
+        return write(directory, "machines:\n  web1:\n    roles: [site]\n")
+
+    fleet = fleetfile.load(site(tmp_path / "good", "- name: hello\n  debug: {msg: hi}\n"))
+    assert fleet.machines[0].roles == ("site",) and fleet.roles_path[0] == tmp_path / "good/roles"
     with pytest.raises(FleetError, match=r"fleet.yaml:3: web1: roles/site/tasks/main.yml:2: unknown module"):
-        fleetfile.load(write(tmp_path, "machines:\n  web1:\n    roles: [site]\n"))
+        fleetfile.load(site(tmp_path / "bad", "- name: hello\n  no_such_module: {}\n"))
 
 
 def test_the_cli_refuses_a_bad_file_in_one_line_and_makes_nothing(cli, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -182,3 +183,12 @@ def test_a_refused_command_keeps_nothing(roles, tmp_path):
     finally:
         loader.keep_plays(None)
         loader._unsaved.clear()
+
+
+def test_a_process_reads_the_roles_once_and_runs_what_it_validated(roles):
+    path = roles("r", tasks="- name: first\n  debug: {}\n")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # a fleet's machines, at once
+        plays = list(pool.map(lambda _: load_play(["r"], path), range(8)))
+    assert all(play is plays[0] for play in plays)
+    (path / "r/tasks/main.yml").write_text("- name: second\n  debug: {}\n")
+    assert [t.name for t in load_play(["r"], path)[0].role.tasks] == ["first"]
