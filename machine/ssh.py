@@ -470,7 +470,8 @@ class Connection:
                 shell = self._shells[launcher] = Shell(stream)
             reply = shell.run(command, stdin, timeout)
         except _transport_errors() as e:
-            self._shells.pop(launcher, None)
+            if (lost := self._shells.pop(launcher, None)) is not None:
+                lost.close()  # its process and pipes now, not when collected
             raise self._lost(e) from None
         except ShellTimeout:
             self._shells.pop(launcher).close()  # still busy with the command: a later one gets a new shell

@@ -10,7 +10,7 @@ that stream their output keep paramiko's connection (machine.ssh), opened only w
 
 The control sockets live in a directory of the user's own under the temporary directory (a socket's path is
 limited to ~100 bytes, too short for a store's path). A socket's name is a digest of everything that makes the
-login: machine, address, port, user, key and pinned host keys. A machine recreated under the same name, or at a
+login: machine, address, port, user, key file and pinned host keys. A machine recreated under the same name, or at a
 new address, never reaches the previous one's master. `rm`, `stop`, `kill` and `restart` end a machine's masters
 (`forget`).
 """
@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import select
 import shlex
 import shutil
@@ -49,7 +50,7 @@ def persist_seconds() -> int:
     raw = os.environ.get(PERSIST_ENV, "").strip()
     if not raw:
         return _DEFAULT_PERSIST
-    if not raw.isdigit():
+    if not re.fullmatch(r"[0-9]{1,9}", raw):  # what ssh's ControlPersist takes
         raise MachineError(f"{PERSIST_ENV}={raw!r}: expected a number of seconds (0 turns kept connections off)")
     return int(raw)
 
@@ -64,17 +65,29 @@ def client() -> str | None:
 
 def _control_dir() -> Path | None:
     """The user's own directory for the masters' sockets; None (and a warning) if it is not safe to use."""
-    path = Path(tempfile.gettempdir()) / f"pymachine-{os.getuid()}"
     try:
+        path = Path(tempfile.gettempdir()).resolve() / f"pymachine-{os.getuid()}"
         with contextlib.suppress(FileExistsError):
             path.mkdir(mode=0o700)
         info = path.lstat()
+        parents = [(parent, parent.stat()) for parent in path.parents]
     except OSError as e:
         return _unsafe(str(e))
-    # Whoever can open a master's socket runs commands on the machine as its user: the directory must be ours.
+    # Whoever serves a socket there sees what a command sends (a `pymachine ssh` gets the terminal): the
+    # directory must be ours, and no one else may rename or replace it (OpenSSH's own rule for its files).
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
         return _unsafe(f"{path} is not a directory only user {os.getuid()} can open")
+    for parent, parent_info in parents:
+        writable = parent_info.st_mode & 0o022 and not parent_info.st_mode & stat.S_ISVTX
+        if parent_info.st_uid not in (0, os.getuid()) or writable:
+            return _unsafe(f"{parent} can be changed by another user")
+    # A socket's path has at most 107 bytes, and ssh first binds the name with 17 more.
+    if len(os.fsencode(path)) + 1 + _NAME_LENGTH + 17 > 107:
+        return _unsafe(f"{path} is too long for a socket's path (set TMPDIR to a shorter directory)")
     return path
+
+
+_NAME_LENGTH = 33  # of a master's socket: two digests of 16, and a dash
 
 
 @functools.cache  # once per command, not once per machine of a fleet
@@ -95,18 +108,22 @@ class Master:
     """The kept connection to one machine: the arguments that reach it, and its control commands."""
 
     def __init__(self, ssh: str, endpoint: Endpoint, key_path: Path, known_hosts: Path, timeout: float) -> None:
+        # Absolute: ssh runs in / (a master outlives us, and must keep no directory of ours busy).
+        key_path, known_hosts = key_path.resolve(), known_hosts.resolve()
         pinned = known_hosts.read_bytes() if known_hosts.exists() else b""
-        login = _digest(endpoint.host, endpoint.port, endpoint.user, key_path.resolve(), pinned)[:16]
+        login = _digest(endpoint.host, endpoint.port, endpoint.user, key_path, pinned)[:16]
         directory = _control_dir() if persist_seconds() else None
         # The master's socket; None: this login keeps no connection (`argv` then logs in every time).
         self.path = directory / f"{machine_prefix(known_hosts)}-{login}" if directory else None
         self.endpoint = endpoint
         self._timeout = timeout
         self._argv = [
-            ssh, "-F", "none", "-i", str(key_path), "-p", str(endpoint.port), "-l", endpoint.user,
-            "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+            ssh, "-F", "none", "-o", f"IdentityFile={_path(key_path)}", "-p", str(endpoint.port),
+            "-l", endpoint.user, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={_path(known_hosts)}",
             "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias={endpoint.known_hosts_name}",
+            # The pins are pymachine's: ssh adds no address line to them (that would also rename the master).
+            "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no",
             "-o", f"ConnectTimeout={max(1, round(timeout))}", "-o", "LogLevel=ERROR",
             # First the key exchange paramiko makes: OpenSSH's default (post-quantum sntrup761) cost ~80 ms of
             # the client's CPU per login here, against ~10.
@@ -115,7 +132,7 @@ class Master:
             "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
         ]
         if self.path:
-            self._argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.path}",
+            self._argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={_path(self.path)}",
                            "-o", f"ControlPersist={persist_seconds()}"]
 
     def argv(self, *command: str, terminal: bool | None = False) -> list[str]:
@@ -171,16 +188,25 @@ class Master:
     def signal_groups(self, groups: list[int]) -> None:
         """Terminate these process groups on the machine (the kept shells' sessions, after Ctrl-C)."""
         # Not `kill -TERM -- -G`: dash's kill takes no `--` (and without it, a group after the signal is fine).
+        if not self.listening():
+            return  # the master is gone: a login now would start another
         kill = "kill -TERM " + " ".join(f"-{group}" for group in groups) + " 2>/dev/null; true"
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(self.argv(kill), stdin=subprocess.DEVNULL, capture_output=True, timeout=_CONTROL_TIMEOUT)
+
+
+def _path(path: Path) -> str:
+    """`path` as the value of an ssh option: quoted (a known_hosts option takes a list), `%` not a token."""
+    if '"' in str(path):
+        raise MachineError(f"{path}: ssh cannot be given a path with a double quote")
+    return '"' + str(path).replace("%", "%%") + '"'
 
 
 def _control(ssh: str, path: Path, verb: str) -> bool:
     """`ssh -O VERB` to the master listening on `path` (the socket names the connection: the host is only a
     placeholder ssh requires, and must be a valid name)."""
     try:
-        return subprocess.run([ssh, "-F", "none", "-o", f"ControlPath={path}", "-O", verb, "pymachine"],
+        return subprocess.run([ssh, "-F", "none", "-o", f"ControlPath={_path(path)}", "-O", verb, "pymachine"],
                               stdin=subprocess.DEVNULL, capture_output=True, timeout=_CONTROL_TIMEOUT).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False

@@ -27,7 +27,7 @@ def ssh(store: Store, name: str, command: list[str]) -> int:
     if client:
         # Through the machine's kept connection (machine.sshmux): a loop of `pymachine ssh` logs in once.
         argv = sshmux.Master(client, endpoint, machine.key_path, machine.known_hosts_path, 10).argv(terminal=None)
-        return subprocess.call([*argv, *command])
+        return subprocess.call([*argv, *command], cwd="/")  # a master it starts must keep no directory busy
     if not command:
         raise MachineError("an interactive shell needs the ssh client (Debian: apt-get install openssh-client)")
     with connect(machine, driver, timeout=10) as conn:

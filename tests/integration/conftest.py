@@ -199,9 +199,18 @@ def leftovers(record: dict, machine_dir: Path) -> list[str]:
     if record.get("driver") == "local":  # the marks that keep a shared base or engine layer from a prune
         for shared in filter(None, (record["resources"].get("base"), record["resources"].get("engine_layer"))):
             users = Path(shared).parent / "users"
-            if users.is_dir() and any(u.read_text().strip() == str(machine_dir) for u in users.iterdir()):
+            if users.is_dir() and any(_names(u, machine_dir) for u in users.iterdir()):
                 found.append(f"mark in {users}")
     return found
+
+
+def _names(mark: Path, machine_dir: Path) -> bool:
+    """Whether `mark` names `machine_dir`; read without the marks' lock, so another worker's mark may be a
+    temporary file renamed meanwhile."""
+    try:
+        return mark.read_text().strip() == str(machine_dir)
+    except FileNotFoundError:
+        return False
 
 
 def bridge_leftovers() -> list[str]:

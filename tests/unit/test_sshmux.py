@@ -35,9 +35,10 @@ def test_the_setting_is_seconds_and_zero_turns_it_off(monkeypatch):
     assert sshmux.persist_seconds() == 600
     monkeypatch.setenv(sshmux.PERSIST_ENV, "0")
     assert sshmux.persist_seconds() == 0 and sshmux.client() is None
-    monkeypatch.setenv(sshmux.PERSIST_ENV, "1m")
-    with pytest.raises(MachineError, match=r"PYMACHINE_SSH_PERSIST='1m': expected a number of seconds"):
-        sshmux.client()
+    for bad in ("1m", "\u00b2", "9999999999"):  # a superscript two is a digit to str.isdigit; ssh refuses 10 digits
+        monkeypatch.setenv(sshmux.PERSIST_ENV, bad)
+        with pytest.raises(MachineError, match=rf"PYMACHINE_SSH_PERSIST='{bad}': expected a number of seconds"):
+            sshmux.client()
 
 
 def master(tmp_path: Path, host: str = "10.0.0.5", pin: str = "10.0.0.5 ssh-ed25519 AAAA\n",
@@ -61,7 +62,20 @@ def test_a_master_per_login_named_after_its_machine(own_tmp):
     assert first.path not in others and len(others) == 3
     argv = first.argv("uptime")
     assert argv[-3:] == ["10.0.0.5", "--", "uptime"] and "-T" in argv
-    assert f"ControlPath={first.path}" in argv and "StrictHostKeyChecking=yes" in argv
+    assert f'ControlPath="{first.path}"' in argv and "StrictHostKeyChecking=yes" in argv
+
+
+@pytest.mark.skipif(not shutil.which("ssh"), reason="needs the OpenSSH client")
+def test_paths_reach_ssh_whole_whatever_their_characters(own_tmp):
+    odd = own_tmp / "a home" / "100%"
+    odd.mkdir(parents=True)
+    mux = master(odd)
+    settings = subprocess.run(["ssh", "-G", *mux.argv()[1:]], capture_output=True, text=True, check=True).stdout
+    values = dict(line.split(" ", 1) for line in settings.splitlines())
+    assert values["userknownhostsfile"] == str(odd / "m1/known_hosts")
+    # `ssh -G` shows IdentityFile before its %-tokens are expanded, as it is when the key is loaded.
+    assert values["identityfile"] == str(odd / "m1/id_ed25519").replace("%", "%%")
+    assert values["controlpath"] == str(mux.path) and values["checkhostip"] == "no"
 
 
 def test_no_control_directory_anyone_else_can_open(own_tmp, caplog, monkeypatch):
@@ -79,6 +93,20 @@ def test_no_control_directory_anyone_else_can_open(own_tmp, caplog, monkeypatch)
     assert sshmux.client() is None
     shared.unlink()
     assert sshmux.client() is not None  # made anew, mode 0700
+
+    # A directory above it that another user could rename or fill: they could serve a socket of their own there.
+    scratch = own_tmp / "scratch"
+    scratch.mkdir()
+    scratch.chmod(0o777)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert sshmux.client() is None and f"{scratch} can be changed by another user" in caplog.text
+    scratch.chmod(0o1777)  # sticky, as /tmp: only the owner renames what is in it
+    assert sshmux.client() is not None
+    # Too long for a socket's path: ssh would fail each time, after a login.
+    deep = own_tmp / ("d" * 60)
+    deep.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    assert sshmux.client() is None and "too long for a socket's path" in caplog.text
 
 
 def test_forget_removes_a_dead_masters_socket(own_tmp):
