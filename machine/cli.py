@@ -496,34 +496,7 @@ def scp(recursive: bool, source: str, destination: str) -> None:
 @_parallel_option
 def apply(file: Path, prune: bool, recreate: bool, dry_run: bool, parallel: int | None) -> None:
     """Make and provision the machines a fleet file names; re-provision those that drifted (docs/fleet.md)."""
-    store = _store()
-    plan = commands.apply.plan(store, commands.apply.load_fleet(file), prune=prune, recreate=recreate,
-                               parallel=parallel)
-    for step in plan.steps:
-        click.echo(f"  {step.action:<16} {step.name}" + (f"  ({step.reason})" if step.reason else ""))
-    if not plan.changes:
-        count = len(plan.fleet.machines)
-        click.echo(f"{count} machine{'s' * (count != 1)} unchanged")
-        return
-    commands.apply.check(plan)
-    if dry_run:
-        return
-
-    def show(outcome: commands.apply.Outcome) -> None:
-        step = outcome.step
-        if outcome.error:
-            ui.err(f"error: {step.name}: {step.action} failed: {failure.describe(outcome.error)}")
-        else:
-            ui.out(f"done {step.action} {step.name}" + (f": {outcome.detail}\n" if outcome.detail else "\n"))
-
-    outcomes = commands.apply.execute(store, plan, show, parallel)
-    failed = sum(1 for o in outcomes if o.error)
-    counts = Counter(commands.apply.DONE[o.step.action] for o in outcomes if not o.error)
-    unchanged = sum(1 for s in plan.steps if s.action == commands.apply.UNCHANGED)
-    summary = [f"{n} {done}" for done, n in counts.items()] + [f"{unchanged} unchanged"] * bool(unchanged)
-    click.echo(", ".join(summary + [f"{failed} failed"] * bool(failed)) or "nothing done")
-    if failed:
-        raise SystemExit(1)
+    entry.apply(file, prune=prune, recreate=recreate, dry_run=dry_run, parallel=parallel)
 
 
 @cli.group(context_settings=_CONTEXT)

@@ -86,3 +86,17 @@ def test_provision_of_one_machine_skips_the_full_command_line(home: Path):
     assert quick[0] == full[0] == 1
     assert quick[3] == full[3] == ("pymachine: error: machine 'web1' is not running "
                                    "(start it with `pymachine start web1`)")
+
+
+def test_apply_of_a_fleet_file_skips_the_full_command_line(home: Path, tmp_path: Path):
+    """`pymachine apply FLEET.yaml`, a CI job's or a loop's fleet check: no click, the same answers."""
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("name: f\nmachines:\n  web1: {driver: local}\n  web2: {driver: nosuch}\n")
+    quick = run(home, "apply", str(fleet))
+    full = run(home, "apply", "--", str(fleet))
+    assert not {"click", "machine.cli"} & set(quick[2]) and "click" in full[2]
+    assert quick[0] == full[0] == 2 and quick[1] == full[1] == ""
+    assert quick[3] == full[3] and quick[3].startswith(f"pymachine: error: {fleet}:4: web2: ")
+    # The argument is a file, not a machine name: a path with a slash is not refused as one would be.
+    assert run(home, "apply", str(tmp_path / "missing.yaml"))[3] == \
+        f"pymachine: error: {tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
