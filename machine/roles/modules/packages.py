@@ -112,11 +112,11 @@ class Apt(_Packages):
         query = f"dpkg-query -W -f={q(self._FORMAT)} {bases} 2>/dev/null" if names else "true"
         # The journal rides along in the probe: no round trip of its own.
         out = self.sh(
-            f"date +%s; stat -c %Y {self._STAMP} 2>/dev/null || stat -c %Y /var/lib/apt/lists 2>/dev/null || echo 0; "
-            f"for f in {_DPKG_JOURNAL}/[0-9]*; do [ -e \"$f\" ] && echo interrupted || echo; break; done; "
+            f"date +%s; for f in {_DPKG_JOURNAL}/[0-9]*; do [ -e \"$f\" ] && echo interrupted || echo; break; done; "
+            f"stat -c %Y {self._STAMP} /var/lib/apt/lists 2>/dev/null; echo 0; "  # one stat: the first that exists
             f"echo {_MARK}; {query}; echo {_MARK}; {latest}; true", what="probe").stdout
         head, dpkg, policy = out.split(_MARK + "\n")
-        now, stamp, journal = head.split("\n")[:3]
+        now, journal, stamp = head.split("\n")[:3]
         self.repair = journal == "interrupted"
         installed = {}
         for line in dpkg.splitlines():

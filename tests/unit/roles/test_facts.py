@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import subprocess
 
 import pytest
 
@@ -53,7 +54,7 @@ PRETTY_NAME="Red Hat Enterprise Linux 9.4 (Plow)"
 
 
 def output(os_release: str, *, debian_version: str = "", redhat_release: str = "", pkg: str = "apt-get",
-           virt: str = "systemd-nspawn", cgroup: str = "cgroup2fs") -> str:
+           virt: str = "systemd-nspawn", cgroup: str = "cgroup2fs", route: str = "host0 011EE70A 0") -> str:
     return "\n".join([
         "@@os_release", os_release.rstrip("\n"),
         "@@debian_version", debian_version,
@@ -66,7 +67,7 @@ def output(os_release: str, *, debian_version: str = "", redhat_release: str = "
         "@@vcpus", "4",
         "@@virt", virt,
         "@@cgroup", cgroup,
-        "@@route", "default via 10.231.30.1 dev host0 proto static",
+        "@@route", route,
         "@@addr", "2: host0    inet 10.231.30.5/24 brd 10.231.30.255 scope global host0\\       valid_lft forever",
         "mac 02:42:0a:e7:1e:05",
         "@@user", "root",
@@ -105,6 +106,9 @@ def test_machine_facts():
                                      "prefix": "24", "netmask": "255.255.255.0", "network": "10.231.30.0",
                                      "macaddress": "02:42:0a:e7:1e:05"}
     assert parse_facts(output(DEBIAN_12, virt="none"))["virtualization_type"] == ""
+    # A default route without a gateway (a point-to-point link), and none at all.
+    assert "gateway" not in parse_facts(output(DEBIAN_12, route="wg0 00000000 0"))["default_ipv4"]
+    assert parse_facts(output(DEBIAN_12, route=""))["default_ipv4"].get("interface") is None
     assert parse_facts(output(DEBIAN_12))["pymachine_cgroup_version"] == 2
 
 
@@ -124,4 +128,9 @@ def test_script_runs_in_a_real_shell(shell):
     # Counted and read without grep: the same answers as this process gets.
     assert facts["processor_vcpus"] == os.cpu_count()
     assert facts["memtotal_mb"] == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
-    assert facts["user_id"] == pwd.getpwuid(os.geteuid()).pw_name
+    assert facts["user_id"] == (os.environ.get("LOGNAME") or os.environ.get("USER") or
+                                pwd.getpwuid(os.geteuid()).pw_name)
+    # Read from /proc/net/route: the interface and gateway `ip` names for the first default route.
+    routes = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True, text=True).stdout.split()
+    want = {k: routes[routes.index(w) + 1] for k, w in (("interface", "dev"), ("gateway", "via")) if w in routes}
+    assert {k: facts["default_ipv4"][k] for k in ("interface", "gateway") if k in facts["default_ipv4"]} == want
