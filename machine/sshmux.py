@@ -3,8 +3,9 @@
 A login costs the machine ~25 ms of CPU (sshd's re-exec, its privilege-separated children, the key exchange;
 measured: a no-op run's ~82 ms became ~59) and the client several round trips and paramiko's import; a session
 on a connection already open costs none of it. So the shells provisioning keeps
-running (machine.sshshell) run in `ssh` processes that share one master connection per machine, and the master
-stays `PYMACHINE_SSH_PERSIST` seconds (600 by default) after its last session ends.
+running (machine.sshshell) run as sessions of one OpenSSH master connection per machine, asked for over its
+control socket (machine.muxclient), and the master stays `PYMACHINE_SSH_PERSIST` seconds (600 by default) after
+its last session ends.
 The next command then logs in no more. `pymachine ssh` shares the same master. File transfers and the commands
 that stream their output keep paramiko's connection (machine.ssh), opened only when one is needed.
 
@@ -23,7 +24,6 @@ import hashlib
 import logging
 import os
 import re
-import select
 import shlex
 import shutil
 import socket
@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from machine import muxclient
 from machine.endpoint import Endpoint
 from machine.errors import MachineError
 
@@ -42,7 +43,7 @@ PERSIST_ENV = "PYMACHINE_SSH_PERSIST"
 # Nagle's algorithm on, and the key exchange waits out a delayed ACK), so a user's commands minutes apart
 # should find one running.
 _DEFAULT_PERSIST = 600
-_CONTROL_TIMEOUT = 5.0  # `ssh -O check|exit` only talks to the local master
+_CONTROL_TIMEOUT = 5.0  # a request to a master only talks to the local process
 
 
 def persist_seconds() -> int:
@@ -88,6 +89,10 @@ def _control_dir() -> Path | None:
 
 
 _NAME_LENGTH = 33  # of a master's socket: two digests of 16, and a dash
+# OpenSSH's own default order without the post-quantum and SHA-1 exchanges, every name known since OpenSSH 7.4.
+_KEX = ("curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,ecdh-sha2-nistp384,ecdh-sha2-nistp521,"
+        "diffie-hellman-group-exchange-sha256,diffie-hellman-group16-sha512,diffie-hellman-group18-sha512,"
+        "diffie-hellman-group14-sha256")
 
 
 @functools.cache  # once per command, not once per machine of a fleet
@@ -126,8 +131,9 @@ class Master:
             "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no",
             "-o", f"ConnectTimeout={max(1, round(timeout))}", "-o", "LogLevel=ERROR",
             # First the key exchange paramiko makes: OpenSSH's default (post-quantum sntrup761) cost ~80 ms of
-            # the client's CPU per login here, against ~10.
-            "-o", "KexAlgorithms=^curve25519-sha256",
+            # the client's CPU per login here, against ~10. A whole list, not `^curve25519-sha256`: clients
+            # before OpenSSH 8 refuse that syntax (and would lose kept connections and `pymachine ssh`).
+            "-o", f"KexAlgorithms={_KEX}",
             # As paramiko's keepalives: a host that vanished without closing the connection ends the master.
             "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
         ]
@@ -172,18 +178,16 @@ class Master:
 
     def answers(self) -> bool:
         """True if the master answers a request (a master that lost its connection may still listen a moment)."""
-        return self.path is not None and _control(self._argv[0], self.path, "check")
+        return self.path is not None and muxclient.alive(self.path, _CONTROL_TIMEOUT)
 
-    def start(self, command: str) -> ProcessStream:
-        """`command` running on the machine, its stdin, stdout and stderr ours (machine.sshshell's stream)."""
-        # Its own session: Ctrl-C reaches pymachine, which ends the remote command itself (machine.ssh), and not
-        # the ssh process halfway through a request. `echo $$` first: the remote session's process group (in
-        # `sh`: the login shell may be any, fish has no `$$`).
+    def start(self, command: str) -> muxclient.Session:
+        """`command` running on the machine over the master, its stdin, stdout and stderr ours (machine.sshshell's
+        stream); OSError if the master is gone or refuses."""
+        assert self.path is not None, "start() needs a kept connection"
+        # `echo $$` first: the remote session's process group, for Ctrl-C (in `sh`: the login shell may be any,
+        # fish has no `$$`).
         remote = f"exec sh -c {shlex.quote(f'echo $$; exec {command}')}"
-        process = subprocess.Popen(self.argv(remote), stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                   cwd="/")  # a master outlives us: it must keep no directory of ours busy
-        return ProcessStream(process, self)
+        return muxclient.Session(self.path, remote, self._timeout, self.answers)
 
     def signal_groups(self, groups: list[int]) -> None:
         """Terminate these process groups on the machine (the kept shells' sessions, after Ctrl-C)."""
@@ -202,102 +206,14 @@ def _path(path: Path) -> str:
     return '"' + str(path).replace("%", "%%") + '"'
 
 
-def _control(ssh: str, path: Path, verb: str) -> bool:
-    """`ssh -O VERB` to the master listening on `path` (the socket names the connection: the host is only a
-    placeholder ssh requires, and must be a valid name)."""
-    try:
-        return subprocess.run([ssh, "-F", "none", "-o", f"ControlPath={_path(path)}", "-O", verb, "pymachine"],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=_CONTROL_TIMEOUT).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def forget(known_hosts: Path) -> None:
     """End every master of the machine whose known_hosts file this is (it was removed, stopped or restarted)."""
-    ssh, directory = shutil.which("ssh"), _control_dir()
+    directory = _control_dir()
     try:
         sockets = [p for p in directory.glob(f"{machine_prefix(known_hosts)}-*") if p.is_socket()] if directory else []
     except OSError:
         return
     for path in sockets:
-        if ssh:
-            _control(ssh, path, "exit")
+        muxclient.terminate(path, _CONTROL_TIMEOUT)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a master that died without removing it
-
-
-class ProcessStream:
-    """An `ssh` process as machine.sshshell's stream: send, read what arrived, wait, exit status, close."""
-
-    def __init__(self, process: subprocess.Popen[bytes], master: Master) -> None:
-        assert process.stdin and process.stdout and process.stderr
-        self.process = process
-        self._master = master
-        self._stdin, self._stdout, self._stderr = process.stdin, process.stdout.fileno(), process.stderr.fileno()
-        self._open = {self._stdout, self._stderr}  # the pipes not at their end yet
-        for fd in self._open:
-            os.set_blocking(fd, False)
-        self.group: int | None = None  # the remote session's process group, once its first line arrived
-        self._head = b""
-
-    def send(self, data: bytes) -> None:
-        self._stdin.write(data)
-        self._stdin.flush()
-
-    def _drain(self, fd: int) -> bytes:
-        got = bytearray()
-        while fd in self._open:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            if not data:
-                self._open.discard(fd)
-            got += data
-        return bytes(got)
-
-    def read(self) -> tuple[bytes, bytes]:
-        out, err = self._drain(self._stdout), self._drain(self._stderr)
-        if self.group is None and out:
-            line, newline, out = (self._head + out).partition(b"\n")
-            if not newline:
-                self._head = line
-                return b"", err
-            self.group = int(line) if line.isdigit() else 0  # 0: unknown (something printed before it)
-        return out, err
-
-    def wait(self, timeout: float) -> None:
-        if self._open:
-            select.select(list(self._open), [], [], timeout)
-        else:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-
-    def exit_status(self) -> int | None:
-        """The ssh process's status once it ended and all it wrote was read; None until then."""
-        return None if self._open else self.process.poll()
-
-    def ended(self) -> bool:
-        # A broken pipe means the process closed its stdin: it is ending.
-        try:
-            self.process.wait(_CONTROL_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
-
-    def lost(self) -> bool:
-        # ssh's own failures exit 255 (as does a remote shell killed by a signal, while the master lives on).
-        return self.process.returncode == 255 and not self._master.answers()
-
-    def lost_reason(self, stderr: bytes) -> str:
-        lines = stderr.decode(errors="replace").strip().splitlines()
-        return f"ssh: {lines[-1]}" if lines else ""
-
-    def close(self) -> None:
-        # The master then closes the session, and the remote shell reads EOF and exits. Not an EOF sent to the
-        # shell first and its exit awaited: that took ~50 ms here.
-        self.process.terminate()
-        self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
-            with contextlib.suppress(OSError):  # stdin: what was left unsent goes nowhere
-                pipe.close()  # type: ignore[union-attr]

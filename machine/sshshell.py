@@ -7,8 +7,8 @@ costs one exchange of data and the command's own processes. Every command still 
 (its stdin redirected, never the shell's), so commands share no state but what sudo set up once: environment,
 working directory and umask, the same for each as with one sudo per command.
 
-The shell runs on a Stream: a paramiko channel (ChannelStream, below) or an `ssh` process on a connection kept
-between commands (machine.sshmux.ProcessStream).
+The shell runs on a Stream: a paramiko channel (ChannelStream, below) or a session of a connection kept between
+commands (machine.muxclient.Session).
 
 The protocol: the client writes `( COMMAND\n) <REDIRECT` (a subshell: the command changes nothing of the shell)
 and a line printing a marker with `$?` on stdout and the marker on stderr. The marker is random per shell, so
@@ -41,7 +41,7 @@ class ShellTimeout(Exception):
 
 
 class Stream(Protocol):
-    """Where a shell runs: a paramiko channel (ChannelStream) or an `ssh` process (machine.sshmux)."""
+    """Where a shell runs: a paramiko channel (ChannelStream) or a kept connection's session (machine.muxclient)."""
 
     def send(self, data: bytes) -> None: ...
     def read(self) -> tuple[bytes, bytes]: ...  # stdout and stderr that arrived, without waiting

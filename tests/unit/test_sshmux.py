@@ -1,5 +1,5 @@
-"""machine.sshmux without a server: the setting, the control directory, one master per login, and the kept
-shell's protocol over a process's pipes (a local `sh` stands in for `ssh`). Kept connections to a real sshd are
+"""machine.sshmux without a server: the setting, the control directory, one master per login (the protocol
+spoken to a master: tests/unit/test_muxclient.py). Kept connections to a real sshd are
 tested in tests/integration/test_provision_faults.py (one login for many commands, Ctrl-C, a killed connection)
 and by `leftovers()` after every `rm` of the integration suite."""
 
@@ -18,7 +18,6 @@ import pytest
 from machine import sshmux
 from machine.endpoint import Endpoint
 from machine.errors import MachineError
-from machine.sshshell import Reply, Shell
 
 
 @pytest.fixture(autouse=True)
@@ -76,6 +75,8 @@ def test_paths_reach_ssh_whole_whatever_their_characters(own_tmp):
     # `ssh -G` shows IdentityFile before its %-tokens are expanded, as it is when the key is loaded.
     assert values["identityfile"] == str(odd / "m1/id_ed25519").replace("%", "%%")
     assert values["controlpath"] == str(mux.path) and values["checkhostip"] == "no"
+    # A whole list (older clients refuse `^`), paramiko's exchange first.
+    assert values["kexalgorithms"].split(",")[0] == "curve25519-sha256"
 
 
 def test_no_control_directory_anyone_else_can_open(own_tmp, caplog, monkeypatch):
@@ -119,30 +120,3 @@ def test_forget_removes_a_dead_masters_socket(own_tmp):
     assert not master(own_tmp).listening()
     sshmux.forget(own_tmp / "m1" / "known_hosts")
     assert not stale.exists() and other.exists()
-
-
-def shell_over_pipes(launcher: str) -> tuple[Shell, sshmux.ProcessStream]:
-    process = subprocess.Popen(["sh", "-c", f"echo $$; exec {launcher}"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    stream = sshmux.ProcessStream(process, master=None)  # type: ignore[arg-type]  # lost() is never asked here
-    return Shell(stream), stream
-
-
-def test_the_kept_shell_over_a_process(own_tmp):
-    shell, stream = shell_over_pipes("sh")
-    try:
-        assert shell.run("echo out; echo err >&2; exit 3", None, 5) == Reply(3, b"out\n", b"err\n")
-        assert stream.group == stream.process.pid  # the session's process group, for Ctrl-C
-        binary = bytes(range(256)) * 64  # more than a pipe's buffer holds at once
-        assert shell.run("od -An -c | wc -l", binary, 5).stdout.strip() == str(len(binary) // 16).encode()
-        assert shell.run("cat", b"text\n", 5).stdout == b"text\n"
-    finally:
-        shell.close()
-    assert stream.process.poll() is not None
-
-
-def test_a_launcher_that_fails_is_the_commands_result(own_tmp):
-    shell, _ = shell_over_pipes("sh -c 'echo refused >&2; exit 7'")
-    reply = shell.run("echo never", None, 5)
-    assert reply == Reply(7, b"", b"refused\n", ended=True)
-    shell.close()
