@@ -14,6 +14,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _VERSION = 4
@@ -109,18 +110,18 @@ class Control:
 
 def alive(path: Path, timeout: float) -> bool:
     """True if a master answers on `path` (one that lost its connection may still accept a moment)."""
-    try:
-        with contextlib.closing(Control(path, timeout)) as control:
-            return control.request(_ALIVE_CHECK)[0] == _ALIVE
-    except (OSError, struct.error):
-        return False
+    return _answered(path, _ALIVE_CHECK, _ALIVE, timeout)
 
 
 def terminate(path: Path, timeout: float) -> bool:
     """Ask the master on `path` to end now, with its sessions; False if none answered."""
+    return _answered(path, _TERMINATE, _OK, timeout)
+
+
+def _answered(path: Path, request: int, reply: int, timeout: float) -> bool:
     try:
         with contextlib.closing(Control(path, timeout)) as control:
-            return control.request(_TERMINATE)[0] == _OK
+            return control.request(request)[0] == reply
     except (OSError, struct.error):
         return False
 
@@ -131,7 +132,7 @@ class Session:
     Ends with the master's exit message, or without one (255, as ssh exits) when the master closed the control
     connection first: the connection failed, or the remote command was killed by a signal."""
 
-    def __init__(self, path: Path, command: str, timeout: float, answers) -> None:
+    def __init__(self, path: Path, command: str, timeout: float, answers: Callable[[], bool]) -> None:
         self._answers = answers  # () -> bool: the master still answers (lost() tells the two endings apart)
         self.group: int | None = None  # the remote session's process group, once its first line arrived
         self._head = b""
