@@ -489,7 +489,7 @@ def scp(recursive: bool, source: str, destination: str) -> None:
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("file", type=click.Path(path_type=Path))  # read by load_fleet, which names what is wrong
 @click.option("--prune", is_flag=True, help="Remove the machines this file made that it no longer names.")
 @click.option("--recreate", is_flag=True, help="Remove and re-create machines whose driver options changed.")
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")

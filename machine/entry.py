@@ -50,6 +50,7 @@ def apply(file: Path, prune: bool = False, recreate: bool = False, dry_run: bool
                                parallel=parallel)
     for step in plan.steps:
         print(f"  {step.action:<16} {step.name}" + (f"  ({step.reason})" if step.reason else ""))
+    sys.stdout.flush()  # the plan before any error about it, in a log that takes both streams
     if not plan.changes:
         count = len(plan.fleet.machines)
         print(f"{count} machine{'s' * (count != 1)} unchanged")

@@ -34,6 +34,13 @@ def _string(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
+def _u32(data: bytes, at: int = 0) -> int:
+    """The uint32 at `at` of a message from the master; MuxError if the message is too short for it."""
+    if len(data) < at + 4:
+        raise MuxError("the master sent a message too short for its kind")
+    return struct.unpack(">I", data[at:at + 4])[0]
+
+
 class Control:
     """One connection to a master's control socket, after the hello exchange."""
 
@@ -46,7 +53,7 @@ class Control:
             self.sock.connect(str(path))
             self.send(struct.pack(">II", _HELLO, _VERSION))
             kind, body = self.receive()
-            if kind != _HELLO or struct.unpack(">I", body[:4])[0] != _VERSION:
+            if kind != _HELLO or _u32(body) != _VERSION:
                 raise MuxError(f"{path}: not a master of mux protocol version {_VERSION}")
         except BaseException:
             self.sock.close()
@@ -80,12 +87,12 @@ class Control:
     def _take(self) -> tuple[int, bytes] | None:
         if len(self._buffer) < 8:
             return None
-        (length,) = struct.unpack(">I", self._buffer[:4])
+        length = _u32(self._buffer)
         if not 4 <= length <= _MAX_MESSAGE:
             raise MuxError(f"the master sent a message of {length} bytes")
         if len(self._buffer) < 4 + length:
             return None
-        kind, body = struct.unpack(">I", self._buffer[4:8])[0], self._buffer[8:4 + length]
+        kind, body = _u32(self._buffer, 4), self._buffer[8:4 + length]
         self._buffer = self._buffer[4 + length:]
         return kind, body
 
@@ -98,9 +105,8 @@ class Control:
             socket.send_fds(self.sock, [b"\0"], [fd])
         kind, answer = self.receive()
         if kind in (_PERMISSION_DENIED, _FAILURE):
-            (length,) = struct.unpack(">I", answer[4:8])
-            raise MuxError(f"the master refused: {answer[8:8 + length].decode(errors='replace')}")
-        if struct.unpack(">I", answer[:4])[0] != self._request:
+            raise MuxError(f"the master refused: {answer[8:8 + _u32(answer, 4)].decode(errors='replace')}")
+        if _u32(answer) != self._request:
             raise MuxError("the master answered another request")
         return kind, answer[4:]
 
@@ -114,7 +120,8 @@ def alive(path: Path, timeout: float) -> bool:
 
 
 def terminate(path: Path, timeout: float) -> bool:
-    """Ask the master on `path` to end now, with its sessions; False if none answered."""
+    """Ask the master on `path` to end now, with its sessions; True if it acknowledged (OpenSSH's often ends
+    before its acknowledgement leaves: only a master that was never there is sure to give False)."""
     return _answered(path, _TERMINATE, _OK, timeout)
 
 
@@ -122,7 +129,7 @@ def _answered(path: Path, request: int, reply: int, timeout: float) -> bool:
     try:
         with contextlib.closing(Control(path, timeout)) as control:
             return control.request(request)[0] == reply
-    except (OSError, struct.error):
+    except OSError:
         return False
 
 
@@ -138,36 +145,35 @@ class Session:
         self._head = b""
         self._status: int | None = None
         self._closed = False  # the control connection ended
-        ours, theirs = [], []
-        try:
+        control: Control | None = None
+        ours: list[int] = []
+        theirs: list[int] = []
+        try:  # whatever fails or is interrupted (Ctrl-C) on the way leaves no descriptor open
             for _ in range(3):
                 read, write = os.pipe()
                 ours.append(read)
                 theirs.append(write)
             ours[0], theirs[0] = theirs[0], ours[0]  # stdin: we write, the master reads
-            self._control = Control(path, timeout)
+            control = Control(path, timeout)
             flags = struct.pack(">IIIII", 0, 0, 0, 0, _NO_ESCAPE)  # no tty, X11, agent, subsystem nor escape
-            try:
-                kind, _ = self._control.request(_NEW_SESSION, _string(b"") + flags + _string(b"")
-                                                + _string(command.encode()), fds=theirs)
-            except BaseException:
-                self._control.close()
-                raise
+            kind, _ = control.request(_NEW_SESSION, _string(b"") + flags + _string(b"") + _string(command.encode()),
+                                      fds=theirs)
             if kind != _SESSION_OPENED:
-                self._control.close()
                 raise MuxError(f"the master answered a session request with message {kind:#x}")
+            while theirs:
+                os.close(theirs.pop())  # the master holds its copies now
+            for fd in ours[1:]:
+                os.set_blocking(fd, False)
+            control.sock.setblocking(False)  # from now on only read when select() says so
         except BaseException:
-            for fd in ours:
+            if control is not None:
+                control.close()
+            for fd in ours + theirs:
                 os.close(fd)
             raise
-        finally:
-            for fd in theirs:
-                os.close(fd)  # the master holds its copies now
+        self._control = control
         self._stdin, self._stdout, self._stderr = ours
         self._open = {self._stdout, self._stderr}  # the pipes not at their end yet
-        for fd in self._open:
-            os.set_blocking(fd, False)
-        self._control.sock.setblocking(False)  # from now on only read when select() says so
 
     # -- machine.sshshell's Stream --------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -198,18 +204,17 @@ class Session:
         return out, err
 
     def _poll(self) -> None:
-        """Take what the master sent on the control connection: the exit message, or the connection's end."""
+        """Take what the master sent on the control connection: the exit message, or the connection's end (a
+        message that makes no sense ends it too)."""
         while not self._closed:
             try:
                 message = self._control.arrived()
+                if message is None:
+                    return
+                if message[0] == _EXIT_MESSAGE:
+                    self._status = _u32(message[1], 4)
             except OSError:
                 self._closed = True
-                return
-            if message is None:
-                return
-            kind, body = message
-            if kind == _EXIT_MESSAGE and len(body) >= 8:
-                self._status = struct.unpack(">I", body[4:8])[0]
 
     def wait(self, timeout: float) -> None:
         watched = [*self._open] or ([self._control.sock] if not self._closed and self._status is None else [])

@@ -10,8 +10,9 @@ from typing import Any
 # Files are read with shell builtins (`r`; not sysctl's numbers, which dash's byte-wise `read` cannot read past
 # their first byte), CPUs are counted by a glob, the default route is read from /proc/net/route, the user is the
 # one the environment names (as Ansible's getpass.getuser()), and only what has no file runs a program (`ip`
-# for the address): each process costs ~1 ms on a small host, and every provisioning run (every machine of a
-# fleet at once) starts with this script. A container says what it is in /run/systemd/container, which
+# for the address; `uname -m`, which /proc/sys/kernel/arch is not under a 32-bit personality, as in an i386
+# LXC container): each process costs ~1 ms on a small host, and every provisioning run (every machine of a fleet
+# at once) starts with this script. A container says what it is in /run/systemd/container, which
 # systemd-detect-virt reads too.
 FACTS_SCRIPT = r"""
 s() { echo "@@$1"; }
@@ -19,7 +20,7 @@ r() { while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done < "$1"; }
 s os_release; r /etc/os-release || r /usr/lib/os-release
 s debian_version; r /etc/debian_version
 s redhat_release; r /etc/redhat-release
-s uname; r /proc/sys/kernel/arch || uname -m; r /proc/sys/kernel/osrelease || uname -r
+s uname; uname -m; r /proc/sys/kernel/osrelease || uname -r
 s hostname; r /proc/sys/kernel/hostname || uname -n
 s service_mgr; if [ -d /run/systemd/system ]; then echo systemd; else r /proc/1/comm; fi
 s pkg_mgr
@@ -134,20 +135,27 @@ def parse_facts(output: str) -> dict[str, Any]:
     facts["user_id"] = first("user")
     cgroup = first("cgroup")
     facts["pymachine_cgroup_version"] = 2 if cgroup == "cgroup2fs" else 1
-    facts["default_ipv4"] = _default_ipv4(first("route"), sec.get("addr", []))
+    facts["default_ipv4"] = _default_ipv4(first("route"), sec.get("addr", []),
+                                          big_endian=facts["architecture"] in _BIG_ENDIAN)
     return facts
 
 
-def _default_ipv4(route: str, addr_lines: list[str]) -> dict[str, Any]:
-    """Ansible's default_ipv4 from the first default route (/proc/net/route: interface, gateway in the kernel's
-    little-endian hex, metric) and `ip -o addr` of its interface."""
+# `uname -m` of the targets whose /proc/net/route prints addresses most significant byte first.
+_BIG_ENDIAN = frozenset({"s390", "s390x", "ppc", "ppc64", "sparc", "sparc64", "mips", "mips64", "armeb",
+                         "aarch64_be", "m68k", "parisc", "parisc64"})
+
+
+def _default_ipv4(route: str, addr_lines: list[str], big_endian: bool = False) -> dict[str, Any]:
+    """Ansible's default_ipv4 from the first default route (/proc/net/route: interface, gateway in hex in the
+    machine's byte order, metric) and `ip -o addr` of its interface."""
     info: dict[str, Any] = {}
     fields = route.split()
     if fields:
         info["interface"] = fields[0]
         gateway = fields[1] if len(fields) > 1 and re.fullmatch(r"[0-9A-Fa-f]{8}", fields[1]) else "00000000"
         if int(gateway, 16):
-            info["gateway"] = ".".join(str(b) for b in bytes.fromhex(gateway)[::-1])
+            octets = bytes.fromhex(gateway)
+            info["gateway"] = ".".join(str(b) for b in (octets if big_endian else octets[::-1]))
     for line in addr_lines:
         cidr = re.search(r"\binet (\d+\.\d+\.\d+\.\d+)/(\d+)", line)
         if cidr and "address" not in info:  # the interface's first address, as Ansible reports it

@@ -3,7 +3,7 @@
 Speaks PROTOCOL.mux: the hello, alive checks, terminate (the process ends), and sessions: the command runs in
 `sh -c` on the three descriptors passed, its pid appended to SOCKET.pids; the exit message follows unless it was
 killed by a signal (OpenSSH's master sends none then). A session is refused with the text of SOCKET.refuse, if
-that file exists."""
+that file exists, and answered with a message cut short if SOCKET.short does."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def session(sock: socket.socket, rid: int, body: bytes, path: Path) -> None:
             os.close(fd)
         reason = refuse.read_bytes()
         send(sock, struct.pack(">III", 0x80000003, rid, len(reason)) + reason)
+        return
+    if path.with_suffix(".short").exists():  # a reply cut short: no request id
+        send(sock, struct.pack(">I", 0x80000006))
         return
     process = subprocess.Popen(["sh", "-c", command.decode()], stdin=fds[0], stdout=fds[1], stderr=fds[2],
                                start_new_session=True)

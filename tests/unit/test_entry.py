@@ -100,3 +100,6 @@ def test_apply_of_a_fleet_file_skips_the_full_command_line(home: Path, tmp_path:
     # The argument is a file, not a machine name: a path with a slash is not refused as one would be.
     assert run(home, "apply", str(tmp_path / "missing.yaml"))[3] == \
         f"pymachine: error: {tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
+    # A directory: the same one line either way.
+    assert run(home, "apply", str(tmp_path))[::3] == run(home, "apply", "--", str(tmp_path))[::3] == \
+        (2, f"pymachine: error: {tmp_path}: cannot read: Is a directory")

@@ -97,10 +97,14 @@ def test_a_shell_killed_by_a_signal_ends_without_a_status(master):
     shell.close()
 
 
-def test_a_refused_session_and_a_gone_master_are_errors(master):
+def test_a_refused_session_a_garbled_reply_and_a_gone_master_are_errors(master):
     before = sorted(os.listdir("/proc/self/fd"))
     master.refuse("open failed")
     with pytest.raises(muxclient.MuxError, match="the master refused: open failed"):
+        shell_on(master, "sh")
+    master.path.with_suffix(".refuse").unlink()
+    master.path.with_suffix(".short").touch()
+    with pytest.raises(muxclient.MuxError, match="too short"):  # an OSError: a lost connection to the caller
         shell_on(master, "sh")
     master.close()
     with pytest.raises(OSError):

@@ -54,12 +54,13 @@ PRETTY_NAME="Red Hat Enterprise Linux 9.4 (Plow)"
 
 
 def output(os_release: str, *, debian_version: str = "", redhat_release: str = "", pkg: str = "apt-get",
-           virt: str = "systemd-nspawn", cgroup: str = "cgroup2fs", route: str = "host0 011EE70A 0") -> str:
+           virt: str = "systemd-nspawn", cgroup: str = "cgroup2fs", route: str = "host0 011EE70A 0",
+           arch: str = "x86_64") -> str:
     return "\n".join([
         "@@os_release", os_release.rstrip("\n"),
         "@@debian_version", debian_version,
         "@@redhat_release", redhat_release,
-        "@@uname", "x86_64", "6.1.0-25-amd64",
+        "@@uname", arch, "6.1.0-25-amd64",
         "@@hostname", "web1.example.test",
         "@@service_mgr", "systemd",
         "@@pkg_mgr", pkg,
@@ -109,6 +110,9 @@ def test_machine_facts():
     # A default route without a gateway (a point-to-point link), and none at all.
     assert "gateway" not in parse_facts(output(DEBIAN_12, route="wg0 00000000 0"))["default_ipv4"]
     assert parse_facts(output(DEBIAN_12, route=""))["default_ipv4"].get("interface") is None
+    # The kernel prints the gateway in the machine's byte order: most significant first on s390x.
+    big = parse_facts(output(DEBIAN_12, route="enc1 0A1E0101 0", arch="s390x"))["default_ipv4"]
+    assert big["gateway"] == "10.30.1.1" and big["interface"] == "enc1"
     assert parse_facts(output(DEBIAN_12))["pymachine_cgroup_version"] == 2
 
 
