@@ -46,7 +46,8 @@ def provision(name: str) -> None:
 def apply(file: Path, prune: bool = False, recreate: bool = False, dry_run: bool = False,
           parallel: int | None = None) -> None:
     """Show the fleet file's plan and carry it out (docs/fleet.md); exit 1 if a machine failed."""
-    plan = commands.apply.plan(Store(), commands.apply.load_fleet(file), prune=prune, recreate=recreate,
+    store = Store()
+    plan = commands.apply.plan(store, commands.apply.load_fleet(file), prune=prune, recreate=recreate,
                                parallel=parallel)
     for step in plan.steps:
         print(f"  {step.action:<16} {step.name}" + (f"  ({step.reason})" if step.reason else ""))
@@ -66,7 +67,7 @@ def apply(file: Path, prune: bool = False, recreate: bool = False, dry_run: bool
         else:
             ui.out(f"done {step.action} {step.name}" + (f": {outcome.detail}\n" if outcome.detail else "\n"))
 
-    outcomes = commands.apply.execute(Store(), plan, show, parallel)
+    outcomes = commands.apply.execute(store, plan, show, parallel)
     failed = sum(1 for o in outcomes if o.error)
     counts = Counter(commands.apply.DONE[o.step.action] for o in outcomes if not o.error)
     unchanged = sum(1 for s in plan.steps if s.action == commands.apply.UNCHANGED)
