@@ -134,6 +134,9 @@ class Machine:
         # Set by `apply` on the machines it makes from a fleet file ({"name": …, "roles": …}); `apply --prune`
         # removes only machines that carry its fleet's name.
         self.fleet = {} if fleet is None else fleet
+        # config.json as this process last read or wrote it: a save that would write the same bytes to the same
+        # file is skipped (a fleet's no-op run would otherwise fsync a file per machine for nothing).
+        self._written: tuple[Path, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"Machine({self.name!r}, driver={self.driver!r}, state={self.state!r})"
@@ -157,7 +160,10 @@ class Machine:
 
     def save(self) -> None:
         record = {k: getattr(self, k) for k in _FIELDS}
-        write_atomic(self.config_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        if self._written != (self.config_path, data):
+            write_atomic(self.config_path, data)
+            self._written = (self.config_path, data)
 
     def record(self, **resources: Any) -> None:
         """Journal resources before (or as) they are made, so a failed or killed create can always be undone."""
@@ -256,7 +262,9 @@ class Store:
             raise RecordDamaged(f"machine {name!r} has a corrupt config.json ({e})") from None
         fields = _validate(name, record)
         fields["name"] = name  # the directory names the machine, whatever a hand-edited record says
-        return Machine(dir=directory, **fields)
+        machine = Machine(dir=directory, **fields)
+        machine._written = (machine.config_path, text.encode())
+        return machine
 
     def recover(self, name: str) -> Machine:
         """The machine as its journal tells it, for removing one whose config.json is damaged."""

@@ -185,31 +185,39 @@ class Play:
 
     # -- task lists, blocks -------------------------------------------------------------------------------
     def _run_list(self, tasks: Sequence[Task], run: RoleRun, scope: Scope, handler: bool = False) -> None:
+        ahead = 0  # tasks after this one whose reads the last read-ahead made
         for index, task in enumerate(tasks):
-            if task.module is not None and task.module.reads and not self.diff:  # --diff reads files' text too
-                self._read_ahead(tasks[index:], run, scope)
+            if ahead and self.remote.holds_reads():
+                ahead -= 1  # read with the tasks before it, and no command ran since
+            elif task.module is not None and task.module.reads and not self.diff:  # --diff reads files' text too
+                ahead = self._read_ahead(tasks[index:], run, scope)
             self._run_task(task, run, scope, handler)
 
     # -- reading ahead ----------------------------------------------------------------------------------
-    def _read_ahead(self, tasks: Sequence[Task], run: RoleRun, scope: Scope) -> None:
+    def _read_ahead(self, tasks: Sequence[Task], run: RoleRun, scope: Scope) -> int:
         """Read what this task and the tasks of the same kind right after it will look at first (files of file
         tasks, units of service tasks) with one command: a role's directory, configuration files and drop-ins,
         or its services, come in a row, and each task then finds what it reads known instead of asking for it,
         as long as no command runs in between. Only what can be worked out now is read; a task whose name or
-        condition depends on what runs before it simply asks for itself."""
+        condition depends on what runs before it simply asks for itself. Returns how many of the tasks after
+        the first it read for."""
         first = self._reads_of(tasks[0], run, scope)
         if first is None:
-            return
+            return 0
         kind, names, become = first
         if names and self.remote.known(kind, names[0], become) is not None:  # read with the tasks before it
-            return
+            return 0
+        covered = 0
         for task in tasks[1:]:
             more = self._reads_of(task, run, scope)
             if more is None or (more[0], more[2]) != (kind, become):
                 break
             names += more[1]
-        if len(names) > 1:
-            self._remote_call(lambda: self.remote.read_ahead(kind, names, become))
+            covered += 1
+        if len(names) < 2:
+            return 0
+        self._remote_call(lambda: self.remote.read_ahead(kind, names, become))
+        return covered
 
     def _reads_of(self, task: Task, run: RoleRun, scope: Scope) -> tuple[str, list[str], Become] | None:
         """(kind, the names the task will read: one per loop item, as whom), or None when that is not plain now."""
@@ -418,7 +426,7 @@ class Play:
         args = {k: v for k, v in self.templar.template(task.args, variables).items() if v != OMIT}
         env = {k: v for k, v in self.templar.template(dict(scope.environment), variables).items() if v != OMIT}
         ctx = Context(remote=self.remote, templar=self.templar, vars=variables, facts=self.facts,
-                      search_paths={k: run.role.search_paths(k) for k in ("templates", "files")},
+                      search_paths=run.role.search_paths,
                       become=Become(scope.become, str(self.templar.template(scope.become_user, variables))),
                       env=env, check=self.check if scope.check_mode is None else scope.check_mode,
                       diff=self.diff if scope.diff is None else scope.diff)

@@ -8,7 +8,8 @@ from typing import Any
 
 # Each section starts with a `@@name` line; parse_facts() reads them back. Every probe tolerates a missing tool.
 # Files are read with shell builtins (`r`; not sysctl's numbers, which dash's byte-wise `read` cannot read past
-# their first byte), CPUs are counted by a glob, the default route is read from /proc/net/route, the user is the
+# their first byte on kernels before 5.8), /proc/meminfo only as far as the facts need (its first third),
+# CPUs are counted by a glob, the default route is read from /proc/net/route, the user is the
 # one the environment names (as Ansible's getpass.getuser()), and only what has no file runs a program (`ip`
 # for the address; `uname -m`, which /proc/sys/kernel/arch is not under a 32-bit personality, as in an i386
 # LXC container): each process costs ~1 ms on a small host, and every provisioning run (every machine of a fleet
@@ -25,7 +26,8 @@ s hostname; r /proc/sys/kernel/hostname || uname -n
 s service_mgr; if [ -d /run/systemd/system ]; then echo systemd; else r /proc/1/comm; fi
 s pkg_mgr
 for p in apt-get dnf5 dnf yum zypper apk pacman; do command -v $p >/dev/null 2>&1 && { echo $p; break; }; done
-s meminfo; r /proc/meminfo
+s meminfo
+{ while IFS= read -r l; do echo "$l"; case $l in SwapTotal:*) break;; esac; done < /proc/meminfo; } 2>/dev/null
 s vcpus; set -- /sys/devices/system/cpu/cpu[0-9]*; [ -e "$1" ] && echo $# || nproc 2>/dev/null
 s virt
 r /run/systemd/container || systemd-detect-virt 2>/dev/null || { [ -f /.dockerenv ] && echo docker; }

@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +84,15 @@ class Role:
     dependencies: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (name, params, where)
     _files: dict[Path, list[Task]] = field(default_factory=dict, repr=False)
 
-    def search_paths(self, kind: str) -> list[Path]:
-        """Where Ansible looks for a template/copy `src` of this role's tasks."""
-        return [self.path / kind, self.path / "tasks", self.path]
+    @cached_property
+    def search_paths(self) -> dict[str, list[Path]]:
+        """Where Ansible looks for a template (`templates`) or copy (`files`) `src` of this role's tasks."""
+        return {kind: [self.path / kind, self.path / "tasks", self.path] for kind in _SOURCES.values()}
 
     def find_source(self, kind: str, name: str) -> Path | None:
-        """The file a template/copy `src` names: absolute, or the first match in search_paths(kind)."""
+        """The file a template/copy `src` names: absolute, or the first match in search_paths[kind]."""
         path = Path(name)
-        candidates = [path] if path.is_absolute() else [d / path for d in self.search_paths(kind)]
+        candidates = [path] if path.is_absolute() else [d / path for d in self.search_paths[kind]]
         return next((c for c in candidates if c.is_file()), None)
 
     def task_file(self, name: str, stack: tuple[Path, ...] = ()) -> list[Task]:

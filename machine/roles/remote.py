@@ -60,6 +60,10 @@ class Remote:
         command ran since (any command may have changed it); None otherwise."""
         return self._known.get((become, kind, name))
 
+    def holds_reads(self) -> bool:
+        """Whether what the last read_ahead found is still known (no command ran since)."""
+        return bool(self._known)
+
     def read_ahead(self, kind: str, names: Sequence[str], become: Become) -> None:
         """Read what the modules of several tasks in a row will look at first, with one command whatever their
         number: the files of file tasks, the units of service tasks. Kept until the next command runs."""

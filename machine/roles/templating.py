@@ -256,8 +256,9 @@ class Templar:
             except jinja2.TemplateSyntaxError as e:
                 raise TemplateFailure(f"template syntax error in {shown or source!r}: {e.message}") from None
             self.code.set_bucket(bucket)
-        # What Environment.from_string does with the code it compiles.
-        return self.env.template_class.from_code(self.env, bucket.code, self.env.make_globals(None), None)
+        # What Environment.from_string does with the code it compiles, but with the globals as a plain dict: every
+        # evaluation's context makes a set of their names, which from Jinja's ChainMap costs ~10 µs in Python.
+        return self.env.template_class.from_code(self.env, bucket.code, dict(self.env.globals), None)
 
     def _render(self, template: jinja2.Template, variables: Mapping[str, Any]) -> str:
         # shared=True hands Jinja our lazy mapping instead of a copy that would template every variable.

@@ -50,6 +50,20 @@ def test_record_persists_resources_in_config_and_journal(tmp_path):
     assert recovered.resources == {"ip": "10.0.0.2", "pid": 7}
 
 
+def test_a_record_is_written_only_when_it_changed(tmp_path):
+    # A fleet's no-op run saves every machine's record: unchanged, it is not written (nor fsynced) again.
+    store = Store(tmp_path)
+    reserve(store, "m")
+    machine = store.load("m")
+    before = machine.config_path.stat().st_ino
+    machine.save()
+    assert machine.config_path.stat().st_ino == before
+    machine.state = "ready"
+    machine.save()
+    assert machine.config_path.stat().st_ino != before
+    assert store.load("m").state == "ready"
+
+
 def test_a_torn_journal_line_is_skipped(tmp_path):
     store = Store(tmp_path)
     machine = reserve(store, "m")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -99,8 +100,9 @@ class Module:
         self.params = self.normalize(args)
 
     @classmethod
+    @cache
     def arg_names(cls) -> dict[str, str]:
-        """Every accepted spelling -> canonical argument name."""
+        """Every accepted spelling -> canonical argument name (computed once per module: do not change it)."""
         out = {name: name for name in cls.args}
         for name, spec in cls.args.items():
             out.update(dict.fromkeys(spec.aliases, name))

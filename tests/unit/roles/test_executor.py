@@ -385,6 +385,19 @@ def test_a_command_between_file_tasks_makes_them_read_their_files_again(shell, r
     assert second.read_text() == "two\n" and recap.changed == 1, events.results  # the command's edit was seen
 
 
+def test_a_task_that_changes_a_file_read_ahead_makes_the_next_ones_read_again(shell, roles, tmp_path):
+    """The tasks of one read-ahead trust what it found only while no command ran: after the first copy writes the
+    file, the second (read with it, when the file still said "b") reads it again and puts "b" back."""
+    target = tmp_path / "target.txt"
+    target.write_text("b\n")
+    path = roles("r", tasks=f"""
+        - copy: {{dest: {target}, content: "a\\n"}}
+        - copy: {{dest: {target}, content: "b\\n"}}
+        """)
+    recap, events = play(shell, path)
+    assert target.read_text() == "b\n" and recap.changed == 2, events.results
+
+
 def test_a_copy_into_a_directory_read_ahead_still_lands_inside_it(shell, roles, tmp_path):
     """What was read ahead of a copy's dest says it is a directory: the copy probes for itself and writes the file
     into it under the source's name, as Ansible does."""

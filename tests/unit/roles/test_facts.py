@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from machine.roles import facts as facts_module
 from machine.roles.facts import FACTS_SCRIPT, as_variables, parse_facts
 
 DEBIAN_12 = """PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
@@ -132,6 +133,11 @@ def test_script_runs_in_a_real_shell(shell):
     # Counted and read without grep: the same answers as this process gets.
     assert facts["processor_vcpus"] == os.cpu_count()
     assert facts["memtotal_mb"] == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
+    with open("/proc/meminfo") as f:
+        swap = next(int(line.split()[1]) for line in f if line.startswith("SwapTotal:"))
+    assert facts["swaptotal_mb"] == swap // 1024
+    # /proc/meminfo is read only as far as SwapTotal, the last line the facts use.
+    assert facts_module._sections(res.stdout)["meminfo"][-1].startswith("SwapTotal:")
     assert facts["user_id"] == (os.environ.get("LOGNAME") or os.environ.get("USER") or
                                 pwd.getpwuid(os.geteuid()).pw_name)
     # Read from /proc/net/route: the interface and gateway `ip` names for the first default route.
