@@ -30,6 +30,11 @@ class MuxError(OSError):
     """The master refused a request, spoke out of turn, or is gone: as a failed ssh connection, an OSError."""
 
 
+class Refused(MuxError):
+    """The master answered, and said no: for a session, the host refused it one more channel (sshd's MaxSessions,
+    say); the connection itself may still serve the sessions it has."""
+
+
 def _string(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
@@ -105,7 +110,7 @@ class Control:
             socket.send_fds(self.sock, [b"\0"], [fd])
         kind, answer = self.receive()
         if kind in (_PERMISSION_DENIED, _FAILURE):
-            raise MuxError(f"the master refused: {answer[8:8 + _u32(answer, 4)].decode(errors='replace')}")
+            raise Refused(f"the master refused: {answer[8:8 + _u32(answer, 4)].decode(errors='replace')}")
         if _u32(answer) != self._request:
             raise MuxError("the master answered another request")
         return kind, answer[4:]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from machine import sshmux
+from machine import muxclient, sshmux
 from machine.endpoint import Endpoint
 from machine.errors import MachineError
 from machine.sshshell import ChannelStream, Shell, ShellTimeout, drain
@@ -465,9 +465,7 @@ class Connection:
         try:
             if shell is None:
                 log.debug("%s: starting the shell `%s`", self.endpoint.host, launcher)
-                stream = (self._master.start(launcher) if self._master is not None
-                          else ChannelStream(self.transport.open_session(), launcher))
-                shell = self._shells[launcher] = Shell(stream)
+                shell = self._shells[launcher] = Shell(self._start_shell(launcher))
             reply = shell.run(command, stdin, timeout)
         except _transport_errors() as e:
             if (lost := self._shells.pop(launcher, None)) is not None:
@@ -483,6 +481,17 @@ class Connection:
             if shell.stream.lost():
                 raise self._lost(shell.stream.lost_reason(reply.stderr))
         return Result(reply.rc, reply.stdout.decode(errors="replace"), reply.stderr.decode(errors="replace"))
+
+    def _start_shell(self, launcher: str) -> Any:
+        """The stream of a new shell: a session of the kept connection, or a channel of this command's own login
+        when there is none or the host refuses it another session (sshd's MaxSessions, counting the user's own
+        `pymachine ssh` sessions on it)."""
+        if self._master is not None:
+            try:
+                return self._master.start(launcher)
+            except muxclient.Refused as e:
+                log.debug("%s: the kept connection gets no session (%s): logging in", self.endpoint.host, e)
+        return ChannelStream(self.transport.open_session(), launcher)
 
     def _converse(self, chan, command: str, stdin: bytes | None, timeout: float | None,
                   stream) -> tuple[bytearray, bytearray]:

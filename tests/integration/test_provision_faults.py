@@ -181,6 +181,30 @@ def test_commands_share_one_login_kept_between_them(cli, machine):
                                          "(0 turns kept connections off)")
 
 
+def test_a_shell_the_host_refuses_the_kept_connection_logs_in_itself(cli, machine):
+    """sshd's MaxSessions counts every session of one connection, the user's `pymachine ssh` ones too. A shell the
+    host refuses the kept connection (here: a second one, at MaxSessions 1) runs over a login of the command's
+    own, and the kept connection goes on serving the shell it has."""
+    machine_dir = cli.home / "machines" / machine
+    limit = "/etc/ssh/sshd_config.d/pm-test-max-sessions.conf"
+
+    def new_connections_get(config: str) -> None:
+        cli("ssh", machine, "--", f"{config}; systemctl reload ssh")
+        sshmux.forget(machine_dir / "known_hosts")  # sshd reads its limits when a connection starts
+        wait_for("the kept connection to end", lambda: ssh_masters(machine_dir) == [], timeout=5)
+
+    new_connections_get(f"echo 'MaxSessions 1' > {limit}")
+    try:
+        with connect(cli, machine) as conn:
+            first = conn.run("echo $PPID", shell="sh").stdout
+            second = conn.run("echo $PPID", shell="env sh")  # another launcher: another session
+            assert second.rc == 0 and second.stdout != first  # another connection's sshd
+            assert conn.run("echo $PPID", shell="sh").stdout == first
+        assert len(ssh_masters(machine_dir)) == 1
+    finally:
+        new_connections_get(f"rm -f {limit}")
+
+
 @pytest.mark.parametrize("persist", ["60", "0"], ids=["over-the-kept-connection", "on-a-channel-of-its-own"])
 def test_a_kept_shell_runs_each_command_as_a_channel_of_its_own_would(cli, machine, persist, monkeypatch):
     monkeypatch.setenv(sshmux.PERSIST_ENV, persist)

@@ -100,15 +100,16 @@ def test_a_shell_killed_by_a_signal_ends_without_a_status(master):
 def test_a_refused_session_a_garbled_reply_and_a_gone_master_are_errors(master):
     before = sorted(os.listdir("/proc/self/fd"))
     master.refuse("open failed")
-    with pytest.raises(muxclient.MuxError, match="the master refused: open failed"):
+    with pytest.raises(muxclient.Refused, match="the master refused: open failed"):
         shell_on(master, "sh")
     master.path.with_suffix(".refuse").unlink()
     master.path.with_suffix(".short").touch()
-    with pytest.raises(muxclient.MuxError, match="too short"):  # an OSError: a lost connection to the caller
+    with pytest.raises(muxclient.MuxError, match="too short") as garbled:  # a lost connection to the caller
         shell_on(master, "sh")
     master.close()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as gone:
         shell_on(master, "sh")
+    assert not isinstance(garbled.value, muxclient.Refused) and not isinstance(gone.value, muxclient.Refused)
     assert sorted(os.listdir("/proc/self/fd")) == before  # no pipe nor socket of a failed start left open
 
 
