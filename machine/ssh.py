@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from machine import muxclient, sshmux
 from machine.endpoint import Endpoint
 from machine.errors import MachineError
-from machine.sshshell import ChannelStream, Shell, ShellTimeout, drain
+from machine.sshshell import ChannelStream, Shell, ShellTimeout, Stream, drain
 from machine.store import write_atomic
 
 log = logging.getLogger("pymachine.ssh")
@@ -482,7 +482,7 @@ class Connection:
                 raise self._lost(shell.stream.lost_reason(reply.stderr))
         return Result(reply.rc, reply.stdout.decode(errors="replace"), reply.stderr.decode(errors="replace"))
 
-    def _start_shell(self, launcher: str) -> Any:
+    def _start_shell(self, launcher: str) -> Stream:
         """The stream of a new shell: a session of the kept connection, or a channel of this command's own login
         when there is none or the host refuses it another session (sshd's MaxSessions, counting the user's own
         `pymachine ssh` sessions on it)."""

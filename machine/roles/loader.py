@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +83,12 @@ class Role:
     handlers: list[Task] = field(default_factory=list)
     dependencies: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (name, params, where)
     _files: dict[Path, list[Task]] = field(default_factory=dict, repr=False)
+    # Where Ansible looks for a template (`templates`) or copy (`files`) `src` of this role's tasks. Set here, not
+    # on first use: a fleet's threads run one Role at once, and one of them may be pickling it (save_plays).
+    search_paths: dict[str, list[Path]] = field(init=False, repr=False)
 
-    @cached_property
-    def search_paths(self) -> dict[str, list[Path]]:
-        """Where Ansible looks for a template (`templates`) or copy (`files`) `src` of this role's tasks."""
-        return {kind: [self.path / kind, self.path / "tasks", self.path] for kind in _SOURCES.values()}
+    def __post_init__(self) -> None:
+        self.search_paths = {kind: [self.path / kind, self.path / "tasks", self.path] for kind in _SOURCES.values()}
 
     def find_source(self, kind: str, name: str) -> Path | None:
         """The file a template/copy `src` names: absolute, or the first match in search_paths[kind]."""

@@ -21,6 +21,7 @@ from machine import sshmux
 from machine.errors import MachineError
 from machine.roles.remote import detached
 from machine.ssh import Connection, ConnectionLost, Endpoint, Result
+from machine.ssh import _close_parked as close_parked
 from tests.conftest import CLI
 from tests.integration.conftest import busybox_image, docker, machine_cli, ssh_masters
 
@@ -192,6 +193,7 @@ def test_a_shell_the_host_refuses_the_kept_connection_logs_in_itself(cli, machin
         cli("ssh", machine, "--", f"{config}; systemctl reload ssh")
         sshmux.forget(machine_dir / "known_hosts")  # sshd reads its limits when a connection starts
         wait_for("the kept connection to end", lambda: ssh_masters(machine_dir) == [], timeout=5)
+        close_parked()  # and an earlier test's login, parked a moment ago, is not the next one
 
     new_connections_get(f"echo 'MaxSessions 1' > {limit}")
     try:
@@ -200,6 +202,11 @@ def test_a_shell_the_host_refuses_the_kept_connection_logs_in_itself(cli, machin
             second = conn.run("echo $PPID", shell="env sh")  # another launcher: another session
             assert second.rc == 0 and second.stdout != first  # another connection's sshd
             assert conn.run("echo $PPID", shell="sh").stdout == first
+            # Ctrl-C: the kept connection has no session for the signal either (ssh then logs in for it).
+            interrupt_when(lambda: running(cli, machine, "sleep 3006"))
+            with pytest.raises(KeyboardInterrupt):
+                conn.run("sleep 3006", shell="sh")
+            wait_for("the interrupted command to end", lambda: not running(cli, machine, "sleep 3006"), timeout=30)
         assert len(ssh_masters(machine_dir)) == 1
     finally:
         new_connections_get(f"rm -f {limit}")

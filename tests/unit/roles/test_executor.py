@@ -385,17 +385,22 @@ def test_a_command_between_file_tasks_makes_them_read_their_files_again(shell, r
     assert second.read_text() == "two\n" and recap.changed == 1, events.results  # the command's edit was seen
 
 
-def test_a_task_that_changes_a_file_read_ahead_makes_the_next_ones_read_again(shell, roles, tmp_path):
-    """The tasks of one read-ahead trust what it found only while no command ran: after the first copy writes the
-    file, the second (read with it, when the file still said "b") reads it again and puts "b" back."""
-    target = tmp_path / "target.txt"
-    target.write_text("b\n")
+def test_after_a_task_of_a_read_ahead_writes_the_rest_are_read_again_with_one_command(shell, roles, tmp_path):
+    """The tasks of one read-ahead trust what it found only while no command ran: once the first copy writes,
+    the next two (already right) are read again, together, and neither probes on its own."""
+    first, second, third = (tmp_path / f"{n}.txt" for n in ("first", "second", "third"))
+    second.write_text("two\n")
+    third.write_text("three\n")
     path = roles("r", tasks=f"""
-        - copy: {{dest: {target}, content: "a\\n"}}
-        - copy: {{dest: {target}, content: "b\\n"}}
+        - copy: {{dest: {first}, content: "one\\n"}}
+        - copy: {{dest: {second}, content: "two\\n"}}
+        - copy: {{dest: {third}, content: "three\\n"}}
         """)
     recap, events = play(shell, path)
-    assert target.read_text() == "b\n" and recap.changed == 2, events.results
+    assert first.read_text() == "one\n" and recap.changed == 1 and recap.ok == 4, events.results
+    writes = [i for i, c in enumerate(shell.commands) if "mktemp" in c]
+    later = [c for c in shell.commands[writes[-1] + 1:] if str(second) in c or str(third) in c]
+    assert len(later) == 1 and str(second) in later[0] and str(third) in later[0], shell.commands
 
 
 def test_a_copy_into_a_directory_read_ahead_still_lands_inside_it(shell, roles, tmp_path):
