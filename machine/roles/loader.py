@@ -104,9 +104,11 @@ class Role:
         if path in stack:
             raise RoleError(f"{self.display}/tasks/{name}: includes itself")
         if path not in self._files:
-            rel = path.relative_to(self.path.resolve()) if path.is_relative_to(self.path.resolve()) else path
-            self._files[path] = _task_list(load_yaml(path, f"{self.display}/{rel}"), self, False, (*stack, path),
-                                           f"{self.display}/{rel}")
+            with _LOADING:  # one run of a fleet may be pickling this role (save_plays) while another includes
+                rel = path.relative_to(self.path.resolve()) if path.is_relative_to(self.path.resolve()) else path
+                if path not in self._files:
+                    self._files[path] = _task_list(load_yaml(path, f"{self.display}/{rel}"), self, False,
+                                                   (*stack, path), f"{self.display}/{rel}")
         return self._files[path]
 
 
@@ -202,7 +204,9 @@ def load_play(roles: Sequence[str], roles_path: Path | Sequence[Path]) -> list[R
 _PLAYS: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, list[RoleRun]]] = {}
 _unsaved: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, list[RoleRun]]] = {}  # loaded, not yet kept
 _kept_file: Path | None = None
-_LOADING = threading.Lock()  # the machines of a fleet load their play at once: one reads, the others wait
+# The machines of a fleet load their play at once: one reads, the others wait. Held again by a task file the
+# loading includes, and by save_plays while it pickles the plays (their roles must not change meanwhile).
+_LOADING = threading.RLock()
 
 
 def keep_plays(path: Path | None) -> None:
@@ -245,11 +249,14 @@ def save_plays() -> None:
         return
     from machine.store import write_cache  # only a process that keeps its plays needs it
 
-    new = dict(_unsaved)
-    _unsaved.clear()
-    with contextlib.suppress(TypeError, AttributeError, pickle.PicklingError):
-        write_cache(_kept_file, pickle.dumps((_code_stamp(), {**_kept_plays(), **new}),
-                                             protocol=pickle.HIGHEST_PROTOCOL))
+    with _LOADING:
+        new = dict(_unsaved)
+        _unsaved.clear()
+        try:
+            data = pickle.dumps((_code_stamp(), {**_kept_plays(), **new}), protocol=pickle.HIGHEST_PROTOCOL)
+        except (TypeError, AttributeError, pickle.PicklingError):
+            return
+    write_cache(_kept_file, data)
 
 
 def _stamp(paths: Sequence[Path]) -> bytes:

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -183,6 +184,21 @@ def test_a_refused_command_keeps_nothing(roles, tmp_path):
     finally:
         loader.keep_plays(None)
         loader._unsaved.clear()
+
+
+def test_a_task_file_first_included_while_the_plays_are_pickled_waits(roles):
+    """A fleet's machines run one play in threads: one run ends and pickles the plays (save_plays, under the
+    loading lock) while another includes a task file for the first time. The include waits: a role that changed
+    under pickle would fail the run that was saving it."""
+    path = roles("r", tasks="- debug: {msg: main}\n", files={"tasks/later.yml": "- debug: {msg: later}\n"})
+    role = load_play(["r"], path)[0].role
+    included = threading.Event()
+    with loader._LOADING:
+        thread = threading.Thread(target=lambda: (role.task_file("later.yml"), included.set()))
+        thread.start()
+        assert not included.wait(0.2)
+    assert included.wait(5)
+    thread.join()
 
 
 def test_a_process_reads_the_roles_once_and_runs_what_it_validated(roles):
