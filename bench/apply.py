@@ -6,7 +6,9 @@ pyinfra, kept apart from pymachine's). Prints a Markdown table and writes it to 
 
 Setup (not measured): N local machines (`--engine-install distro`) made by `pymachine apply` of a fleet file
 (fleet `bench`), and a second fleet file of the same fleet naming only the first machine. Then, median of the
-rounds, every run a whole command as a user types it:
+rounds, every run a whole command as a user types it; the no-op runs of pymachine and the floors run in turn
+within each round (bench/timing.py's interleaved_medians), so that the host's drift during the run does not
+skew the ratios between them:
 - `pymachine provision cmp1`: one machine's no-op (the roles, nothing to change);
 - `pymachine apply one.yaml`: the same machine as a fleet of one (plan: a check-mode run; nothing to do);
 - `pymachine apply fleet.yaml`: all N machines, unchanged ("N machines unchanged" asserted);
@@ -42,7 +44,7 @@ from pathlib import Path
 
 from ansible_compare import MANAGED, Bench  # bench/, the script's own directory
 from provision import FLOOR
-from timing import median_seconds
+from timing import interleaved_medians, median_seconds
 
 BRIDGE = os.environ.get("PYMACHINE_BENCH_BRIDGE", "pmbench2")
 SUBNET = os.environ.get("PYMACHINE_BENCH_SUBNET", "10.231.72.0/24")
@@ -183,21 +185,25 @@ def main() -> None:
                 print(f"{what}: {results[what]:.2f}s", file=sys.stderr)  # kept if a later, slower one is cut short
 
             n = len(names)
-            measure("`pymachine provision` (1 machine, no-op)", lambda: run("provision", names[0]), args.rounds)
-            measure("`pymachine apply` (fleet of 1, unchanged)",
-                    lambda: run("apply", str(one), expect="1 machine unchanged"), args.rounds)
-            measure(f"`pymachine apply` (fleet of {n}, unchanged)",
-                    lambda: run("apply", str(fleet), expect=f"{n} machines unchanged"), args.rounds)
             logins = floor_logins(names)
-            measure("floor: the roles' checks as one shell script over `ssh` (1 machine)",
-                    lambda: floor(logins[:1]), args.rounds)
-            measure(f"floor: the same on {n} machines at once", lambda: floor(logins), args.rounds)
             masters = Path(f"/tmp/pmb-cp-{os.getpid()}")  # Bench's ControlPersist sockets (removed at the end)
             masters.mkdir(mode=0o700, exist_ok=True)
             kept = floor_logins(names, masters)
             floor(kept)  # the masters up before the clock runs, as pymachine's are after its warm-up run
-            measure("floor over kept connections (1 machine)", lambda: floor(kept[:1]), args.rounds)
-            measure(f"floor over kept connections, {n} machines at once", lambda: floor(kept), args.rounds)
+            # The runs the ratios compare, in turn within each round.
+            for what, seconds in interleaved_medians({
+                "`pymachine provision` (1 machine, no-op)": lambda: run("provision", names[0]),
+                "`pymachine apply` (fleet of 1, unchanged)": lambda: run("apply", str(one),
+                                                                         expect="1 machine unchanged"),
+                f"`pymachine apply` (fleet of {n}, unchanged)": lambda: run("apply", str(fleet),
+                                                                            expect=f"{n} machines unchanged"),
+                "floor: the roles' checks as one shell script over `ssh` (1 machine)": lambda: floor(logins[:1]),
+                f"floor: the same on {n} machines at once": lambda: floor(logins),
+                "floor over kept connections (1 machine)": lambda: floor(kept[:1]),
+                f"floor over kept connections, {n} machines at once": lambda: floor(kept),
+            }, args.rounds).items():
+                results[what] = seconds
+                print(f"{what}: {seconds:.2f}s", file=sys.stderr)
             bench = Bench(names, work)  # ansible_compare's: Ansible's inventory, and reset() for the converge runs
             if pyinfra:
                 inventory, deploy, addresses = pyinfra_setup(names, work)

@@ -17,3 +17,15 @@ def median_seconds(fn: Callable[[], object], rounds: int, before: Callable[[], o
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """The median time of each of `fns`, run in turn within every round: a host that slows down during the
+    measurement (another tenant, a background job) slows every one of them alike, and their ratios hold."""
+    times: dict[str, list[float]] = {what: [] for what in fns}
+    for _ in range(rounds):
+        for what, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[what].append(time.perf_counter() - start)
+    return {what: statistics.median(spent) for what, spent in times.items()}
