@@ -8,13 +8,12 @@ from typing import Any
 
 # Each section starts with a `@@name` line; parse_facts() reads them back. Every probe tolerates a missing tool.
 # Files are read with shell builtins (`r`; not sysctl's numbers, which dash's byte-wise `read` cannot read past
-# their first byte on kernels before 5.8), /proc/meminfo only as far as the facts need (its first third),
-# CPUs are counted by a glob, the default route is read from /proc/net/route, the user is the
-# one the environment names (as Ansible's getpass.getuser()), and only what has no file runs a program (`ip`
-# for the address; `uname -m`, which /proc/sys/kernel/arch is not under a 32-bit personality, as in an i386
-# LXC container): each process costs ~1 ms on a small host, and every provisioning run (every machine of a fleet
-# at once) starts with this script. A container says what it is in /run/systemd/container, which
-# systemd-detect-virt reads too.
+# their first byte), /proc/meminfo only as far as the facts need (its first third), CPUs are counted by a glob,
+# the default route is read from /proc/net/route, the user is the one the environment names (as Ansible's
+# getpass.getuser()), and only what has no file runs a program (`ip` for the address; `uname -m`, which
+# /proc/sys/kernel/arch is not under a 32-bit personality, as in an i386 LXC container): each process costs
+# ~1 ms on a small host, and every provisioning run (every machine of a fleet at once) starts with this script.
+# A container says what it is in /run/systemd/container, which systemd-detect-virt reads too.
 FACTS_SCRIPT = r"""
 s() { echo "@@$1"; }
 r() { while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done < "$1"; } 2>/dev/null
