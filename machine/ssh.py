@@ -101,6 +101,10 @@ def _paramiko():
     import paramiko
 
     if not _LOADED:
+        # paramiko's transport thread logs a failed login with its traceback, which logging's last resort prints
+        # on stderr: pymachine says what failed in one line of its own. --debug (a handler on the root logger)
+        # still shows paramiko's log.
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
         _LOADED.append(paramiko)
     return paramiko
 

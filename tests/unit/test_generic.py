@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,32 @@ def test_state_is_a_tcp_connect(tmp_path, home):
             with pytest.raises(MachineError, match="pymachine does not own its power"):
                 method()
         assert driver.leftovers() == []
+
+
+def test_a_port_that_speaks_no_ssh_is_one_line(cli, home):
+    """A wrong port whose server closes at once (a web server, say): paramiko's thread logs its traceback, and
+    logging's last resort would print it; the user gets pymachine's one line, and nothing is left behind."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def close_every_connection() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                listener.accept()[0].close()
+
+    threading.Thread(target=close_every_connection, daemon=True).start()
+    try:
+        proc = cli("create", "--driver", "generic", "--generic-ip-address", "127.0.0.1", "--generic-ssh-port",
+                   str(port), "--generic-ssh-key", str(keygen(home / "key")), "web", check=False)
+    finally:
+        listener.close()
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "Exception (client)" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"pymachine: error: cannot reach 127.0.0.1:{port} over SSH: Error "
+                                            f"reading SSH protocol banner")
+    assert cli("ls", "-q").stdout == ""
 
 
 def test_help_names_the_defaults_and_rm_has_uninstall():
