@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,17 @@ def test_wait_for_path(mod, tmp_path):
     ok(mod("wait_for", path=str(tmp_path / "never"), state="absent", timeout=1))
     assert failure(mod("wait_for", path=str(flag), state="absent", timeout=1, sleep=1)) == \
         f"Timeout when waiting for {flag} to stop"
+
+
+def test_wait_for_port(mod):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    ok(mod("wait_for", port=port, timeout=2))
+    assert failure(mod("wait_for", port=port, state="stopped", timeout=1, sleep=1)) == \
+        f"Timeout when waiting for 127.0.0.1:{port} to stop"
+    listener.close()
+    assert failure(mod("wait_for", port=port, timeout=1, sleep=1)) == f"Timeout when waiting for 127.0.0.1:{port}"
+    ok(mod("wait_for", port=port, state="stopped", timeout=1))
 
 
 def test_symbolic_modes_are_refused(mod, tmp_path):

@@ -3,6 +3,7 @@ shell: each must tell a present thing from a missing one (a no-op run ends at th
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,42 +26,122 @@ def _flatten(tasks: list[dict]) -> list[dict]:
     return [t for task in tasks for t in (task, *_flatten(task.get("block", [])))]
 
 
-def run(script: str, path: Path | None = None) -> int:
-    """The script's exit status; with `path`, the programs it finds are only those there."""
+def run_out(script: str, path: Path | None = None) -> tuple[int, str]:
+    """The script's exit status and output; with `path`, the programs it finds are only those there."""
     env = {"PATH": str(path) if path else "/usr/sbin:/usr/bin:/sbin:/bin"}
-    return subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True).returncode
+    proc = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True)
+    return proc.returncode, proc.stdout
+
+
+def run(script: str, path: Path | None = None) -> int:
+    return run_out(script, path)[0]
 
 
 @pytest.fixture
-def iptables(tmp_path: Path):
-    """fake(output, rc): a directory whose only program, `iptables`, prints `output` and exits `rc`."""
-    def fake(output: str, rc: int = 0) -> Path:
-        script = tmp_path / "iptables"
-        script.write_text(f"#!/bin/sh\nprintf '%s' '{output}'\nexit {rc}\n")
-        script.chmod(0o755)
+def programs(tmp_path: Path):
+    """fake(**outputs): a directory whose programs are `cat` and, for each name=(output, rc), a program of that
+    name printing `output` and exiting `rc`."""
+    (tmp_path / "cat").symlink_to(shutil.which("cat"))
+
+    def fake(**outputs: tuple[str, int]) -> Path:
+        for name, (output, rc) in outputs.items():
+            script = tmp_path / name
+            script.write_text(f"#!/bin/sh\nprintf '%s' '{output}'\nexit {rc}\n")
+            script.chmod(0o755)
         return tmp_path
     return fake
 
 
-@pytest.mark.parametrize(("rules", "rc", "expected"), [
-    ("-P POSTROUTING ACCEPT\n-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n", 0, 0),
+ROUTE = ("172.17.0.0/16 proto kernel scope link src 172.17.0.1 linkdown\n", 0)
+BRIDGE_PROBE = "Read the default bridge, its NAT rule and IPv4 forwarding"
+FORWARDING = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+
+
+@pytest.mark.parametrize(("rules", "rc", "nat"), [
+    ("-P POSTROUTING ACCEPT\n-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n", 0, "masqueraded"),
     # Another subnet's rule, and this subnet's rule with another target, are not it.
     ("-P POSTROUTING ACCEPT\n-A POSTROUTING -s 172.18.0.0/16 ! -o br0 -j MASQUERADE\n"
-     "-A POSTROUTING -s 172.17.0.0/16 -j ACCEPT\n", 0, 1),
-    ("", 3, 2),  # iptables itself failed
+     "-A POSTROUTING -s 172.17.0.0/16 -j ACCEPT\n", 0, "missing"),
+    ("", 3, "unreadable"),  # iptables itself failed
 ], ids=["masqueraded", "not-masqueraded", "iptables-failed"])
-def test_the_nat_probe_finds_the_bridge_subnet_masqueraded(iptables, rules, rc, expected):
-    script = probe("bridge", "Read the NAT rules", {"bridge_ipam": {"stdout": "172.17.0.0/16 172.17.0.1"}})
-    assert run(script, iptables(rules, rc)) == expected
+def test_the_bridge_probe_finds_the_subnet_masqueraded(programs, rules, rc, nat):
+    script = probe("bridge", BRIDGE_PROBE, {"bridge_settings": {"iptables": True, "ip_forward": True}})
+    assert run_out(script, programs(ip=ROUTE, iptables=(rules, rc))) == \
+        (0, f"172.17.0.0/16 172.17.0.1 {nat} {FORWARDING}\n")
 
 
-def test_the_module_probe_finds_a_filesystem_module_without_a_program():
+def test_the_bridge_probe_reads_only_what_the_settings_check(programs):
+    script = probe("bridge", BRIDGE_PROBE, {"bridge_settings": {"iptables": False, "ip_forward": False}})
+    assert run_out(script, programs(ip=ROUTE)) == (0, "172.17.0.0/16 172.17.0.1 unchecked unchecked\n")
+    # No docker0 route: the engine has no bridge.
+    assert run_out(script, programs(ip=("", 0)))[0] == 1
+
+
+KERNEL_PROBE = "Detect whether the host is a container and which kernel modules are missing"
+
+
+def test_the_kernel_probe_finds_a_filesystem_module_without_a_program():
     # A filesystem the kernel has without a /sys/module entry (built in), found with no program on PATH.
     builtin = next(name for name in (line.split()[-1] for line in Path("/proc/filesystems").read_text().splitlines())
                    if not Path("/sys/module", name).exists())
-    variables = {"kernel_module_probes": {}}
-    assert run(probe("kernel", "Check which kernel modules are present", {**variables, "item": builtin}),
-               Path("/nonexistent")) == 0
-    # Without /sys/module/<name>, /proc/modules, the filesystem or the kernel's builtin list, it is missing.
-    assert run(probe("kernel", "Check which kernel modules are present",
-                     {**variables, "item": "pm_no_such_module"})) == 1
+    variables = {"kernel_module_probes": {}, "kernel_modules": [builtin]}
+    rc, out = run_out(probe("kernel", KERNEL_PROBE, variables), Path("/nonexistent"))
+    container = out.splitlines()[0]  # this host's kind of container, or none
+    assert (rc, out) == (0, f"{container}\n")
+    # Without /sys/module/<name>, /proc/modules, the filesystem or the kernel's builtin list, it is missing;
+    # a path proving a module's function is there is enough.
+    variables = {"kernel_module_probes": {"pm_proven": "/proc/self"},
+                 "kernel_modules": ["pm_no_such_module", builtin, "pm_proven", "pm-no-such-either"]}
+    assert run_out(probe("kernel", KERNEL_PROBE, variables)) == \
+        (0, f"{container}\npm_no_such_module\npm-no-such-either\n")
+
+
+@pytest.fixture
+def sysctls(tmp_path: Path):
+    """apply(values, in_container=False, check=False): the kernel role's sysctl task run on a copy of /proc/sys
+    under tmp_path (a directory stands for a key the kernel will not let be written); (rc, stdout, stderr)."""
+    tree = tmp_path / "sys"
+
+    def apply(values: dict, in_container: bool = False, check: bool = False) -> tuple[int, str, str]:
+        variables = {"kernel_sysctls": values, "kernel_in_container": in_container, "ansible_check_mode": check}
+        script = probe("kernel", "Apply sysctls", variables).replace("/proc/sys/", f"{tree}/")
+        proc = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True)
+        # Less cat's complaint that the directory standing for a read-only key is not a file.
+        err = "".join(line for line in proc.stderr.splitlines(keepends=True) if not line.startswith("cat: "))
+        return proc.returncode, proc.stdout, err
+
+    def key(name: str, value: str | None) -> Path:
+        path = tree / name.replace(".", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if value is None:
+            path.mkdir()
+        else:
+            path.write_text(value)
+        return path
+
+    apply.key = key
+    return apply
+
+
+def test_the_sysctl_task_sets_what_differs_in_one_command(sysctls):
+    forward = sysctls.key("net.ipv4.ip_forward", "0\n")
+    rmem = sysctls.key("net.ipv4.tcp_rmem", "4096\t87380  6291456\n")
+    values = {"net.ipv4.ip_forward": 1, "net.ipv4.tcp_rmem": "4096 87380 6291456"}
+    assert sysctls(values, check=True) == (0, "changed net.ipv4.ip_forward\n", "")
+    assert forward.read_text() == "0\n"  # check mode writes nothing
+    assert sysctls(values) == (0, "changed net.ipv4.ip_forward\n", "")
+    assert forward.read_text() == "1\n" and rmem.read_text() == "4096\t87380  6291456\n"
+    assert sysctls(values) == (0, "", "")  # whitespace apart, the values are as wanted
+
+
+def test_the_sysctl_task_fails_on_a_missing_or_read_only_key(sysctls):
+    sysctls.key("net.bridge.bridge-nf-call-iptables", None)
+    sysctls.key("vm.swappiness", None)
+    bridge = {"net.bridge.bridge-nf-call-iptables": 1}
+    # A container may not write the host kernel's bridge keys: said, and not a failure.
+    assert sysctls(bridge, in_container=True) == (0, "readonly net.bridge.bridge-nf-call-iptables\n", "")
+    assert sysctls(bridge) == (1, "", "sysctl net.bridge.bridge-nf-call-iptables is read-only here\n")
+    assert sysctls({"vm.swappiness": 10}, in_container=True) == (1, "", "sysctl vm.swappiness is read-only here\n")
+    rc, out, err = sysctls({"net.ipv4.no_such_key": 1, "net.bridge.bridge-nf-call-iptables": 1}, in_container=True)
+    assert (rc, out) == (1, "readonly net.bridge.bridge-nf-call-iptables\n")
+    assert err.startswith("sysctl net.ipv4.no_such_key does not exist (")
