@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -82,6 +83,37 @@ def test_ctrl_c_interrupts_running_actions_so_they_clean_up_and_starts_no_more()
     assert sorted(cleaned) == ["a", "b"], outcomes
     assert [(o.name, o.interrupted, o.started) for o in outcomes] == [
         ("a", True, True), ("b", True, True), ("c", True, False), ("d", True, False)]
+
+
+# Ctrl-C during a fleet run under a tracer, then another run: each prints its outcomes.
+TRACED = """
+import os, signal, sys, threading, time
+from machine import fleet
+
+sys.settrace(lambda *args: None)
+threading.settrace(lambda *args: None)
+started = threading.Semaphore(0)
+
+def action(name):
+    started.release()
+    while True:
+        time.sleep(0.05)
+
+def press_ctrl_c():
+    for _ in range(2):
+        started.acquire()
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=press_ctrl_c, daemon=True).start()
+print([o.interrupted for o in fleet.run(["a", "b", "c"], action, workers=2)])
+print([o.error for o in fleet.run(["d", "e"], lambda name: None)])
+"""
+
+
+def test_a_traced_interpreter_runs_fleets_and_ctrl_c_leaves_it_working():
+    # coverage, pdb and IDE debuggers trace every thread; an interrupt's clean-up once made them spin forever.
+    proc = subprocess.run([sys.executable, "-c", TRACED], capture_output=True, text=True, timeout=WAIT)
+    assert (proc.returncode, proc.stdout) == (0, "[True, True, True]\n[None, None]\n"), proc.stderr
 
 
 # -- the CLI over several machines -----------------------------------------------------------------------------
