@@ -100,18 +100,24 @@ class _Runner:
 
     def _leave(self) -> None:
         """Unregister this thread; an interrupt sent after its action ended (not yet raised) is dropped."""
-        ident = threading.get_ident()
-        with self._lock:
-            self._running.pop(ident, None)
-            interrupted = ident in self._interrupted
-        if interrupted:
-            # Not cleared by sending NULL: CPython 3.11 then keeps its flag of a pending exception set for good,
-            # and a traced interpreter (coverage, pdb) spins forever. Replaced instead by one raised right here.
+        while True:
             try:
-                _raise_in(ident, _Dropped)
-                _checkpoint()
-            except _Dropped:
-                pass
+                ident = threading.get_ident()
+                with self._lock:
+                    self._running.pop(ident, None)
+                    interrupted = ident in self._interrupted
+                if interrupted:
+                    # Not cleared by sending NULL: CPython 3.11 then keeps its flag of a pending exception set for
+                    # good, and a traced interpreter (coverage, pdb) spins forever. Replaced instead by one raised
+                    # right here.
+                    try:
+                        _raise_in(ident, _Dropped)
+                        _checkpoint()
+                    except _Dropped:
+                        pass
+                return
+            except KeyboardInterrupt:  # Ctrl-C again, sent before this thread was unregistered: dropped too
+                continue
 
     def _work(self) -> None:
         try:

@@ -48,14 +48,17 @@ def test_at_most_n_actions_run_at_once_and_all_of_them_run():
     assert sorted(ran) == names and peak[0] == 3
 
 
-def test_a_failure_is_that_names_outcome_and_the_others_go_on():
+def test_a_failure_is_that_names_outcome_and_the_others_go_on(monkeypatch):
     def action(name: str) -> None:
         if name == "b":
             raise MachineError("b broke")
 
+    sent = []
+    monkeypatch.setattr(fleet, "_raise_in", lambda *args: sent.append(args))
     outcomes = fleet.run(["a", "b", "c"], action, workers=2)
     assert [(o.name, str(o.error) if o.error else None) for o in outcomes] == [("a", None), ("b", "b broke"),
                                                                                 ("c", None)]
+    assert sent == []  # without Ctrl-C no thread is sent an exception, not even one to drop
 
 
 def test_the_default_is_one_worker_per_name_up_to_eight():
@@ -113,7 +116,7 @@ print([o.error for o in fleet.run(["d", "e"], lambda name: None)])
 def test_a_traced_interpreter_runs_fleets_and_ctrl_c_leaves_it_working():
     # coverage, pdb and IDE debuggers trace every thread; an interrupt's clean-up once made them spin forever.
     proc = subprocess.run([sys.executable, "-c", TRACED], capture_output=True, text=True, timeout=WAIT)
-    assert (proc.returncode, proc.stdout) == (0, "[True, True, True]\n[None, None]\n"), proc.stderr
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "[True, True, True]\n[None, None]\n", "")
 
 
 # -- the CLI over several machines -----------------------------------------------------------------------------

@@ -244,12 +244,11 @@ def test_wait_for_path(mod, tmp_path):
 
 
 def test_wait_for_port(mod):
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    ok(mod("wait_for", port=port, timeout=2))
-    assert failure(mod("wait_for", port=port, state="stopped", timeout=1, sleep=1)) == \
-        f"Timeout when waiting for 127.0.0.1:{port} to stop"
-    listener.close()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        ok(mod("wait_for", port=port, timeout=2))
+        assert failure(mod("wait_for", port=port, state="stopped", timeout=1, sleep=1)) == \
+            f"Timeout when waiting for 127.0.0.1:{port} to stop"
     assert failure(mod("wait_for", port=port, timeout=1, sleep=1)) == f"Timeout when waiting for 127.0.0.1:{port}"
     ok(mod("wait_for", port=port, state="stopped", timeout=1))
 

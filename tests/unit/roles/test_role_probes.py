@@ -54,8 +54,6 @@ def programs(tmp_path: Path):
 
 ROUTE = ("172.17.0.0/16 proto kernel scope link src 172.17.0.1 linkdown\n", 0)
 BRIDGE_PROBE = "Read the default bridge, its NAT rule and IPv4 forwarding"
-FORWARDING = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
-
 
 @pytest.mark.parametrize(("rules", "rc", "nat"), [
     ("-P POSTROUTING ACCEPT\n-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n", 0, "masqueraded"),
@@ -64,15 +62,20 @@ FORWARDING = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
      "-A POSTROUTING -s 172.17.0.0/16 -j ACCEPT\n", 0, "missing"),
     ("", 3, "unreadable"),  # iptables itself failed
 ], ids=["masqueraded", "not-masqueraded", "iptables-failed"])
-def test_the_bridge_probe_finds_the_subnet_masqueraded(programs, rules, rc, nat):
+def test_the_bridge_probe_finds_the_subnet_masqueraded(programs, tmp_path, rules, rc, nat):
+    forwarding = tmp_path / "ip_forward"
+    forwarding.write_text("1\n")
     script = probe("bridge", BRIDGE_PROBE, {"bridge_settings": {"iptables": True, "ip_forward": True}})
-    assert run_out(script, programs(ip=ROUTE, iptables=(rules, rc))) == \
-        (0, f"172.17.0.0/16 172.17.0.1 {nat} {FORWARDING}\n")
+    script = script.replace("/proc/sys/net/ipv4/ip_forward", str(forwarding))
+    assert run_out(script, programs(ip=ROUTE, iptables=(rules, rc))) == (0, f"172.17.0.0/16 172.17.0.1 {nat} 1\n")
 
 
 def test_the_bridge_probe_reads_only_what_the_settings_check(programs):
     script = probe("bridge", BRIDGE_PROBE, {"bridge_settings": {"iptables": False, "ip_forward": False}})
     assert run_out(script, programs(ip=ROUTE)) == (0, "172.17.0.0/16 172.17.0.1 unchecked unchecked\n")
+    # A route without the bridge's address: "-" stands for it (and fails the engine_bip check).
+    assert run_out(script, programs(ip=("172.17.0.0/16 proto kernel scope link linkdown\n", 0))) == \
+        (0, "172.17.0.0/16 - unchecked unchecked\n")
     # No docker0 route: the engine has no bridge.
     assert run_out(script, programs(ip=("", 0)))[0] == 1
 
@@ -85,15 +88,15 @@ def test_the_kernel_probe_finds_a_filesystem_module_without_a_program():
     builtin = next(name for name in (line.split()[-1] for line in Path("/proc/filesystems").read_text().splitlines())
                    if not Path("/sys/module", name).exists())
     variables = {"kernel_module_probes": {}, "kernel_modules": [builtin]}
+    # The first line is this host's kind of container (or none); the missing modules follow it.
     rc, out = run_out(probe("kernel", KERNEL_PROBE, variables), Path("/nonexistent"))
-    container = out.splitlines()[0]  # this host's kind of container, or none
-    assert (rc, out) == (0, f"{container}\n")
+    assert (rc, out.splitlines()[1:]) == (0, []) and out.splitlines()[0]
     # Without /sys/module/<name>, /proc/modules, the filesystem or the kernel's builtin list, it is missing;
     # a path proving a module's function is there is enough.
     variables = {"kernel_module_probes": {"pm_proven": "/proc/self"},
                  "kernel_modules": ["pm_no_such_module", builtin, "pm_proven", "pm-no-such-either"]}
-    assert run_out(probe("kernel", KERNEL_PROBE, variables)) == \
-        (0, f"{container}\npm_no_such_module\npm-no-such-either\n")
+    rc, out = run_out(probe("kernel", KERNEL_PROBE, variables))
+    assert (rc, out.splitlines()[1:]) == (0, ["pm_no_such_module", "pm-no-such-either"])
 
 
 @pytest.fixture
