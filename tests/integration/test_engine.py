@@ -128,6 +128,15 @@ def test_reprovision_changes_nothing_and_check_reports_drift(cli, web):
     assert " changed=1 " in fixed, fixed
     assert "# drift" not in cli("ssh", web, "--", "cat /etc/modules-load.d/pymachine.conf").stdout
 
+    # A sysctl's drift is reported by --check, not a failure of the bridge's check that the real run would pass.
+    cli("ssh", web, "--", "echo 0 > /proc/sys/net/ipv4/ip_forward")
+    check = cli("provision", "--check", web).stdout
+    assert " changed=1 " in check and " failed=0 " in check and "Apply sysctls" in check, check
+    assert cli("ssh", web, "--", "cat /proc/sys/net/ipv4/ip_forward").stdout == "0\n"
+    fixed = cli("provision", web).stdout
+    assert " changed=1 " in fixed and " failed=0 " in fixed, fixed
+    assert cli("ssh", web, "--", "cat /proc/sys/net/ipv4/ip_forward").stdout == "1\n"
+
 
 def test_broken_roles_fail_clearly_and_leave_the_machine_usable(cli, web, tmp_path):
     roles = tmp_path / "roles"
