@@ -105,8 +105,8 @@ class Role:
             raise RoleError(f"{self.display}/tasks/{name}: includes itself")
         if path not in self._files:
             with _LOADING:  # one run of a fleet may be pickling this role (save_plays) while another includes
-                rel = path.relative_to(self.path.resolve()) if path.is_relative_to(self.path.resolve()) else path
                 if path not in self._files:
+                    rel = path.relative_to(self.path.resolve()) if path.is_relative_to(self.path.resolve()) else path
                     self._files[path] = _task_list(load_yaml(path, f"{self.display}/{rel}"), self, False,
                                                    (*stack, path), f"{self.display}/{rel}")
         return self._files[path]
