@@ -179,10 +179,13 @@ def main() -> None:
             run("apply", str(fleet), expect=f"{len(names)} machines unchanged")  # warm: page cache, pyc files
             results: dict[str, float] = {}
 
+            def keep(what: str, seconds: float) -> None:
+                results[what] = seconds
+                print(f"{what}: {seconds:.2f}s", file=sys.stderr)  # kept if a later, slower one is cut short
+
             def measure(what: str, fn: Callable[[], object], rounds: int,
                         before: Callable[[], object] | None = None) -> None:
-                results[what] = median_seconds(fn, rounds, before)
-                print(f"{what}: {results[what]:.2f}s", file=sys.stderr)  # kept if a later, slower one is cut short
+                keep(what, median_seconds(fn, rounds, before))
 
             n = len(names)
             logins = floor_logins(names)
@@ -202,8 +205,7 @@ def main() -> None:
                 "floor over kept connections (1 machine)": lambda: floor(kept[:1]),
                 f"floor over kept connections, {n} machines at once": lambda: floor(kept),
             }, args.rounds).items():
-                results[what] = seconds
-                print(f"{what}: {seconds:.2f}s", file=sys.stderr)
+                keep(what, seconds)
             bench = Bench(names, work)  # ansible_compare's: Ansible's inventory, and reset() for the converge runs
             if pyinfra:
                 inventory, deploy, addresses = pyinfra_setup(names, work)
