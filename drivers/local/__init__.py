@@ -81,7 +81,7 @@ class LocalDriver(Driver):
         from machine import images
         from machine.drivers.local.network import Network
 
-        Network.parse(options["local_bridge"], options["local_subnet"])
+        Network.parse(options["local_bridge"], options["local_subnet"]).check_free()
         release = options["local_release"]
         if not release or not set(release) <= _RELEASE_CHARS:
             raise UsageError(f"--local-release: {release!r} is not a release name")

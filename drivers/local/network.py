@@ -2,7 +2,9 @@
 
 Leases are host-wide (one JSON file per bridge under /var/lib/pymachine/networks, guarded by a lock),
 because a bridge is shared by every pymachine home on the host. The bridge and its rules exist exactly as
-long as at least one lease does: the last `rm` takes them away.
+long as at least one lease does: the last `rm` takes them away. A bridge pymachine makes carries the MAC derived
+from its name; an interface of that name without it is the host's own (br0, virbr0, docker0), never used, never
+taken away.
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ class Network:
         digest = hashlib.sha256(self.bridge.encode()).digest()[:5]
         return ":".join(f"{b:02x}" for b in (0x02, *digest))
 
+    def check_free(self) -> None:
+        """Refuse a bridge name the host already uses for an interface pymachine did not make."""
+        if self._taken():
+            raise UsageError(f"--local-bridge {self.bridge}: the host's interface {self.bridge} was not made by "
+                             f"pymachine; choose another name")
+
+    def _taken(self) -> bool:
+        link = Path("/sys/class/net", self.bridge)
+        try:
+            mac = (link / "address").read_text().strip()
+        except FileNotFoundError:
+            return False  # no such interface: the first lease makes it
+        return mac != self.mac or not (link / "bridge").is_dir()
+
     @property
     def _state_file(self) -> Path:
         return STATE_DIR / f"{self.bridge}.json"
@@ -74,6 +90,7 @@ class Network:
 
     def lease(self, owner: str, wanted: str | None = None) -> str:
         """Give `owner` (a machine directory) an address, keeping `wanted` when it is still its own."""
+        self.check_free()
         with self._leases() as leases:
             _forget_orphans(leases, owner)
             if wanted and leases.get(wanted, owner) == owner:
@@ -139,7 +156,7 @@ class Network:
         for table, chain, spec in self._rules():
             while _iptables("-t", table, "-C", chain, *spec, check=False):
                 _iptables("-t", table, "-D", chain, *spec)
-        if _link_exists(self.bridge):
+        if _link_exists(self.bridge) and not self._taken():
             _run("ip", "link", "del", self.bridge)
 
     def _check_overlap(self) -> None:

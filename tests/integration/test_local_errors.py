@@ -1,11 +1,17 @@
-"""Refusals that depend on the host: not root, missing tools. Nothing may be created."""
+"""Refusals that depend on the host: not root, missing tools, a bridge name the host uses. Nothing may be created."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from machine.drivers.local import network
 
 pytestmark = pytest.mark.integration
 
@@ -28,3 +34,36 @@ def test_create_without_systemd_nspawn_is_refused(local, tmp_path):
     proc = local("create", "--no-provision", "notools", check=False)
     assert proc.returncode == 1 and "needs systemd-nspawn on PATH" in proc.stderr
     assert not (local.home / "machines/notools").exists()
+
+
+@pytest.fixture
+def foreign_bridge() -> Iterator[str]:
+    """A bridge of the host's own (made as an administrator would, with a MAC of the kernel's choosing)."""
+    name = "pmforeign0"
+    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def test_create_on_a_bridge_the_host_already_has_is_refused(local, foreign_bridge):
+    proc = local("create", "--no-provision", "--local-bridge", foreign_bridge, "--local-subnet", "10.231.244.0/24",
+                 "onhost", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"pymachine: error: --local-bridge {foreign_bridge}: the host's interface "
+                                   f"{foreign_bridge} was not made by pymachine; choose another name")
+    assert not (local.home / "machines/onhost").exists()
+    assert Path("/sys/class/net", foreign_bridge).exists()
+
+
+def test_the_last_lease_out_never_takes_the_host_s_own_bridge(foreign_bridge, tmp_path, monkeypatch):
+    # A lease left on such a bridge (by a version that did not refuse it): its release removes pymachine's rules
+    # and keeps the interface.
+    monkeypatch.setattr(network, "STATE_DIR", tmp_path)
+    bridge = network.Network.parse(foreign_bridge, "10.231.244.0/24")
+    (tmp_path / f"{foreign_bridge}.json").write_text(json.dumps(
+        {"subnet": "10.231.244.0/24", "leases": {"10.231.244.2": str(tmp_path)}}))
+    bridge.release(str(tmp_path))
+    assert Path("/sys/class/net", foreign_bridge).exists()
+    assert not (tmp_path / f"{foreign_bridge}.json").exists()
