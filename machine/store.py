@@ -173,11 +173,15 @@ class Machine:
 
 
 def _append(journal: Path, entry: dict[str, Any]) -> None:
-    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    fd = os.open(journal, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+b") as f:
+        size = os.fstat(fd).st_size
+        # After a torn last line (a crash while writing it), the entry starts a line of its own: appended to the
+        # torn one, it would be skipped with it.
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        f.write(b"\n" * torn + json.dumps(entry, sort_keys=True).encode() + b"\n")
         f.flush()
-        os.fsync(f.fileno())
+        os.fsync(fd)
 
 
 def _replay(journal: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -217,10 +221,12 @@ class Store:
     """The pymachine home directory."""
 
     def __init__(self, home: Path | None = None) -> None:
-        self.home = Path(home or os.environ.get(HOME_ENV) or Path.home() / ".pymachine")
+        # Absolute: paths of the store are recorded where other processes, in other directories, read them (the
+        # owners of address leases and cache marks, DOCKER_CERT_PATH).
+        self.home = Path(home or os.environ.get(HOME_ENV) or Path.home() / ".pymachine").absolute()
         self.machines_dir = self.home / "machines"
         self.certs_dir = self.home / "certs"
-        self.cache_dir = Path(os.environ.get(CACHE_ENV) or self.home / "cache")
+        self.cache_dir = Path(os.environ.get(CACHE_ENV) or self.home / "cache").absolute()
 
     def _ensure(self, path: Path) -> Path:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -71,6 +71,18 @@ def test_a_torn_journal_line_is_skipped(tmp_path):
     with machine.journal_path.open("a") as f:
         f.write('{"resources": {"pid": 1')  # a crash in the middle of an append
     assert store.recover("m").resources == {"ip": "10.0.0.2"}
+    machine.record(cgroup="pm-1")  # the next command's entry is not lost with the torn line
+    assert store.recover("m").resources == {"ip": "10.0.0.2", "cgroup": "pm-1"}
+
+
+def test_a_relative_home_is_recorded_absolute(tmp_path, monkeypatch):
+    # Leases and cache marks name a machine by its directory, and other commands run from other directories.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYMACHINE_HOME", "pm")
+    monkeypatch.delenv("PYMACHINE_CACHE", raising=False)
+    store = Store()
+    assert store.home == tmp_path / "pm" and store.cache_dir == tmp_path / "pm/cache"
+    assert reserve(store, "m").dir == tmp_path / "pm/machines/m"
 
 
 @pytest.mark.parametrize(("content", "text"), [
