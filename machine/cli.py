@@ -31,6 +31,10 @@ def _names(ctx: click.Context, param: click.Parameter,
     would name a path outside the store."""
     for name in (value,) if isinstance(value, str) else value or ():
         validate_name(name)
+    # Twice in one command, a machine would get two runs at once, and one's outcome would hide the other's.
+    twice = [name for name, n in Counter(() if isinstance(value, str) else value or ()).items() if n > 1]
+    if twice:
+        raise UsageError(f"machine name {twice[0]!r} is given more than once")
     return value
 
 
@@ -184,14 +188,12 @@ def create(names: tuple[str, ...], count: int | None, parallel: int | None, driv
 
 
 def _new_names(store: Store, names: tuple[str, ...], count: int | None) -> list[str]:
-    """The names of the machines to make (NAME1 … NAMEN with --count), each valid, new and given once."""
+    """The names of the machines to make (NAME1 … NAMEN with --count), each new (and, as every command's, valid
+    and given once: _names)."""
     if count is not None:
         if len(names) != 1:
             raise UsageError("--count makes NAME1 … NAMEN from one NAME: give exactly one")
         names = tuple(validate_name(f"{names[0]}{i}") for i in range(1, count + 1))
-    twice = [name for name, n in Counter(names).items() if n > 1]
-    if twice:
-        raise UsageError(f"machine name {twice[0]!r} is given more than once")
     taken = [name for name in names if store.exists(name)]
     if len(taken) == 1:
         raise UsageError(f"machine {taken[0]!r} already exists")
@@ -454,19 +456,24 @@ for _name, _done, _help in [
 @cli.command(context_settings=_CONTEXT)
 @_names_argument()
 @_parallel_option
-@click.option("-f", "--force", is_flag=True, help="Remove even if the driver cannot clean up; implies -y.")
+@click.option("-f", "--force", is_flag=True,
+              help="Go on past the driver's errors and a damaged record; the record stays while anything is known "
+                   "to be left. Implies -y.")
+@click.option("--forget", is_flag=True,
+              help="Drop the record even when the driver cannot remove or find what the machine made (its libvirt "
+                   "host or cloud account is gone); prints what it recorded. Implies -f.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--uninstall", is_flag=True,
               help="First remove from the host what provisioning installed (engine packages, daemon.json, the "
                    "engine's certificates, pymachine's systemd drop-ins); for an adopted (generic) host.")
-def rm(names: tuple[str, ...], parallel: int | None, force: bool, yes: bool, uninstall: bool) -> None:
+def rm(names: tuple[str, ...], parallel: int | None, force: bool, forget: bool, yes: bool, uninstall: bool) -> None:
     """Remove machines and everything they own."""
-    if not (yes or force):
+    if not (yes or force or forget):
         if not sys.stdin.isatty():
             raise UsageError("refusing to remove without confirmation: pass -y")
         if not click.confirm(f"Remove {', '.join(names)}?"):
             raise SystemExit(1)
-    _each(lambda store, name: commands.rm(store, name, force, uninstall=uninstall,
+    _each(lambda store, name: commands.rm(store, name, force, uninstall=uninstall, forget=forget,
                                           reporter=_reporter("progress") if uninstall else None), names,
           "removed", parallel)
 

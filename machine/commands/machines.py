@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from typing import Any
@@ -167,10 +168,12 @@ def kill(store: Store, name: str) -> None:
         driver.kill()
 
 
-def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool = False) -> None:
+def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool = False, forget: bool = False) -> None:
     """Remove what the machine made, then its directory; while anything is left, keep the record and say what.
 
-    Without `force` any error of the driver stops the removal; with it, only what is really left does.
+    Without `force` any error of the driver stops the removal; with it, only what is really left does. With
+    `forget`, nothing does (the libvirt host or cloud account is gone): what may be left, and what the machine
+    recorded, are printed for the user to look after, as the record that named them goes.
     """
     dockercontext.remove(machine.name)
     sshmux.forget(machine.known_hosts_path)
@@ -180,24 +183,31 @@ def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool =
     except MachineError as e:
         error = e
     left = driver.leftovers()
-    if left or (error and not force):
+    if forget and (left or error):
+        ui.err(f"warning: {machine.name} forgotten; "
+               + (f"left: {', '.join(left)}" if left else f"not removed: {error}")
+               + f"; it recorded {json.dumps(machine.resources, sort_keys=True)}")
+    elif left or (error and not force):
         machine.state = "error"
         machine.save()  # a record recovered from the journal is written back: the evidence stays
         detail = f"{error}; " if error else ""
         what = f"left: {', '.join(left)}" if left else "nothing left; `rm -f` forgets it"
         raise MachineError(f"could not remove {machine.name}: {detail}{what} (its record is kept: run "
-                           f"`pymachine rm -f {machine.name}` again)")
+                           f"`pymachine rm -f {machine.name}` again, or `pymachine rm --forget {machine.name}` to "
+                           f"drop it and look after what is left yourself)")
     store.delete(machine)
 
 
-def rm(store: Store, name: str, force: bool = False, uninstall: bool = False, reporter=None) -> None:
-    """Remove a machine and all it owns; with `force`, also one whose config.json is damaged (from its journal).
-    With `uninstall`, first take off the host what provisioning installed (role `uninstall`)."""
+def rm(store: Store, name: str, force: bool = False, uninstall: bool = False, reporter=None,
+       forget: bool = False) -> None:
+    """Remove a machine and all it owns; with `force` (implied by `forget`), also one whose config.json is damaged
+    (from its journal). With `uninstall`, first take off the host what provisioning installed (role `uninstall`)."""
+    force = force or forget
     try:
         with locked(store, name, recover=force) as (machine, driver):
             if uninstall:
                 _uninstall(machine, driver, reporter)
-            remove_machine(store, machine, driver, force)
+            remove_machine(store, machine, driver, force, forget)
     except RecordDamaged as e:
         raise MachineError(f"{e}: `pymachine rm -f {name}` removes what its journal records") from None
 

@@ -14,7 +14,7 @@ import pytest
 
 import machine.drivers.libvirt as libvirt_driver
 from machine import drivers
-from machine.commands.machines import parse_driver_options
+from machine.commands.machines import parse_driver_options, rm
 from machine.drivers.libvirt import LibvirtDriver, catalog, domain, network, storage
 from machine.errors import MachineError, UsageError
 from machine.store import Store
@@ -114,6 +114,24 @@ def test_remove_of_a_machine_that_made_nothing_is_a_no_op(tmp_path):
         driver.remove()
         assert driver.state().value == "Stopped"
         assert driver.leftovers() == []
+
+
+def test_a_machine_whose_libvirt_host_is_gone_is_kept_by_rm_f_and_dropped_by_rm_forget(tmp_path, capsys):
+    # Nothing can say whether its domain and volumes are gone: `rm -f` keeps the record, `rm --forget` drops it
+    # and prints what it recorded, for the user to look after.
+    store = Store(tmp_path)
+    gone = options(libvirt_uri="qemu+tcp://127.0.0.1:1/system")  # nothing listens on port 1
+    with store.reserve("web", "libvirt", gone) as machine:
+        machine.record(domain="pm-web", pool="default")
+    with pytest.raises(MachineError, match=r"left: unknown \(cannot connect .*`pymachine rm --forget web`"):
+        rm(store, "web", force=True)
+    assert store.exists("web")
+    rm(store, "web", forget=True)
+    assert not store.exists("web")
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("pymachine: warning: web forgotten; left: unknown (cannot connect to libvirt at "
+                              "qemu+tcp://127.0.0.1:1/system")
+    assert warning.endswith('; it recorded {"domain": "pm-web", "pool": "default"}')
 
 
 @contextlib.contextmanager
