@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -66,9 +67,12 @@ def base_rootfs(
                     _run(["tar", "--numeric-owner", "--xattrs", "-xpf", str(tarball), "-C", str(staging / "rootfs")],
                          mkdir=staging / "rootfs")
                 else:
-                    # debootstrap's `I: Retrieving libc6 2.36-9`, `I: Unpacking …`: how far the build has got
-                    _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-                          release, str(staging / "rootfs"), mirror], report=step.report)
+                    # debootstrap's `I: Retrieving libc6 2.36-9`, `I: Unpacking …`: how far the build has got.
+                    # In a mount namespace of its own: the proc and sysfs it mounts in the rootfs go with it,
+                    # even when it is killed before its exit trap unmounts them.
+                    _run(["unshare", "--mount", "--propagation", "private", "debootstrap", "--variant=minbase",
+                          "--include=" + ",".join(PACKAGES), release, str(staging / "rootfs"), mirror],
+                         report=step.report)
                 _customise(staging / "rootfs")
             if not tarball:  # what prune() tells a base of an older recipe by (an image's key has no recipe)
                 (staging / RECIPE_FILE).write_text(json.dumps({"recipe": RECIPE}))
@@ -138,8 +142,8 @@ def _run(cmd: list[str], mkdir: Path | None = None, report: Callable[[str], None
     if mkdir is not None:
         mkdir.mkdir()
     last = "no output"
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                          start_new_session=True) as proc:
         try:
             for line in proc.stdout or ():
                 if not line.strip():
@@ -147,8 +151,8 @@ def _run(cmd: list[str], mkdir: Path | None = None, report: Callable[[str], None
                 last = line.strip()
                 if report is not None and last.startswith("I: "):
                     report(last[3:])
-        except BaseException:  # Ctrl-C (raised in this worker thread): no build goes on behind the user's back
-            proc.kill()
+        except BaseException:  # Ctrl-C (raised in this worker thread): no build goes on behind the user's back,
+            os.killpg(proc.pid, signal.SIGKILL)  # nor any of its children (dpkg, wget)
             raise
     if proc.returncode != 0:
         raise MachineError(f"{cmd[0]} failed (exit {proc.returncode}): {last}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -58,3 +59,21 @@ def test_checksum_mismatch_leaves_nothing(local, server, tmp_path):
     assert proc.returncode == 1 and "checksum mismatch" in proc.stderr
     assert local("ls", "-q").stdout.strip() == ""
     assert [p.name for p in (tmp_path / "cache/local/images").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_an_interrupted_base_build_leaves_no_mount_and_no_process(tmp_path, monkeypatch):
+    # debootstrap mounts proc and sysfs in the rootfs for its second stage and unmounts them in its exit trap,
+    # which a kill skips. A stand-in does the same and starts a child (as debootstrap runs dpkg), then Ctrl-C
+    # (SIGINT to pymachine) arrives.
+    fake = tmp_path / "bin/debootstrap"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nmkdir -p "$4/proc" && mount -t tmpfs pm-test-proc "$4/proc" || exit 1\n'
+                    'sleep 317 &\necho "I: Configuring base-files"\nkill -INT "$PM_TEST_PID"\nwait\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("PM_TEST_PID", str(os.getpid()))
+    with pytest.raises(KeyboardInterrupt):
+        rootfs.base_rootfs(tmp_path / "cache", "bookworm", "http://127.0.0.1:9/debian")
+    assert "pm-test-proc" not in Path("/proc/self/mountinfo").read_text()
+    assert not list((tmp_path / "cache").rglob("*.build"))  # the staging directory could be removed
+    assert subprocess.run(["pgrep", "-f", "^sleep 317$"], capture_output=True).returncode == 1
