@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from machine.roles.yamlload import RoleError
 from machine.ssh import ConnectionLost
 
 _HIDDEN = "the output has been hidden due to the fact that 'no_log: true' was specified for this result"
+_CENSORED = "(censored due to no_log)"
 _UNTAGGED = frozenset({"untagged"})
 # A lost connection is re-opened and the interrupted task run again from its start (tasks are idempotent):
 # a host that stays away this long is unreachable, and a task that loses it this often (one that reboots the
@@ -43,17 +44,21 @@ class _EndHost(Exception):
 
 @dataclass(frozen=True)
 class Scope:
-    """Keywords a block or an import hands down to the tasks inside it."""
+    """Keywords a block or an import hands down to the tasks inside it.
+
+    The flags (`become`, `ignore_errors`, `check_mode`, `diff`, `no_log`) are kept as written, since they may be
+    templates (`no_log: "{{ hide }}"`): `resolved` works them out with the variables of the task they apply to,
+    as Ansible does."""
 
     when: tuple[Any, ...] = ()
     tags: frozenset[str] = frozenset()
     vars: tuple[Mapping[str, Any], ...] = ()
-    become: bool = False
+    become: Any = False
     become_user: str = "root"
-    ignore_errors: bool = False
-    check_mode: bool | None = None
-    diff: bool | None = None
-    no_log: bool = False
+    ignore_errors: Any = False
+    check_mode: Any = None
+    diff: Any = None
+    no_log: Any = False
     environment: Mapping[str, Any] = field(default_factory=dict)
 
     def inherit(self, task: Task, *, conditions: bool = True, tags: bool = True) -> Scope:
@@ -63,14 +68,18 @@ class Scope:
             when=self.when + ((d["when"],) if conditions and "when" in d else ()),
             tags=self.tags | (frozenset(map(str, as_list(d.get("tags")))) if tags else frozenset()),
             vars=self.vars + ((d["vars"],) if "vars" in d else ()),
-            become=to_bool(d["become"]) if "become" in d else self.become,
             become_user=str(d.get("become_user", self.become_user)),
-            ignore_errors=to_bool(d["ignore_errors"]) if "ignore_errors" in d else self.ignore_errors,
-            check_mode=to_bool(d["check_mode"]) if "check_mode" in d else self.check_mode,
-            diff=to_bool(d["diff"]) if "diff" in d else self.diff,
-            no_log=to_bool(d["no_log"]) if "no_log" in d else self.no_log,
             environment={**self.environment, **(d.get("environment") or {})},
+            **{flag: d[flag] for flag in _FLAGS if flag in d},
         )
+
+    def resolved(self, template: Callable[[Any], Any]) -> Scope:
+        """The flags as booleans (None: the play's setting), templated by `template` first (TemplateFailure)."""
+        return replace(self, **{flag: to_bool(template(value)) for flag in _FLAGS
+                                if (value := getattr(self, flag)) is not None and not isinstance(value, bool)})
+
+
+_FLAGS = ("become", "ignore_errors", "check_mode", "diff", "no_log")
 
 
 def selected(tags: frozenset[str], only: frozenset[str], skip: frozenset[str]) -> bool:
@@ -226,10 +235,10 @@ class Play:
         if (module is None or module.reads is None or "until" in task.data or "with_items" in task.data
                 or "index_var" in (task.get("loop_control") or {}) or not selected(tags, self.only, self.skip)):
             return None
-        own = scope.inherit(task, conditions=False, tags=False)
         variables = self.variables(run, scope, task.get("vars"))
         loop_var = (task.get("loop_control") or {}).get("loop_var", "item")
         try:  # an optimisation: whatever cannot be worked out now is left to the task itself
+            own = self._own(task, scope, variables)
             items = self._items(task, variables) if "loop" in task.data else [None]
             names = []
             for item in items:
@@ -308,12 +317,15 @@ class Play:
 
     def _run_action(self, task: Task, run: RoleRun, scope: Scope, handler: bool) -> None:
         info = self._info(task, run, handler)
-        own = scope.inherit(task, conditions=False, tags=False)
         include = task.action == "include_tasks"
         # The `when` of an include applies to the include, not to the included tasks; its vars go with them.
         conditions = (*scope.when, *as_list(task.get("when")))
         variables = self.variables(run, scope, task.get("vars"))
         self.reporter.task_start(self.host, info)
+        try:
+            own = self._own(task, scope, variables)
+        except TemplateFailure as e:
+            raise self._fail(info, str(e)) from None
         looped = "loop" in task.data or "with_items" in task.data
         try:
             items = self._items(task, variables) if looped else None
@@ -351,6 +363,11 @@ class Play:
                 final.update(failed=True, msg="One or more items failed")
         self._account(task, run, info, own, final, include)
 
+    def _own(self, task: Task, scope: Scope, variables: Vars) -> Scope:
+        """The keywords `task` runs with: its own over its blocks', templated with its variables."""
+        return scope.inherit(task, conditions=False, tags=False).resolved(
+            lambda value: self.templar.template(value, variables))
+
     def _items(self, task: Task, variables: Vars) -> list[Any]:
         raw = task.get("loop") if "loop" in task.data else task.get("with_items")
         items = self.templar.template(raw, variables)
@@ -372,8 +389,8 @@ class Play:
         status = ("failed" if result.get("failed") else "skipped" if result.get("skipped")
                   else "changed" if result.get("changed") else "ok")
         msg, diff = str(result.get("msg", "")), str(result.get("diff", ""))
-        if scope.no_log:
-            msg, diff = (_HIDDEN if msg else ""), ""
+        if scope.no_log:  # a loop item's label may be the secret itself
+            msg, diff, item = (_HIDDEN if msg else ""), "", (_CENSORED if item is not None else None)
         self.reporter.task_result(self.host, info, TaskResult(
             status, msg=msg, diff=diff, item=item, ignored=status == "failed" and scope.ignore_errors,
             result=dict(result) if not scope.no_log else {}))
@@ -387,7 +404,7 @@ class Play:
             if scope.ignore_errors:
                 self.recap.ignored += 1
                 return
-            raise _HostFailed(Failure(info.label, info.where, self._failure_msg(result)))
+            raise _HostFailed(Failure(info.label, info.where, _HIDDEN if scope.no_log else self._failure_msg(result)))
         if result.get("skipped"):
             self.recap.skipped += 1
             return

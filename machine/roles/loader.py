@@ -470,17 +470,24 @@ def as_list(value: Any) -> list[Any]:
 
 
 def handler_names(runs: Sequence[RoleRun]) -> dict[str, list[Task]]:
-    """Every name a task may notify -> the handlers it triggers, in definition order (name, `role : name`,
-    and `listen` topics)."""
-    names: dict[str, list[Task]] = {}
-    for run in runs:
+    """Every name a task may notify -> the handlers it triggers, as Ansible (2.19) finds them: it searches the
+    roles' handlers from the last role loaded back, each role's from its first handler on. By name (or
+    `role : name`) only the first handler found runs; by `listen` topic every handler listening, but of those
+    with the same name only the first found."""
+    by_name: dict[str, Task] = {}
+    by_topic: dict[str, dict[Any, Task]] = {}
+    for run in reversed(runs):
         for handler in run.role.handlers:
-            keys = [str(handler.get("name"))] if handler.get("name") else []
-            keys += [f"{run.role.name} : {k}" for k in keys]
-            keys += [str(t) for t in as_list(handler.get("listen"))]
-            for key in keys:
-                if handler not in names.setdefault(key, []):
-                    names[key].append(handler)
+            name = handler.get("name")
+            if name:
+                by_name.setdefault(str(name), handler)
+                by_name.setdefault(f"{run.role.name} : {name}", handler)
+            for topic in as_list(handler.get("listen")):
+                by_topic.setdefault(str(topic), {}).setdefault(str(name) if name else id(handler), handler)
+    names = {key: [handler] for key, handler in by_name.items()}
+    for topic, listening in by_topic.items():
+        found = names.setdefault(topic, [])
+        found += [h for h in listening.values() if not any(h is f for f in found)]
     return names
 
 

@@ -44,7 +44,7 @@ class Remote:
         self._known: dict[tuple[Become, str, str], Any] = {}
 
     def command(self, script: str, become: Become = Become(), env: Mapping[str, Any] | None = None) -> str:
-        return self._as(become, [*_env(env), "sh", "-c", script])
+        return self._as(become, ["env", _C_LOCALE, *_pairs(env), "sh", "-c", script])
 
     def _as(self, become: Become, argv: list[str]) -> str:
         """`argv` as a command line run as the user `become` names (through sudo, or su from root)."""
@@ -79,20 +79,21 @@ class Remote:
             return {}
         mark, names = f"@@pm-files-{os.urandom(4).hex()}", " ".join(q(p) for p in plain)
         out = self.run(
-            f"LC_ALL=C stat -c '%F|%a|%U|%G|%n' -- {names} 2>/dev/null; echo {mark}; set --; "
+            f"stat -c '%F|%a|%U|%G|%u|%g|%n' -- {names} 2>/dev/null; echo {mark}; set --; "
             f'for p in {names}; do [ -f "$p" ] && [ ! -L "$p" ] && set -- "$@" "$p"; done; '
             f'[ $# -eq 0 ] || sha256sum -- "$@" 2>/dev/null; true', become=become).stdout
         stats, _, sums = out.partition(mark + "\n")
         checksums = {name: digest for digest, _, name in (line.partition("  ") for line in sums.splitlines())}
         known = {p: KnownFile(FileState("absent"), "") for p in plain}
         for line in stats.splitlines():
-            kind, mode, owner, group, name = [*line.split("|", 4), "", "", "", ""][:5]
+            kind, mode, owner, group, uid, gid, name = [*line.split("|", 6), *[""] * 6][:7]
             if name in known:
                 if kind == "symbolic link" or not mode.isdigit():
                     del known[name]
                     continue
                 kind = "file" if kind.startswith("regular") else kind if kind == "directory" else "other"
-                known[name] = KnownFile(FileState(kind, int(mode, 8), owner, group, ""), checksums.get(name, ""))
+                known[name] = KnownFile(FileState(kind, int(mode, 8), owner, group, "", uid, gid),
+                                        checksums.get(name, ""))
         return known
 
     def _read_units(self, units: list[str], become: Become) -> dict[str, dict[str, str]]:
@@ -113,8 +114,9 @@ class Remote:
         # In the kept shell every command already runs in a subshell of its own (machine.sshshell): `eval` there
         # parses and runs the script as `sh -c` would, without a second exec of sh per command (a no-op run
         # makes dozens). The script stays one quoted word, so a syntax error in it fails that command alone.
-        command = shlex.join([*_env(env), "sh", "-c", script]) if env else f"eval {q(script)}"
-        return self.conn.run(command, stdin=stdin, timeout=timeout, shell=self._as(become, ["sh"]))
+        command = shlex.join(["env", *_pairs(env), "sh", "-c", script]) if env else f"eval {q(script)}"
+        # The locale is set once, when the shell starts: every command inherits it (`env` execs sh in its place).
+        return self.conn.run(command, stdin=stdin, timeout=timeout, shell=self._as(become, ["env", _C_LOCALE, "sh"]))
 
     def reconnect(self, timeout: float) -> None:
         """Re-open the connection after machine.ssh.ConnectionLost (raised by `run`)."""
@@ -122,8 +124,13 @@ class Remote:
         self.conn.reconnect(timeout)
 
 
-def _env(env: Mapping[str, Any] | None) -> list[str]:
-    return ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+# Modules parse what commands print (stat's `%F`, apt's and dnf's messages, sysctl's errors), so every command
+# runs in the C locale whatever the target's, as Ansible runs its modules. A task's `environment` still wins.
+_C_LOCALE = "LC_ALL=C"
+
+
+def _pairs(env: Mapping[str, Any] | None) -> list[str]:
+    return [f"{k}={v}" for k, v in (env or {}).items()]
 
 
 # -- shell snippets shared by the modules ------------------------------------------------------------------
@@ -142,9 +149,9 @@ def detached(script: str) -> str:
 
 
 def stat_line() -> str:
-    """Print `kind|mode|owner|group|link-target` of $p (a link itself, not its target), or `absent`; leave the
-    kind in $t and the size in $sz for the snippets that follow. One fork, for speed on no-op runs."""
-    return ('s=$(stat -c "%F|%a|%U|%G|%s" -- "$p" 2>/dev/null) || s=absent; sz=${s##*|}; s=${s%|*}; '
+    """Print `kind|mode|owner|group|uid|gid|link-target` of $p (a link itself, not its target), or `absent`;
+    leave the kind in $t and the size in $sz for the snippets that follow. One fork, for speed on no-op runs."""
+    return ('s=$(stat -c "%F|%a|%U|%G|%u|%g|%s" -- "$p" 2>/dev/null) || s=absent; sz=${s##*|}; s=${s%|*}; '
             'case $s in "symbolic link"*) t=link;; directory*) t=directory;; regular*) t=file;; absent) t=absent;; '
             '*) t=other;; esac; if [ $t = link ]; then echo "link|${s#*|}|$(readlink -- "$p")"; '
             'elif [ $t = absent ]; then echo absent; else echo "$t|${s#*|}|"; fi')
@@ -162,13 +169,17 @@ class FileState:
     owner: str = ""
     group: str = ""
     target: str = ""
+    uid: str = ""  # owner and group as numbers, for an `owner`/`group` given as one
+    gid: str = ""
 
     @classmethod
     def parse(cls, line: str) -> FileState:
-        parts = line.strip().split("|")
-        if parts[0] not in ("file", "directory", "link", "other") or len(parts) < 5:
+        """A stat_line() line."""
+        parts = line.strip().split("|", 6)
+        if parts[0] not in ("file", "directory", "link", "other") or len(parts) < 7:
             return cls("absent")
-        return cls(parts[0], int(parts[1], 8), parts[2], parts[3], parts[4])
+        kind, mode, owner, group, uid, gid, target = parts
+        return cls(kind, int(mode, 8), owner, group, target, uid, gid)
 
     @property
     def exists(self) -> bool:
@@ -203,7 +214,7 @@ def attrs_script(path: str, current: FileState, mode: int | None, owner: str | N
                  ) -> tuple[str, list[str]]:
     """Commands (and a description of each difference) bringing `path`'s attributes to the wanted ones."""
     cmds, changes = [], []
-    if (owner and current.owner != owner) or (group and current.group != group):
+    if _differs(owner, current.owner, current.uid) or _differs(group, current.group, current.gid):
         spec = f"{owner or ''}{':' + group if group else ''}"
         cmds.append(f"chown -h {q(spec)} {q(path)}")
         changes.append(f"owner {current.owner}:{current.group} -> {spec}" if current.exists else f"owner {spec}")
@@ -213,12 +224,21 @@ def attrs_script(path: str, current: FileState, mode: int | None, owner: str | N
     return "; ".join(cmds), changes
 
 
+def _differs(wanted: str | None, name: str, number: str) -> bool:
+    """Whether an owner or group differs from the wanted one, given as a name or as a number (`owner: 0`)."""
+    return bool(wanted) and (number if wanted.isdigit() else name) != wanted
+
+
 def write_script(path: str, mode: int | None, owner: str | None, group: str | None,
                  validate: str | None = None) -> str:
     """Write stdin to `path` atomically: a temp file in the same directory, attributes, an optional
     `validate` command (`%s` is the temp file), then rename."""
     steps = ["set -e", f"d=$(dirname {q(path)})", 't=$(mktemp "$d/.pm.XXXXXX")', "trap 'rm -f \"$t\"' EXIT",
              'cat > "$t"']
+    if not (owner and group):
+        # A replaced file keeps its owner and group unless told otherwise, as Ansible does; a user who may not
+        # give the file away (EPERM, not root) gets it as their own, as with Ansible.
+        steps.append(f'if [ -e {q(path)} ]; then chown $(stat -L -c %u:%g {q(path)}) "$t" 2>/dev/null || :; fi')
     if owner or group:
         steps.append(f"chown {q((owner or '') + (':' + group if group else ''))} \"$t\"")
     # Without a mode, a replaced file keeps its mode and a new one gets 0666 & ~umask, as Ansible does.

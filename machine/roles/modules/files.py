@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure, unified_diff
@@ -102,7 +104,8 @@ class Copy(_Content):
             raise ModuleFailure("copy needs exactly one of src or content")
         if p["content"] is not None:
             c = p["content"]
-            return c.encode() if isinstance(c, str) else str(c).encode()
+            # A mapping or a list (`content: "{{ cfg }}"`) is written as JSON, as Ansible's copy does.
+            return (json.dumps(c) if isinstance(c, dict | list) else str(c)).encode()
         path = self.find_source("files", p["src"])
         if path.is_dir():
             raise ModuleFailure(f"src {p['src']} is a directory; copying directories is not supported")
@@ -173,7 +176,7 @@ class File(Module):
                     raise ModuleFailure(f"{path} exists and is not a link (use force=yes to replace a file)")
                 steps.append(f"ln -sfn -- {q(p['src'])} {q(path)}")
                 changes.append(f"link -> {p['src']}")
-                after = FileState("link", cur.mode, cur.owner, cur.group, p["src"])
+                after = replace(cur, kind="link", target=p["src"])
         attrs, attr_changes = attrs_script(path, after, mode, p["owner"], p["group"])
         if attrs:
             steps.append(attrs)

@@ -123,7 +123,9 @@ class Apt(_Packages):
             pkg, status, version = [*line.split("|"), "", ""][:3]
             if status.startswith("ii"):
                 installed[pkg.split(":")[0]] = version
-        refresh = p["update_cache"] and (p["cache_valid_time"] <= 0 or int(now) - int(stamp) > p["cache_valid_time"])
+        # A cache_valid_time alone asks for the refresh too (Ansible since 2.4), when the cache is older.
+        wanted = p["update_cache"] or p["cache_valid_time"] > 0
+        refresh = wanted and (p["cache_valid_time"] <= 0 or int(now) - int(stamp) > p["cache_valid_time"])
         if p["state"] in ("absent", "removed"):
             return [], [n for n in names if _base(n) in installed], refresh
         missing = [n for n in names if _base(n) not in installed

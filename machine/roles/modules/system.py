@@ -64,12 +64,13 @@ class Sysctl(Module):
             return result
         steps = []
         if after != before:
-            steps.append(f"( {write_script(path, None, None, None)} ) <<'PM_EOF'\n{after}PM_EOF\n")
+            # The text comes on stdin: a here-document would take a last line without a newline for its end.
+            steps.append(f"( {write_script(path, None, None, None)} )")
             if p["reload"]:
                 steps.append(f"sysctl -q -p {q(path)}" + (" || true" if p["ignoreerrors"] else ""))
         if set_live:
             steps.append(f"sysctl -q -w {q(f'{name}={want}')}")
-        self.sh("set -e\n" + "\n".join(steps), what=f"setting {name}")
+        self.sh("set -e\n" + "\n".join(steps), after.encode() if after != before else None, what=f"setting {name}")
         return result
 
 
@@ -102,7 +103,8 @@ class Modprobe(Module):
             for path, text, want in ((load_conf, load_text, f"{name}\n"),
                                      (opts_conf, opts_text, f"options {name} {p['params']}\n" if p["params"] else "")):
                 if want and text != want:
-                    steps.append(f"( {write_script(path, 0o644, None, None)} ) <<'PM_EOF'\n{want}PM_EOF\n")
+                    # Two files in one command: each text is one quoted word (`params` may hold any line).
+                    steps.append(f"printf %s {q(want)} | ( {write_script(path, 0o644, None, None)} )")
                     changes.append(f"{path} written")
         elif p["persistent"] == "absent":
             for path, text in ((load_conf, load_text), (opts_conf, opts_text)):

@@ -1,4 +1,5 @@
-"""The shell the apt module runs around apt-get: who holds a dpkg lock, waiting for it, detached runs.
+"""The shell the apt module runs around apt-get: who holds a dpkg lock, waiting for it, detached runs; when the
+cache is refreshed.
 
 Real shells and real POSIX locks on this host, on lock files of the test's own (never the host's dpkg)."""
 
@@ -9,11 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from machine.roles.modules import packages
+from machine.roles.modules import Context, packages
 from machine.roles.remote import detached
+from machine.roles.templating import Templar, Vars
 
 
 def sh(script: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -115,3 +118,26 @@ def test_detached_script_leaves_no_temporary_file(tmp_path):
     proc = subprocess.run(["sh", "-c", detached("echo hi")], env=env, capture_output=True, text=True, timeout=30)
     assert proc.stdout == "hi\n"
     assert list(tmp_path.iterdir()) == []
+
+
+class _Probed:
+    """A Remote answering the apt module's probe: now, no dpkg journal, the cache stamp's age; nothing installed."""
+
+    def __init__(self, age: int) -> None:
+        self.age = age
+
+    def run(self, script, **kw):
+        now = int(time.time())
+        return SimpleNamespace(rc=0, stdout=f"{now}\n\n{now - self.age}\n0\n@@pm@@\n@@pm@@\n", stderr="")
+
+
+@pytest.mark.parametrize("args, age, refresh", [
+    ({"cache_valid_time": 3600}, 7200, True),  # alone, it implies update_cache (Ansible since 2.4)
+    ({"cache_valid_time": 3600}, 60, False),
+    ({"update_cache": True, "cache_valid_time": 3600}, 60, False),
+    ({"update_cache": True}, 60, True),
+    ({}, 7200, False),
+])
+def test_apt_cache_valid_time_alone_refreshes_an_old_cache(args, age, refresh):
+    ctx = Context(remote=_Probed(age), templar=Templar(), vars=Vars(Templar(), []), facts={}, search_paths={})
+    assert packages.Apt(ctx, args).plan() == ([], [], refresh)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import getpass
 import io
 import json
+import os
+import subprocess
+from types import SimpleNamespace
 
 import pytest
 
 from machine.roles import RoleError, TextReporter, run_roles
 from machine.roles.executor import selected
+from machine.ssh import Connection, Result
 
 
 class Events:
@@ -269,9 +274,33 @@ def test_become_wraps_in_sudo_only_for_non_root(shell):
     from machine.roles.remote import Become, Remote
     shell.endpoint.user = "admin"
     cmd = Remote(shell).command("id -u", Become(True))
-    assert cmd.startswith("sudo -n -H -u root -- sh -c")
+    assert cmd.startswith("sudo -n -H -u root -- env LC_ALL=C sh -c")
     shell.endpoint.user = "root"
-    assert Remote(shell).command("id -u", Become(True)) == "sh -c 'id -u'"
+    assert Remote(shell).command("id -u", Become(True)) == "env LC_ALL=C sh -c 'id -u'"
+
+
+class _KeptShell(Connection):
+    """A Connection whose commands go to the shell their launcher starts (one shell per command here)."""
+
+    def __init__(self) -> None:  # no SSH: the launcher runs on this host
+        self.endpoint = SimpleNamespace(user=getpass.getuser(), host="localhost")
+        self.launchers: list[str] = []
+
+    def run(self, command, *, stdin=None, check=False, timeout=None, stream=None, shell=None):
+        self.launchers.append(shell)
+        proc = subprocess.run(["sh", "-c", shell], input=command.encode(), capture_output=True, timeout=60)
+        return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def test_commands_run_in_the_c_locale_whatever_the_targets(shell, monkeypatch):
+    from machine.roles.remote import Remote
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    kept = _KeptShell()
+    for conn in (shell, kept):
+        assert Remote(conn).run('echo "$LC_ALL"').stdout == "C\n"
+        assert Remote(conn).run('echo "$LC_ALL $X"', env={"X": "1"}).stdout == "C 1\n"
+        assert Remote(conn).run('echo "$LC_ALL"', env={"LC_ALL": "POSIX"}).stdout == "POSIX\n"  # the task's wins
+    assert len(shell.commands) == 3 and set(kept.launchers) == {"env LC_ALL=C sh"}  # once, when the shell starts
 
 
 def test_validation_happens_before_anything_runs(shell, roles):
@@ -301,6 +330,53 @@ def test_environment_and_no_log(shell, roles):
     recap, events = play(shell, path)
     assert recap.failed == 0, recap.failure
     assert all("hi" not in msg for label, _, _, msg in events.results if label == "r : secret")
+
+
+def test_no_log_censors_loop_labels_and_the_failure(shell, roles):
+    path = roles("r", defaults="creds: [{name: bob, pw: s3cret}]\n", tasks="""
+        - name: secrets loop
+          debug: msg="setting {{ item.name }}"
+          loop: "{{ creds }}"
+          no_log: true
+        - name: secret fail
+          fail: msg="token {{ creds[0].pw }} rejected"
+          no_log: true
+        """)
+    out = io.StringIO()
+    recap = run_roles(shell, ["r"], path, reporter=TextReporter(out))
+    assert "(item=(censored due to no_log))" in out.getvalue()
+    assert "s3cret" not in out.getvalue() and "s3cret" not in str(recap.failure)
+
+
+def test_keywords_given_as_templates_are_templated_with_the_task_variables(shell, roles, tmp_path):
+    target = tmp_path / "dry"
+    path = roles("r", defaults="dry: true\nhide: true\ntolerate: true\nsudo: false\n", tasks=f"""
+        - name: secret
+          debug: msg=password=hunter2
+          no_log: "{{{{ hide }}}}"
+        - copy: {{content: x, dest: {target}}}
+          check_mode: "{{{{ dry }}}}"
+        - name: tolerated
+          fail: msg=boom
+          ignore_errors: "{{{{ tolerate }}}}"
+        - block:
+            - name: in block
+              command: "true"
+              become: "{{{{ sudo }}}}"
+          become: "{{{{ not sudo }}}}"
+        """)
+    shell.endpoint.user = "admin"
+    recap, events = play(shell, path)
+    assert recap.failed == 0 and recap.ignored == 1, recap.failure
+    assert not target.exists()
+    assert all("hunter2" not in msg for _, _, _, msg in events.results)
+    assert not any("sudo" in c for c in shell.commands)
+
+
+def test_a_keyword_template_that_fails_fails_its_task(shell, roles):
+    path = roles("r", tasks="- {name: bad, command: 'true', become: '{{ nope }}'}\n")
+    recap, _ = play(shell, path)
+    assert recap.failure.where == "roles/r/tasks/main.yml:1" and "nope" in recap.failure.msg
 
 
 def test_missing_dynamic_include_fails_the_task(shell, roles):
@@ -367,6 +443,18 @@ def test_file_tasks_in_a_row_read_their_files_with_one_command(shell, roles, tmp
     # Facts, then the five files read at once: stat of all five, sha256sum of the regular ones.
     assert len(shell.commands) == 2, shell.commands
     assert "sha256sum --" in shell.commands[1] and str(gone) in shell.commands[1]
+
+
+def test_file_tasks_read_ahead_compare_a_numeric_owner_as_a_number(shell, roles, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).write_text("x")
+    path = roles("r", tasks=f"""
+        - file: {{path: {tmp_path}/a, owner: "{os.getuid()}", group: "{os.getgid()}"}}
+        - file: {{path: {tmp_path}/b, owner: "{os.getuid()}"}}
+        """)
+    recap, _ = play(shell, path)
+    assert recap.changed == 0 and recap.failed == 0, recap.failure
+    assert len(shell.commands) == 2  # the facts, then one read for both
 
 
 def test_a_command_between_file_tasks_makes_them_read_their_files_again(shell, roles, tmp_path):

@@ -118,6 +118,37 @@ def test_notifying_a_listen_topic_runs_every_handler_listening_once(shell, roles
     assert log.read_text().split() == ["a", "b"]
 
 
+def test_of_handlers_with_the_same_name_only_the_one_ansible_finds_first_runs(shell, roles, tmp_path):
+    # Ansible searches the last role loaded first, and each role's handlers from the first (checked against
+    # ansible-core 2.19): the dependency's `restart` loses to its dependent's, and within a role the first wins.
+    log = tmp_path / "log"
+    roles("base", handlers=f"""
+        - name: restart
+          shell: echo base >> {log}
+        """)
+    path = roles("r", meta="dependencies: [base]\n", tasks="""
+        - command: "true"
+          notify: [restart, topic, "base : restart"]
+        """, handlers=f"""
+        - name: restart
+          shell: echo first >> {log}
+        - name: restart
+          shell: echo second >> {log}
+        - name: listener
+          shell: echo listener-1 >> {log}
+          listen: topic
+        - name: listener
+          shell: echo listener-2 >> {log}
+          listen: topic
+        - name: other listener
+          shell: echo other >> {log}
+          listen: topic
+        """)
+    recap = run_roles(shell, ["r"], path)
+    assert recap.failed == 0, recap.failure
+    assert log.read_text().split() == ["base", "first", "listener-1", "other"]
+
+
 def test_dependencies_run_first_and_once(roles):
     roles("base", tasks="- debug: msg=base\n")
     roles("mid", tasks="- debug: msg=mid\n", meta="dependencies: [base]\n")

@@ -73,6 +73,28 @@ def test_copy_content_is_idempotent_with_one_probe(mod, tmp_path):
     assert fix["msg"] == "mode 0600 -> 0640" and mode(dest) == 0o640 and dest.stat().st_ino == inode
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
+def test_rewritten_files_keep_their_owner_and_group(mod, tmp_path):
+    conf, copied, grouped = tmp_path / "a.conf", tmp_path / "b.conf", tmp_path / "c.conf"
+    for path in (conf, copied, grouped):
+        path.write_text("a=1\n")
+        os.chown(path, 65534, 65534)
+    changed(mod("lineinfile", path=str(conf), line="b=2"))
+    changed(mod("copy", dest=str(copied), content="new\n"))
+    changed(mod("copy", dest=str(grouped), content="new\n", group="0"))  # the owner not given: kept
+    assert [(p.stat().st_uid, p.stat().st_gid) for p in (conf, copied, grouped)] == [(65534, 65534)] * 2 + [(65534, 0)]
+    changed(mod("copy", dest=str(tmp_path / "new.conf"), content="x\n"))  # a new file: the writer's
+    assert (tmp_path / "new.conf").stat().st_uid == 0
+
+
+def test_copy_content_given_a_mapping_or_a_list_writes_json(mod, tmp_path):
+    dest = tmp_path / "cfg.json"
+    changed(mod("copy", dest=str(dest), content={"a": 1, "b": [True, None]}))  # as `content: "{{ cfg }}"` gives
+    assert dest.read_text() == '{"a": 1, "b": [true, null]}'
+    changed(mod("copy", dest=str(dest), content=["x", 2]))
+    assert dest.read_text() == '["x", 2]'
+
+
 def test_copy_check_mode_and_diff(mod, tmp_path):
     dest = tmp_path / "f.txt"
     dest.write_text("old\n")
@@ -138,6 +160,15 @@ def test_file_states(mod, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_numeric_owner_and_group_are_compared_as_numbers(mod, tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    ids = {"owner": str(os.getuid()), "group": str(os.getgid())}
+    assert ok(mod("file", path=str(f), **ids))["_commands"] == 1
+    assert ok(mod("copy", dest=str(f), content="x", **ids))["_commands"] == 1
+    assert "owner" in changed(mod("file", path=str(f), owner=str(os.getuid() + 1), check=True))["msg"]
+
+
 def test_lineinfile(mod, tmp_path):
     conf = tmp_path / "sshd_config"
     conf.write_text("# comment\nPermitRootLogin yes\nPort 22")
@@ -177,6 +208,13 @@ def test_sysctl_file_only(mod, tmp_path):
     ok(mod("sysctl", name="net.ipv4.tcp_rmem", value="4096 87380\t6291456", sysctl_file=str(conf), reload=False))
     changed(mod("sysctl", name="vm.swappiness", state="absent", sysctl_file=str(conf), reload=False))
     assert conf.read_text() == "# keep me\nnet.ipv4.tcp_rmem=4096 87380 6291456\n"
+
+
+def test_sysctl_keeps_a_last_line_without_newline_whole(mod, tmp_path):
+    conf = tmp_path / "99-test.conf"
+    conf.write_text("vm.swappiness=60\nvm.dirty_ratio=20")
+    changed(mod("sysctl", name="vm.swappiness", value="10", sysctl_file=str(conf), reload=False))
+    assert conf.read_text() == "vm.swappiness=10\nvm.dirty_ratio=20"
 
 
 def test_command_and_shell(mod, tmp_path):

@@ -3,6 +3,7 @@ shell: each must tell a present thing from a missing one (a no-op run ends at th
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -148,3 +149,13 @@ def test_the_sysctl_task_fails_on_a_missing_or_read_only_key(sysctls):
     rc, out, err = sysctls({"net.ipv4.no_such_key": 1, "net.bridge.bridge-nf-call-iptables": 1}, in_container=True)
     assert (rc, out) == (1, "readonly net.bridge.bridge-nf-call-iptables\n")
     assert err.startswith("sysctl net.ipv4.no_such_key does not exist (")
+
+
+def test_tasks_writing_a_private_key_hide_it_from_diff_and_output():
+    writers = []
+    for path in sorted(roles_dir().glob("*/tasks/*.yml")):
+        for task in _flatten(yaml.safe_load(path.read_text()) or []):
+            content = str((task.get("ansible.builtin.copy") or {}).get("content", ""))
+            if re.search(r"\w+_key\b", content):
+                writers.append((path.parent.parent.name, task["name"], task.get("no_log")))
+    assert writers == [("registry", "Registry key", True), ("tls", "TLS server key", True)]
