@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from machine.errors import UsageError
@@ -14,6 +15,14 @@ _SET = {
     "powershell": '$Env:{k} = "{v}"',
     "cmd": "SET {k}={v}",
 }
+# What each shell would expand or split in a value as _SET quotes it, and the escape that keeps it literal: the
+# machine's directory is under the user's PYMACHINE_HOME, which may hold any character.
+_SPECIAL = {
+    "fish": (re.compile(r'([\\$"])'), r"\\\1"),
+    "powershell": (re.compile(r'([`$"])'), r"`\1"),
+    "cmd": (re.compile(r"([\^&|<>()])"), r"^\1"),
+}
+_POSIX_SPECIAL = (re.compile(r'([\\$`"])'), r"\\\1")
 _UNSET = {
     "fish": "set -e {k};",
     "powershell": "Remove-Item Env:\\\\{k}",
@@ -50,7 +59,8 @@ def render(values: dict[str, str | None], shell: str, args: str) -> str:
         if value is None:
             lines.append(_UNSET.get(shell, "unset {k}").format(k=key))
         else:
-            lines.append(_SET.get(shell, 'export {k}="{v}"').format(k=key, v=value))
+            special, escape = _SPECIAL.get(shell, _POSIX_SPECIAL)
+            lines.append(_SET.get(shell, 'export {k}="{v}"').format(k=key, v=special.sub(escape, value)))
     comment = _COMMENT.get(shell, "# ")
     lines.append(f"{comment}Run this command to configure your shell:")
     lines.append(comment + _HOW.get(shell, "eval $(pymachine env{args})").format(args=args))

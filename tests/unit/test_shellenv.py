@@ -33,7 +33,7 @@ def run_hint(shell: str, text: str, tmp_path: Path, env: dict[str, str]) -> dict
     hint = text.splitlines()[-1].removeprefix("# ")
     assert hint.startswith(("eval $(pymachine env", "eval (pymachine env")), hint
     script = FAKE_COMMAND.get(shell, FAKE_COMMAND["default"]).format(file=file) + "\n" + hint + "\nenv\n"
-    proc = subprocess.run([shell, "-c", script], capture_output=True, text=True, timeout=30,
+    proc = subprocess.run([shell, "-c", script], capture_output=True, text=True, timeout=30, cwd=tmp_path,
                           env={"PATH": os.environ["PATH"], **env})
     assert proc.returncode == 0, proc.stderr
     exported = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
@@ -45,6 +45,24 @@ def test_each_shell_really_sets_and_unsets_the_variables(shell, tmp_path):
     assert run_hint(shell, shellenv.render(VALUES, shell, " web1"), tmp_path, {}) == VALUES
     unset = shellenv.render(dict.fromkeys(VALUES), shell, " --unset")
     assert run_hint(shell, unset, tmp_path, {**VALUES, "DOCKER_CONFIG": "/keep"}) == {"DOCKER_CONFIG": "/keep"}
+
+
+# A home holding what each shell would otherwise expand, run or split (eval $(…) joins words with one space).
+TRICKY = {**VALUES, "DOCKER_CERT_PATH": '/tmp/my $HOME $(touch x) `id` "q" \\b\\$ & ; c/machines/web1'}
+
+
+@pytest.mark.parametrize("shell", [*POSIX_SHELLS, "fish"])
+def test_a_home_of_any_characters_is_set_literally(shell, tmp_path):
+    assert run_hint(shell, shellenv.render(TRICKY, shell, " web1"), tmp_path, {"HOME": "/root"}) == TRICKY
+    assert not (tmp_path / "x").exists()
+
+
+def test_windows_shells_escape_what_they_would_expand():
+    value = {"DOCKER_CERT_PATH": 'C:\\my $HOME `x` "q" & a|b <c> (d) ^e'}
+    assert shellenv.render(value, "powershell", "").splitlines()[0] == \
+        '$Env:DOCKER_CERT_PATH = "C:\\my `$HOME ``x`` `"q`" & a|b <c> (d) ^e"'
+    assert shellenv.render(value, "cmd", "").splitlines()[0] == \
+        'SET DOCKER_CERT_PATH=C:\\my $HOME `x` "q" ^& a^|b ^<c^> ^(d^) ^^e'
 
 
 # PowerShell and cmd cannot be installed on this Debian host: their syntax is only compared as text.
