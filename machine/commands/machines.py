@@ -175,7 +175,7 @@ def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool =
     `forget`, nothing does (the libvirt host or cloud account is gone): what may be left, and what the machine
     recorded, are printed for the user to look after, as the record that named them goes.
     """
-    dockercontext.remove(machine.name)
+    dockercontext.remove(machine.name, machine.dir)
     sshmux.forget(machine.known_hosts_path)
     error: MachineError | None = None
     try:

@@ -23,9 +23,9 @@ def config(tmp_path, monkeypatch) -> Path:
 
 def certs(directory: Path, store: Path) -> Path:
     """The machine directory's ca.pem, cert.pem and key.pem (DOCKER_CERT_PATH), from the store's CA in `store`."""
-    store.mkdir(exist_ok=True)
+    store.mkdir(parents=True, exist_ok=True)
     ca, client = ensure_ca(store)
-    directory.mkdir(exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     for source, target in ((ca.cert, "ca.pem"), (client.cert, "cert.pem"), (client.key, "key.pem")):
         shutil.copyfile(source, directory / target)
     return directory
@@ -61,13 +61,37 @@ def test_an_unchanged_context_is_left_alone_and_a_changed_one_is_rewritten(confi
     assert dockercontext.save("web", "tcp://127.0.0.1:12376", machine)  # the engine moved
     assert inspect("web")["Endpoints"]["docker"]["Host"] == "tcp://127.0.0.1:12376"
 
-    dockercontext.remove("web")
+    dockercontext.remove("web", machine)
     assert subprocess.run(["docker", "context", "inspect", "web"], capture_output=True).returncode != 0
 
 
 def test_a_context_someone_else_made_is_never_touched(config, tmp_path):
     subprocess.run(["docker", "context", "create", "web", "--docker", "host=tcp://127.0.0.1:1"], check=True,
                    capture_output=True)
-    assert not dockercontext.save("web", "tcp://127.0.0.1:2376", certs(tmp_path / "web", tmp_path / "store"))
-    dockercontext.remove("web")
+    machine = certs(tmp_path / "web", tmp_path / "store")
+    assert not dockercontext.save("web", "tcp://127.0.0.1:2376", machine)
+    dockercontext.remove("web", machine)
     assert inspect("web")["Endpoints"]["docker"]["Host"] == "tcp://127.0.0.1:1"
+
+
+def test_a_machine_of_the_same_name_in_another_store_leaves_the_context_alone(config, tmp_path):
+    # A molecule scenario's instance `web`, or one of another PYMACHINE_HOME: the user's machine keeps its context.
+    users = certs(tmp_path / "home/machines/web", tmp_path / "home/certs")
+    assert dockercontext.save("web", "tcp://127.0.0.1:2376", users)
+    other = certs(tmp_path / "scenario/machines/web", tmp_path / "scenario/certs")
+    assert not dockercontext.save("web", "tcp://10.0.0.7:2376", other)
+    dockercontext.remove("web", other)
+    assert inspect("web")["Endpoints"]["docker"]["Host"] == "tcp://127.0.0.1:2376"
+    assert inspect("web")["Metadata"]["Description"] == f"pymachine machine {users}"
+
+
+@pytest.mark.parametrize("same_store", [True, False])
+def test_a_context_made_before_descriptions_named_the_machine_is_its_store_s(config, tmp_path, same_store):
+    machine = certs(tmp_path / "web", tmp_path / "store")
+    ca = machine / "ca.pem" if same_store else certs(tmp_path / "other", tmp_path / "another store") / "ca.pem"
+    subprocess.run(["docker", "context", "create", "web", "--description", "pymachine machine", "--docker",
+                    f"host=tcp://127.0.0.1:1,ca={ca},cert={machine / 'cert.pem'},key={machine / 'key.pem'}"],
+                   check=True, capture_output=True)
+    assert dockercontext.save("web", "tcp://127.0.0.1:2376", machine) == same_store
+    assert inspect("web")["Endpoints"]["docker"]["Host"] == ("tcp://127.0.0.1:2376" if same_store
+                                                             else "tcp://127.0.0.1:1")
