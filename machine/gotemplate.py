@@ -118,6 +118,8 @@ def _parse(tokens: list[tuple[str, str]], source: str, top: bool = False) -> tup
                 raise UsageError(f"template {source!r}: '{{{{{words[0]}}}}}' without an if or range")
             return nodes, words[0]
         if words[0] in ("if", "range"):
+            if len(words) == 1:
+                raise UsageError(f"template {source!r}: '{{{{{words[0]}}}}}' needs a value ({words[0]} .Name)")
             block = _Node(kind=words[0], words=words[1:])
             block.body, closer = _parse(tokens, source)
             if closer == "else":
@@ -139,6 +141,9 @@ def _render(nodes: list[_Node], dot: Any, source: str) -> list[str]:
             out += _render(node.body if _evaluate(node.words, dot, source) else node.otherwise, dot, source)
         elif node.kind == "range":
             items = _evaluate(node.words, dot, source) or []
+            if not isinstance(items, Mapping | list):
+                raise UsageError(f"template {source!r}: range over {' '.join(node.words)}, which is neither a "
+                                 f"list nor a map")
             for item in items.values() if isinstance(items, Mapping) else items:
                 out += _render(node.body, item, source)
             if not items:
@@ -165,7 +170,10 @@ def _evaluate(words: list[str], dot: Any, source: str) -> Any:
 
 def _argument(word: str, dot: Any, source: str) -> Any:
     if word.startswith('"'):
-        return json.loads(word)
+        try:
+            return json.loads(word)
+        except json.JSONDecodeError:
+            raise UsageError(f"template {source!r}: {word} is not a valid string") from None
     if word == ".":
         return dot
     if not word.startswith("."):

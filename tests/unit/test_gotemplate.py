@@ -49,6 +49,11 @@ def test_a_table_has_a_header_and_aligned_columns():
     ("{{printf \"%s\" .Name}}", "unknown function 'printf'"),
     ("{{Name}}", "'Name' is neither a field"),
     ("{{join .Name}}", "wrong arguments for join"),
+    ("{{if}}x{{end}}", "'{{if}}' needs a value"),
+    ("{{range}}x{{end}}", "'{{range}}' needs a value"),
+    ('{{"\\x"}}', 'is not a valid string'),
+    ("{{range .ActiveHost}}x{{end}}", "range over .ActiveHost, which is neither a list nor a map"),
+    ("{{range .Driver.SSHPort}}x{{end}}", "range over .Driver.SSHPort, which is neither a list nor a map"),
 ])
 def test_a_bad_template_is_one_clear_error(source: str, message: str):
     with pytest.raises(UsageError) as error:
