@@ -48,6 +48,9 @@ _PAIR_OPTIONS = frozenset({"engine_opt", "engine_label", "engine_env"})  # a KEY
 _LIST_OPTIONS = frozenset({"engine_insecure_registry", "engine_registry_mirror", "engine_default_address_pool",
                            "tls_san"}) | _PAIR_OPTIONS
 _FLEET_KEYS = ("driver", "count", "roles", "vars", "swarm")
+_EMPTY_IS_UNSET = ("driver", "roles", "vars")  # `vars:` with no value: as if not given (the defaults' then apply)
+MAX_COUNT = 1000  # a bound on `count`, far above any fleet one host manages: a typo must not hang the names' build
+MAX_VALUES = 100_000  # values a file may hold once its aliases are expanded (each alias of an alias multiplies)
 _TOP_KEYS = ("name", "defaults", "machines")
 SWARM_ROLES = ("manager", "worker")
 Fail = Callable[[str, str], "FleetError"]  # (file:line, message) -> the error to raise
@@ -104,6 +107,8 @@ def load(path: Path) -> Fleet:
         raise FleetError(f"{display}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise FleetError(f"{display}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:  # the YAML parser recurses once per level
+        raise FleetError(f"{display}: nested too deeply") from None
     if not isinstance(data, LineDict):
         raise FleetError(f"{display}:1: a fleet file is a mapping with `machines:` (and optional `name:`, "
                          f"`defaults:`)")
@@ -125,6 +130,8 @@ def load(path: Path) -> Fleet:
     specs: list[MachineSpec] = []
     seen: dict[str, str] = {}
     for key in machines:
+        if not isinstance(key, str):  # YAML read `010:` as 8, `on:` as True, `~:` as None: never renamed silently
+            raise FleetError(f"{machines.file}:{machines.key_lines[key]}: machine names must be strings (quote it)")
         entry = machines[key] if machines[key] is not None else LineDict()
         where = machines.where(key)
         if not isinstance(entry, LineDict):
@@ -139,25 +146,49 @@ def load(path: Path) -> Fleet:
 
 
 def _refuse_duplicate_keys(text: str, display: str) -> None:
-    """A key given twice in one mapping is an error (YAML loaders silently keep the last one)."""
+    """A key given twice in one mapping is an error (YAML loaders silently keep the last one); so are aliases that
+    expand to more than MAX_VALUES values (ten aliases of ten aliases of … : everything that reads the values
+    would take exponential time)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return  # the loader says what is wrong, with its line
-    nodes = [root] if root is not None else []
-    while nodes:
-        node = nodes.pop()
-        if isinstance(node, yaml.MappingNode):
-            lines: dict[str, int] = {}
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    if key.value in lines:
-                        raise FleetError(f"{display}:{key.start_mark.line + 1}: {key.value!r} is given twice "
-                                         f"(also on line {lines[key.value]})")
-                    lines[key.value] = key.start_mark.line + 1
-                nodes.append(value)
-        elif isinstance(node, yaml.SequenceNode):
-            nodes.extend(node.value)
+    # A depth-first walk over the node graph, each node once (an alias is the node it names, again): the values
+    # each node expands to are added up children first. A node met again while its children are under way is on
+    # the path to itself: an alias inside the node it names (`&x [*x]`), which no value can hold.
+    size: dict[int, int] = {}  # id(node) -> values it expands to; 0 while under way
+    stack: list[tuple[yaml.Node, list[yaml.Node] | None]] = [(root, None)] if root is not None else []
+    while stack:
+        node, children = stack.pop()
+        if children is not None:  # met again once its children are done
+            size[id(node)] = 1 + sum(size[id(child)] for child in children)
+            if size[id(node)] > MAX_VALUES:
+                raise FleetError(f"{display}:{node.start_mark.line + 1}: its aliases expand to more than "
+                                 f"{MAX_VALUES} values")
+        elif size.get(id(node)) == 0:
+            raise FleetError(f"{display}:{node.start_mark.line + 1}: an alias inside the node it names: a value "
+                             f"cannot hold itself")
+        elif id(node) not in size:
+            children = _children(node, display)
+            size[id(node)] = 0
+            stack.append((node, children))
+            stack.extend((child, None) for child in children)
+
+
+def _children(node: yaml.Node, display: str) -> list[yaml.Node]:
+    """A node's keys and values (refused if a key is given twice), or items."""
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            if key.value in lines:
+                raise FleetError(f"{display}:{key.start_mark.line + 1}: {key.value!r} is given twice "
+                                 f"(also on line {lines[key.value]})")
+            lines[key.value] = key.start_mark.line + 1
+    return [n for pair in node.value for n in pair]
 
 
 def _known_keys(data: Any, allowed: tuple[str, ...]) -> None:
@@ -168,11 +199,15 @@ def _known_keys(data: Any, allowed: tuple[str, ...]) -> None:
 
 def _merged(defaults: Any, entry: Any) -> dict[str, tuple[Any, str]]:
     """Each key's value and the file:line it comes from: the machine's own, else the defaults'; `vars` merged."""
-    merged = {k: (v, defaults.where(k)) for k, v in defaults.items()}
-    merged.update({k: (v, entry.where(k)) for k, v in entry.items()})
+    merged = {k: (v, defaults.where(k)) for k, v in defaults.items() if not _unset(k, v)}
+    merged.update({k: (v, entry.where(k)) for k, v in entry.items() if not _unset(k, v)})
     if isinstance(defaults.get("vars"), dict) and isinstance(entry.get("vars"), dict):
         merged["vars"] = ({**defaults["vars"], **entry["vars"]}, entry.where("vars"))
     return merged
+
+
+def _unset(key: Any, value: Any) -> bool:
+    return value is None and key in _EMPTY_IS_UNSET
 
 
 def _machine(key: str, where: str, defaults: Any, entry: Any, roles_path: tuple[Path, ...]) -> list[MachineSpec]:
@@ -235,6 +270,8 @@ def _known_options(settings: dict[str, tuple[Any, str]], fail: Fail) -> None:
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UsageError(f"count must be a whole number (0 or more), not {value!r}")
+    if value > MAX_COUNT:
+        raise UsageError(f"count must be at most {MAX_COUNT}, not {value}")
     return value
 
 

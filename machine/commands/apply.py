@@ -9,6 +9,7 @@ and only such machines are ever re-provisioned, re-created or removed by apply.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,22 @@ from machine.store import Machine, Store
 
 CREATE, REPROVISION, RECREATE, UNCHANGED, REMOVE, KEEP, REFUSED = (
     "create", "re-provision", "recreate", "unchanged", "remove", "keep", "refused")
-# Swarm steps, after every machine is ready, in this order: the swarm keeps a manager throughout (workers are
-# promoted, and new managers join, before managers are demoted or leave).
-INIT, PROMOTE, JOIN_MANAGER, JOIN_WORKER, DEMOTE, LEAVE = (
-    "swarm init", "promote", "join as manager", "join as worker", "demote", "leave the swarm")
-_SWARM_ORDER = (INIT, PROMOTE, JOIN_MANAGER, JOIN_WORKER, DEMOTE, LEAVE)
+# Swarm steps, after every machine is made or provisioned, in this order: the swarm keeps a manager throughout
+# (workers are promoted, and new managers join, before managers are demoted or leave; the machines the file no
+# longer names are removed last). A swarm made anew is left first by the machines still in the old one.
+LEAVE_OLD, INIT, PROMOTE, JOIN_MANAGER, JOIN_WORKER, DEMOTE, LEAVE = (
+    "leave old swarm", "swarm init", "promote", "join as manager", "join as worker", "demote", "leave the swarm")
+_SWARM_ORDER = (LEAVE_OLD, INIT, PROMOTE, JOIN_MANAGER, JOIN_WORKER, DEMOTE, LEAVE)
+# What must not have failed for a step to run: the swarm is made before anything joins it, and has its new
+# managers before any of its nodes is taken out of it (REMOVE: a machine recorded in a swarm); an old swarm is
+# surely without managers only once the re-creations are done.
+_GIVES_MANAGERS = (INIT, PROMOTE, JOIN_MANAGER)
+_NEEDS = {LEAVE_OLD: (RECREATE,), PROMOTE: (INIT,), JOIN_MANAGER: (INIT,), JOIN_WORKER: (INIT,),
+          DEMOTE: _GIVES_MANAGERS, LEAVE: _GIVES_MANAGERS, REMOVE: _GIVES_MANAGERS}
 # How a summary counts what was done.
 DONE = {CREATE: "created", REPROVISION: "re-provisioned", RECREATE: "re-created", REMOVE: "removed",
-        INIT: "made a swarm", JOIN_MANAGER: "joined as manager", JOIN_WORKER: "joined as worker",
-        PROMOTE: "promoted", DEMOTE: "demoted", LEAVE: "left the swarm"}
+        LEAVE_OLD: "left an old swarm", INIT: "made a swarm", JOIN_MANAGER: "joined as manager",
+        JOIN_WORKER: "joined as worker", PROMOTE: "promoted", DEMOTE: "demoted", LEAVE: "left the swarm"}
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -114,12 +122,11 @@ def plan(store: Store, fleet: Fleet, *, prune: bool = False, recreate: bool = Fa
     steps = for_each(lambda spec: _plan_machine(store, fleet, spec, recreate), fleet.machines, "checked",
                      parallel)
     named = {s.name for s in fleet.machines}
-    for name in store.names():
-        if name not in named and _fleet_of(store, name) == fleet.name:
-            steps.append(Step(REMOVE, name) if prune else Step(KEEP, name, "no longer in the file; --prune "
-                                                                             "removes it"))
-    steps += _plan_swarm(store, fleet, {s.name for s in steps if s.action in (CREATE, RECREATE)})
-    return Plan(fleet, tuple(steps))
+    gone = [Step(REMOVE, name) if prune else Step(KEEP, name, "no longer in the file; --prune removes it")
+            for name in store.names() if name not in named and _fleet_of(store, name) == fleet.name]
+    new = {s.name for s in steps if s.action in (CREATE, RECREATE)}
+    swarm_steps = _plan_swarm(store, fleet, new, {s.name for s in gone if s.action == REMOVE})
+    return Plan(fleet, (*steps, *swarm_steps, *gone))  # in the order execute() carries them out
 
 
 def _fleet_of(store: Store, name: str) -> str | None:
@@ -176,44 +183,72 @@ def _setting_changes(machine: Machine, fleet: Fleet, spec: MachineSpec) -> list[
     keys = sorted(set(machine.engine) | set(spec.engine))
     changes = [f"{k} {machine.engine.get(k)!r} → {spec.engine.get(k)!r}" for k in keys
                if machine.engine.get(k) != spec.engine.get(k)]
-    wanted = spec.marker(fleet.name)
+    # As config.json keeps them: a mapping's keys are strings there (`{80: 8080}` is recorded as {"80": 8080}).
+    wanted = json.loads(json.dumps(spec.marker(fleet.name)))
     return changes + [f"{k} changed" for k in ("roles", "vars") if machine.fleet.get(k) != wanted[k]]
 
 
-def _plan_swarm(store: Store, fleet: Fleet, new: set[str]) -> list[Step]:
+def _plan_swarm(store: Store, fleet: Fleet, new: set[str], removed: set[str]) -> list[Step]:
     """Swarm steps, in the order of _SWARM_ORDER: unless a manager of the fleet (as the file or the records say)
     manages a swarm, the file's first manager makes one; the file's other machines join it, a machine whose role
     the file changed is promoted or demoted, and a machine of the fleet the file no longer gives a swarm role
-    leaves. Machines being made are not in any swarm yet."""
+    leaves. Machines being made (or re-made) are in no swarm yet, whatever their old node was; machines being
+    removed are joined through only when no other manager is left (they are removed after the joins)."""
     wanted = [s.name for s in fleet.machines if s.swarm == "manager"]
-    recorded = [n for n in store.names()
-                if _fleet_of(store, n) == fleet.name and _recorded_swarm(store, n) == "manager"]
-    via, members = _swarm_members(store, [n for n in dict.fromkeys(wanted + recorded) if n not in new])
+    records = _swarm_records(store, fleet.name)
+    recorded = sorted((n for n, role in records.items() if role == "manager"), key=lambda n: n in removed)
+    candidates = [n for n in dict.fromkeys(wanted + recorded) if n not in new]
+    via, members, orphaned = _swarm_members(store, candidates, records)
+    members = {n: role for n, role in members.items() if n not in new}  # a machine re-made is not its old node
     steps = []
     if wanted and via is None:
         via, members = wanted[0], {wanted[0]: "manager"}
         steps.append(Step(INIT, via))
+        if orphaned:  # a machine still in the old swarm (its only manager re-created, say) leaves it to join anew
+            steps += [Step(LEAVE_OLD, s.name, "its swarm has no manager left") for s in fleet.machines
+                      if s.swarm and s.name not in new and records.get(s.name)]
     for spec in fleet.machines:
         role = members.get(spec.name)
         if spec.swarm and role is None:
             steps.append(Step(JOIN_MANAGER if spec.swarm == "manager" else JOIN_WORKER, spec.name, via=via or ""))
         elif spec.swarm and role != spec.swarm:
             steps.append(Step(PROMOTE if spec.swarm == "manager" else DEMOTE, spec.name, f"{role} → {spec.swarm}"))
-        elif not spec.swarm and spec.name not in new and (role or _recorded_swarm(store, spec.name)):
+        elif not spec.swarm and spec.name not in new and (role or records.get(spec.name)):
             steps.append(Step(LEAVE, spec.name))
     return sorted(steps, key=lambda step: _SWARM_ORDER.index(step.action))
 
 
-def _swarm_members(store: Store, managers: list[str]) -> tuple[str | None, dict[str, str]]:
-    """The first of `managers` that manages a swarm, and {machine: role} of that swarm; (None, {}) if none does."""
+def _swarm_members(store: Store, managers: list[str],
+                   records: dict[str, str]) -> tuple[str | None, dict[str, str], bool]:
+    """The first of `managers` that manages a swarm, and {machine: role} of that swarm. Failing that, the first
+    one that is stopped but recorded as a manager, with the roles the records give: what it manages is known once
+    it runs again (apply starts it before the swarm steps), and a stopped manager has not left its swarm. Else
+    (None, {}, orphaned): orphaned when every one of them is surely in no swarm (or there are none), so that no
+    swarm the records name has a manager of the fleet left; not when one is a worker or did not answer."""
+    stopped, orphaned = None, True
     for name in managers:
-        if not store.exists(name):
-            continue
         try:
-            return name, {row["machine"]: row["role"] for row in swarm.ls(store, name) if row["machine"]}
-        except MachineError:  # not in a swarm, a worker, or not running: `swarm init` (after provisioning) says which
+            return name, {row["machine"]: row["role"] for row in swarm.ls(store, name) if row["machine"]}, False
+        except swarm.NotRunning:
+            stopped = stopped or (name if records.get(name) == "manager" else None)
+        except swarm.NotInSwarm:
             continue
-    return None, {}
+        except MachineError:  # a worker, unreachable, or no record: `swarm init` (after provisioning) says which
+            orphaned = False
+    return (stopped, dict(records), False) if stopped else (None, {}, orphaned)
+
+
+def _swarm_records(store: Store, fleet: str) -> dict[str, str]:
+    """{machine: swarm role} as the records of the fleet's machines give them (those with a role)."""
+    roles = {}
+    for name in store.names():
+        try:
+            record = store.load(name).fleet
+        except MachineError:  # a damaged record says nothing: as for pruning
+            continue
+        if record.get("name") == fleet and record.get("swarm"):
+            roles[name] = record["swarm"]
+    return roles
 
 
 def _recorded_swarm(store: Store, name: str) -> str:
@@ -233,36 +268,50 @@ def check(the_plan: Plan) -> None:
 
 def execute(store: Store, the_plan: Plan, report: Callable[[Outcome], None] = lambda _: None,
             parallel: int | None = None) -> list[Outcome]:
-    """Carry out a plan without refused steps: machines first (each on its own), then the swarm steps in order.
-    Every outcome is passed to `report` as it happens."""
+    """Carry out a plan without refused steps: machines are made and provisioned first (each on its own), then the
+    swarm steps run in order, then the machines the file no longer names are removed: a removed manager leaves its
+    swarm only once the new managers are in. A step whose machine (or a step it needs, _NEEDS) failed is skipped,
+    reported as failed with the reason. Every outcome is passed to `report` as it happens."""
     check(the_plan)
     fleet = the_plan.fleet
-    machine_steps = [s for s in the_plan.steps if s.action in (CREATE, REPROVISION, RECREATE, REMOVE)]
+    outcomes: list[Outcome] = []
 
     def run(step: Step) -> Outcome:
-        outcome = _guarded(step, lambda: _MACHINE_ACTIONS[step.action](store, fleet, step))
+        why = _blocked(store, step, outcomes)
+        if why:
+            outcome = Outcome(step, MachineError(f"skipped: {why}"))
+        else:
+            actions = _SWARM_ACTIONS if step.action in _SWARM_ACTIONS else _MACHINE_ACTIONS
+            outcome = _guarded(step, lambda: actions[step.action](store, fleet, step))
         report(outcome)
         return outcome
 
-    outcomes = for_each(run, machine_steps, "done", parallel, lambda outcome: outcome.failure)
-    failed = {o.step.name for o in outcomes if o.error}
+    def run_all(actions: Iterable[str]) -> list[Outcome]:  # each machine on its own, in parallel
+        steps = [s for s in the_plan.steps if s.action in actions]
+        return for_each(run, steps, "done", parallel, lambda outcome: outcome.failure)
+
+    outcomes += run_all((CREATE, REPROVISION, RECREATE))
     for outcome in outcomes:  # as create does, once all are made: sharing locks every other machine in turn
         spec = outcome.step.spec
         if not outcome.error and spec and spec.engine.get("registry_enabled"):
             share_registries(store, spec.name)
-    for step in (s for s in the_plan.steps if s.action in _SWARM_ACTIONS):
-        if step.name in failed or (step.action != INIT and _init_failed(outcomes)):
-            why = f"{step.name} failed" if step.name in failed else "swarm init failed"
-            outcome = Outcome(step, MachineError(f"skipped: {why}"))
-        else:
-            outcome = _guarded(step, lambda step=step: _SWARM_ACTIONS[step.action](store, fleet, step))
-        report(outcome)
-        outcomes.append(outcome)
+    for step in (s for s in the_plan.steps if s.action in _SWARM_ACTIONS):  # one at a time, in order
+        outcomes.append(run(step))
+    outcomes += run_all((REMOVE,))
     return outcomes
 
 
-def _init_failed(outcomes: Iterable[Outcome]) -> bool:
-    return any(o.error and o.step.action == INIT for o in outcomes)
+def _blocked(store: Store, step: Step, done: Iterable[Outcome]) -> str | None:
+    """Why the step must not run: an earlier step of its machine failed, or one it needs (_NEEDS)."""
+    needs = _NEEDS.get(step.action, ())
+    if step.action == REMOVE and not _recorded_swarm(store, step.name):
+        needs = ()  # in no swarm: its removal takes nothing from one
+    for outcome in done:
+        if outcome.error and outcome.step.name == step.name:
+            return f"{step.name} failed"
+        if outcome.error and outcome.step.action in needs:
+            return f"{outcome.step.action} {outcome.step.name} failed"
+    return None
 
 
 def _guarded(step: Step, action: Callable[[], str | None]) -> Outcome:
@@ -303,6 +352,8 @@ def _remove(store: Store, fleet: Fleet, step: Step) -> None:
     if _recorded_swarm(store, step.name):
         try:  # its manager forgets it (a node removed without leaving stays listed as Down)
             swarm.leave(store, step.name, force=True)
+        except swarm.NotInSwarm:  # left by hand
+            pass
         except MachineError as e:
             ui.err(f"warning: {step.name} is removed without leaving its swarm: {e}")
     rm(store, step.name)
@@ -348,13 +399,19 @@ def _set_role(store: Store, fleet: Fleet, step: Step) -> None:
     _swarm_marker(store, step.name, role)
 
 
-def _leave(store: Store, fleet: Fleet, step: Step) -> None:
-    swarm.leave(store, step.name, force=True)
+def _leave(store: Store, fleet: Fleet, step: Step) -> str:
+    detail = ""
+    try:
+        swarm.leave(store, step.name, force=True)
+    except swarm.NotInSwarm:  # left by hand (`pymachine swarm leave`): as the file wants; the record follows
+        detail = "it was in no swarm"
     _swarm_marker(store, step.name, "")
+    return detail
 
 
 _SWARM_ACTIONS: dict[str, Callable[[Store, Fleet, Step], str | None]] = {
-    INIT: _init, JOIN_MANAGER: _join, JOIN_WORKER: _join, PROMOTE: _set_role, DEMOTE: _set_role, LEAVE: _leave,
+    LEAVE_OLD: _leave, INIT: _init, JOIN_MANAGER: _join, JOIN_WORKER: _join, PROMOTE: _set_role, DEMOTE: _set_role,
+    LEAVE: _leave,
 }
 
 

@@ -20,13 +20,21 @@ from machine.errors import MachineError
 from machine.store import Store
 
 
+class NotRunning(MachineError):
+    """The machine is not running: what its engine says of a swarm is unknown."""
+
+
+class NotInSwarm(MachineError):
+    """The machine's engine is in no swarm."""
+
+
 def _engine(store: Store, name: str) -> tuple[Driver, EngineAPI]:
     """The machine's driver and a client of its running Docker engine, or why there is none."""
     driver, certs_path = cert_dir(store, name)
     if driver.machine.engine.get("engine", "docker") != "docker":
         raise MachineError(f"{name} runs {driver.machine.engine['engine']}, which has no swarm mode (use Docker)")
     if driver.state() != State.RUNNING:
-        raise MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
+        raise NotRunning(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
     return driver, EngineAPI(name, driver.engine_url(), certs_path)
 
 
@@ -61,7 +69,7 @@ def _manager(store: Store, name: str) -> tuple[EngineAPI, dict[str, Any]]:
     _, api = _engine(store, name)
     swarm = _swarm_of(api)
     if not _in_swarm(swarm):
-        raise MachineError(f"{name} is not in a swarm (`pymachine swarm init {name}` makes one)")
+        raise NotInSwarm(f"{name} is not in a swarm (`pymachine swarm init {name}` makes one)")
     if not swarm.get("ControlAvailable"):
         raise MachineError(f"{name} is a worker of its swarm, not a manager: name one of its managers")
     return api, swarm
@@ -118,7 +126,7 @@ def leave(store: Store, name: str, force: bool = False) -> None:
         driver, api = _engine(store, name)
         swarm = _swarm_of(api)
         if not _in_swarm(swarm):
-            raise MachineError(f"{name} is not in a swarm")
+            raise NotInSwarm(f"{name} is not in a swarm")
         node_id = swarm.get("NodeID", "")
         manager = _other_manager(store, swarm, exclude=name)
         peers = _peers(store, manager, exclude=name) if manager else []
@@ -143,7 +151,7 @@ def set_role(store: Store, name: str, role: str) -> None:
         _, api = _engine(store, name)
         swarm = _swarm_of(api)
         if not _in_swarm(swarm):
-            raise MachineError(f"{name} is not in a swarm")
+            raise NotInSwarm(f"{name} is not in a swarm")
         manager = api if swarm.get("ControlAvailable") else _other_manager(store, swarm, exclude=name)
         if manager is None:
             raise MachineError(f"no manager of the swarm of {name} is a machine of this store that answers: "

@@ -24,14 +24,15 @@ def cli(tmp_path_factory) -> Iterator[CLI]:
     yield from machine_cli(tmp / "home", DOCKER_CONFIG=str(tmp / "docker-config"))
 
 
-def fleet(path: Path, web1: dict | None = None, web2: bool = True, web2_swarm: str | None = "worker") -> Path:
-    """web1 manages a swarm that web2 joins (with the role `web2_swarm`; None: no `swarm:`), and runs the file's
-    own role `stamp`; `web1` adds keys to its entry."""
+def fleet(path: Path, web1: dict | None = None, web2: bool = True, web2_swarm: str | None = "worker",
+          first: str = "web1") -> Path:
+    """web1 (or `first`) manages a swarm that web2 joins (with the role `web2_swarm`; None: no `swarm:`), and runs
+    the file's own role `stamp`; `web1` adds keys to its entry."""
     tasks = path.parent / "roles" / "stamp" / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     (tasks / "main.yml").write_text("- name: stamp\n  copy: {dest: /etc/fleet-stamp, content: \"{{ stamp }}\\n\"}\n")
     web1_entry = {"swarm": "manager", "roles": ["stamp"], "vars": {"stamp": "one"}, **(web1 or {})}
-    machines = {"web1": web1_entry} | ({"web2": {"swarm": web2_swarm} if web2_swarm else {}} if web2 else {})
+    machines = {first: web1_entry} | ({"web2": {"swarm": web2_swarm} if web2_swarm else {}} if web2 else {})
     data = {"name": "test-apply", "defaults": {"engine_install": "distro"}, "machines": machines}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -68,6 +69,13 @@ def test_apply_makes_keeps_reprovisions_and_prunes_only_its_own(cli, tmp_path):
 
     again = cli("apply", str(path), timeout=900)
     assert again.stdout.strip().splitlines()[-1] == "2 machines unchanged"
+
+    # A stopped fleet: started and provisioned; its manager, stopped at plan time, still manages its swarm (no
+    # `swarm init`, which would fail: already in a swarm).
+    cli("stop", "web1", "web2")
+    started = cli("apply", str(path), timeout=900)
+    assert plan_lines(started.stdout) == [("re-provision", "web1"), ("re-provision", "web2")]
+    assert roles(cli, "web1") == [("web1", "manager"), ("web2", "worker")]
 
     # Drift on the machine: a file provisioning wrote is deleted by hand; a check-mode run finds it.
     cli("ssh", "web2", "--", "rm", "/etc/modules-load.d/pymachine.conf")
@@ -109,21 +117,29 @@ def test_apply_makes_keeps_reprovisions_and_prunes_only_its_own(cli, tmp_path):
     rejoined = cli("apply", str(path), timeout=900)
     assert plan_lines(rejoined.stdout)[2:] == [("join as worker", "web2")]
     assert roles(cli, "web1") == [("web1", "manager"), ("web2", "worker")]
+    # web2 leaves by hand, then the file takes its `swarm:` away: the leave its record asks for is done already.
+    cli("swarm", "leave", "web2")
+    fleet(path, web1=label, web2_swarm=None)
+    gone = cli("apply", str(path), timeout=900)
+    assert plan_lines(gone.stdout)[2:] == [("leave the swarm", "web2")]
+    assert "done leave the swarm web2: it was in no swarm" in gone.stdout
+    assert machine_record(cli, "web2")["fleet"]["swarm"] == ""
 
-    # web2 leaves the file: kept without --prune, removed with it; hand1 (made by hand) survives.
-    fleet(path, web1={"engine_label": ["team=web"]}, web2=False)
-    kept = cli("apply", str(path), timeout=900)
-    assert plan_lines(kept.stdout) == [("unchanged", "web1"), ("keep", "web2")]
-    web2 = machine_record(cli, "web2")
-    pruned = cli("apply", "--prune", str(path), timeout=900)
-    assert plan_lines(pruned.stdout) == [("unchanged", "web1"), ("remove", "web2")]
-    assert cli("ls", "-q").stdout.split() == ["hand1", "web1"]
-    assert leftovers(web2, cli.home / "machines" / "web2") == []
-    nodes = json.loads(cli("swarm", "ls", "--format", "json", "web1").stdout)
-    assert [n["machine"] for n in nodes] == ["web1"]  # web2 left its swarm before it was removed
+    # web1, the swarm's only manager, is renamed front (web2 a worker again): kept without --prune; with it, front
+    # joins through web1 before web1 leaves (demoted first: front keeps the swarm) and is removed.
+    fleet(path, web1=label, first="front")
+    front = [("create", "front"), ("unchanged", "web2"), ("join as manager", "front"), ("join as worker", "web2")]
+    kept = cli("apply", "--dry-run", str(path), timeout=900)
+    assert plan_lines(kept.stdout) == [*front, ("keep", "web1")]
+    web1 = machine_record(cli, "web1")
+    pruned = cli("apply", "--prune", str(path), timeout=1800)
+    assert plan_lines(pruned.stdout) == [*front, ("remove", "web1")]
+    assert cli("ls", "-q").stdout.split() == ["front", "hand1", "web2"]
+    assert leftovers(web1, cli.home / "machines" / "web1") == []
+    assert roles(cli, "front") == [("front", "manager"), ("web2", "worker")]  # web1 left before it was removed
 
-    records = {name: machine_record(cli, name) for name in ("hand1", "web1")}
-    cli("rm", "-y", "hand1", "web1")
+    records = {name: machine_record(cli, name) for name in ("hand1", "front", "web2")}
+    cli("rm", "-y", "hand1", "front", "web2")
     for name, record in records.items():
         assert leftovers(record, cli.home / "machines" / name) == []
     assert bridge_leftovers() == []

@@ -95,14 +95,55 @@ def test_the_fleet_is_named_by_its_file_when_it_names_itself_not(tmp_path):
     ("- web1\n", 1, "a fleet file is a mapping"),
     ("machines:\n  web1: [a\n", 3, "YAML syntax error"),
     ("defaults:\n  count: 2\nmachines:\n  web1:\n", 2, "count belongs to a machine"),
+    # YAML reads these keys as a number, a boolean, null: a machine is never renamed silently (010 is 8).
+    *((f"machines:\n  web1:\n  {key}:\n", 3, "machine names must be strings (quote it)") for key in ("010", "on", "~")),
+    ("machines:\n  web:\n    count: 100000000\n", 3, "web: count must be at most 1000, not 100000000"),
+    # An alias inside the node it names has no value: it is refused, not walked forever.
+    ("name: &x [*x]\nmachines:\n  web1:\n", 1, "an alias inside the node it names"),
+    ("machines:\n  web1:\n    vars: &x {a: [1, {b: *x}]}\n", 3, "an alias inside the node it names"),
+    # Ten aliases of ten aliases of …: 10^30 values once expanded (everything reading them would never end).
+    pytest.param("machines:\n  web1:\n    vars:\n      a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+                 + "".join(f"      a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 30)), 8,
+                 "its aliases expand to more than 100000 values", id="aliases of aliases"),
+    pytest.param("a: " + "[" * 5000 + "]" * 5000 + "\nmachines: {web1: }\n", "", "nested too deeply",
+                 id="nested too deeply"),
 ])
 def test_a_bad_fleet_file_is_refused_naming_file_line_and_machine(tmp_path, text, line, message):
     path = write(tmp_path, text)
     with pytest.raises(FleetError) as error:
         fleetfile.load(path)
-    assert str(error.value).startswith(f"{path}:{line}: "), str(error.value)
+    assert str(error.value).startswith(f"{path}:{line}: " if line else f"{path}: "), str(error.value)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_empty_vars_roles_and_driver_are_as_if_not_given(tmp_path):
+    fleet = fleetfile.load(write(tmp_path, """\
+        defaults:
+          vars: {region: north}
+          roles:
+        machines:
+          web1:
+            vars:
+            roles:
+            driver:
+          web2: {vars: {tier: web}}
+    """))
+    web1, web2 = fleet.machines
+    assert (web1.vars, web1.roles, web1.driver) == ({"region": "north"}, (), "local")
+    assert web2.vars == {"region": "north", "tier": "web"}
+    fleet = fleetfile.load(write(tmp_path, "machines:\n  web1:\n    vars:\n    roles:\n"))
+    assert (fleet.machines[0].vars, fleet.machines[0].roles) == ({}, ())
+
+
+def test_shared_aliases_are_read_once_each(tmp_path):
+    fleet = fleetfile.load(write(tmp_path, """\
+        defaults: &all {vars: &v {ports: [80, 443]}, engine_install: distro}
+        machines:
+          web1: *all
+          web2: {vars: *v}
+    """))
+    assert [m.vars for m in fleet.machines] == [{"ports": [80, 443]}] * 2
 
 
 def test_roles_beside_the_file_are_found_and_checked_before_anything_runs(tmp_path):
@@ -175,6 +216,16 @@ def test_prune_removes_only_the_fleets_machines_that_the_file_no_longer_names(tm
     assert steps(apply.plan(store, fleet))["web2"] == (apply.KEEP, "no longer in the file; --prune removes it")
     pruned = steps(apply.plan(store, fleet, prune=True))
     assert pruned["web2"] == (apply.REMOVE, "") and "web3" not in pruned
+
+
+def test_vars_with_keys_json_keeps_as_strings_are_unchanged_once_recorded(tmp_path):
+    """config.json turns {80: 8080} into {"80": 8080}: what the file says is compared as recorded."""
+    store = Store(tmp_path / "home")
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web1: {vars: {ports: {80: 8080}, at: {1.5: x}}}"))
+    record(store, fleet.machines[0], "shop")
+    assert store.load("web1").fleet["vars"] == {"ports": {"80": 8080}, "at": {"1.5": "x"}}
+    # Not running (a record only): re-provisioned for that alone, not for changed vars.
+    assert steps(apply.plan(store, fleet))["web1"] == (apply.REPROVISION, "not running: started and provisioned")
 
 
 def test_dry_run_shows_the_plan_and_changes_nothing(cli, tmp_path):
