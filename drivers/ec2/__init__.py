@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import socket
 import time
-from collections.abc import Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
 
 from machine import cloudinit, sshkeys, ui
 from machine.drivers.base import ENGINE_PORT, Driver, Option, State, each_step
@@ -28,11 +30,25 @@ from machine.store import write_atomic
 
 DEFAULT_REGION = "us-east-1"  # docker-machine's default, when neither a flag, the environment nor a profile names one
 SSH_PORT = 22  # the group's rule; where pymachine connects is Driver.ssh_endpoint()
-VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")
+# st1 and sc1 (HDD) cannot be a boot volume: EC2 refuses them as the root device.
+VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "standard")
+IOPS_TYPES = ("io1", "io2")  # provisioned-IOPS volumes: EC2 requires their Iops, 100 at least
+MIN_IOPS = 100
 # A launched instance reaches `running` in ~10-30 s, stops in ~30-60 s (a spot instance longer); a terminated
 # one frees its network interface, and so its security group, up to a few minutes later.
 WAIT = {"Delay": 5, "MaxAttempts": 120}
 GROUP_RELEASE_TIMEOUT = 300.0
+# EC2 is eventually consistent: right after RunInstances it may answer DescribeInstances of the new id with
+# InvalidInstanceID.NotFound and a tag or client-token filter with nothing. Until this long after a launch that
+# never settled (no address recorded), "nothing found" means "not visible yet": removal asks again with backoff
+# (VISIBLE_DELAY, doubling up to VISIBLE_MAX_DELAY) and leftovers() says so, so the record is kept.
+VISIBLE_TIMEOUT = 120.0
+VISIBLE_DELAY = 1.0
+VISIBLE_MAX_DELAY = 15.0
+# RunInstances errors that do not mean "nothing launched": boto3 retries them, and an earlier attempt (its answer
+# lost) may have launched the instance all the same.
+UNSURE_LAUNCH_ERRORS = ("RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure",
+                        "ServiceUnavailable", "Unavailable")
 # How often is_alive() asks EC2 while the command layer waits for SSH (it is called several times a second).
 ALIVE_INTERVAL = 5.0
 # A reboot that the OS does not perform within 4 minutes EC2 forces: by then SSH must have gone down.
@@ -67,6 +83,8 @@ class EC2Driver(Driver):
                                    "--ec2-security-group", multiple=True),
         Option("ec2-root-size", "root volume size in GiB", 16, int),
         Option("ec2-volume-type", "root volume type", "gp3", choices=VOLUME_TYPES),
+        Option("ec2-iops", "provisioned IOPS of the root volume (required for io1 and io2, only for them)",
+               type=int),
         Option("ec2-volume-encrypted", "encrypt the root volume", False, bool),
         Option("ec2-kms-key", "KMS key (id, alias or ARN) encrypting the root volume; implies encryption"),
         Option("ec2-tags", "KEY=VALUE tag of the instance, its volume and what create makes; repeatable",
@@ -165,10 +183,17 @@ class EC2Driver(Driver):
         host_key = sshkeys.new_keypair(f"root@{self.machine.name}")
         user_data = cloudinit.user_data(self.machine.name, self.ssh_user, public, host_key)
         # The token makes RunInstances idempotent: boto3's retry of a launch whose answer was lost returns the
-        # same instance instead of a second one (EC2 remembers the token).
-        self.machine.record(host_key=host_key.public_line, client_token=f"pymachine-{self.machine.id}")
-        with translated(f"launching {self.machine.name}"):
-            launched = ec2.run_instances(**self._launch(found, groups, user_data, r["client_token"]))
+        # same instance instead of a second one (EC2 remembers the token); rm looks the instance up by it too.
+        # The time (wall clock: rm may run in another process) bounds how long EC2 may not show the instance.
+        self.machine.record(host_key=host_key.public_line, client_token=f"pymachine-{self.machine.id}",
+                            launch_time=time.time())
+        try:
+            with translated(f"launching {self.machine.name}"):
+                launched = ec2.run_instances(**self._launch(found, groups, user_data, r["client_token"]))
+        except EC2Error as e:
+            if e.code not in UNSURE_LAUNCH_ERRORS:  # EC2 refused it: rm need not wait for an instance to show
+                self.machine.record(launch_refused=e.code)
+            raise
         instance_id = launched["Instances"][0]["InstanceId"]
         self.machine.record(instance_id=instance_id)
         api.Listing.forget(self._listing_key)
@@ -183,6 +208,8 @@ class EC2Driver(Driver):
             ebs["Encrypted"] = True  # only when asked: False would override the account's default encryption
         if o["ec2_kms_key"]:
             ebs["KmsKeyId"] = o["ec2_kms_key"]
+        if o["ec2_iops"] is not None:
+            ebs["Iops"] = o["ec2_iops"]
         kinds = ["instance", "volume"] + (["spot-instances-request"] if o["ec2_spot"] else [])
         spec: dict[str, Any] = {
             "ImageId": found["ami"], "InstanceType": o["ec2_instance_type"], "MinCount": 1, "MaxCount": 1,
@@ -215,7 +242,8 @@ class EC2Driver(Driver):
             self._ec2.get_waiter(waiter).wait(InstanceIds=[instance_id], WaiterConfig=WAIT)
 
     def _describe(self, instance_id: str) -> dict[str, Any] | None:
-        """The instance now (not the listing), or None when EC2 no longer knows it."""
+        """The instance now (not the listing), or None when EC2 does not show it: gone, or, right after its launch,
+        not yet (see VISIBLE_TIMEOUT)."""
         try:
             with translated(f"describing {self.machine.name}"):
                 reservations = self._ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
@@ -296,26 +324,58 @@ class EC2Driver(Driver):
                 wait_port_down(endpoint.host, endpoint.port, REBOOT_TIMEOUT, self.machine.name)
 
     # -- removal ------------------------------------------------------------------------------------------
-    def _instances(self, listed: bool = False) -> list[dict[str, Any]]:
-        """The machine's instances that are not terminated: the recorded one, and any carrying its id tag (a
-        launch whose id never reached the journal), unless the tag says another store made it.
+    @property
+    def _unsettled(self) -> bool:
+        """Launched (or maybe: the launch was sent), but never seen settled: no address recorded."""
+        r = self.machine.resources
+        return bool((r.get("instance_id") or r.get("client_token")) and not r.get("ip")
+                    and not r.get("launch_refused"))
+
+    def _unseen_until(self) -> float:
+        """Until when (wall clock) EC2 may not show the machine's instance yet: VISIBLE_TIMEOUT after a launch that
+        never settled; 0 for any other machine, and for a record from before launch times were recorded."""
+        if not self._unsettled:
+            return 0.0
+        return float(self.machine.resources.get("launch_time", 0)) + VISIBLE_TIMEOUT
+
+    def _described(self, filters: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+        with translated(what):
+            reservations = self._ec2.describe_instances(Filters=filters)["Reservations"]
+        return [i for res in reservations for i in res["Instances"]]
+
+    def _look(self, listed: bool) -> list[dict[str, Any]]:
+        """One look for the machine's instances, terminated ones too: the recorded one, any carrying its id tag (a
+        launch whose id never reached the journal) and, when neither shows and the launch never settled, any
+        launched with its client token; never one whose tag names another store.
 
         `listed` reads the per-region listing (one DescribeInstances for every machine `ls` shows): every
         pymachine instance carries its id tag from its launch, so only a recorded one missing there is asked for.
         """
-        recorded = self.machine.resources.get("instance_id")
+        r = self.machine.resources
+        recorded = r.get("instance_id")
         if listed:
             found = list(api.Listing.instances(self._listing_key, self._ec2).get(self.machine.id, []))
         else:
-            with translated(f"finding the instances of {self.machine.name}"):
-                found = [i for res in self._ec2.describe_instances(Filters=tag_filter(self.machine.id))[
-                    "Reservations"] for i in res["Instances"]]
-        found = [i for i in found if i["InstanceId"] == recorded
-                 or tags_of(i).get(TAG_HOME, str(self.store.home)) == str(self.store.home)]
+            found = self._described(tag_filter(self.machine.id), f"finding the instances of {self.machine.name}")
         if recorded and recorded not in {i["InstanceId"] for i in found}:
             instance = self._describe(recorded)
             found += [instance] if instance else []
-        return [i for i in found if i["State"]["Name"] != "terminated"]
+        if not found and r.get("client_token") and self._unsettled:
+            found = self._described([{"Name": "client-token", "Values": [r["client_token"]]}],
+                                    f"finding the launch of {self.machine.name}")
+        return [i for i in found if i["InstanceId"] == recorded
+                or tags_of(i).get(TAG_HOME, str(self.store.home)) == str(self.store.home)]
+
+    def _instances(self, listed: bool = False) -> list[dict[str, Any]]:
+        """The machine's instances, terminated ones too. Without `listed` (removal), a launch that never settled
+        and shows nowhere is looked for again until EC2 must show it (_unseen_until): terminating nothing while
+        the instance is still invisible would forget a running instance."""
+        found = self._look(listed)
+        unseen = self._unseen_until() - time.time()
+        if found or listed or unseen <= 0:
+            return found
+        with ui.step(f"waiting for EC2 to show the instance of {self.machine.name}"):
+            return poll(lambda: self._look(listed=False), bool, unseen, VISIBLE_DELAY, VISIBLE_MAX_DELAY)
 
     def _spot_requests(self, instances: list[dict[str, Any]]) -> set[str]:
         requests = {i["SpotInstanceRequestId"] for i in instances if i.get("SpotInstanceRequestId")}
@@ -344,7 +404,7 @@ class EC2Driver(Driver):
             api.Listing.forget(self._listing_key)
 
     def _terminate(self) -> None:
-        instances = self._instances()
+        instances = [i for i in self._instances() if i["State"]["Name"] != "terminated"]
         # A persistent spot request would launch the instance again: cancel it first.
         requests = self._spot_requests(instances)
         if requests:
@@ -355,7 +415,20 @@ class EC2Driver(Driver):
             return
         with translated(f"terminating {', '.join(ids)}"):
             self._ec2.terminate_instances(InstanceIds=ids)
-            self._ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig=WAIT)
+        self._wait_terminated(ids)
+
+    def _wait_terminated(self, ids: list[str]) -> None:
+        """Until EC2 shows each of `ids` terminated (or no longer shows it). Not boto3's instance_terminated waiter:
+        it gives up at the first `pending` or `stopping` it reads, and EC2 may still show those for a while for an
+        instance terminated while it starts or stops."""
+        timeout = WAIT["Delay"] * WAIT["MaxAttempts"]
+        filters = [{"Name": "instance-id", "Values": ids}]
+        found = poll(lambda: self._described(filters, f"waiting for {', '.join(ids)} to terminate"),
+                     lambda now: all(i["State"]["Name"] == "terminated" for i in now), timeout, WAIT["Delay"])
+        waiting = [f"{i['InstanceId']} ({i['State']['Name']})" for i in found if i["State"]["Name"] != "terminated"]
+        if waiting:
+            raise MachineError(f"{', '.join(waiting)} not terminated after {timeout:.0f}s: run `pymachine rm -f "
+                               f"{self.machine.name}` again")
 
     def _forget_group(self) -> None:
         """Revoke the other groups' rules naming this machine's group (a swarm peer's): they keep it from deletion."""
@@ -385,7 +458,13 @@ class EC2Driver(Driver):
     def leftovers(self) -> list[str]:
         try:
             self._check_account()  # another account's EC2 finds nothing: that is not "gone"
-            left = [f"instance {i['InstanceId']} ({i['State']['Name']})" for i in self._instances(listed=True)]
+            found = self._instances(listed=True)
+            left = [f"instance {i['InstanceId']} ({i['State']['Name']})" for i in found
+                    if i["State"]["Name"] != "terminated"]
+            if not found and time.time() < self._unseen_until():  # launched, maybe running, not shown yet
+                r = self.machine.resources
+                left.append(f"instance {r.get('instance_id') or 'with client token ' + r['client_token']} "
+                            f"(not yet visible)")
             with translated(f"finding security group {self._group_name}"):
                 groups = self._ec2.describe_security_groups(
                     Filters=[{"Name": "group-name", "Values": [self._group_name]}])["SecurityGroups"]
@@ -437,21 +516,31 @@ class EC2Driver(Driver):
         # from a public address, which such a rule does not match.
         return self.machine.resources.get("private_ip") or self.ip()
 
-    def _swarm_peer_groups(self, peers: Sequence[Driver]) -> list[str]:
-        """The groups pymachine made for the EC2 peers in this machine's region and account."""
+    def _swarm_peer_groups(self, peers: Sequence[Driver]) -> tuple[list[str], list[str]]:
+        """(the groups pymachine made for the EC2 peers in this machine's region and account, the names of the EC2
+        peers no rule is made for). A rule names a group of its own region and account only, and pymachine opens
+        no group the user passed (--ec2-security-group): a machine in such groups gets no rule for any peer."""
         own = self.machine.resources.get("group_id")
-        groups = [p.machine.resources.get("group_id") for p in peers
-                  if isinstance(p, EC2Driver) and p._listing_key == self._listing_key]
-        return list(dict.fromkeys(g for g in groups if g and g != own))
+        groups, skipped = [], []
+        for peer in peers:
+            if not isinstance(peer, EC2Driver):
+                continue
+            group = peer.machine.resources.get("group_id")
+            if own and group and peer._listing_key == self._listing_key:
+                if group != own:
+                    groups.append(group)
+            else:
+                skipped.append(peer.machine.name)
+        return list(dict.fromkeys(groups)), skipped
 
     def open_swarm_ports(self, peers: Sequence[Driver]) -> None:
+        groups, skipped = self._swarm_peer_groups(peers)
+        if skipped:  # the swarm works only once the user opens these: say so, in one line
+            why = ("it is in security groups of yours" if not self.machine.resources.get("group_id")
+                   else "their groups are yours, or of another region or account")
+            ui.err(f"warning: no swarm rules between {self.machine.name} and {', '.join(skipped)} ({why}): open the "
+                   f"swarm ports ({swarm.PORTS_TEXT}) between them yourself")
         own = self.machine.resources.get("group_id")
-        groups = self._swarm_peer_groups(peers)
-        if not own:  # groups the user passed (--ec2-security-group) are theirs to open
-            if groups:
-                ui.err(f"warning: {self.machine.name} uses your security groups: open the swarm ports "
-                       f"(2377/tcp, 7946/tcp+udp, 4789/udp) between it and its peers there")
-            return
         for group in groups:
             swarm.allow(self._ec2, own, group)
             swarm.allow(self._ec2, group, own)
@@ -465,6 +554,24 @@ class EC2Driver(Driver):
         r = self.machine.resources
         names = [r.get(k) for k in ("ip", "public_ip", "private_ip", "public_dns", "private_dns")]
         return list(dict.fromkeys(n for n in names if n))
+
+
+T = TypeVar("T")
+
+
+def poll(look: Callable[[], T], done: Callable[[T], bool], timeout: float, delay: float,
+         max_delay: float | None = None) -> T:
+    """Call `look` until `done` accepts its answer or `timeout` seconds have passed, sleeping `delay` in between
+    (doubled each time up to `max_delay`, when given); return the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = look()
+        left = deadline - time.monotonic()
+        if done(answer) or left <= 0:
+            return answer
+        time.sleep(min(delay, left))
+        if max_delay is not None:
+            delay = min(delay * 2, max_delay)
 
 
 def port_answers(host: str, port: int, timeout: float = 3.0) -> bool:
@@ -563,10 +670,62 @@ def _check_values(o: dict[str, Any]) -> None:
             price = Decimal(0)
         if not price.is_finite() or price <= 0:
             raise UsageError(f"--ec2-spot-max-price: {o['ec2_spot_max_price']!r} is not a positive price in USD")
-    if o["ec2_endpoint"] and not o["ec2_endpoint"].startswith(("http://", "https://")):
-        raise UsageError(f"--ec2-endpoint: {o['ec2_endpoint']!r} is not an http(s) URL")
+    if o["ec2_endpoint"]:
+        check_endpoint(o["ec2_endpoint"])
+    _check_iops(o["ec2_volume_type"], o["ec2_iops"])
     if not o["ec2_ssh_user"]:
         raise UsageError("--ec2-ssh-user must not be empty")
+
+
+# A host name as botocore accepts one: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.IGNORECASE)
+
+
+def check_endpoint(url: str) -> None:
+    """Refuse an endpoint botocore cannot use (it raises a bare ValueError deep inside client creation)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port  # None when not given; ValueError when not a number or beyond 65535
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https"):
+        problem = "is not an http(s) URL"
+    elif not parts.hostname:
+        problem = "names no host"
+    elif not _is_host(parts.hostname):
+        problem = f"has no valid host name ({parts.hostname!r})"
+    elif port == 0:
+        problem = "has no valid port (1-65535)"
+    else:
+        return
+    raise UsageError(f"--ec2-endpoint: {url!r} {problem}")
+
+
+def _is_host(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return _HOST_NAME.fullmatch(name) is not None
+
+
+def _check_iops(volume_type: str, iops: int | None) -> None:
+    if volume_type in IOPS_TYPES and iops is None:
+        raise UsageError(f"--ec2-volume-type {volume_type} needs --ec2-iops (its provisioned IOPS, at least "
+                         f"{MIN_IOPS})")
+    if iops is not None and volume_type not in IOPS_TYPES:
+        raise UsageError(f"--ec2-iops is for --ec2-volume-type {' or '.join(IOPS_TYPES)} only, not {volume_type}")
+    if iops is not None and iops < MIN_IOPS:
+        raise UsageError(f"--ec2-iops: {iops} is less than {MIN_IOPS}")
+
+
+def _check_root_size(o: dict[str, Any], image: dict[str, Any]) -> None:
+    """The root volume is made from the image's root snapshot: EC2 refuses a size below the snapshot's."""
+    root = next((m.get("Ebs", {}) for m in image.get("BlockDeviceMappings", [])
+                 if m.get("DeviceName") == image.get("RootDeviceName")), {})
+    if root.get("VolumeSize") and o["ec2_root_size"] < root["VolumeSize"]:
+        raise UsageError(f"--ec2-root-size: {o['ec2_root_size']} GiB is less than the {root['VolumeSize']} GiB of "
+                         f"the root snapshot of image {image['ImageId']}")
 
 
 def _check_region(o: dict[str, Any], region: str) -> None:
@@ -616,6 +775,7 @@ def check(o: dict[str, Any]) -> dict[str, Any]:
                              f"{', '.join(architectures)}")
     else:
         image = images.default_debian(ec2, region, architectures[0])
+    _check_root_size(o, image)
 
     vpc, subnet = _check_network(o, ec2, region)
     groups = _check_groups(o, ec2, vpc)

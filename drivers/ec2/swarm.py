@@ -11,6 +11,7 @@ from typing import Any
 from machine.drivers.ec2.api import EC2Error, translated
 
 SWARM_PORTS = (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789))
+PORTS_TEXT = "2377/tcp, 7946/tcp+udp, 4789/udp"  # SWARM_PORTS, as a user opens them
 DESCRIPTION = "pymachine swarm"
 
 

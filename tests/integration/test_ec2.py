@@ -12,11 +12,12 @@ import base64
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ import pytest
 import yaml
 
 from machine import drivers
-from machine.drivers.ec2 import EC2Driver, api, images
+from machine.commands.machines import create as create_machine
+from machine.commands.machines import remove_machine
+from machine.drivers.ec2 import VISIBLE_TIMEOUT, WAIT, EC2Driver, api, images
 from machine.errors import MachineError
 from machine.store import Store
 from tests.conftest import CLI
@@ -472,6 +475,16 @@ BAD = {
     "a cidr with host bits": (("--ec2-allowed-cidr", "10.1.2.3/8"), 2, "has host bits set"),
     "a reserved tag": (("--ec2-tags", "pymachine-home=/x", *CIDRS), 2, "is reserved"),
     "a price without spot": (("--ec2-spot-max-price", "0.1", *CIDRS), 2, "needs --ec2-spot"),
+    "an endpoint without a host": (("--ec2-endpoint", "http://", *CIDRS), 2, "'http://' names no host"),
+    "an endpoint with a space": (("--ec2-endpoint", "http://exa mple", *CIDRS), 2, "no valid host name"),
+    "an endpoint with a bad port": (("--ec2-endpoint", "http://127.0.0.1:99999", *CIDRS), 2, "no valid port"),
+    "an HDD root volume": (("--ec2-volume-type", "st1", *CIDRS), 2, "'st1' is not one of gp3, gp2, io1, io2"),
+    "io2 without iops": (("--ec2-volume-type", "io2", *CIDRS), 2, "--ec2-volume-type io2 needs --ec2-iops"),
+    "iops of gp3": (("--ec2-iops", "3000", *CIDRS), 2, "--ec2-iops is for --ec2-volume-type io1 or io2 only"),
+    # moto's images have a root snapshot of 15 GiB
+    "a root volume below the image's snapshot": (("--ec2-root-size", "8", *CIDRS), 2,
+                                                 f"--ec2-root-size: 8 GiB is less than the 15 GiB of the root "
+                                                 f"snapshot of image {NEWEST}"),
 }
 
 
@@ -557,10 +570,21 @@ def kill_at(cli: CLI, name: str, lines: int) -> None:
     kill_create_at(cli, name, lines, "--driver", "ec2", "--no-connect", *CIDRS)
 
 
+def age_launch(cli: CLI, name: str) -> None:
+    """Move the machine's recorded launch time VISIBLE_TIMEOUT back: as if `rm -f` came once EC2 has had the time
+    to show any launch (a create killed just before RunInstances launched nothing: rm would wait that long)."""
+    directory = cli.home / "machines" / name
+    for path in (directory / "journal", directory / "config.json"):
+        if path.exists():
+            path.write_text(re.sub(r'("launch_time": )([0-9.]+)',
+                                   lambda m: f"{m[1]}{float(m[2]) - VISIBLE_TIMEOUT}", path.read_text()))
+
+
 @pytest.mark.parametrize("step", range(1, EC2_STEPS + 1))
 def test_a_create_killed_at_any_step_is_removed_without_a_trace(cli, cloud, step):
     kill_at(cli, "k", step)
     machine_id = identity(cli, "k")
+    age_launch(cli, "k")
     proc = cli("rm", "-f", "k", check=False)
     assert proc.returncode == 0, proc.stderr
     assert cloud_leftovers(cloud.ec2, machine_id) == []
@@ -617,3 +641,165 @@ def test_another_stores_instance_with_the_same_id_is_never_touched(cli, cloud, t
     cli("rm", "-y", "web1")
     assert cloud.instance(foreign_id)["State"]["Name"] == "running"
     assert cloud.instance(rec["resources"]["instance_id"])["State"]["Name"] == "terminated"
+
+
+# -- eventual consistency: an instance EC2 does not show yet is never forgotten -------------------------------
+def hook_clients(monkeypatch: pytest.MonkeyPatch, handlers: dict[str, Callable[..., Any]]) -> None:
+    """Register botocore event handlers (event name: handler) on every EC2 client pymachine makes from now on (not
+    on the test's own client)."""
+    real = api.client
+
+    def client(*args: Any, **kwargs: Any) -> Any:
+        ec2 = real(*args, **kwargs)
+        for event, handler in handlers.items():
+            ec2.meta.events.register(event, handler, unique_id=f"test-{event}")
+        return ec2
+
+    monkeypatch.setattr(api, "client", client)
+
+
+class Unseen:
+    """EC2's eventual consistency, played on pymachine's clients: from the moment RunInstances answers and for
+    `seconds`, DescribeInstances does not show the new instance, as EC2 may right after a launch: asked by id it
+    answers InvalidInstanceID.NotFound, asked by a filter nothing. Queries with a filter named in `except_filters`
+    see it. With `interrupt`, Ctrl-C comes as RunInstances answers, before the instance id is journaled."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float, except_filters: tuple[str, ...] = (),
+                 interrupt: bool = False) -> None:
+        self.seconds, self.except_filters, self.interrupt = seconds, except_filters, interrupt
+        self.until = 0.0
+        self.hidden = 0
+        hook_clients(monkeypatch, {"after-call.ec2.RunInstances": self._launched,
+                                   "before-call.ec2.DescribeInstances": self._describe})
+
+    def _launched(self, **_: Any) -> None:
+        self.until = time.monotonic() + self.seconds
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+    def _describe(self, params: dict[str, Any], **_: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        body = params["body"]
+        filters = {v for k, v in body.items() if re.fullmatch(r"Filter\.\d+\.Name", k)}
+        if time.monotonic() >= self.until or filters & set(self.except_filters):
+            return None  # asked of the server
+        self.hidden += 1
+        if any(k.startswith("InstanceId.") for k in body):
+            return AWSResponse("", 400, {}, None), {
+                "Error": {"Code": "InvalidInstanceID.NotFound", "Message": "The instance ID does not exist"},
+                "ResponseMetadata": {}}
+        return AWSResponse("", 200, {}, None), {"Reservations": [], "ResponseMetadata": {}}
+
+
+def create_in_process(store: Store, name: str) -> None:
+    create_machine(store, name, "ec2", {"ec2_allowed_cidr": CIDRS[1:]}, provision=False, wait_for_ssh=False)
+
+
+def the_instance(cloud: Cloud) -> dict[str, Any]:
+    [instance] = [i for r in cloud.ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+    return instance
+
+
+def test_ctrl_c_while_ec2_does_not_show_the_new_instance_yet_terminates_it(cli, cloud, monkeypatch):
+    """The reviewer's leak: Ctrl-C in the running waiter while DescribeInstances answers NotFound by id and nothing
+    by tag. The rollback must look again until EC2 shows the instance, then terminate it."""
+    store = in_process(cli, monkeypatch)
+    unseen = Unseen(monkeypatch, seconds=2.5)
+
+    def interrupted(self: EC2Driver, waiter: str, instance_id: str, what: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EC2Driver, "_wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        create_in_process(store, "web1")
+    assert unseen.hidden >= 3  # by tag, by id, by client token, at least
+    assert the_instance(cloud)["State"]["Name"] == "terminated"
+    assert cloud.new_resources() == set() and not stored(cli)
+
+
+def test_ctrl_c_inside_run_instances_finds_the_launch_by_its_client_token(cli, cloud, monkeypatch):
+    """Ctrl-C as RunInstances answers: no instance id journaled; here EC2 shows the instance neither by id nor by
+    tag, only to the client-token filter, and the rollback finds it there."""
+    store = in_process(cli, monkeypatch)
+    Unseen(monkeypatch, seconds=600, except_filters=("client-token",), interrupt=True)
+    with pytest.raises(KeyboardInterrupt):
+        create_in_process(store, "web1")
+    instance = the_instance(cloud)
+    assert instance["State"]["Name"] == "terminated" and instance["ClientToken"].startswith("pymachine-")
+    assert cloud.new_resources() == set() and not stored(cli)
+
+
+def test_a_launch_that_never_reached_ec2_is_looked_for_until_visible_timeout_after_it(cli, cloud, monkeypatch):
+    """Ctrl-C before RunInstances is sent, its client token journaled: nothing will ever show. The rollback looks
+    until VISIBLE_TIMEOUT after the launch, no longer, then removes the rest and the record."""
+    store = in_process(cli, monkeypatch)
+    monkeypatch.setattr("machine.drivers.ec2.VISIBLE_TIMEOUT", 3.0)
+
+    def unsent(**_: Any) -> None:
+        raise KeyboardInterrupt
+
+    hook_clients(monkeypatch, {"before-call.ec2.RunInstances": unsent})
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        create_in_process(store, "web1")
+    assert 2.5 < time.monotonic() - began < 30
+    assert cloud.new_resources() == set() and not stored(cli)
+
+
+def test_an_instance_not_visible_yet_is_a_leftover_and_keeps_the_record(cli, cloud, monkeypatch):
+    """A launch that never settled (killed before its address was journaled) and that EC2 does not show yet: rm may
+    not say "nothing left". Once EC2 shows it, rm -f terminates it."""
+    create(cli, "web1", *CIDRS)
+    rec = record(cli, "web1")
+    instance_id = rec["resources"]["instance_id"]
+    journal = cli.home / "machines/web1/journal"
+    journal.write_text("".join(line for line in journal.read_text().splitlines(keepends=True) if '"ip"' not in line))
+    (cli.home / "machines/web1/config.json").unlink()
+    store = in_process(cli, monkeypatch)
+    unseen = Unseen(monkeypatch, seconds=600)
+    unseen.until = time.monotonic() + 600
+    machine = store.recover("web1")
+    driver = EC2Driver(machine, store)
+    assert f"instance {instance_id} (not yet visible)" in driver.leftovers()
+
+    def unreachable(self: EC2Driver) -> None:  # remove() fails: EC2 unreachable, a second Ctrl-C
+        raise MachineError("cannot reach EC2")
+
+    monkeypatch.setattr(EC2Driver, "remove", unreachable)
+    with pytest.raises(MachineError, match=re.escape(f"left: instance {instance_id} (not yet visible)")):
+        remove_machine(store, machine, driver, force=True)
+    assert cloud.instance(instance_id)["State"]["Name"] == "running"
+
+    unseen.until = 0.0  # EC2 shows it now
+    cli("rm", "-f", "web1")
+    assert cloud.instance(instance_id)["State"]["Name"] == "terminated"
+    assert cloud_leftovers(cloud.ec2, rec["id"]) == [] and not stored(cli)
+
+
+# -- rm waits for `terminated` through the states on the way ----------------------------------------------------
+def test_rm_waits_through_stopping_and_pending_until_terminated(cli, cloud, monkeypatch):
+    """boto3's instance_terminated waiter gives up at the first `pending` or `stopping` it reads; rm polls until
+    `terminated`, and says so when the time (WAIT) runs out."""
+    create(cli, "web1", *CIDRS)
+    create(cli, "web2", *CIDRS)
+    store = in_process(cli, monkeypatch)
+    monkeypatch.setitem(WAIT, "Delay", 0.2)
+    monkeypatch.setitem(WAIT, "MaxAttempts", 10)
+    lagging = ["stopping", "pending"]  # what EC2 still shows, one answer each, after the terminate
+
+    def lag(parsed: dict[str, Any], **_: Any) -> None:
+        for reservation in parsed.get("Reservations", []):
+            for instance in reservation["Instances"]:
+                if instance["State"]["Name"] == "terminated" and lagging:
+                    instance["State"]["Name"] = lagging.pop(0)
+
+    hook_clients(monkeypatch, {"after-call.ec2.DescribeInstances": lag})
+    with store.locked("web1") as machine:
+        EC2Driver(machine, store).remove()
+    assert not lagging and cloud.instance(record(cli, "web1")["resources"]["instance_id"])["State"]["Name"] == \
+        "terminated"
+
+    lagging[:] = ["stopping"] * 100
+    with store.locked("web2") as machine, pytest.raises(MachineError, match=r"\(stopping\) not terminated after 2s"):
+        EC2Driver(machine, store).remove()

@@ -79,3 +79,23 @@ def test_a_machine_in_groups_of_its_own_gets_no_rules_and_a_warning(cli, cloud, 
     assert peer_rules(cloud.ec2, mine) == set()
     assert peer_rules(cloud.ec2, record(cli, "m1")["resources"]["group_id"]) == set()
     assert "open the swarm ports (2377/tcp, 7946/tcp+udp, 4789/udp)" in capsys.readouterr().err
+
+
+def test_peers_no_rule_can_name_are_named_in_one_warning(cli, cloud, monkeypatch, capsys):  # noqa: F811
+    """A peer in groups of the user's own, or in another region, gets no rule: the joining machine names it and the
+    ports to open, in one line, and still opens the ports to the peers it can name."""
+    for name in ("m1", "m3"):
+        create(cli, name, *CIDRS)
+    create(cli, "w1", *CIDRS, "--ec2-region", "us-west-2")
+    vpc = cloud.ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    mine = cloud.ec2.create_security_group(GroupName="mine", Description="the user's", VpcId=vpc)["GroupId"]
+    create(cli, "m2", "--ec2-security-group", mine)
+    store = in_process(cli, monkeypatch)
+    m1, m2, m3, w1 = (EC2Driver(store.load(name), store) for name in ("m1", "m2", "m3", "w1"))
+    g1, g3 = (record(cli, name)["resources"]["group_id"] for name in ("m1", "m3"))
+    capsys.readouterr()
+    m1.open_swarm_ports([m2, m3, w1])
+    assert peer_rules(cloud.ec2, g1) == from_groups(g3) and peer_rules(cloud.ec2, g3) == from_groups(g1)
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("pymachine: warning: no swarm rules between m1 and m2, w1 (")
+    assert line.endswith("open the swarm ports (2377/tcp, 7946/tcp+udp, 4789/udp) between them yourself")

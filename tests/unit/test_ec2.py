@@ -14,7 +14,17 @@ import yaml
 from machine import cloudinit, drivers, sshkeys
 from machine.commands.machines import parse_driver_options
 from machine.drivers.base import ENGINE_PORT, Option, State
-from machine.drivers.ec2 import EC2Driver, _check_values, api, ingress, parse_tags, port_answers, wait_port_down
+from machine.drivers.ec2 import (
+    EC2Driver,
+    _check_values,
+    api,
+    check_endpoint,
+    ingress,
+    parse_tags,
+    poll,
+    port_answers,
+    wait_port_down,
+)
 from machine.errors import MachineError, UsageError
 from machine.store import Machine, Store
 
@@ -33,7 +43,7 @@ def test_the_driver_is_registered_with_docker_machines_option_names():
     assert {"ec2-region", "ec2-zone", "ec2-instance-type", "ec2-ami", "ec2-vpc-id", "ec2-subnet-id",
             "ec2-security-group", "ec2-allowed-cidr", "ec2-root-size", "ec2-volume-type", "ec2-volume-encrypted",
             "ec2-kms-key", "ec2-tags", "ec2-spot", "ec2-spot-max-price", "ec2-use-private-address",
-            "ec2-iam-instance-profile", "ec2-ssh-user", "ec2-endpoint", "ec2-profile"} <= names
+            "ec2-iam-instance-profile", "ec2-ssh-user", "ec2-endpoint", "ec2-profile", "ec2-iops"} <= names
     by_name: dict[str, Option] = {o.name: o for o in EC2Driver.options}
     assert by_name["ec2-region"].env_alias == "AWS_DEFAULT_REGION"
     assert by_name["ec2-profile"].env_alias == "AWS_PROFILE"
@@ -72,6 +82,15 @@ def test_the_ssh_user_is_the_option(tmp_path):
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_tags": ["aws:x=1"]}, "reserved"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_tags": ["pymachine-machine-id=1"]}, "reserved"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_endpoint": "127.0.0.1:5000"}, "not an http(s) URL"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_endpoint": "http://"}, "'http://' names no host"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_endpoint": "http://exa mple"}, "no valid host name ('exa mple')"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_endpoint": "http://127.0.0.1:99999"}, "no valid port (1-65535)"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_endpoint": "https://h:0"}, "no valid port (1-65535)"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "io1"}, "--ec2-volume-type io1 needs --ec2-iops"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "io2"}, "--ec2-volume-type io2 needs --ec2-iops"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_iops": 3000}, "--ec2-iops is for --ec2-volume-type io1 or io2 only, "
+                                                            "not gp3"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "io2", "ec2_iops": 50}, "50 is less than 100"),
 ])
 def test_values_refused_before_any_api_call(overrides, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -81,6 +100,48 @@ def test_values_refused_before_any_api_call(overrides, message):
 def test_an_explicit_everyone_and_ipv6_are_accepted():
     _check_values(values(ec2_allowed_cidr=["0.0.0.0/0", "::/0"]))
     _check_values(values(ec2_security_group=["sg-0123"]))
+
+
+@pytest.mark.parametrize("url", ["https://ec2.us-east-1.amazonaws.com", "http://127.0.0.1:5000",
+                                 "http://[::1]:5000/", "https://ec2.example.org:8443/path"])
+def test_endpoints_botocore_can_use_are_accepted(url):
+    check_endpoint(url)
+
+
+def test_io_volumes_take_their_iops():
+    for volume_type in ("io1", "io2"):
+        _check_values(values(ec2_allowed_cidr=["0.0.0.0/0"], ec2_volume_type=volume_type, ec2_iops=3000))
+
+
+def test_the_iops_go_with_the_root_volume(tmp_path):
+    """(moto's RunInstances drops a mapping's Iops, and so refuses io1 and io2: the request is checked here.)"""
+    found = {"ami": "ami-1", "root_device": "/dev/xvda", "subnet": None}
+    for iops in (4000, None):
+        machine = Machine(name="web1", driver="ec2", id="0123abcd", dir=tmp_path,
+                          options={"ec2_volume_type": "io2" if iops else "gp3", "ec2_iops": iops})
+        spec = EC2Driver(machine, Store(tmp_path), {})._launch(found, ["sg-1"], "#cloud-config\n", "token")
+        [mapping] = spec["BlockDeviceMappings"]
+        assert mapping["Ebs"].get("Iops") == iops and mapping["Ebs"]["VolumeType"] == ("io2" if iops else "gp3")
+
+
+def test_hdd_volume_types_cannot_be_chosen_for_the_root_volume():
+    [option] = [o for o in EC2Driver.options if o.name == "ec2-volume-type"]
+    for volume_type in ("st1", "sc1"):
+        with pytest.raises(UsageError, match=f"--ec2-volume-type: '{volume_type}' is not one of gp3, gp2, io1, io2, "
+                                             f"standard"):
+            option.parse(volume_type)
+
+
+def test_poll_stops_when_done_or_at_its_timeout_backing_off(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    answers = iter(range(10))
+    assert poll(lambda: next(answers), lambda n: n == 3, 60.0, 1.0, 4.0) == 3
+    assert slept == [1.0, 2.0, 4.0]  # doubled, up to the maximum
+    began = time.monotonic()
+    monkeypatch.undo()
+    assert poll(lambda: "not yet", lambda _: False, 0.3, 0.1) == "not yet"  # the last answer, after the timeout
+    assert 0.3 <= time.monotonic() - began < 2
 
 
 def test_tags_parse():
