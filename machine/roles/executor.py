@@ -29,9 +29,12 @@ RECONNECTS_PER_TASK = 3
 
 
 class _HostFailed(Exception):
-    def __init__(self, failure: Failure) -> None:
+    """A task failed the host: `result` is the failed task's whole result, `ansible_failed_result` in a rescue."""
+
+    def __init__(self, failure: Failure, result: Mapping[str, Any] | None = None) -> None:
         super().__init__(str(failure))
         self.failure = failure
+        self.result = dict(result) if result is not None else {"failed": True, "msg": failure.msg}
 
 
 class _Unreachable(Exception):
@@ -60,6 +63,8 @@ class Scope:
     diff: Any = None
     no_log: Any = False
     environment: Mapping[str, Any] = field(default_factory=dict)
+    # The vars of the include_tasks the tasks came from: Ansible's "include params", above set_fact and role params.
+    params: tuple[Mapping[str, Any], ...] = ()
 
     def inherit(self, task: Task, *, conditions: bool = True, tags: bool = True) -> Scope:
         d = task.data
@@ -187,7 +192,8 @@ class Play:
         layers: list[tuple[Mapping[str, Any], bool]] = [
             (self.all_defaults, False), (run.role.defaults, False), (self.fact_vars, True),
             (self.all_role_vars, False), (run.role.vars, False), *((v, False) for v in scope.vars),
-            (task_vars or {}, False), (self.host_vars, True), (run.params, False), (self.extra_vars, False),
+            (task_vars or {}, False), (self.host_vars, True), (run.params, False), *((v, False) for v in scope.params),
+            (self.extra_vars, False),
             (magic, True),
         ]
         return Vars(self.templar, layers)
@@ -274,7 +280,7 @@ class Play:
                 failure = None
                 self.recap.rescued += 1
                 self.host_vars["ansible_failed_task"] = {"name": e.failure.label, "where": e.failure.where}
-                self.host_vars["ansible_failed_result"] = {"failed": True, "msg": e.failure.msg}
+                self.host_vars["ansible_failed_result"] = e.result
                 try:
                     self._run_list(block.rescue, run, scope, handler)
                 except _HostFailed as e2:
@@ -318,7 +324,6 @@ class Play:
     def _run_action(self, task: Task, run: RoleRun, scope: Scope, handler: bool) -> None:
         info = self._info(task, run, handler)
         include = task.action == "include_tasks"
-        # The `when` of an include applies to the include, not to the included tasks; its vars go with them.
         conditions = (*scope.when, *as_list(task.get("when")))
         variables = self.variables(run, scope, task.get("vars"))
         self.reporter.task_start(self.host, info)
@@ -345,7 +350,7 @@ class Play:
             result: dict[str, Any] = {"changed": False, "skipped": True, "skip_reason": "Conditional result was False"}
             if self._condition(info, conditions, ivars):
                 try:
-                    result = (self._include(task, run, own, ivars, handler) if include
+                    result = (self._include(task, run, scope, ivars, handler) if include
                               else self._execute(task, run, own, ivars))
                 except RoleError as e:  # templating, or an include file that is missing or invalid
                     raise self._fail(info, str(e)) from None
@@ -356,6 +361,9 @@ class Play:
                 self._report(info, result, own, label)
         if items is None:
             final = results[0]
+        elif not items:  # as Ansible: an empty loop skips the task
+            final = {"changed": False, "skipped": True, "skipped_reason": "No items in the list", "results": []}
+            self._report(info, final, own, None)
         else:
             final = {"results": results, "changed": any(r.get("changed") for r in results),
                      "msg": "All items completed", "skipped": bool(results) and all(r.get("skipped") for r in results)}
@@ -404,7 +412,9 @@ class Play:
             if scope.ignore_errors:
                 self.recap.ignored += 1
                 return
-            raise _HostFailed(Failure(info.label, info.where, _HIDDEN if scope.no_log else self._failure_msg(result)))
+            # The result is given whole to a rescue, even under no_log, as Ansible does (as `register` does).
+            raise _HostFailed(Failure(info.label, info.where, _HIDDEN if scope.no_log else self._failure_msg(result)),
+                              result)
         if result.get("skipped"):
             self.recap.skipped += 1
             return
@@ -495,15 +505,19 @@ class Play:
             return {"changed": False, "failed": True, "msg": f"{task.action}: {type(e).__name__}: {e}"}
 
     def _include(self, task: Task, run: RoleRun, scope: Scope, variables: Vars, handler: bool) -> dict[str, Any]:
+        """Run the tasks of an include_tasks in `scope`, the scope the include itself is in.
+
+        As in Ansible, the include's own keywords (when, tags, ignore_errors, no_log) apply to the include alone,
+        while those of the blocks around it apply to each included task: a block's `when` is checked again for
+        every one of them. The include's vars and loop variable reach them, the vars above set_fact."""
         name = str(self.templar.template(task.args, variables))
         tasks = task.tasks if task.tasks is not None and name == task.args else run.role.task_file(name)
         info = self._info(task, run, handler)
         self.reporter.task_result(self.host, info, TaskResult("included", msg=name))
-        # Loop variables and the include's own vars reach the included tasks; its when and tags do not.
         loop_var = variables.get("ansible_loop_var")
         carried = {loop_var: variables[loop_var]} if loop_var else {}
-        self._run_list(tasks, run, replace(scope, vars=(*scope.vars, task.get("vars") or {}, carried), when=()),
-                       handler)
+        self._run_list(tasks, run, replace(scope, vars=(*scope.vars, carried),
+                                           params=(*scope.params, task.get("vars") or {})), handler)
         return {"changed": False}
 
 

@@ -44,6 +44,11 @@ _TEMPLATED = (("when", True), ("changed_when", True), ("failed_when", True), ("u
               ("loop", False), ("with_items", False))
 # import_tasks is resolved at load time, so per-run keywords make no sense on it (Ansible refuses them too).
 _STATIC_FORBIDDEN = frozenset({"loop", "with_items", "loop_control", "register", "notify", "until"})
+# The keywords Ansible (2.19, TaskInclude.VALID_INCLUDE_KEYWORDS) accepts on include_tasks, besides `listen` in
+# handlers; they apply to the include itself, never to the included tasks. `args` (Ansible's other way to give the
+# file) is not supported.
+_INCLUDE_KEYWORDS = frozenset({"name", "when", "loop", "with_items", "loop_control", "register", "tags", "vars",
+                               "ignore_errors", "no_log", "listen"})
 
 
 @dataclass
@@ -411,6 +416,11 @@ def _include(data: LineDict, action: str, raw: Any, role: Role, stack: tuple[Pat
     if not isinstance(raw, str) or not raw:
         raise RoleError(f"{data.where(action)}: {kind} needs a file name")
     task = Task(data, kind, raw, role)
+    if kind == "include_tasks":
+        bad = sorted(set(data) - _INCLUDE_KEYWORDS - {action})
+        if bad:
+            raise RoleError(f"{data.where(bad[0])}: '{bad[0]}' cannot be used with include_tasks (Ansible refuses it: "
+                            f"put it on a block around the include, or on the included tasks)")
     if kind == "import_tasks":
         bad = _STATIC_FORBIDDEN & set(data)
         if bad:

@@ -134,6 +134,15 @@ def _pairs(env: Mapping[str, Any] | None) -> list[str]:
 
 
 # -- shell snippets shared by the modules ------------------------------------------------------------------
+def home_path(path: str) -> str:
+    """`path` as one shell word, a leading `~` or `~user` expanded by the target's shell (as Ansible's `path`
+    arguments are, by os.path.expanduser on the target) and the rest quoted."""
+    user, slash, rest = path.partition("/")
+    if not user.startswith("~") or not all(c.isalnum() or c in "._-" for c in user[1:]):
+        return q(path)
+    return user + slash + (q(rest) if rest else "")
+
+
 def detached(script: str) -> str:
     """Run `script` in a session of its own, its output kept in a file and shown when it ends.
 
@@ -210,13 +219,14 @@ def parse_mode(mode: Any) -> int | None:
     raise ValueError(f"mode {mode!r}: only octal modes (e.g. '0644') are supported")
 
 
-def attrs_script(path: str, current: FileState, mode: int | None, owner: str | None, group: str | None
-                 ) -> tuple[str, list[str]]:
-    """Commands (and a description of each difference) bringing `path`'s attributes to the wanted ones."""
+def attrs_script(path: str, current: FileState, mode: int | None, owner: str | None, group: str | None, *,
+                 follow: bool = False) -> tuple[str, list[str]]:
+    """Commands (and a description of each difference) bringing `path`'s attributes to the wanted ones: those of
+    a link itself, unless `follow` (then those of what it points at)."""
     cmds, changes = [], []
     if _differs(owner, current.owner, current.uid) or _differs(group, current.group, current.gid):
         spec = f"{owner or ''}{':' + group if group else ''}"
-        cmds.append(f"chown -h {q(spec)} {q(path)}")
+        cmds.append(f"chown {'' if follow else '-h '}{q(spec)} {q(path)}")
         changes.append(f"owner {current.owner}:{current.group} -> {spec}" if current.exists else f"owner {spec}")
     if mode is not None and current.kind != "link" and current.mode != mode:
         cmds.append(f"chmod {mode:04o} {q(path)}")
@@ -230,11 +240,11 @@ def _differs(wanted: str | None, name: str, number: str) -> bool:
 
 
 def write_script(path: str, mode: int | None, owner: str | None, group: str | None,
-                 validate: str | None = None) -> str:
+                 validate: str | None = None, *, fill: str = 'cat > "$t"') -> str:
     """Write stdin to `path` atomically: a temp file in the same directory, attributes, an optional
-    `validate` command (`%s` is the temp file), then rename."""
-    steps = ["set -e", f"d=$(dirname {q(path)})", 't=$(mktemp "$d/.pm.XXXXXX")', "trap 'rm -f \"$t\"' EXIT",
-             'cat > "$t"']
+    `validate` command (`%s` is the temp file), then rename. `fill` is what puts the content in the temp file
+    "$t" (get_url downloads it there; it may `exit 0` to leave `path` as it is)."""
+    steps = ["set -e", f"d=$(dirname {q(path)})", 't=$(mktemp "$d/.pm.XXXXXX")', "trap 'rm -f \"$t\"' EXIT", fill]
     if not (owner and group):
         # A replaced file keeps its owner and group unless told otherwise, as Ansible does; a user who may not
         # give the file away (EPERM, not root) gets it as their own, as with Ansible.

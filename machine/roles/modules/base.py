@@ -9,8 +9,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from machine.roles.remote import Become, Remote, attrs_script
-from machine.roles.templating import Templar, Vars, to_bool
+from machine.roles.remote import Become, Remote, attrs_script, parse_mode
+from machine.roles.templating import Templar, Vars, is_template, to_bool
 
 
 class ModuleFailure(Exception):
@@ -124,6 +124,13 @@ class Module:
             value = args.get(name)
             if spec.choices and isinstance(value, str) and "{{" not in value and value not in spec.choices:
                 return f"argument '{name}' of module '{cls.names[0]}' must be one of {', '.join(spec.choices)}"
+        # A literal mode the modules cannot apply (symbolic) is refused now, not when the task is reached.
+        mode = args.get("mode")
+        if "mode" in cls.args and mode is not None and not (isinstance(mode, str) and is_template(mode)):
+            try:
+                parse_mode(mode)
+            except ValueError as e:
+                return f"{e} (module '{cls.names[0]}')"
         return None
 
     def normalize(self, args: Mapping[str, Any]) -> dict[str, Any]:

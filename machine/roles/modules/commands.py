@@ -7,7 +7,7 @@ import shlex
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure
-from machine.roles.remote import q
+from machine.roles.remote import home_path, q
 
 _SKIP = "@@pm-skip@@"
 # Options Ansible recognises inside a free-form command line (`creates=/x cmd args`).
@@ -48,21 +48,24 @@ class Command(Module):
     def run(self) -> dict[str, Any]:
         p = self.params
         cmd = self.command_line()
+        # As in Ansible, the command module first changes to `chdir`, then looks for `creates`/`removes` there.
+        chdir = f"cd {home_path(p['chdir'])} || exit 1\n" if p["chdir"] else ""
         guard = ""
         if p["creates"]:
-            guard += f"if [ -e {q(p['creates'])} ]; then echo {_SKIP} creates; exit 0; fi\n"
+            guard += f"if {_matches(p['creates'])}; then echo {_SKIP} creates; exit 0; fi\n"
         if p["removes"]:
-            guard += f"if [ ! -e {q(p['removes'])} ]; then echo {_SKIP} removes; exit 0; fi\n"
+            guard += f"if ! {_matches(p['removes'])}; then echo {_SKIP} removes; exit 0; fi\n"
+        if guard:
+            guard += "set --\n"  # the script (a shell task's) starts without positional parameters, as always
         if self.ctx.check:
             if not guard:
                 return {"changed": False, "skipped": True, "msg": "command would have run if not in check mode"}
-            reason = self._skip_reason(self.sh(guard + "true", what="probe").stdout)
+            reason = self._skip_reason(self.sh(chdir + guard + "true", what="probe").stdout)
             return {"changed": not reason, "msg": reason or "command would have run if not in check mode"}
-        chdir = f"cd {q(p['chdir'])} || exit 1\n" if p["chdir"] else ""
         stdin = None
         if p["stdin"] is not None:
             stdin = (p["stdin"] + ("\n" if p["stdin_add_newline"] else "")).encode()
-        res = self.ctx.run(guard + chdir + cmd, stdin=stdin)
+        res = self.ctx.run(chdir + guard + cmd, stdin=stdin)
         reason = self._skip_reason(res.stdout) if guard else None
         if reason:
             return {"changed": False, "rc": 0, "stdout": "", "stderr": "", "stdout_lines": [], "stderr_lines": [],
@@ -82,6 +85,13 @@ class Command(Module):
         reasons = {f"{_SKIP} creates": f"skipped, since {p['creates']} exists",
                    f"{_SKIP} removes": f"skipped, since {p['removes']} does not exist"}
         return reasons.get(output.strip())
+
+
+def _matches(pattern: str) -> str:
+    """A shell condition true when the glob `pattern` (`~` expanded) matches a name, as Ansible's glob.glob: the
+    pattern is expanded from a variable, with IFS empty so that its spaces do not split it. No process."""
+    return (f"{{ g={home_path(pattern)}; IFS=; set -- $g; unset IFS; "
+            '[ -e "$1" ] || [ -L "$1" ]; }')
 
 
 class Shell(Command):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
+import io
 import json
 import posixpath
 import re
@@ -15,8 +18,9 @@ from machine.roles.remote import FileState, attrs_script, checksum_line, parse_m
 _ATTRS = {
     "mode": Arg(), "owner": Arg(type="str"), "group": Arg(type="str"),
 }
-# Fetching a file's text for --diff is capped; past this only checksums are compared.
-_DIFF_LIMIT = 256 * 1024
+# Fetching a file's content (for --diff, or for lineinfile to edit) is capped; past this only checksums are
+# compared.
+_CONTENT_LIMIT = 256 * 1024
 _SECTION = "@@pm-content@@"
 
 
@@ -28,25 +32,26 @@ def _mode(module: Module) -> int | None:
 
 
 class _Probe:
-    """`path`'s attributes, checksum and (when asked) text, from one command's output."""
+    """`path`'s attributes, checksum and (when asked) content, from one command's output. The content comes
+    base64-encoded: bytes that are not UTF-8 must come back as they are (a lineinfile writes them back)."""
 
     def __init__(self, module: Module, path: str, *, content: bool, dir_basename: str = "") -> None:
         known = None if content else module.ctx.known("file", path)
         if known is not None and not (dir_basename and known.state.kind == "directory"):
-            self.path, self.state, self.checksum, self.text = path, known.state, known.checksum, None
+            self.path, self.state, self.checksum, self.data = path, known.state, known.checksum, None
             return
         # When dest is an existing directory, copy/template write into it under the source's name.
         into_dir = f'[ -d "$p" ] && p="$p"/{q(dir_basename)}; ' if dir_basename else ""
-        want_text = f'if [ $t = file ] && [ "$sz" -le {_DIFF_LIMIT} ]; then echo {_SECTION}; cat "$p"; fi' \
+        want_data = f'if [ $t = file ] && [ "$sz" -le {_CONTENT_LIMIT} ]; then echo {_SECTION}; base64 < "$p"; fi' \
             if content else "true"
-        out = module.sh(f'p={q(path)}; {into_dir}echo "$p"; {stat_line()}; {checksum_line()}; {want_text}',
+        out = module.sh(f'p={q(path)}; {into_dir}echo "$p"; {stat_line()}; {checksum_line()}; {want_data}',
                         what="probe").stdout
-        head, _, text = out.partition(_SECTION + "\n")
+        head, _, encoded = out.partition(_SECTION + "\n")
         lines = head.split("\n")
         self.path = lines[0]
         self.state = FileState.parse(lines[1])
         self.checksum = lines[2].strip() if len(lines) > 2 else ""
-        self.text: str | None = text if _SECTION in out else None
+        self.data: bytes | None = base64.b64decode(encoded) if _SECTION in out else None
 
 
 class _Content(Module):
@@ -74,7 +79,7 @@ class _Content(Module):
         if write:
             result["changed"] = True
             if self.ctx.diff:
-                result["diff"] = self._diff(probe.text or "", data, dest, binary=cur.exists and probe.text is None)
+                result["diff"] = self._diff(probe.data, data, dest, exists=cur.exists)
             if not self.ctx.check:
                 script = write_script(dest, mode, p["owner"], p["group"],
                                       validate=p.get("validate"))
@@ -83,14 +88,15 @@ class _Content(Module):
         return self.ensure_attributes(dest, cur, mode, result)
 
     @staticmethod
-    def _diff(before: str, data: bytes, dest: str, *, binary: bool) -> str:
-        try:
-            after = data.decode()
-        except UnicodeDecodeError:
-            binary = True
-        if binary:
-            return f"binary file {dest} differs\n"
-        return unified_diff(before, after, dest)
+    def _diff(before: bytes | None, data: bytes, dest: str, *, exists: bool) -> str:
+        """A text diff, or a line saying that the file differs when either side is not UTF-8 text or the file
+        was too large to fetch."""
+        if not exists:
+            before = b""
+        if before is not None:  # None: too large to fetch
+            with contextlib.suppress(UnicodeDecodeError):
+                return unified_diff(before.decode(), data.decode(), dest)
+        return f"binary file {dest} differs\n"
 
 
 class Copy(_Content):
@@ -134,7 +140,7 @@ class File(Module):
     names = ("file",)
     args: ClassVar[dict[str, Arg]] = {"path": Arg(required=True, aliases=("dest", "name"), type="str"),
             "state": Arg(choices=("file", "directory", "absent", "touch", "link")),
-            "src": Arg(type="str"), "force": Arg(default=False, type="bool"),
+            "src": Arg(type="str"), "force": Arg(default=False, type="bool"), "follow": Arg(default=True, type="bool"),
             "modification_time": Arg(type="str"), "access_time": Arg(type="str"), **_ATTRS}
 
     reads = ("file", "path")
@@ -142,22 +148,23 @@ class File(Module):
     def run(self) -> dict[str, Any]:
         p = self.params
         path, mode = p["path"], _mode(self)
-        known = self.ctx.known("file", path)
-        cur = known.state if known else FileState.parse(self.sh(f"p={q(path)}; {stat_line()}", what="probe").stdout)
+        cur, real, target = self._probe(path)
         # Without a state Ansible keeps the current kind (and only manages attributes).
-        state = p["state"] or (cur.kind if cur.kind in ("file", "directory") else "file")
+        state = p["state"] or (cur.kind if cur.kind in ("file", "directory", "link") else "file")
+        if state == "absent":
+            return self._finish(path, [f"rm -rf -- {q(path)}"] if cur.exists else [], ["removed"] if cur.exists else [])
+        if state == "link":
+            return self._link(path, cur, real, target, mode)
+        if target is not None:  # follow: a link's target is what gets checked, created and changed
+            path, cur = real, target
         steps: list[str] = []
         changes: list[str] = []
         after = cur
-        if state == "absent":
-            if cur.exists:
-                steps.append(f"rm -rf -- {q(path)}")
-                changes.append("removed")
-            return self._finish(path, steps, changes)
-        if state == "file" and not cur.exists:
-            raise ModuleFailure(f"file {path} does not exist (use state=touch to create it)")
+        if state == "file" and cur.kind not in ("file", "other"):  # a fifo or a device is a file to Ansible
+            raise ModuleFailure(f"file {path} does not exist (use state=touch to create it)" if not cur.exists
+                                else f"file ({path}) is {cur.kind}, cannot continue")
         if state == "directory" and cur.kind not in ("directory", "absent"):
-            raise ModuleFailure(f"{path} exists and is not a directory")
+            raise ModuleFailure(f"{path} already exists as a {cur.kind}")
         if state == "directory" and not cur.exists:
             steps.append(f"mkdir -p -- {q(path)}")
             changes.append("directory created")
@@ -168,16 +175,53 @@ class File(Module):
                 steps.append(f"touch -- {q(path)}")
                 changes.append("touched" if cur.exists else "file created")
                 after = cur if cur.exists else FileState("file")
-        elif state == "link":
-            if not p["src"]:
-                raise ModuleFailure("state=link needs src")
-            if cur.kind != "link" or cur.target != p["src"]:
-                if cur.kind == "directory" or (cur.kind == "file" and not p["force"]):
-                    raise ModuleFailure(f"{path} exists and is not a link (use force=yes to replace a file)")
-                steps.append(f"ln -sfn -- {q(p['src'])} {q(path)}")
-                changes.append(f"link -> {p['src']}")
-                after = replace(cur, kind="link", target=p["src"])
         attrs, attr_changes = attrs_script(path, after, mode, p["owner"], p["group"])
+        if attrs:
+            steps.append(attrs)
+            changes += attr_changes
+        return self._finish(path, steps, changes)
+
+    def _probe(self, path: str) -> tuple[FileState, str, FileState | None]:
+        """`path`'s state and, when it is a link and `follow` is set, the path and state of what it resolves to
+        (as Ansible's os.path.realpath: a missing target is absent). Only a link costs the resolving process."""
+        known = self.ctx.known("file", path)
+        if known is not None:  # read ahead: never a link
+            return known.state, path, None
+        follow = f'; if [ $t = link ]; then p=$(readlink -m -- "$p"); echo "$p"; {stat_line()}; fi' \
+            if self.params["follow"] else ""
+        lines = self.sh(f"p={q(path)}; {stat_line()}{follow}", what="probe").stdout.splitlines()
+        if len(lines) < 3:
+            return FileState.parse(lines[0]), path, None
+        return FileState.parse(lines[0]), lines[1], FileState.parse(lines[2])
+
+    def _link(self, path: str, cur: FileState, real: str, target: FileState | None, mode: int | None
+              ) -> dict[str, Any]:
+        """state=link: the link itself is made or replaced; with `follow`, attributes go to what it points at."""
+        p = self.params
+        src = p["src"] or (cur.target if cur.kind == "link" else None)  # no src: keep the link as it is
+        if not src:
+            raise ModuleFailure("state=link needs src")
+        steps: list[str] = []
+        changes: list[str] = []
+        if cur.kind != "link" or cur.target != src:
+            if cur.kind == "directory" or (cur.kind == "file" and not p["force"]):
+                raise ModuleFailure(f"{path} exists and is not a link (use force=yes to replace a file)")
+            steps.append(f"ln -sfn -- {q(src)} {q(path)}")
+            changes.append(f"link -> {src}")
+            if p["follow"]:
+                # What the new link points at is known only once it is made: its attributes are set without
+                # comparing them (the task changed anyway); a missing target has none, as in Ansible.
+                attrs, _ = attrs_script(path, FileState("absent"), mode, p["owner"], p["group"], follow=True)
+                if attrs:
+                    steps.append(f"if [ -e {q(path)} ]; then {attrs}; fi")
+                return self._finish(path, steps, changes)
+        if target is not None:  # follow: the link is right, its target gets the attributes
+            if not target.exists:
+                return self._finish(path, steps, changes)
+            attrs, attr_changes = attrs_script(real, target, mode, p["owner"], p["group"])
+        else:
+            attrs, attr_changes = attrs_script(path, replace(cur, kind="link", target=src), mode, p["owner"],
+                                               p["group"])
         if attrs:
             steps.append(attrs)
             changes += attr_changes
@@ -204,84 +248,103 @@ class LineInFile(Module):
         probe = _Probe(self, p["path"], content=True)
         if probe.state.exists and probe.state.kind != "file":
             raise ModuleFailure(f"{p['path']} is not a regular file")
-        if probe.state.exists and probe.text is None:
-            raise ModuleFailure(f"{p['path']} is larger than {_DIFF_LIMIT} bytes")
+        if probe.state.exists and probe.data is None:
+            raise ModuleFailure(f"{p['path']} is larger than {_CONTENT_LIMIT} bytes")
         if not probe.state.exists and p["state"] == "present" and not p["create"]:
             raise ModuleFailure(f"Destination {p['path']} does not exist !")
-        before = probe.text or ""
-        lines = before.splitlines(keepends=True)
+        if not probe.state.exists and p["state"] == "absent":
+            return {"changed": False, "msg": "file not present"}
+        # Lines are edited as bytes, split after each newline only, as Ansible's lineinfile does (readlines()):
+        # lines it does not touch stay byte for byte, whatever their encoding.
+        before = probe.data or b""
+        lines = io.BytesIO(before).readlines()
         if p["state"] == "present":
             if p["line"] is None:
                 raise ModuleFailure("state=present needs line")
             new_lines, msg = self._present(lines)
         else:
             new_lines, msg = self._absent(lines)
-        after = "".join(new_lines)
+        after = b"".join(new_lines)
         result: dict[str, Any] = {"changed": False}
         mode = _mode(self)
         if after != before or (not probe.state.exists and p["state"] == "present"):
             result.update(changed=True, msg=msg)
             if self.ctx.diff:
-                result["diff"] = unified_diff(before, after, p["path"])
+                result["diff"] = unified_diff(before.decode(errors="replace"), after.decode(errors="replace"),
+                                              p["path"])
             if not self.ctx.check:
                 self.sh(write_script(p["path"], mode, p["owner"], p["group"], validate=p["validate"]),
-                        stdin=after.encode(), what=f"writing {p['path']}")
+                        stdin=after, what=f"writing {p['path']}")
             return result
-        script, changes = attrs_script(p["path"], probe.state, mode, p["owner"], p["group"])
-        if script:
-            result.update(changed=True, msg=", ".join(changes))
-            if not self.ctx.check:
-                self.sh(script, what=f"setting attributes of {p['path']}")
-        return result
+        return self.ensure_attributes(p["path"], probe.state, mode, result)
 
-    def _matches(self, text: str) -> re.Match[str] | bool | None:
-        p = self.params
-        if p["regexp"] is not None:
-            return re.search(p["regexp"], text)
-        if p["search_string"] is not None:
-            return p["search_string"] in text
-        return text == p["line"]
+    @staticmethod
+    def _bytes(text: str) -> bytes:
+        return text.encode("utf-8", "surrogateescape")
 
-    def _present(self, lines: list[str]) -> tuple[list[str], str]:
+    def _present(self, lines: list[bytes]) -> tuple[list[bytes], str]:
+        """`present` with Ansible's lineinfile semantics, on the file's lines as bytes: what a line regexp or
+        search_string finds is replaced, else the line is added where the anchors say (unless it is there)."""
         p = self.params
-        found, match = -1, None
-        anchor = p["insertafter"] or p["insertbefore"]
-        anchor_re = re.compile(anchor) if anchor not in (None, "EOF", "BOF") else None
-        insert_at = -1
-        for i, raw in enumerate(lines):
-            text = raw.rstrip("\r\n")
-            m = self._matches(text)
-            if m:
-                found, match = i, m
-                if p["firstmatch"]:
-                    break
-            elif anchor_re is not None and anchor_re.search(text) and (insert_at == -1 or not p["firstmatch"]):
-                insert_at = i + 1 if p["insertafter"] else i
-        line = p["line"]
-        if found >= 0:
-            if p["backrefs"] and isinstance(match, re.Match):
-                line = match.expand(line)
-            if lines[found].rstrip("\r\n") == line:
-                return lines, ""
-            lines = [*lines]
-            lines[found] = line + "\n"
-            return lines, "line replaced"
-        if p["backrefs"] or any(x.rstrip("\r\n") == line for x in lines):
-            return lines, ""
+        line = self._bytes(p["line"])
+        after_anchor, before_anchor = p["insertafter"], p["insertbefore"]
+        anchor = after_anchor if after_anchor not in (None, "BOF", "EOF") else (
+            before_anchor if before_anchor not in (None, "BOF") else None)
+        anchor_re = re.compile(self._bytes(anchor)) if anchor is not None else None
+        found, insert_at, match = -1, -1, None
+        # 1. the line regexp or search_string finds (the last, or the first with firstmatch)
+        if p["regexp"] is not None or p["search_string"] is not None:
+            regexp = re.compile(self._bytes(p["regexp"])) if p["regexp"] is not None else None
+            for i, cur in enumerate(lines):
+                m = regexp.search(cur) if regexp is not None else self._bytes(p["search_string"]) in cur
+                if m:
+                    found, match = i, m
+                    if p["firstmatch"]:
+                        break
+        # 2. nothing found: the line itself, or where the anchor says to insert it
+        if not match:
+            for i, cur in enumerate(lines):
+                if line == cur.rstrip(b"\r\n"):
+                    found = i
+                elif anchor_re is not None and anchor_re.search(cur):
+                    insert_at = i + 1 if after_anchor else i
+                    if p["firstmatch"]:
+                        break
         lines = [*lines]
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        if p["insertbefore"] == "BOF":
-            insert_at = 0
-        if insert_at == -1:
-            insert_at = len(lines)
-        lines.insert(insert_at, line + "\n")
+        if found != -1:
+            new = match.expand(line) if p["backrefs"] and isinstance(match, re.Match) else line
+            new += b"" if new.endswith(b"\n") else b"\n"
+            if lines[found] == new:
+                return lines, ""
+            lines[found] = new
+            return lines, "line replaced"
+        if p["backrefs"]:  # nothing matched to fill in the backreferences: do nothing, as Ansible
+            return lines, ""
+        if "BOF" in (before_anchor, after_anchor):
+            return [line + b"\n", *lines], "line added"
+        if after_anchor == "EOF" or insert_at == -1:
+            if lines and lines[-1][-1:] not in (b"\n", b"\r"):
+                lines.append(b"\n")
+            return [*lines, line + b"\n"], "line added"
+        # After an anchor: not again where it already is (next to the anchor, or the anchor at the end).
+        if after_anchor and (lines[min(insert_at, len(lines) - 1)]).rstrip(b"\r\n") == line:
+            return lines, ""
+        lines.insert(insert_at, line + b"\n")
         return lines, "line added"
 
-    def _absent(self, lines: list[str]) -> tuple[list[str], str]:
+    def _absent(self, lines: list[bytes]) -> tuple[list[bytes], str]:
         p = self.params
         if p["regexp"] is None and p["search_string"] is None and p["line"] is None:
             raise ModuleFailure("state=absent needs one of regexp, search_string or line")
-        kept = [x for x in lines if not self._matches(x.rstrip("\r\n"))]
+        regexp = re.compile(self._bytes(p["regexp"])) if p["regexp"] is not None else None
+
+        def matches(cur: bytes) -> bool:
+            if regexp is not None:
+                return bool(regexp.search(cur))
+            if p["search_string"] is not None:
+                return self._bytes(p["search_string"]) in cur
+            return self._bytes(p["line"]) == cur.rstrip(b"\r\n")
+
+        kept = [x for x in lines if not matches(x)]
         removed = len(lines) - len(kept)
         return kept, f"{removed} line(s) removed" if removed else ""

@@ -42,6 +42,9 @@ class Debug(Module):
 
     def run(self) -> dict[str, Any]:
         p = self.params
+        if p["verbosity"] > 0:
+            # pymachine has no -v: it shows what ansible-playbook shows without it (verbosity 0).
+            return {"changed": False, "skipped": True, "skipped_reason": "Verbosity threshold not met."}
         if p["var"] is not None:
             try:
                 value = self.ctx.templar.template("{{ " + p["var"] + " }}", self.ctx.vars)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure
-from machine.roles.remote import FileState, checksum_line, parse_mode, q, stat_line
+from machine.roles.remote import FileState, checksum_line, parse_mode, q, stat_line, write_script
 
 _ALGORITHMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
 
@@ -60,18 +60,13 @@ class GetUrl(Module):
                  f'-o "$t" {q(url)}; elif command -v wget >/dev/null 2>&1; then wget -q -T {p["timeout"]} '
                  f'{"--no-check-certificate " if insecure else ""}-O "$t" {q(url)}; '
                  f'else echo "neither curl nor wget is installed" >&2; exit 1; fi')
-        steps = ["set -e", f"d=$(dirname {q(dest)})", 't=$(mktemp "$d/.pm.XXXXXX")', "trap 'rm -f \"$t\"' EXIT",
-                 fetch]
         if expected:
-            steps.append(f'a=$({algo}sum < "$t" | cut -d" " -f1); [ "$a" = {q(expected)} ] || '
-                         f'{{ echo "checksum mismatch: got {algo}:$a, expected {algo}:{expected}" >&2; exit 1; }}')
+            verify = (f'a=$({algo}sum < "$t" | cut -d" " -f1); [ "$a" = {q(expected)} ] || '
+                      f'{{ echo "checksum mismatch: got {algo}:$a, expected {algo}:{expected}" >&2; exit 1; }}')
         else:
-            steps.append(f'if [ -f {q(dest)} ] && cmp -s "$t" {q(dest)}; then echo same; exit 0; fi')
-        if p["owner"] or p["group"]:
-            steps.append(f"chown {q((p['owner'] or '') + (':' + p['group'] if p['group'] else ''))} \"$t\"")
-        steps.append(f'chmod {mode:04o} "$t"' if mode is not None else 'chmod $(printf %o $((0666 & ~0$(umask)))) "$t"')
-        steps += [f'mv -f "$t" {q(dest)}', "trap - EXIT", "echo written"]
-        return "; ".join(steps)
+            verify = f'if [ -f {q(dest)} ] && cmp -s "$t" {q(dest)}; then echo same; exit 0; fi'
+        # Written as the other file modules write: a replaced file keeps its owner, group and mode unless given.
+        return write_script(dest, mode, p["owner"], p["group"], fill=f"{fetch}; {verify}") + "; echo written"
 
 
 class WaitFor(Module):

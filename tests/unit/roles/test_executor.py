@@ -249,6 +249,83 @@ def test_include_and_import_tasks(shell, roles, tmp_path):
     assert events.labels().count("r : check") == 2
 
 
+def test_included_tasks_as_ansible_runs_them(shell, roles):
+    """Checked against ansible-playbook 2.19: an include's vars rank above set_fact (and the included tasks' own
+    vars); a block's when is checked again for each included task; the include's ignore_errors is its own."""
+    path = roles("r", tasks="""
+        - set_fact: {x: from_set_fact}
+        - include_tasks: vars.yml
+          vars: {x: from_include_vars}
+        - block:
+            - include_tasks: when.yml
+          when: go | bool
+          vars: {go: true}
+        - block:
+            - include_tasks: fails.yml
+              ignore_errors: true
+          rescue:
+            - {name: rescued, debug: {msg: rescued}}
+        """, files={
+        "tasks/vars.yml": """
+            - {name: sees, assert: {that: x == 'from_include_vars'}}
+            - {name: own vars, assert: {that: x == 'from_include_vars'}, vars: {x: own}}
+            """,
+        "tasks/when.yml": """
+            - {name: first, debug: {msg: first}}
+            - set_fact: {go: false}
+            - {name: second, debug: {msg: second}}
+            """,
+        "tasks/fails.yml": "- {name: inner, fail: {msg: inner-fail}}\n- {name: after inner, debug: {msg: x}}\n",
+    })
+    recap, events = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert {"r : sees", "r : own vars", "r : first"} <= set(events.labels("ok"))
+    assert events.labels("skipped") == ["r : second"]
+    assert events.labels("failed") == ["r : inner"] and "r : after inner" not in events.labels()
+    assert (recap.rescued, recap.ignored, events.labels()[-1]) == (1, 0, "r : rescued")
+
+
+def test_an_empty_loop_skips_the_task(shell, roles):
+    path = roles("r", tasks="""
+        - {name: empty, debug: {msg: "{{ item }}"}, loop: [], register: e}
+        - {name: check, assert: {that: [e is skipped, e.results | length == 0, e is not changed]}}
+        """)
+    recap, events = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert (events.labels("skipped"), recap.skipped) == (["r : empty"], 1)
+
+
+def test_a_rescue_gets_the_failed_tasks_whole_result(shell, roles):
+    path = roles("r", tasks="""
+        - block:
+            - {name: fails, shell: "echo out; echo err >&2; exit 3"}
+          rescue:
+            - assert:
+                that:
+                  - ansible_failed_result.rc == 3
+                  - ansible_failed_result.stdout == 'out' and ansible_failed_result.stderr_lines == ['err']
+                  - ansible_failed_result.msg == 'non-zero return code' and ansible_failed_result is failed
+        - block:
+            - {name: fails in a loop, command: "false", loop: [1]}
+          rescue:
+            - assert: {that: "ansible_failed_result.results[0].rc == 1"}
+        """)
+    recap, _ = play(shell, path)
+    assert (recap.failed, recap.rescued) == (0, 2), recap.failure
+
+
+def test_debug_with_a_verbosity_is_skipped_as_without_dash_v(shell, roles):
+    path = roles("r", tasks="""
+        - {name: verbose, debug: {msg: hidden, verbosity: 1}, register: d}
+        - {name: plain, debug: {msg: "shown", verbosity: 0}}
+        - assert: {that: d is skipped}
+        """)
+    recap, events = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert (events.labels("skipped"), recap.skipped) == (["r : verbose"], 1)
+    assert ("r : plain", "ok", None, "shown") in events.results
+
+
 def test_undefined_variable_fails_the_task_clearly(shell, roles):
     path = roles("r", tasks="- {name: uses it, debug: {msg: '{{ nowhere }}'}}\n")
     recap, _ = play(shell, path)

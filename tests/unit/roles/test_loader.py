@@ -56,6 +56,16 @@ def test_lines_of_tasks_and_keys(roles):
     ("- debug: {}\n  loop_control: {pause: 1}\n", "unsupported loop_control option 'pause'"),
     ("- name: x\n  debug: {msg: [unclosed\n", "roles/r/tasks/main.yml:3: YAML syntax error"),
     ("- apt: name=tree state=present cache=yes\n", "unsupported argument 'cache' for module 'apt'"),
+    # A symbolic mode would fail only when the task is reached, after the tasks before it changed the host.
+    ("- debug: {}\n- file: {path: /x, mode: 'u=rw,g=r'}\n", "roles/r/tasks/main.yml:2: mode 'u=rw,g=r': only octal "
+                                                          "modes (e.g. '0644') are supported (module 'file')"),
+    ("- copy: dest=/x content=y mode=a+x\n", "roles/r/tasks/main.yml:1: mode 'a+x': only octal modes"),
+    # Ansible (2.19) refuses these on include_tasks; they must not silently reach the included tasks instead.
+    *((f"- name: inc\n  include_tasks: '{{{{ f }}}}'\n  {key}: {value}\n",
+       f"roles/r/tasks/main.yml:3: '{key}' cannot be used with include_tasks")
+      for key, value in (("check_mode", "true"), ("environment", "{A: b}"), ("become", "true"),
+                         ("become_user", "x"), ("diff", "true"), ("notify", "h"), ("args", "{}"),
+                         ("changed_when", "false"), ("failed_when", "false"), ("until", "true"))),
 ])
 def test_refusals_name_file_and_line(roles, tasks, message):
     path = roles("r", tasks=tasks)

@@ -75,14 +75,19 @@ def test_copy_content_is_idempotent_with_one_probe(mod, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
 def test_rewritten_files_keep_their_owner_and_group(mod, tmp_path):
-    conf, copied, grouped = tmp_path / "a.conf", tmp_path / "b.conf", tmp_path / "c.conf"
-    for path in (conf, copied, grouped):
+    conf, copied, grouped, fetched = (tmp_path / f"{n}.conf" for n in "abcd")
+    for path in (conf, copied, grouped, fetched):
         path.write_text("a=1\n")
         os.chown(path, 65534, 65534)
+    fetched.chmod(0o640)
     changed(mod("lineinfile", path=str(conf), line="b=2"))
     changed(mod("copy", dest=str(copied), content="new\n"))
     changed(mod("copy", dest=str(grouped), content="new\n", group="0"))  # the owner not given: kept
-    assert [(p.stat().st_uid, p.stat().st_gid) for p in (conf, copied, grouped)] == [(65534, 65534)] * 2 + [(65534, 0)]
+    (tmp_path / "src").write_text("new\n")
+    changed(mod("get_url", url=f"file://{tmp_path / 'src'}", dest=str(fetched), force=True))
+    assert fetched.read_text() == "new\n" and mode(fetched) == 0o640
+    assert [(p.stat().st_uid, p.stat().st_gid) for p in (conf, copied, grouped, fetched)] == \
+        [(65534, 65534)] * 2 + [(65534, 0), (65534, 65534)]
     changed(mod("copy", dest=str(tmp_path / "new.conf"), content="x\n"))  # a new file: the writer's
     assert (tmp_path / "new.conf").stat().st_uid == 0
 
@@ -160,6 +165,38 @@ def test_file_states(mod, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_file_follows_links_as_ansible(mod, tmp_path):
+    """follow (default true): a link's target is checked and changed; the link itself stays (checked against
+    ansible-playbook 2.19)."""
+    real, tf = tmp_path / "real", tmp_path / "tf"
+    real.mkdir(mode=0o755)
+    tf.write_text("a")
+    tf.chmod(0o644)
+    (tmp_path / "ldir").symlink_to("real")
+    (tmp_path / "lf").symlink_to("tf")
+    changed(mod("file", path=str(tmp_path / "ldir"), state="directory", mode="0700"))
+    assert mode(real) == 0o700 and (tmp_path / "ldir").is_symlink()
+    ok(mod("file", path=str(tmp_path / "ldir"), state="directory", mode="0700"))
+    changed(mod("file", path=str(tmp_path / "lf"), state="file", mode="0600"))
+    assert mode(tf) == 0o600
+    changed(mod("file", path=str(tmp_path / "lf"), mode="0640"))  # no state: the link's attributes
+    changed(mod("file", path=str(tmp_path / "lf"), src="tf", state="link", mode="0604"))
+    assert mode(tf) == 0o604 and os.readlink(tmp_path / "lf") == "tf"
+    ok(mod("file", path=str(tmp_path / "lf"), src="tf", state="link", mode="0604"))
+    changed(mod("file", path=str(tmp_path / "new"), src="tf", state="link", mode="0602"))
+    assert mode(tf) == 0o602 and os.readlink(tmp_path / "new") == "tf"
+    (tmp_path / "dangling").symlink_to("sub")
+    changed(mod("file", path=str(tmp_path / "dangling"), state="directory", mode="0750"))
+    assert mode(tmp_path / "sub") == 0o750
+    ok(mod("file", path=str(tmp_path / "lf"), mode="0600", follow=False))
+    assert mode(tf) == 0o602
+    assert failure(mod("file", path=str(tmp_path / "ldir"), state="directory", follow=False)) == \
+        f"{tmp_path / 'ldir'} already exists as a link"
+    assert failure(mod("file", path=str(real), state="file")) == f"file ({real}) is directory, cannot continue"
+    changed(mod("file", path=str(tmp_path / "lf"), state="absent"))
+    assert tf.exists() and not (tmp_path / "lf").is_symlink()
+
+
 def test_numeric_owner_and_group_are_compared_as_numbers(mod, tmp_path):
     f = tmp_path / "f"
     f.write_text("x")
@@ -192,6 +229,29 @@ def test_lineinfile(mod, tmp_path):
     assert missing.read_text() == "x=1\n" and mode(missing) == 0o600
     changed(mod("lineinfile", path=str(missing), line="y=2", check=True))
     assert missing.read_text() == "x=1\n"
+
+
+def test_lineinfile_edits_bytes_as_ansible(mod, tmp_path):
+    """Lines are bytes split after newlines only: other lines stay byte for byte, whatever their encoding
+    (each case checked against ansible-playbook 2.19)."""
+    cases = [  # (content, args, result)
+        (b"name=caf\xe9\nb=1\n", {"regexp": "^b=", "line": "b=2"}, b"name=caf\xe9\nb=2\n"),
+        (b"p=\xff\xfe\nq=1\nq=2\n", {"regexp": "^q=", "state": "absent"}, b"p=\xff\xfe\n"),
+        (b"k=1\r\nz=2\r\n", {"regexp": "^k=", "line": "k=1"}, b"k=1\nz=2\r\n"),
+        (b"k=1\fk=9\nend\n", {"regexp": "^k=", "line": "k=2"}, b"k=2\nend\n"),  # no line break at \f
+        (b"a=1\nc=3", {"regexp": "^c=", "line": "c=3"}, b"a=1\nc=3\n"),  # the exact line gets its newline
+        (b"a\nb\nc", {"line": "zz", "insertbefore": "^c"}, b"a\nb\nzz\nc"),
+    ]
+    for i, (content, args, expected) in enumerate(cases):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(content)
+        changed(mod("lineinfile", path=str(path), **args))
+        assert path.read_bytes() == expected, (content, args)
+        ok(mod("lineinfile", path=str(path), **args))
+    latin = tmp_path / "f0"
+    assert "+b=3" in changed(mod("lineinfile", path=str(latin), regexp="^b=", line="b=3", diff=True,
+                                 check=True))["diff"]
+    assert ok(mod("lineinfile", path=str(tmp_path / "none"), line="x", state="absent"))["msg"] == "file not present"
 
 
 def test_sysctl_file_only(mod, tmp_path):
@@ -237,6 +297,25 @@ def test_command_and_shell(mod, tmp_path):
     assert changed(mod("command", _raw_params=f"rm {marker}", removes=str(marker), check=True))["_commands"] == 1
     assert marker.exists()
     ok(mod("command", _raw_params="x", removes=str(tmp_path / "absent"), check=True))
+
+
+def test_command_creates_and_removes_as_ansible_checks_them(mod, tmp_path, monkeypatch):
+    """Glob patterns, `~` expanded, relative to chdir (Ansible changes directory first), in the one command."""
+    work = tmp_path / "w w"
+    work.mkdir()
+    (work / "marker.done").touch()
+    res = ok(mod("command", _raw_params="touch ran", chdir=str(work), creates=str(work / "*.done")))
+    assert res["_commands"] == 1 and not (work / "ran").exists()
+    ok(mod("command", _raw_params="touch ran", chdir=str(work), creates="marker.done"))
+    ok(mod("shell", _raw_params="touch ran", chdir=str(work), removes="*.absent"))
+    assert not (work / "ran").exists()
+    res = changed(mod("shell", _raw_params='echo "$#"; touch ran', chdir=str(work), removes="m*"))
+    assert res["stdout"] == "0" and (work / "ran").exists()  # the match left no positional parameters
+    monkeypatch.setenv("HOME", str(work))
+    ok(mod("command", _raw_params="touch ran2", creates="~/marker.*"))
+    ok(mod("command", _raw_params="touch ran2", creates="~/marker.*", check=True))
+    assert changed(mod("command", _raw_params="x", removes="~/marker.done", check=True))["_commands"] == 1
+    assert not (work / "ran2").exists()
 
 
 def test_command_check_mode_says_why_it_would_not_run(mod, tmp_path):
