@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any, ClassVar, NamedTuple
 
-from machine.endpoint import Endpoint
+from machine.endpoint import Endpoint, host_port
 from machine.errors import MachineError, UsageError
 from machine.store import Machine, Store
 
@@ -185,7 +185,8 @@ class Driver(ABC):
     def engine_url(self) -> str:
         """Where the docker CLI reaches the engine ("" before the host has an address)."""
         address = self.ip()
-        return f"tcp://{address}:{self.machine.resources.get('engine_port', ENGINE_PORT)}" if address else ""
+        port = self.machine.resources.get("engine_port", ENGINE_PORT)
+        return f"tcp://{host_port(address, port)}" if address else ""
 
     def cert_names(self) -> list[str]:
         """The addresses and DNS names the engine's certificate must carry (a cloud host has several)."""

@@ -2,16 +2,18 @@
 certificate per machine whose SANs name every address the engine is reached at.
 
 cryptography is imported by the functions that make certificates: `env` (a quick command) only reads the names a
-server certificate carries, which are kept beside it when it is issued."""
+server certificate carries, and a provisioning when each certificate ends, both kept beside it when it is issued."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from machine.endpoint import normal_host
 from machine.store import file_lock, write_atomic
 
 if TYPE_CHECKING:
@@ -19,6 +21,9 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
 _CA_DAYS, _LEAF_DAYS = 3650, 1095
+# A leaf certificate (the client's, an engine's) this close to its end is reissued when pymachine next makes
+# certificates (a provisioning): a user who provisions monthly never sees one expire.
+RENEW_DAYS = 30
 
 
 class Pair(NamedTuple):
@@ -52,6 +57,8 @@ def _write(pair: Pair, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) 
     write_atomic(pair.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()), 0o600)
     write_atomic(pair.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    # Kept beside it, as its names are: a provisioning checks every certificate's end without cryptography.
+    write_atomic(_beside(pair.cert, "expires"), str(cert.not_valid_after_utc.timestamp()).encode(), 0o644)
     return pair
 
 
@@ -67,15 +74,17 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x5
             .not_valid_after(now + datetime.timedelta(days=days)))
 
 
-def ensure_ca(certs_dir: Path) -> tuple[Pair, Pair]:
-    """The store's CA and client certificate, made once (under a lock) and shared by all machines."""
+def ensure_ca(certs_dir: Path, renew_client: bool = False) -> tuple[Pair, Pair]:
+    """The store's CA and client certificate, made once (under a lock) and shared by all machines. The client
+    certificate is reissued (by the same CA: every engine keeps trusting it) when it has expired or is about to,
+    and with `renew_client`."""
     ca = Pair(certs_dir / "ca.pem", certs_dir / "ca-key.pem")
     client = Pair(certs_dir / "cert.pem", certs_dir / "key.pem")
     with file_lock(certs_dir / ".lock", timeout=60, what="the certificate store"):
         if not ca.cert.exists():
             _make_ca(ca)
             client.cert.unlink(missing_ok=True)  # a client cert of an older CA is useless
-        if not client.cert.exists():
+        if renew_client or not client.cert.exists() or expiring(client.cert):
             from cryptography.x509.oid import ExtendedKeyUsageOID
 
             _issue(ca, client, "pymachine client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
@@ -108,7 +117,8 @@ def issue_server(ca: Pair, target: Pair, hostname: str, sans: Iterable[str]) -> 
 
     names = [hostname, "localhost", "127.0.0.1", *sans]
     _issue(ca, target, hostname, ExtendedKeyUsageOID.SERVER_AUTH, names)
-    write_atomic(_names_file(target.cert), json.dumps(sorted({_normal(n) for n in names if n})).encode(), 0o644)
+    write_atomic(_beside(target.cert, "names"), json.dumps(sorted({normal_host(n) for n in names if n})).encode(),
+                 0o644)
     return target
 
 
@@ -144,29 +154,49 @@ def _general_names(names: Iterable[str]) -> list[x509.GeneralName]:
     return result
 
 
-def _normal(name: str) -> str:
-    """An address as the certificate gives it back (`fe80::0001` is `fe80::1`), a DNS name as it is."""
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        return name
+def _beside(cert_path: Path, what: str) -> Path:
+    return cert_path.with_name(f"{cert_path.name}.{what}")
 
 
-def _names_file(cert_path: Path) -> Path:
-    return cert_path.with_name(cert_path.name + ".names")
+def _kept(cert_path: Path, what: str) -> str | None:
+    """What was kept beside the certificate when pymachine issued it; None when the certificate is newer (one
+    pymachine did not issue, copied over it, or one issued before this was kept)."""
+    kept = _beside(cert_path, what)
+    if kept.exists() and kept.stat().st_mtime_ns >= cert_path.stat().st_mtime_ns:
+        return kept.read_text()
+    return None
+
+
+def _load(cert_path: Path) -> x509.Certificate:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert_path.read_bytes())
+
+
+def expiring(cert_path: Path, days: int = RENEW_DAYS) -> bool:
+    """Whether the certificate has expired, or will within `days`."""
+    kept = _kept(cert_path, "expires")
+    end = float(kept) if kept is not None else _load(cert_path).not_valid_after_utc.timestamp()
+    return end - time.time() < days * 86400
 
 
 def sans_of(cert_path: Path) -> set[str]:
     """The names a certificate is valid for (to tell whether it must be regenerated): as kept when it was issued,
-    or read from the certificate (one pymachine did not issue, or issued before the names were kept)."""
-    kept = _names_file(cert_path)
-    if kept.exists() and kept.stat().st_mtime_ns >= cert_path.stat().st_mtime_ns:
-        return set(json.loads(kept.read_text()))
+    or read from the certificate."""
+    kept = _kept(cert_path, "names")
+    if kept is not None:
+        return set(json.loads(kept))
     from cryptography import x509
 
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    cert = _load(cert_path)
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return set()
     return {str(v) for v in ext.get_values_for_type(x509.IPAddress)} | set(ext.get_values_for_type(x509.DNSName))
+
+
+def carries(cert_path: Path, names: Iterable[str]) -> bool:
+    """Whether the certificate is valid for every one of `names` (an IP address in any of its spellings: the
+    user's `2001:DB8::5` is the certificate's `2001:db8::5`)."""
+    return {normal_host(n) for n in names} <= sans_of(cert_path)

@@ -233,8 +233,13 @@ def provision_(names: tuple[str, ...], parallel: int | None, check: bool, diff: 
 @cli.command("regenerate-certs", context_settings=_CONTEXT)
 @_names_argument()
 @_parallel_option
-def regenerate_certs(names: tuple[str, ...], parallel: int | None) -> None:
+@click.option("--client-certs", is_flag=True,
+              help="Also reissue the client certificate every machine of the store shares (from the same CA); it "
+                   "is reissued by itself 30 days before it ends.")
+def regenerate_certs(names: tuple[str, ...], parallel: int | None, client_certs: bool) -> None:
     """Issue new engine certificates for the machines' current addresses."""
+    if client_certs:
+        commands.renew_client_cert(_store())
     _each(lambda store, name: commands.regenerate_certs(store, name, reporter=_reporter("progress")), names,
           "has new certificates", parallel)
 

@@ -4,7 +4,23 @@ them nothing)."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import NamedTuple
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as URLs, docker and messages write it: an IPv6 address in brackets (RFC 3986), or its colons
+    would run into the port's."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def normal_host(name: str) -> str:
+    """An IP address in its one canonical form (`2001:DB8::05` is `2001:db8::5`, as a certificate's SANs and
+    known_hosts give it back); a DNS name as it is."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
 
 
 class Endpoint(NamedTuple):
@@ -19,5 +35,11 @@ class Endpoint(NamedTuple):
         return self.user != "root"
 
     @property
+    def where(self) -> str:
+        """HOST:PORT, for messages."""
+        return host_port(self.host, self.port)
+
+    @property
     def known_hosts_name(self) -> str:
+        # OpenSSH's own form: the bare address on port 22 (an IPv6 one too), `[address]:port` on any other.
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"

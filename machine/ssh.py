@@ -130,6 +130,18 @@ class HostKeyMismatch(MachineError):
     pass
 
 
+# The host key types paramiko can check, as known_hosts names them, in paramiko's order of preference.
+HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
+# The host key algorithms that sign with a key of one type, by the type's name in known_hosts: an RSA key signs
+# with SHA-2 (OpenSSH refuses SHA-1's `ssh-rsa` since 8.8, and paramiko no longer offers it).
+_ALGORITHMS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256")}
+
+
+def host_key_algorithms(key_type: str) -> list[str]:
+    """What a client asks for to be shown the host's key of `key_type` (as known_hosts names it) and no other."""
+    return list(_ALGORITHMS.get(key_type, (key_type,)))
+
+
 def load_key(path: Path) -> paramiko.PKey:
     """A private key of any type paramiko knows (Ed25519, ECDSA, RSA), or one line saying why not."""
     path = Path(path)
@@ -231,7 +243,7 @@ class Connection:
 
     @property
     def _where(self) -> str:
-        return f"{self.endpoint.host}:{self.endpoint.port}"
+        return self.endpoint.where
 
     # -- connecting -------------------------------------------------------------------------------------
     def open(self) -> Connection:
@@ -265,9 +277,9 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _USER_TIMEOUT_MS)
         transport = _paramiko().Transport(sock)
         pinned = self._pinned_key()
-        if pinned is not None:
-            # Ask only for the pinned key type so a server with several host keys cannot pick another.
-            transport.get_security_options().key_types = [pinned.get_name()]
+        key_types = self._host_key_types(pinned)
+        if key_types:
+            transport.get_security_options().key_types = key_types
         try:
             transport.start_client(timeout=self._timeout)
             self._verify(transport.get_remote_server_key(), pinned)
@@ -277,6 +289,11 @@ class Connection:
             raise
         transport.set_keepalive(_KEEPALIVE)
         return transport
+
+    def _host_key_types(self, pinned: paramiko.PKey | None) -> list[str] | None:
+        """The host key algorithms to ask for (None: paramiko's own list): only the pinned key's, so that a server
+        with several host keys cannot show another."""
+        return host_key_algorithms(pinned.get_name()) if pinned is not None else None
 
     def _pinned_key(self) -> paramiko.PKey | None:
         if not self._known_hosts.exists():

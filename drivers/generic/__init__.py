@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from machine.drivers.base import Driver, Option, State
+from machine.endpoint import normal_host
 from machine.errors import MachineError, UsageError
-from machine.ssh import Connection, Endpoint, load_key
+from machine.ssh import HOST_KEY_TYPES, Connection, Endpoint, host_key_algorithms, load_key
 from machine.store import Machine, RecordDamaged, write_atomic
 
 # The private keys OpenSSH tries by default, in its order: without --generic-ssh-key, the first that exists.
@@ -57,6 +58,12 @@ def key_path(options: dict[str, Any]) -> Path:
     return found
 
 
+def host_address(value: Any) -> str:
+    """--generic-ip-address as recorded: an IP address in its canonical form (the one certificates and known_hosts
+    give back, so `2001:DB8::5` and `2001:db8::5` are one host), a host name as given."""
+    return normal_host(str(value).strip())
+
+
 def normalize_fingerprint(value: str) -> str:
     """`SHA256:<base64>` as `ssh-keygen -l` prints it (the trailing `=` paramiko adds is dropped)."""
     text = value.strip()
@@ -71,20 +78,53 @@ def fingerprint_matches(actual: str, expected: str) -> bool:
     return actual.strip().rstrip("=") == normalize_fingerprint(expected)
 
 
+class _NotExpected(MachineError):
+    """The host showed a key other than --generic-host-key-fingerprint's."""
+
+    def __init__(self, key) -> None:
+        super().__init__(key.fingerprint)
+        self.key = key
+
+
 class _Adopting(Connection):
     """The first connection: shows the host key it pins, and pins only the expected one when there is one."""
 
     def __init__(self, *args: Any, expected: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._expected = expected
+        self._asking: list[str] | None = None  # the host key algorithms asked for while looking for the expected key
 
     seen = None  # the host key shown, pinned by `pin()` once the adoption is known to work
+
+    def _host_key_types(self, pinned) -> list[str] | None:
+        return self._asking if pinned is None and self._asking else super()._host_key_types(pinned)
+
+    def _login_transport(self):
+        """A server shows one host key per login: the first of its types the client asks for (Ed25519, to
+        paramiko). When that is not the expected one, log in again asking for each other type until it is."""
+        if not self._expected:
+            return super()._login_transport()
+        shown: dict[str, str] = {}  # fingerprints of the keys the host showed, by type
+        for key_type in (None, *HOST_KEY_TYPES):
+            if key_type in shown:
+                continue
+            self._asking = host_key_algorithms(key_type) if key_type else None
+            try:
+                return super()._login_transport()
+            except _NotExpected as e:
+                shown[e.key.get_name()] = e.key.fingerprint.rstrip("=")
+            except _no_such_key():  # the host has no key of this type (of any paramiko checks, on the first login)
+                if key_type is None:
+                    raise
+        keys = ", ".join(shown.values())
+        raise MachineError(f"host key{'s' if len(shown) > 1 else ''} of {self.endpoint.known_hosts_name} "
+                           f"{'are' if len(shown) > 1 else 'is'} {keys}, not {self._expected} "
+                           f"(--generic-host-key-fingerprint); refusing to connect")
 
     def _verify(self, key, pinned) -> None:
         if pinned is None:
             if self._expected and not fingerprint_matches(key.fingerprint, self._expected):
-                raise MachineError(f"host key of {self.endpoint.known_hosts_name} is {key.fingerprint.rstrip('=')}, "
-                                   f"not {self._expected} (--generic-host-key-fingerprint); refusing to connect")
+                raise _NotExpected(key)
             self.seen = key
             return
         super()._verify(key, pinned)
@@ -101,13 +141,17 @@ class GenericDriver(Driver):
     name = "generic"
     makes_key: ClassVar[bool] = False
     options = (
-        Option("generic-ip-address", "Address (IP or DNS name) of the server to adopt; required"),
+        Option("generic-ip-address", "Address (IP or DNS name) of the server to adopt; required",
+               type=host_address),
         Option("generic-ssh-user", "User pymachine logs in as; when not root, it needs passwordless sudo", "root"),
         Option("generic-ssh-key", "That user's private key (RSA, ECDSA or Ed25519, without passphrase), copied "
                "into the machine's directory [default: the first of ~/.ssh/id_ed25519, id_ecdsa, id_rsa]"),
         Option("generic-ssh-port", "SSH port of the server", 22, type=int),
         Option("generic-host-key-fingerprint", "Accept only this host key (SHA256:… as `ssh-keygen -l` prints "
                "it); without it, the key the server shows first is pinned and printed"),
+        Option("generic-engine-address", "Address the engine is reached at, when SSH is not (a port forwarded to "
+               "the server's SSH on 127.0.0.1, as docker-machine's VirtualBox machines have) [default: "
+               "--generic-ip-address]", type=host_address),
     )
 
     # -- checks before anything is written --------------------------------------------------------------
@@ -118,6 +162,9 @@ class GenericDriver(Driver):
             raise UsageError("--generic-ip-address is required: the address of the server to adopt")
         if not _is_host(address):
             raise UsageError(f"--generic-ip-address: {address!r} is neither an IP address nor a host name")
+        engine = options.get("generic_engine_address")
+        if engine is not None and not _is_host(engine):
+            raise UsageError(f"--generic-engine-address: {engine!r} is neither an IP address nor a host name")
         port = options.get("generic_ssh_port")
         if not 0 < port < 65536:
             raise UsageError(f"--generic-ssh-port: {port} is not a port number")
@@ -134,21 +181,23 @@ class GenericDriver(Driver):
         return self.opts.get("generic_ssh_user") or "root"
 
     def ip(self) -> str | None:
-        return self.machine.resources.get("ip") or self.opts.get("generic_ip_address")
+        """The engine's address (the one its certificate names), which is SSH's unless --generic-engine-address."""
+        o = self.opts
+        return self.machine.resources.get("ip") or o.get("generic_engine_address") or o.get("generic_ip_address")
 
-    def _endpoint(self) -> Endpoint:
+    def ssh_endpoint(self) -> Endpoint:
         return Endpoint(self.opts["generic_ip_address"], int(self.opts["generic_ssh_port"]), self.ssh_user)
 
     # -- create: adopt ------------------------------------------------------------------------------------
     def create(self) -> None:
         o = self.opts
-        endpoint = self._endpoint()
+        endpoint = self.ssh_endpoint()
         holder = _holder(self.store, self.machine, endpoint)
         if holder:
-            raise MachineError(f"{endpoint.host}:{endpoint.port} is already adopted as machine {holder!r} "
+            raise MachineError(f"{endpoint.where} is already adopted as machine {holder!r} "
                                f"(remove it first with `pymachine rm {holder}`)")
         source = key_path(o)
-        self.machine.record(ip=endpoint.host, ssh_port=endpoint.port, ssh_key_file=KEY_FILE)
+        self.machine.record(ip=self.ip(), ssh_port=endpoint.port, ssh_key_file=KEY_FILE)
         write_atomic(self.machine.key_path, source.read_bytes(), 0o600)
         public = source.with_name(source.name + ".pub")
         if public.is_file():
@@ -160,10 +209,10 @@ class GenericDriver(Driver):
         except MachineError:
             raise
         except _auth_errors() as e:
-            raise MachineError(f"ssh to {endpoint.host}:{endpoint.port} as {endpoint.user} with the key {source} "
+            raise MachineError(f"ssh to {endpoint.where} as {endpoint.user} with the key {source} "
                                f"was refused ({e})") from None
         except (OSError, EOFError, _ssh_errors()) as e:
-            raise MachineError(f"cannot reach {endpoint.host}:{endpoint.port} over SSH: {_reason(e)}") from None
+            raise MachineError(f"cannot reach {endpoint.where} over SSH: {_reason(e)}") from None
         with conn:
             if endpoint.user != "root":
                 result = conn.run("sudo -n true", timeout=30)
@@ -221,11 +270,11 @@ class GenericDriver(Driver):
                 raise MachineError(f"{self.machine.name} did not come back within {REBOOT_TIMEOUT:.0f}s of its reboot")
 
     def state(self) -> State:
-        address, port = self.ip(), int(self.machine.resources.get("ssh_port", self.opts["generic_ssh_port"]))
-        if not address:
+        endpoint = self.ssh_endpoint()  # SSH answering is the host being up: the engine may be stopped
+        if not endpoint.host:
             return State.ERROR
         try:
-            with socket.create_connection((address, port), timeout=STATE_TIMEOUT):
+            with socket.create_connection((endpoint.host, endpoint.port), timeout=STATE_TIMEOUT):
                 return State.RUNNING
         except (OSError, ValueError):
             return State.STOPPED
@@ -254,7 +303,9 @@ def _holder(store, machine: Machine, endpoint: Endpoint) -> str | None:
             continue
         if other.driver != GenericDriver.name:
             continue
-        address = other.resources.get("ip") or other.options.get("generic_ip_address")
+        # Where its SSH is (its recorded `ip` is the engine's), normalised: a machine adopted before addresses
+        # were may have recorded one as the user typed it.
+        address = normal_host(str(other.options.get("generic_ip_address") or other.resources.get("ip") or ""))
         port = other.resources.get("ssh_port") or other.options.get("generic_ssh_port") or 22
         if address == endpoint.host and int(port) == endpoint.port:
             return name
@@ -276,6 +327,13 @@ def _auth_errors() -> tuple[type[BaseException], ...]:
     import paramiko
 
     return (paramiko.AuthenticationException,)
+
+
+def _no_such_key() -> type[BaseException]:
+    """What a login asking for a host key type the server has not raises."""
+    import paramiko
+
+    return paramiko.ssh_exception.IncompatiblePeer
 
 
 def _ssh_errors() -> type[BaseException]:

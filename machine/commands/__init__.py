@@ -15,7 +15,8 @@ _SUBMODULES = {"apply", "swarm"}  # used as modules: `commands.swarm.join(...)`
 _MODULES = {
     "apply": "apply", "swarm": "swarm",
     "connect": "common", "driver_for": "common", "load": "common",
-    "provision": "engine", "regenerate_certs": "engine", "share_registries": "engine", "upgrade": "engine",
+    "provision": "engine", "regenerate_certs": "engine", "renew_client_cert": "engine", "share_registries": "engine",
+    "upgrade": "engine",
     "prune_cache": "cache",
     "as_yaml_inventory": "ansible_inventory", "host_vars": "ansible_inventory", "inventory": "ansible_inventory",
     "create": "machines", "kill": "machines", "parse_driver_options": "machines", "remove_machine": "machines",

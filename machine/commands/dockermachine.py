@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from machine import provision as plan
+from machine import ui
+from machine.commands.common import locked
 from machine.commands.engine import regenerate_certs
-from machine.commands.machines import create
-from machine.errors import UsageError
+from machine.commands.machines import create, remove_machine
+from machine.errors import MachineError, UsageError
 from machine.store import Store
 
 # What `pymachine env` needs in the machine's directory: docker-machine keeps the same files under the same names.
@@ -42,14 +44,23 @@ def read_host(dm_store: Path, name: str) -> dict[str, Any]:
     return host
 
 
+# docker-machine's drivers whose SSH is a NAT port forward on the user's host (VirtualBox's: `--natpf1
+# ssh,tcp,127.0.0.1,SSHPort,,22`; GetSSHHostname is 127.0.0.1), while the engine is at IPAddress:2376 (the host-only
+# adapter's address, which the user's host reaches).
+_SSH_ON_LOOPBACK = {"virtualbox"}
+
+
 def generic_options(dm_store: Path, name: str, host: dict[str, Any]) -> dict[str, Any]:
-    """The generic driver's options for the host: its address, SSH user, port and key."""
+    """The generic driver's options for the host: where its SSH and its engine are, SSH user, port and key."""
     driver = host["Driver"]
     key = Path(driver.get("SSHKeyPath") or "")
     if not key.is_file():  # a store that was moved: the key is beside the record
         key = dm_store / "machines" / name / "id_rsa"
+    address = str(driver["IPAddress"])
+    forwarded = host["DriverName"] in _SSH_ON_LOOPBACK
     return {
-        "generic_ip_address": str(driver["IPAddress"]),
+        "generic_ip_address": "127.0.0.1" if forwarded else address,
+        "generic_engine_address": address if forwarded else None,
         "generic_ssh_user": str(driver.get("SSHUser") or "root"),
         "generic_ssh_port": str(driver.get("SSHPort") or 22),
         "generic_ssh_key": str(key),
@@ -79,9 +90,28 @@ def import_machine(store: Store, dm_store: Path, name: str, regenerate: bool = F
     machine = create(store, name, "generic", generic_options(dm_store, name, host),
                      engine=engine_options(host, install), provision=False)
     if regenerate:
-        regenerate_certs(store, name)
+        try:
+            regenerate_certs(store, name)
+        except BaseException as e:
+            # The record was saved ready, with certificates its engine never got: `env` would hand them out and
+            # a second import would find the name taken. Forgotten instead; the host is left as it is.
+            _forget(store, name)
+            if isinstance(e, MachineError):
+                raise MachineError(f"not imported: provisioning it for --regenerate-certs failed ({e}); "
+                                   f"import it again once that is fixed") from None
+            raise
         return
     for file in CERT_FILES:
         shutil.copyfile(source / file, machine.dir / file)
     for file in ("key.pem", "server-key.pem"):
         (machine.dir / file).chmod(0o600)
+
+
+def _forget(store: Store, name: str) -> None:
+    """Undo the import of `name`: only pymachine's record goes (a generic machine's removal never touches its host).
+    A failed undo is reported; the import's own error is the one raised."""
+    try:
+        with locked(store, name) as (machine, driver):
+            remove_machine(store, machine, driver, force=True)
+    except Exception as e:
+        ui.err(f"warning: forgetting the half-imported {name} failed: {e} (`pymachine rm -f {name}` removes it)")

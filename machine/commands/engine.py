@@ -11,6 +11,7 @@ from machine import certs, dockercontext, enginecache, ui
 from machine import provision as plan
 from machine.commands.common import connect, load, locked
 from machine.drivers.base import Driver, State
+from machine.endpoint import host_port
 from machine.errors import MachineError
 from machine.paths import roles_dir
 from machine.store import Machine, Store, write_atomic
@@ -20,23 +21,53 @@ if TYPE_CHECKING:
 
 
 def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -> tuple[str, str, str]:
-    """CA, server cert and key for the machine; the server certs (the engine's, and its registry's) are reissued
-    when they miss a name."""
+    """CA, server cert and key for the machine. The server certs (the engine's, and its registry's) are reissued
+    when they miss a name or are about to expire, and with `renew`; the store's client certificate when it is
+    about to expire."""
+    client_before = _read(store.certs_dir / "cert.pem")
     ca, client = certs.ensure_ca(store.certs())
     server = certs.server_pair(machine.dir)
     names = {n for n in (*driver.cert_names(), machine.name, *machine.engine.get("tls_san", [])) if n}
     hosts_registry = machine.engine.get("registry_enabled", False)
     for pair in (server, certs.registry_pair(machine.dir)) if hosts_registry else (server,):
-        if renew or not pair.cert.exists() or not names <= certs.sans_of(pair.cert):
+        if renew or not pair.cert.exists() or not certs.carries(pair.cert, names) or certs.expiring(pair.cert):
             certs.issue_server(ca, pair, machine.name, sorted(names))
-    # DOCKER_CERT_PATH is the machine directory, laid out as the docker CLI expects (written when they differ: a
-    # fleet's no-op run would otherwise rewrite three files per machine).
+    _copy_client(ca, client, machine.dir)
+    if client_before is not None and client.cert.read_bytes() != client_before:
+        _share_client(store, ca, client)
+    return (ca.cert.read_text(), *server.pem())
+
+
+def renew_client_cert(store: Store) -> None:
+    """Reissue the store's client certificate (docker-machine's `regenerate-certs --client-certs`), from the same
+    CA: every engine keeps trusting it, and every machine's copy follows."""
+    _share_client(store, *certs.ensure_ca(store.certs(), renew_client=True))
+
+
+def _share_client(store: Store, ca: certs.Pair, client: certs.Pair) -> None:
+    """A reissued client certificate goes to every machine of this CA (one imported with docker-machine's keeps
+    its own) now, not at its own next provisioning, so that `env` never hands out the expired one."""
+    for name in store.names():
+        machine_dir = store.machines_dir / name
+        if _read(machine_dir / "ca.pem") == ca.cert.read_bytes():
+            _copy_client(ca, client, machine_dir)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:  # missing; or a machine directory removed meanwhile
+        return None
+
+
+def _copy_client(ca: certs.Pair, client: certs.Pair, machine_dir: Path) -> None:
+    """DOCKER_CERT_PATH is the machine directory, laid out as the docker CLI expects (written when they differ: a
+    fleet's no-op run would otherwise rewrite three files per machine)."""
     for source, target, mode in ((ca.cert, "ca.pem", 0o644), (client.cert, "cert.pem", 0o644),
                                  (client.key, "key.pem", 0o600)):
-        data, dest = source.read_bytes(), machine.dir / target
+        data, dest = source.read_bytes(), machine_dir / target
         if not dest.is_file() or dest.read_bytes() != data or dest.stat().st_mode & 0o777 != mode:
             write_atomic(dest, data, mode)
-    return (ca.cert.read_text(), *server.pem())
 
 
 def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: bool = False, diff: bool = False,
@@ -87,7 +118,7 @@ def provision(store: Store, name: str, *, check: bool = False, diff: bool = Fals
 # -- registries --------------------------------------------------------------------------------------------
 def _registry_address(host: str) -> str:
     """HOST:PORT as an image name carries it (an IPv6 address in brackets)."""
-    return f"[{host}]:{plan.REGISTRY_PORT}" if ":" in host else f"{host}:{plan.REGISTRY_PORT}"
+    return host_port(host, plan.REGISTRY_PORT)
 
 
 def _registry_addresses(machine: Machine) -> set[str]:

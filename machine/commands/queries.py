@@ -143,7 +143,7 @@ def cert_dir(store: Store, name: str) -> tuple[Driver, Path]:
     if not server.cert.exists() or not (machine.dir / "cert.pem").exists():
         raise MachineError(f"machine {name!r} has no engine certificates yet (run `pymachine provision {name}`)")
     address = driver.ip()
-    if address not in certs.sans_of(server.cert):
+    if not address or not certs.carries(server.cert, [address]):
         raise MachineError(
             f"the engine certificate of {name!r} does not name its address {address} "
             f"(run `pymachine regenerate-certs {name}`)"

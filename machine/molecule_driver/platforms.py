@@ -62,8 +62,11 @@ def _platform(item: dict[str, Any]) -> Platform:
                 raise UsageError(f"the {driver} driver takes no image")
             raw[_IMAGE_OPTION[driver]] = str(item["image"])
         parsed = parse_driver_options(driver, raw)
+        engine = _engine(item)  # checked even when unused: a typo is named, never ignored
+        if item.get("engine_options") and not item.get("engine"):
+            raise UsageError("engine_options are only used when the engine is installed: add `engine: true`")
         return Platform(name, driver, {k: v for k, v in raw.items() if parsed.get(k) is not None},
-                        _engine(item) if item.get("engine") else None)
+                        engine if item.get("engine") else None)
     except UsageError as e:
         raise UsageError(f"platform {name or '(unnamed)'}: {e}") from None
 

@@ -82,8 +82,8 @@ def srv(owner, tmp) -> Server:
     return Server(owner("ip", "srv").stdout.strip(), keys)
 
 
-def host_fingerprint(owner: CLI) -> str:
-    out = owner("ssh", "srv", "--", "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").stdout
+def host_fingerprint(owner: CLI, kind: str = "ed25519") -> str:
+    out = owner("ssh", "srv", "--", f"ssh-keygen -lf /etc/ssh/ssh_host_{kind}_key.pub").stdout
     return out.split()[1]
 
 
@@ -196,6 +196,25 @@ def test_the_right_fingerprint_is_accepted(other, owner, srv):
     proc = adopt(other, srv, "pinned", "--no-provision", "--generic-host-key-fingerprint", fingerprint)
     assert f"pinned host key of {srv.ip}: {fingerprint}" in proc.stderr
     assert other("ssh", "pinned", "--", "id -un").stdout.strip() == "deploy"
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa"])
+def test_the_fingerprint_of_another_host_key_type_is_accepted(other, owner, srv, kind, tmp_path):
+    """OpenSSH shows its Ed25519 key first; the RSA or ECDSA one is asked for, pinned, and the only one asked for
+    later (RSA with SHA-2 signatures: OpenSSH refuses SHA-1's since 8.8)."""
+    # A local machine's sshd has only the Ed25519 key pymachine gave it: the others, as a distribution's has them.
+    owner("ssh", "srv", "--", "ssh-keygen -A && printf 'HostKey /etc/ssh/ssh_host_%s_key\\n' rsa ecdsa "
+          "> /etc/ssh/sshd_config.d/pm-test-host-keys.conf && systemctl restart ssh")
+    fingerprint = host_fingerprint(owner, kind)
+    proc = adopt(other, srv, f"pinned-{kind}", "--no-provision", "--generic-host-key-fingerprint", fingerprint)
+    assert f"pinned host key of {srv.ip}: {fingerprint}" in proc.stderr
+    known_hosts = (other.home / f"machines/pinned-{kind}/known_hosts").read_text().split()
+    assert known_hosts[1] == ("ssh-rsa" if kind == "rsa" else "ecdsa-sha2-nistp256")
+    sshmux.forget(other.home / f"machines/pinned-{kind}/known_hosts")
+    assert other("ssh", f"pinned-{kind}", "--", "id -un").stdout.strip() == "deploy"  # OpenSSH's login
+    other("scp", f"pinned-{kind}:/etc/hostname", str(tmp_path / "hostname"))  # paramiko's (SFTP)
+    assert (tmp_path / "hostname").read_text().strip() == "srv"
+    other("rm", "-y", f"pinned-{kind}")
 
 
 def test_rm_forgets_the_host_and_touches_nothing(adopter, owner, srv):

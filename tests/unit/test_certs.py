@@ -1,13 +1,19 @@
 """Mutual TLS with the generated material, over a real loopback handshake."""
 
+import datetime
 import os
+import shutil
 import socket
 import ssl
 import threading
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from machine import certs
+from machine.commands.engine import _tls_material, renew_client_cert
+from machine.store import Machine, Store
 
 
 @pytest.fixture
@@ -81,3 +87,109 @@ def test_mutual_tls_accepts_our_client_and_refuses_others(tmp_path, material):
     _, stranger = certs.ensure_ca(tmp_path / "other")
     ok, outcome = _handshake(ca, server, stranger)
     assert not ok and outcome[0].startswith("refused")
+
+
+# -- renewal: certificates made to end soon, or already ended, as time would leave them ------------------------
+def ending_in(pair: certs.Pair, ca: certs.Pair, days: float) -> bytes:
+    """Re-sign `pair`'s certificate (same key, names and CA) to end `days` from now (negative: it has ended). Its
+    kept end is dropped, as for a certificate issued before ends were kept: the certificate itself then tells."""
+    cert = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+               .public_key(cert.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1000))
+               .not_valid_after(now + datetime.timedelta(days=days)))
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
+    pair.cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    pair.cert.with_name(pair.cert.name + ".expires").unlink(missing_ok=True)
+    return pair.cert.read_bytes()
+
+
+def test_the_end_kept_beside_a_certificate_is_the_one_it_carries(material):
+    _, client, server = material
+    for pair in (client, server):
+        kept = float(pair.cert.with_name(pair.cert.name + ".expires").read_text())
+        assert kept == x509.load_pem_x509_certificate(pair.cert.read_bytes()).not_valid_after_utc.timestamp()
+        assert not certs.expiring(pair.cert)
+        assert certs.expiring(pair.cert, days=2000)
+
+
+@pytest.mark.parametrize("days", [-1, 10])
+def test_an_ended_or_ending_client_certificate_is_reissued_by_the_same_ca(tmp_path, material, days):
+    ca, client, server = material
+    ca_before, old = ca.cert.read_bytes(), ending_in(client, ca, days)
+    if days < 0:  # the user-visible failure: the engine refuses the ended certificate
+        assert _handshake(ca, server, client)[0] is False
+    certs.ensure_ca(tmp_path / "certs")
+    assert client.cert.read_bytes() != old and ca.cert.read_bytes() == ca_before
+    assert not certs.expiring(client.cert)
+    # An engine whose certificate the CA issued before keeps accepting the client: nothing else to redo.
+    assert _handshake(ca, server, client) == (True, ["accepted"])
+    renewed = client.cert.read_bytes()
+    certs.ensure_ca(tmp_path / "certs")
+    assert client.cert.read_bytes() == renewed  # valid for long: left alone
+    certs.ensure_ca(tmp_path / "certs", renew_client=True)
+    assert client.cert.read_bytes() != renewed
+
+
+class _Driver:
+    """What _tls_material asks of a driver."""
+
+    def cert_names(self) -> list[str]:
+        return ["10.0.0.5"]
+
+
+def _machine(store: Store, name: str) -> Machine:
+    with store.reserve(name, "generic", {"generic_ip_address": "10.0.0.5"}) as machine:
+        return machine
+
+
+def test_provisioning_reissues_ending_certificates_and_every_machine_of_the_ca_gets_the_client_one(tmp_path):
+    store = Store(tmp_path / "home")
+    web1, web2, imported = _machine(store, "web1"), _machine(store, "web2"), _machine(store, "dm1")
+    for machine in (web1, web2):
+        _tls_material(store, machine, _Driver(), renew=False)
+    # A machine imported from docker-machine keeps docker-machine's CA and client certificate.
+    (tmp_path / "dm-certs").mkdir()
+    dm_ca, dm_client = certs.ensure_ca(tmp_path / "dm-certs")
+    for source, name in ((dm_ca.cert, "ca.pem"), (dm_client.cert, "cert.pem"), (dm_client.key, "key.pem")):
+        shutil.copyfile(source, imported.dir / name)
+    imported_files = {f: (imported.dir / f).read_bytes() for f in ("ca.pem", "cert.pem", "key.pem")}
+    ca = certs.Pair(store.certs_dir / "ca.pem", store.certs_dir / "ca-key.pem")
+    client = certs.Pair(store.certs_dir / "cert.pem", store.certs_dir / "key.pem")
+    server = certs.server_pair(web1.dir)
+    old_client, old_server = ending_in(client, ca, -1), ending_in(server, ca, 20)
+
+    _tls_material(store, web1, _Driver(), renew=False)
+    assert server.cert.read_bytes() != old_server and not certs.expiring(server.cert)
+    assert client.cert.read_bytes() != old_client and not certs.expiring(client.cert)
+    for machine in (web1, web2):  # DOCKER_CERT_PATH: web2's copy follows without its own provisioning
+        assert (machine.dir / "cert.pem").read_bytes() == client.cert.read_bytes()
+        assert (machine.dir / "key.pem").read_bytes() == client.key.read_bytes()
+    assert {f: (imported.dir / f).read_bytes() for f in imported_files} == imported_files
+
+    # regenerate-certs: the server certificate always; the client's only when asked (--client-certs).
+    server_pem, client_pem = server.cert.read_bytes(), client.cert.read_bytes()
+    _tls_material(store, web1, _Driver(), renew=True)
+    assert server.cert.read_bytes() != server_pem and client.cert.read_bytes() == client_pem
+    renew_client_cert(store)
+    assert client.cert.read_bytes() != client_pem
+    assert (web2.dir / "cert.pem").read_bytes() == client.cert.read_bytes()
+
+
+def test_regenerate_certs_client_certs_reissues_the_client_certificate_once(tmp_path, monkeypatch, capsys):
+    from machine.cli import main
+    from machine.store import Store
+
+    monkeypatch.setenv("PYMACHINE_HOME", str(tmp_path / "home"))
+    store = Store()
+    _, client = certs.ensure_ca(store.certs())
+    before = client.cert.read_bytes()
+    monkeypatch.setattr("sys.argv", ["pymachine", "regenerate-certs", "--client-certs", "ghost"])
+    with pytest.raises(SystemExit) as exit_code:
+        main()
+    assert exit_code.value.code == 1 and "no machine named 'ghost'" in capsys.readouterr().err
+    assert client.cert.read_bytes() != before  # reissued first, by the same CA
+    assert not certs.expiring(client.cert)

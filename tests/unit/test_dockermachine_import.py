@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import paramiko
 import pytest
+
+from machine import certs
+from machine.commands import dockermachine
+from tests.unit import sshserver
 
 
 def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -56,3 +62,66 @@ def test_a_store_without_names_is_refused(tmp_path: Path):
     (tmp_path / "dm" / "machines").mkdir(parents=True)
     proc = run(tmp_path / "home", str(tmp_path / "dm"))
     assert proc.returncode == 2 and "import: name the machines of" in proc.stderr
+
+
+def test_a_failed_regenerate_certs_import_is_rolled_back_and_can_be_run_again(cli, tmp_path: Path):
+    """The host answers the adoption's login, then goes away before it is provisioned: nothing is imported, and a
+    second import fails for the same reason, not because the name is taken."""
+    user_key = sshserver.keygen(tmp_path / "id_rsa", "rsa")
+    host_key = paramiko.PKey.from_path(sshserver.keygen(tmp_path / "host_key"))
+    server = sshserver.Server("127.0.0.1", [host_key], paramiko.PKey.from_path(user_key), connections=1)
+    dm = tmp_path / "dm"
+    machine_dir(dm, "dm1", {**DM_RECORD, "Driver": {"IPAddress": "127.0.0.1", "SSHUser": "root",
+                                                    "SSHPort": server.port, "SSHKeyPath": str(user_key)}})
+    cli.env["PYMACHINE_SSH_PERSIST"] = "0"  # one login (paramiko's, kept for the wait that follows)
+    try:
+        proc = cli("import", "--regenerate-certs", str(dm), "dm1", check=False)
+    finally:
+        server.close()
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "pymachine: error: dm1: not imported: provisioning it for --regenerate-certs failed (machine 'dm1' is "
+        "not running (start it with `pymachine start dm1`)); import it again once that is fixed")
+    assert cli("ls", "-q").stdout == ""
+    assert not any((cli.home / "machines").iterdir())
+    again = cli("import", "--regenerate-certs", str(dm), "dm1", check=False)
+    assert again.returncode == 1 and "already exists" not in again.stderr
+    assert again.stderr.splitlines()[-1].startswith("pymachine: error: dm1: cannot reach 127.0.0.1:")
+
+
+def test_a_virtualbox_machine_is_reached_over_ssh_on_loopback_and_its_engine_at_its_address(tmp_path: Path):
+    """docker-machine's VirtualBox driver forwards 127.0.0.1:SSHPort to the VM's SSH (GetSSHHostname is 127.0.0.1);
+    IPAddress is the host-only adapter's, where the engine listens."""
+    host = {**DM_RECORD, "DriverName": "virtualbox",
+            "Driver": {"IPAddress": "192.168.99.100", "SSHUser": "docker", "SSHPort": 53211}}
+    options = dockermachine.generic_options(tmp_path, "dm1", host)
+    assert options["generic_ip_address"] == "127.0.0.1" and options["generic_ssh_port"] == "53211"
+    assert options["generic_engine_address"] == "192.168.99.100"
+    generic = dockermachine.generic_options(tmp_path, "dm1", {**host, "DriverName": "generic"})
+    assert generic["generic_ip_address"] == "192.168.99.100" and generic["generic_engine_address"] is None
+
+
+def test_an_imported_virtualbox_machine_logs_in_on_loopback_and_env_names_the_engine_address(cli, tmp_path: Path):
+    """For real: its SSH on 127.0.0.1:port (a server in this process), its engine's address 127.0.0.99 (where
+    nothing listens: the test reaches no VirtualBox network), certificates from docker-machine's store."""
+    user_key = sshserver.keygen(tmp_path / "id_rsa", "rsa")
+    server = sshserver.Server("127.0.0.1", [paramiko.PKey.from_path(sshserver.keygen(tmp_path / "host_key"))],
+                              paramiko.PKey.from_path(user_key))
+    dm = tmp_path / "dm"
+    source = machine_dir(dm, "vb1", {**DM_RECORD, "Name": "vb1", "DriverName": "virtualbox", "Driver": {
+        "IPAddress": "127.0.0.99", "SSHUser": "docker", "SSHPort": server.port, "SSHKeyPath": str(user_key)}})
+    (tmp_path / "dm-certs").mkdir()
+    ca, client = certs.ensure_ca(tmp_path / "dm-certs")
+    certs.issue_server(ca, certs.Pair(source / "server.pem", source / "server-key.pem"), "vb1", ["127.0.0.99"])
+    for pem, name in ((ca.cert, "ca.pem"), (client.cert, "cert.pem"), (client.key, "key.pem")):
+        shutil.copyfile(pem, source / name)
+    try:
+        cli("import", str(dm), "vb1")
+        inspect = json.loads(cli("inspect", "vb1").stdout)
+        assert (inspect["ssh"]["host"], inspect["ssh"]["port"]) == ("127.0.0.1", server.port)
+        assert cli("status", "vb1").stdout.strip() == "Running"
+        assert 'export DOCKER_HOST="tcp://127.0.0.99:2376"' in cli("env", "vb1").stdout
+        assert cli("ssh", "vb1", "--", "true").returncode == 0
+    finally:
+        server.close()
+        cli("rm", "-y", "vb1", check=False)
