@@ -176,7 +176,11 @@ def _load(cert_path: Path) -> x509.Certificate:
 def expiring(cert_path: Path, days: int = RENEW_DAYS) -> bool:
     """Whether the certificate has expired, or will within `days`."""
     kept = _kept(cert_path, "expires")
-    end = float(kept) if kept is not None else _load(cert_path).not_valid_after_utc.timestamp()
+    if kept is not None:
+        end = float(kept)
+    else:  # read once, then kept: a certificate issued before ends were kept, or one pymachine did not issue
+        end = _load(cert_path).not_valid_after_utc.timestamp()
+        write_atomic(_beside(cert_path, "expires"), str(end).encode(), 0o644)
     return end - time.time() < days * 86400
 
 

@@ -116,6 +116,19 @@ def test_the_end_kept_beside_a_certificate_is_the_one_it_carries(material):
         assert certs.expiring(pair.cert, days=2000)
 
 
+def test_the_end_of_a_certificate_issued_before_ends_were_kept_is_read_once(material, monkeypatch):
+    # A machine provisioned by an older pymachine: its next provisioning keeps the end, and the ones after it
+    # need no cryptography to check it.
+    _, _, server = material
+    kept = server.cert.with_name(server.cert.name + ".expires")
+    end = kept.read_text()
+    kept.unlink()
+    assert not certs.expiring(server.cert)
+    assert kept.read_text() == end
+    monkeypatch.setattr(certs, "_load", lambda path: pytest.fail("read the certificate again"))
+    assert not certs.expiring(server.cert)
+
+
 @pytest.mark.parametrize("days", [-1, 10])
 def test_an_ended_or_ending_client_certificate_is_reissued_by_the_same_ca(tmp_path, material, days):
     ca, client, server = material
