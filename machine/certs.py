@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -74,10 +74,11 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x5
             .not_valid_after(now + datetime.timedelta(days=days)))
 
 
-def ensure_ca(certs_dir: Path, renew_client: bool = False) -> tuple[Pair, Pair]:
+def ensure_ca(certs_dir: Path, renew_client: bool = False,
+              reissued: Callable[[Pair, Pair], None] = lambda ca, client: None) -> tuple[Pair, Pair]:
     """The store's CA and client certificate, made once (under a lock) and shared by all machines. The client
     certificate is reissued (by the same CA: every engine keeps trusting it) when it has expired or is about to,
-    and with `renew_client`."""
+    and with `renew_client`; then `reissued(ca, client)` is called, still under the lock."""
     ca = Pair(certs_dir / "ca.pem", certs_dir / "ca-key.pem")
     client = Pair(certs_dir / "cert.pem", certs_dir / "key.pem")
     with file_lock(certs_dir / ".lock", timeout=60, what="the certificate store"):
@@ -88,6 +89,7 @@ def ensure_ca(certs_dir: Path, renew_client: bool = False) -> tuple[Pair, Pair]:
             from cryptography.x509.oid import ExtendedKeyUsageOID
 
             _issue(ca, client, "pymachine client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+            reissued(ca, client)
     return ca, client
 
 
@@ -158,13 +160,16 @@ def _beside(cert_path: Path, what: str) -> Path:
     return cert_path.with_name(f"{cert_path.name}.{what}")
 
 
-def _kept(cert_path: Path, what: str) -> str | None:
-    """What was kept beside the certificate when pymachine issued it; None when the certificate is newer (one
-    pymachine did not issue, copied over it, or one issued before this was kept)."""
+def _kept(cert_path: Path, what: str, work_out: Callable[[], str]) -> str:
+    """What is kept beside the certificate (its names, its end): written when pymachine issues it; for any other
+    (one copied over it, or issued before this was kept), worked out once from the certificate and kept then, so
+    that a provisioning's checks need no cryptography."""
     kept = _beside(cert_path, what)
     if kept.exists() and kept.stat().st_mtime_ns >= cert_path.stat().st_mtime_ns:
         return kept.read_text()
-    return None
+    value = work_out()
+    write_atomic(kept, value.encode(), 0o644)
+    return value
 
 
 def _load(cert_path: Path) -> x509.Certificate:
@@ -175,26 +180,20 @@ def _load(cert_path: Path) -> x509.Certificate:
 
 def expiring(cert_path: Path, days: int = RENEW_DAYS) -> bool:
     """Whether the certificate has expired, or will within `days`."""
-    kept = _kept(cert_path, "expires")
-    if kept is not None:
-        end = float(kept)
-    else:  # read once, then kept: a certificate issued before ends were kept, or one pymachine did not issue
-        end = _load(cert_path).not_valid_after_utc.timestamp()
-        write_atomic(_beside(cert_path, "expires"), str(end).encode(), 0o644)
+    end = float(_kept(cert_path, "expires", lambda: str(_load(cert_path).not_valid_after_utc.timestamp())))
     return end - time.time() < days * 86400
 
 
 def sans_of(cert_path: Path) -> set[str]:
-    """The names a certificate is valid for (to tell whether it must be regenerated): as kept when it was issued,
-    or read from the certificate."""
-    kept = _kept(cert_path, "names")
-    if kept is not None:
-        return set(json.loads(kept))
+    """The names a certificate is valid for (to tell whether it must be regenerated)."""
+    return set(json.loads(_kept(cert_path, "names", lambda: json.dumps(sorted(_read_sans(cert_path))))))
+
+
+def _read_sans(cert_path: Path) -> set[str]:
     from cryptography import x509
 
-    cert = _load(cert_path)
     try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        ext = _load(cert_path).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return set()
     return {str(v) for v in ext.get_values_for_type(x509.IPAddress)} | set(ext.get_values_for_type(x509.DNSName))

@@ -84,6 +84,15 @@ def save(name: str, url: str, cert_dir: Path) -> bool:
     return proc is not None and proc.returncode == 0
 
 
+def refresh(name: str, cert_dir: Path) -> None:
+    """Give the machine's own context, if it has one, the certificates now in `cert_dir` (the store's client
+    certificate was reissued); it keeps its engine address."""
+    context = _stored(name) or _inspect(name)
+    url = (context or {}).get("Endpoints", {}).get("docker", {}).get("Host")
+    if context is not None and url and _ours(context, cert_dir):
+        save(name, url, cert_dir)
+
+
 def remove(name: str, cert_dir: Path) -> None:
     """Remove the context of the machine whose directory is `cert_dir`, if it has one."""
     context = _inspect(name)

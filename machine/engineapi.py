@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from machine.endpoint import host_port
 from machine.errors import MachineError
 
 SWARM_PORT = 2377  # managers' cluster API; 7946 tcp+udp (gossip) and 4789 udp (VXLAN) carry the rest
@@ -55,10 +56,10 @@ class EngineAPI:
             response = conn.getresponse()
             data = response.read()
         except ssl.SSLError as e:
-            raise MachineError(f"the engine of {self.name} at {self.host}:{self.port} refused TLS: "
+            raise MachineError(f"the engine of {self.name} at {host_port(self.host, self.port)} refused TLS: "
                                f"{e.reason or e}") from None
         except (OSError, http.client.HTTPException) as e:  # refused, timed out, reset, a garbled answer
-            raise MachineError(f"cannot reach the engine of {self.name} at {self.host}:{self.port}: "
+            raise MachineError(f"cannot reach the engine of {self.name} at {host_port(self.host, self.port)}: "
                                f"{getattr(e, 'strerror', None) or e or type(e).__name__}") from None
         finally:
             conn.close()

@@ -24,8 +24,7 @@ def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -
     """CA, server cert and key for the machine. The server certs (the engine's, and its registry's) are reissued
     when they miss a name or are about to expire, and with `renew`; the store's client certificate when it is
     about to expire."""
-    client_before = _read(store.certs_dir / "cert.pem")
-    ca, client = certs.ensure_ca(store.certs())
+    ca, client = _store_ca(store)
     server = certs.server_pair(machine.dir)
     names = {n for n in (*driver.cert_names(), machine.name, *machine.engine.get("tls_san", [])) if n}
     hosts_registry = machine.engine.get("registry_enabled", False)
@@ -33,24 +32,27 @@ def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -
         if renew or not pair.cert.exists() or not certs.carries(pair.cert, names) or certs.expiring(pair.cert):
             certs.issue_server(ca, pair, machine.name, sorted(names))
     _copy_client(ca, client, machine.dir)
-    if client_before is not None and client.cert.read_bytes() != client_before:
-        _share_client(store, ca, client)
     return (ca.cert.read_text(), *server.pem())
 
 
 def renew_client_cert(store: Store) -> None:
     """Reissue the store's client certificate (docker-machine's `regenerate-certs --client-certs`), from the same
     CA: every engine keeps trusting it, and every machine's copy follows."""
-    _share_client(store, *certs.ensure_ca(store.certs(), renew_client=True))
+    _store_ca(store, renew_client=True)
 
 
-def _share_client(store: Store, ca: certs.Pair, client: certs.Pair) -> None:
-    """A reissued client certificate goes to every machine of this CA (one imported with docker-machine's keeps
-    its own) now, not at its own next provisioning, so that `env` never hands out the expired one."""
-    for name in store.names():
-        machine_dir = store.machines_dir / name
-        if _read(machine_dir / "ca.pem") == ca.cert.read_bytes():
-            _copy_client(ca, client, machine_dir)
+def _store_ca(store: Store, renew_client: bool = False) -> tuple[certs.Pair, certs.Pair]:
+    """The store's CA and client certificate (certs.ensure_ca); a client certificate reissued (about to end, or
+    asked for) goes at once to every machine of this CA, and to its docker context (one imported with
+    docker-machine's CA keeps its own), not at its own next provisioning: `env` never hands out the ended one."""
+    def share(ca: certs.Pair, client: certs.Pair) -> None:
+        for name in store.names():
+            machine_dir = store.machines_dir / name
+            if _read(machine_dir / "ca.pem") == ca.cert.read_bytes():
+                _copy_client(ca, client, machine_dir)
+                dockercontext.refresh(name, machine_dir)
+
+    return certs.ensure_ca(store.certs(), renew_client, reissued=share)
 
 
 def _read(path: Path) -> bytes | None:
@@ -166,7 +168,7 @@ def share_registries(store: Store, registry: str) -> None:
     among them). A machine that cannot be reached now is named: its next provisioning installs the trust."""
     from machine.roles import run_roles
 
-    ca_pem = certs.ensure_ca(store.certs())[0].cert.read_text()
+    ca_pem = _store_ca(store)[0].cert.read_text()
     trusted = trusted_registries(store)
     for name in store.names():
         if name == registry:

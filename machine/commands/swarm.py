@@ -15,6 +15,7 @@ from machine import ui
 from machine.commands.common import load, locked
 from machine.commands.queries import cert_dir
 from machine.drivers.base import Driver, State
+from machine.endpoint import host_port
 from machine.engineapi import SWARM_PORT, EngineAPI
 from machine.errors import MachineError
 from machine.store import Store
@@ -114,7 +115,7 @@ def join(store: Store, name: str, manager: str, as_manager: bool = False) -> Non
         peers = _peers(store, manager_api, exclude=name)
         driver.open_swarm_ports(peers)
         try:
-            api.swarm_join(_address(driver), remotes or [f"{manager_api.host}:{SWARM_PORT}"], token)
+            api.swarm_join(_address(driver), remotes or [host_port(manager_api.host, SWARM_PORT)], token)
         except MachineError:
             driver.close_swarm_ports(peers)
             raise
@@ -182,7 +183,8 @@ def _other_manager(store: Store, swarm: dict[str, Any], exclude: str) -> EngineA
     """A client of another manager of the swarm that is a machine of this store, if one answers."""
     machines = _machines_by_address(store)
     for remote in swarm.get("RemoteManagers") or ():
-        driver = machines.get(remote.get("Addr", "").rpartition(":")[0])
+        # Docker gives "HOST:PORT", an IPv6 host in brackets.
+        driver = machines.get(remote.get("Addr", "").rpartition(":")[0].strip("[]"))
         if driver is None or driver.machine.name == exclude:
             continue
         try:

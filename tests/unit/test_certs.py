@@ -116,17 +116,19 @@ def test_the_end_kept_beside_a_certificate_is_the_one_it_carries(material):
         assert certs.expiring(pair.cert, days=2000)
 
 
-def test_the_end_of_a_certificate_issued_before_ends_were_kept_is_read_once(material, monkeypatch):
-    # A machine provisioned by an older pymachine: its next provisioning keeps the end, and the ones after it
-    # need no cryptography to check it.
+@pytest.mark.parametrize("what", ["expires", "names"])
+def test_what_a_certificate_issued_before_it_was_kept_carries_is_read_once(material, monkeypatch, what):
+    # A machine provisioned by an older pymachine: its next provisioning keeps the end and the names, and the ones
+    # after it need no cryptography to check them.
     _, _, server = material
-    kept = server.cert.with_name(server.cert.name + ".expires")
-    end = kept.read_text()
+    kept = server.cert.with_name(f"{server.cert.name}.{what}")
+    before = kept.read_text()
     kept.unlink()
-    assert not certs.expiring(server.cert)
-    assert kept.read_text() == end
+    check = (lambda: certs.expiring(server.cert)) if what == "expires" else (lambda: certs.sans_of(server.cert))
+    answer = check()
+    assert kept.read_text() == before
     monkeypatch.setattr(certs, "_load", lambda path: pytest.fail("read the certificate again"))
-    assert not certs.expiring(server.cert)
+    assert check() == answer
 
 
 @pytest.mark.parametrize("days", [-1, 10])

@@ -95,3 +95,15 @@ def test_a_context_made_before_descriptions_named_the_machine_is_its_store_s(con
     assert dockercontext.save("web", "tcp://127.0.0.1:2376", machine) == same_store
     assert inspect("web")["Endpoints"]["docker"]["Host"] == ("tcp://127.0.0.1:2376" if same_store
                                                              else "tcp://127.0.0.1:1")
+
+
+def test_a_reissued_client_certificate_reaches_the_machine_s_context(config, tmp_path):
+    machine = certs(tmp_path / "home/machines/web", tmp_path / "home/certs")
+    assert dockercontext.save("web", "tcp://127.0.0.1:2376", machine)
+    _, client = ensure_ca(tmp_path / "home/certs", renew_client=True)
+    for source, target in ((client.cert, "cert.pem"), (client.key, "key.pem")):
+        shutil.copyfile(source, machine / target)
+    dockercontext.refresh("web", machine)
+    assert kept("web", "cert.pem") == client.cert.read_text()
+    assert inspect("web")["Endpoints"]["docker"]["Host"] == "tcp://127.0.0.1:2376"
+    dockercontext.refresh("other", machine)  # a machine without a context: nothing to do

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -140,13 +141,16 @@ def test_a_server_not_signed_by_the_stores_ca_is_refused(engine, cert_dir, tmp_p
     assert engine.seen == []
 
 
-def test_an_engine_that_does_not_listen_is_one_line(cert_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+@pytest.mark.parametrize(("family", "host", "shown"), [(socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+                                                      (socket.AF_INET6, "::1", "[::1]")])
+def test_an_engine_that_does_not_listen_is_one_line(cert_dir, family, host, shown):
+    with socket.socket(family) as s:
+        s.bind((host, 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
-    with pytest.raises(MachineError, match=rf"^cannot reach the engine of m1 at 127\.0\.0\.1:{port}: Connection "
-                                           r"refused$"):
-        EngineAPI("m1", f"tcp://127.0.0.1:{port}", cert_dir).info()
+    url_host = f"[{host}]" if ":" in host else host
+    with pytest.raises(MachineError, match=rf"^cannot reach the engine of m1 at {re.escape(shown)}:{port}: "
+                                           r"Connection refused$"):
+        EngineAPI("m1", f"tcp://{url_host}:{port}", cert_dir).info()
 
 
 def test_a_machine_without_an_engine_url_is_refused(cert_dir):
