@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from machine import drivers, fleetfile, ui
 from machine import provision as provisioning
@@ -122,18 +122,27 @@ def plan(store: Store, fleet: Fleet, *, prune: bool = False, recreate: bool = Fa
     steps = for_each(lambda spec: _plan_machine(store, fleet, spec, recreate), fleet.machines, "checked",
                      parallel)
     named = {s.name for s in fleet.machines}
+    ours = _fleet_markers(store, fleet.name)
     gone = [Step(REMOVE, name) if prune else Step(KEEP, name, "no longer in the file; --prune removes it")
-            for name in store.names() if name not in named and _fleet_of(store, name) == fleet.name]
+            for name in ours if name not in named]
     new = {s.name for s in steps if s.action in (CREATE, RECREATE)}
-    swarm_steps = _plan_swarm(store, fleet, new, {s.name for s in gone if s.action == REMOVE})
+    roles = {name: marker["swarm"] for name, marker in ours.items() if marker.get("swarm")}
+    swarm_steps = _plan_swarm(store, fleet, new, {s.name for s in gone if s.action == REMOVE}, roles)
     return Plan(fleet, (*steps, *swarm_steps, *gone))  # in the order execute() carries them out
 
 
-def _fleet_of(store: Store, name: str) -> str | None:
-    try:
-        return store.load(name).fleet.get("name")
-    except MachineError:  # a damaged record says nothing of its fleet: never pruned on a guess
-        return None
+def _fleet_markers(store: Store, fleet: str) -> dict[str, dict[str, Any]]:
+    """{machine: the fleet marker of its record} of the fleet's machines, from one read of the store. A damaged
+    record says nothing of its fleet: never pruned, nor taken for a swarm node, on a guess."""
+    markers = {}
+    for name in store.names():
+        try:
+            marker = store.load(name).fleet
+        except MachineError:
+            continue
+        if marker.get("name") == fleet:
+            markers[name] = marker
+    return markers
 
 
 def _plan_machine(store: Store, fleet: Fleet, spec: MachineSpec, recreate: bool) -> Step:
@@ -188,17 +197,18 @@ def _setting_changes(machine: Machine, fleet: Fleet, spec: MachineSpec) -> list[
     return changes + [f"{k} changed" for k in ("roles", "vars") if machine.fleet.get(k) != wanted[k]]
 
 
-def _plan_swarm(store: Store, fleet: Fleet, new: set[str], removed: set[str]) -> list[Step]:
+def _plan_swarm(store: Store, fleet: Fleet, new: set[str], removed: set[str], records: dict[str, str]
+                ) -> list[Step]:
     """Swarm steps, in the order of _SWARM_ORDER: unless a manager of the fleet (as the file or the records say)
     manages a swarm, the file's first manager makes one; the file's other machines join it, a machine whose role
     the file changed is promoted or demoted, and a machine of the fleet the file no longer gives a swarm role
     leaves. Machines being made (or re-made) are in no swarm yet, whatever their old node was; machines being
-    removed are joined through only when no other manager is left (they are removed after the joins)."""
+    removed are joined through only when no other manager is left (they are removed after the joins). `records`:
+    {machine: swarm role} as the records of the fleet's machines give them."""
     wanted = [s.name for s in fleet.machines if s.swarm == "manager"]
-    records = _swarm_records(store, fleet.name)
     recorded = sorted((n for n, role in records.items() if role == "manager"), key=lambda n: n in removed)
     candidates = [n for n in dict.fromkeys(wanted + recorded) if n not in new]
-    via, members, orphaned = _swarm_members(store, candidates, records)
+    via, members, orphaned = _swarm_members(store, candidates, records, {s.name for s in fleet.machines})
     members = {n: role for n, role in members.items() if n not in new}  # a machine re-made is not its old node
     steps = []
     if wanted and via is None:
@@ -218,11 +228,12 @@ def _plan_swarm(store: Store, fleet: Fleet, new: set[str], removed: set[str]) ->
     return sorted(steps, key=lambda step: _SWARM_ORDER.index(step.action))
 
 
-def _swarm_members(store: Store, managers: list[str],
-                   records: dict[str, str]) -> tuple[str | None, dict[str, str], bool]:
+def _swarm_members(store: Store, managers: list[str], records: dict[str, str],
+                   started: set[str]) -> tuple[str | None, dict[str, str], bool]:
     """The first of `managers` that manages a swarm, and {machine: role} of that swarm. Failing that, the first
-    one that is stopped but recorded as a manager, with the roles the records give: what it manages is known once
-    it runs again (apply starts it before the swarm steps), and a stopped manager has not left its swarm. Else
+    one of `started` (the file's machines: apply starts them before the swarm steps) that is stopped but recorded
+    as a manager, with the roles the records give: what it manages is known once it runs again, and a stopped
+    manager has not left its swarm. Else
     (None, {}, orphaned): orphaned when every one of them is surely in no swarm (or there are none), so that no
     swarm the records name has a manager of the fleet left; not when one is a worker or did not answer."""
     stopped, orphaned = None, True
@@ -230,25 +241,15 @@ def _swarm_members(store: Store, managers: list[str],
         try:
             return name, {row["machine"]: row["role"] for row in swarm.ls(store, name) if row["machine"]}, False
         except swarm.NotRunning:
-            stopped = stopped or (name if records.get(name) == "manager" else None)
+            if records.get(name) == "manager" and name in started:
+                stopped = stopped or name
+            else:  # not started by this apply: what it manages stays unknown
+                orphaned = False
         except swarm.NotInSwarm:
             continue
         except MachineError:  # a worker, unreachable, or no record: `swarm init` (after provisioning) says which
             orphaned = False
     return (stopped, dict(records), False) if stopped else (None, {}, orphaned)
-
-
-def _swarm_records(store: Store, fleet: str) -> dict[str, str]:
-    """{machine: swarm role} as the records of the fleet's machines give them (those with a role)."""
-    roles = {}
-    for name in store.names():
-        try:
-            record = store.load(name).fleet
-        except MachineError:  # a damaged record says nothing: as for pruning
-            continue
-        if record.get("name") == fleet and record.get("swarm"):
-            roles[name] = record["swarm"]
-    return roles
 
 
 def _recorded_swarm(store: Store, name: str) -> str:

@@ -175,6 +175,22 @@ def test_a_stopped_manager_is_taken_at_its_record(tmp_path, monkeypatch):
     assert swarm_steps(apply.plan(store, fleet)) == [(apply.JOIN_WORKER, "web3", "lb"), (apply.DEMOTE, "web2", "")]
 
 
+def test_a_stopped_manager_the_file_no_longer_names_is_never_joined_through(tmp_path, monkeypatch):
+    """apply starts only the file's machines: a stopped manager it keeps (no --prune) would stay stopped, and
+    every join through it would fail."""
+    store = Store(tmp_path / "home")
+    before = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  old: {swarm: manager}\n  lb: {}\n"
+                                            "  web1: {swarm: worker}\n"))
+    old, lb, web1 = before.machines
+    recorded(store, old, "manager")
+    recorded(store, lb)
+    recorded(store, web1, "worker")
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  lb: {swarm: manager}\n  web1: {swarm: worker}\n"))
+    swarm_of(monkeypatch, "nobody", {}, refusal=swarm.NotRunning)
+    steps = swarm_steps(apply.plan(store, fleet))
+    assert (apply.INIT, "lb", "") in steps and all(via != "old" for _, _, via in steps)
+
+
 def test_a_machine_that_left_its_swarm_by_hand_is_done_leaving(tmp_path, monkeypatch):
     """`pymachine swarm leave web1`, then `swarm:` taken from web1 in the file: the record still says worker, so a
     leave is planned; the engine says web1 is in no swarm: that is what the file wants, and the record follows."""
