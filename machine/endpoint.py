@@ -7,6 +7,29 @@ from __future__ import annotations
 import ipaddress
 from typing import NamedTuple
 
+from machine.names import LABEL
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_dns_name(text: str, wildcard: bool = False) -> bool:
+    """A DNS name of hostname labels; with `wildcard`, the first label may be `*` (as certificates allow)."""
+    labels = text.removesuffix(".").split(".")
+    if wildcard and len(labels) > 1 and labels[0] == "*":
+        labels = labels[1:]
+    return 0 < len(text) <= 253 and all(LABEL.fullmatch(label) for label in labels)
+
+
+def is_host(text: str) -> bool:
+    """An IP address or a DNS name."""
+    return is_ip(text) or is_dns_name(text)
+
 
 def host_port(host: str, port: int) -> str:
     """HOST:PORT as URLs, docker and messages write it: an IPv6 address in brackets (RFC 3986), or its colons

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from machine.endpoint import is_dns_name, is_ip
 from machine.errors import UsageError
-from machine.names import LABEL
 from machine.paths import roles_dir
 from machine.store import Store
 
@@ -93,24 +93,8 @@ def _address_pool(item: str) -> dict[str, Any]:
     return {"base": str(base), "size": size}
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_dns_name(text: str, wildcard: bool = False) -> bool:
-    """A DNS name of hostname labels; with `wildcard`, the first label may be `*` (as certificates allow)."""
-    labels = text.removesuffix(".").split(".")
-    if wildcard and len(labels) > 1 and labels[0] == "*":
-        labels = labels[1:]
-    return 0 < len(text) <= 253 and all(LABEL.fullmatch(label) for label in labels)
-
-
 def _tls_san(value: str) -> str:
-    if not (_is_ip(value) or _is_dns_name(value, wildcard=True)):
+    if not (is_ip(value) or is_dns_name(value, wildcard=True)):
         raise UsageError(f"--tls-san: {value!r} is neither an IP address nor a DNS name")
     return value
 
@@ -124,7 +108,7 @@ def _is_host_port(text: str) -> bool:
         return False
     host = parts.hostname or ""
     return (not parts.path and not parts.username and port != 0 and "://" not in text
-            and (_is_ip(host) or _is_dns_name(host)))
+            and (is_ip(host) or is_dns_name(host)))
 
 
 def _is_network(text: str) -> bool:
@@ -149,7 +133,7 @@ def _http_url(flag: str, value: str) -> str:
     except ValueError as e:
         raise UsageError(f"--{flag}: {value!r}: {e}") from None
     host = parts.hostname or ""
-    if parts.scheme not in ("http", "https") or not (_is_ip(host) or _is_dns_name(host)) or port == 0:
+    if parts.scheme not in ("http", "https") or not (is_ip(host) or is_dns_name(host)) or port == 0:
         raise UsageError(f"--{flag}: {value!r} is not an http(s) URL")
     return value
 

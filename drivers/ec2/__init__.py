@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import re
 import socket
 import time
 import urllib.parse
@@ -25,6 +24,7 @@ from machine import cloudinit, sshkeys, ui
 from machine.drivers.base import ENGINE_PORT, Driver, Option, State, each_step
 from machine.drivers.ec2 import api, images, swarm
 from machine.drivers.ec2.api import TAG_HOME, TAG_ID, EC2Error, tag_filter, tags_of, translated
+from machine.endpoint import is_host
 from machine.errors import MachineError, UsageError
 from machine.store import write_atomic
 
@@ -366,13 +366,13 @@ class EC2Driver(Driver):
         return [i for i in found if i["InstanceId"] == recorded
                 or tags_of(i).get(TAG_HOME, str(self.store.home)) == str(self.store.home)]
 
-    def _instances(self, listed: bool = False) -> list[dict[str, Any]]:
-        """The machine's instances, terminated ones too. Without `listed` (removal), a launch that never settled
-        and shows nowhere is looked for again until EC2 must show it (_unseen_until): terminating nothing while
-        the instance is still invisible would forget a running instance."""
-        found = self._look(listed)
+    def _instances(self) -> list[dict[str, Any]]:
+        """The machine's instances, terminated ones too, for removal: a launch that never settled and shows
+        nowhere is looked for again until EC2 must show it (_unseen_until): terminating nothing while the
+        instance is still invisible would forget a running instance."""
+        found = self._look(listed=False)
         unseen = self._unseen_until() - time.time()
-        if found or listed or unseen <= 0:
+        if found or unseen <= 0:
             return found
         with ui.step(f"waiting for EC2 to show the instance of {self.machine.name}"):
             return poll(lambda: self._look(listed=False), bool, unseen, VISIBLE_DELAY, VISIBLE_MAX_DELAY)
@@ -458,7 +458,7 @@ class EC2Driver(Driver):
     def leftovers(self) -> list[str]:
         try:
             self._check_account()  # another account's EC2 finds nothing: that is not "gone"
-            found = self._instances(listed=True)
+            found = self._look(listed=True)
             left = [f"instance {i['InstanceId']} ({i['State']['Name']})" for i in found
                     if i["State"]["Name"] != "terminated"]
             if not found and time.time() < self._unseen_until():  # launched, maybe running, not shown yet
@@ -677,10 +677,6 @@ def _check_values(o: dict[str, Any]) -> None:
         raise UsageError("--ec2-ssh-user must not be empty")
 
 
-# A host name as botocore accepts one: dot-separated labels of letters, digits and inner hyphens.
-_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.IGNORECASE)
-
-
 def check_endpoint(url: str) -> None:
     """Refuse an endpoint botocore cannot use (it raises a bare ValueError deep inside client creation)."""
     parts = urllib.parse.urlsplit(url)
@@ -692,21 +688,13 @@ def check_endpoint(url: str) -> None:
         problem = "is not an http(s) URL"
     elif not parts.hostname:
         problem = "names no host"
-    elif not _is_host(parts.hostname):
+    elif not is_host(parts.hostname):
         problem = f"has no valid host name ({parts.hostname!r})"
     elif port == 0:
         problem = "has no valid port (1-65535)"
     else:
         return
     raise UsageError(f"--ec2-endpoint: {url!r} {problem}")
-
-
-def _is_host(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return _HOST_NAME.fullmatch(name) is not None
 
 
 def _check_iops(volume_type: str, iops: int | None) -> None:

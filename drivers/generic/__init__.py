@@ -10,7 +10,6 @@ kill refuse, restart reboots it over SSH.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import re
 import shlex
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from machine.drivers.base import Driver, Option, State
-from machine.endpoint import normal_host
+from machine.endpoint import is_host, normal_host
 from machine.errors import MachineError, UsageError
 from machine.ssh import HOST_KEY_TYPES, Connection, Endpoint, host_key_algorithms, load_key
 from machine.store import Machine, RecordDamaged, write_atomic
@@ -160,10 +159,10 @@ class GenericDriver(Driver):
         address = (options.get("generic_ip_address") or "").strip()
         if not address:
             raise UsageError("--generic-ip-address is required: the address of the server to adopt")
-        if not _is_host(address):
+        if not is_host(address):
             raise UsageError(f"--generic-ip-address: {address!r} is neither an IP address nor a host name")
         engine = options.get("generic_engine_address")
-        if engine is not None and not _is_host(engine):
+        if engine is not None and not is_host(engine):
             raise UsageError(f"--generic-engine-address: {engine!r} is neither an IP address nor a host name")
         port = options.get("generic_ssh_port")
         if not 0 < port < 65536:
@@ -310,17 +309,6 @@ def _holder(store, machine: Machine, endpoint: Endpoint) -> str | None:
         if address == endpoint.host and int(port) == endpoint.port:
             return name
     return None
-
-
-def _is_host(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        pass
-    labels = text.removesuffix(".").split(".")
-    return 0 < len(text) <= 253 and all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label)
-                                        for label in labels)
 
 
 def _auth_errors() -> tuple[type[BaseException], ...]:

@@ -142,7 +142,11 @@ def test_a_port_that_speaks_no_ssh_is_one_line(cli, home):
     def close_every_connection() -> None:
         with contextlib.suppress(OSError):
             while True:
-                listener.accept()[0].close()
+                connection = listener.accept()[0]
+                # The client's banner read first: closed with it unread, the kernel would reset the connection,
+                # and the message would depend on which of the two the client saw.
+                connection.recv(256)
+                connection.close()
 
     threading.Thread(target=close_every_connection, daemon=True).start()
     try:
