@@ -11,7 +11,9 @@ from typing import Any
 from machine.drivers.ec2.api import EC2Error, translated
 
 SWARM_PORTS = (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789))
-PORTS_TEXT = "2377/tcp, 7946/tcp+udp, 4789/udp"  # SWARM_PORTS, as a user opens them
+# SWARM_PORTS as a user opens them: 2377/tcp, 7946/tcp+udp, 4789/udp
+PORTS_TEXT = ", ".join(f"{port}/{'+'.join(proto for proto, p in SWARM_PORTS if p == port)}"
+                       for port in dict.fromkeys(p for _, p in SWARM_PORTS))
 DESCRIPTION = "pymachine swarm"
 
 
