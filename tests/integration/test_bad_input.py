@@ -92,10 +92,10 @@ def test_a_full_disk_during_an_image_download_leaves_no_partial_file(cli: CLI, t
 
 def records(home: Path) -> dict[str, bytes | None]:
     """The store without its TLS material: provisioning issues the CA and the machine's certificates (and keeps
-    their names beside them) before the roles run, so a run that fails on the machine still leaves them (the
-    engine needs them anyway)."""
+    their names and ends beside them) before the roles run, so a run that fails on the machine still leaves them
+    (the engine needs them anyway)."""
     return {path: data for path, data in snapshot(home).items()
-            if not (path.startswith("certs") or path.endswith((".pem", ".pem.names")))}
+            if not (path.startswith("certs") or path.endswith((".pem", ".pem.names", ".pem.expires")))}
 
 
 # -- bad input about a machine that exists: one machine, made without an engine, shared by these tests ----------
