@@ -267,7 +267,9 @@ class Connection:
             return None  # no pinned host key yet
         return sshmux.Master(ssh, self.endpoint, self._key_path, self._known_hosts, self._timeout)
 
-    def _login_transport(self) -> paramiko.Transport:
+    def _login_transport(self, key_type: str | None = None) -> paramiko.Transport:
+        """A new login. The host key algorithms asked for are only the pinned key's, so that a server with several
+        host keys cannot show another; before any is pinned, `key_type`'s (paramiko's own list without it)."""
         ep = self.endpoint
         sock = _QuickAckSocket.connect_to(ep.host, ep.port, self._timeout)
         # Every command opens a channel; with Nagle's algorithm each open waits out the peer's delayed ACK
@@ -277,9 +279,9 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _USER_TIMEOUT_MS)
         transport = _paramiko().Transport(sock)
         pinned = self._pinned_key()
-        key_types = self._host_key_types(pinned)
-        if key_types:
-            transport.get_security_options().key_types = key_types
+        asked = pinned.get_name() if pinned is not None else key_type
+        if asked:
+            transport.get_security_options().key_types = host_key_algorithms(asked)
         try:
             transport.start_client(timeout=self._timeout)
             self._verify(transport.get_remote_server_key(), pinned)
@@ -289,11 +291,6 @@ class Connection:
             raise
         transport.set_keepalive(_KEEPALIVE)
         return transport
-
-    def _host_key_types(self, pinned: paramiko.PKey | None) -> list[str] | None:
-        """The host key algorithms to ask for (None: paramiko's own list): only the pinned key's, so that a server
-        with several host keys cannot show another."""
-        return host_key_algorithms(pinned.get_name()) if pinned is not None else None
 
     def _pinned_key(self) -> paramiko.PKey | None:
         if not self._known_hosts.exists():

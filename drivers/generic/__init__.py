@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from machine.drivers.base import Driver, Option, State
 from machine.endpoint import is_host, normal_host
 from machine.errors import MachineError, UsageError
-from machine.ssh import HOST_KEY_TYPES, Connection, Endpoint, host_key_algorithms, load_key
+from machine.ssh import HOST_KEY_TYPES, Connection, Endpoint, load_key
 from machine.store import Machine, RecordDamaged, write_atomic
 
 # The private keys OpenSSH tries by default, in its order: without --generic-ssh-key, the first that exists.
@@ -91,29 +91,24 @@ class _Adopting(Connection):
     def __init__(self, *args: Any, expected: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._expected = expected
-        self._asking: list[str] | None = None  # the host key algorithms asked for while looking for the expected key
 
     seen = None  # the host key shown, pinned by `pin()` once the adoption is known to work
 
-    def _host_key_types(self, pinned) -> list[str] | None:
-        return self._asking if pinned is None and self._asking else super()._host_key_types(pinned)
-
-    def _login_transport(self):
+    def _login_transport(self, key_type: str | None = None):
         """A server shows one host key per login: the first of its types the client asks for (Ed25519, to
         paramiko). When that is not the expected one, log in again asking for each other type until it is."""
         if not self._expected:
-            return super()._login_transport()
+            return super()._login_transport(key_type)
         shown: dict[str, str] = {}  # fingerprints of the keys the host showed, by type
-        for key_type in (None, *HOST_KEY_TYPES):
-            if key_type in shown:
+        for kind in (None, *HOST_KEY_TYPES):
+            if kind in shown:
                 continue
-            self._asking = host_key_algorithms(key_type) if key_type else None
             try:
-                return super()._login_transport()
+                return super()._login_transport(kind)
             except _NotExpected as e:
                 shown[e.key.get_name()] = e.key.fingerprint.rstrip("=")
             except _no_such_key():  # the host has no key of this type (of any paramiko checks, on the first login)
-                if key_type is None:
+                if kind is None:
                     raise
         keys = ", ".join(shown.values())
         raise MachineError(f"host key{'s' if len(shown) > 1 else ''} of {self.endpoint.known_hosts_name} "
