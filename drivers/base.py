@@ -193,6 +193,11 @@ class Driver(ABC):
         address = self.ip()
         return [address] if address else []
 
+    def not_running(self) -> MachineError:
+        """What a command that needs the machine up says when it is not (a driver that owns the power: start it)."""
+        name = self.machine.name
+        return MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
+
     def is_alive(self) -> bool:
         """Cheap liveness check used while waiting for SSH, so a host that died fails fast."""
         return self.state() in (State.RUNNING, State.STARTING)

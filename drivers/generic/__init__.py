@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from machine.drivers.base import Driver, Option, State
-from machine.endpoint import is_host, normal_host
+from machine.endpoint import host_port, is_host, normal_host
 from machine.errors import MachineError, UsageError
 from machine.ssh import HOST_KEY_TYPES, Connection, Endpoint, load_key
 from machine.store import Machine, RecordDamaged, write_atomic
@@ -222,6 +222,11 @@ class GenericDriver(Driver):
     def _not_ours(self, what: str) -> MachineError:
         return MachineError(f"{self.machine.name} is a generic (adopted) host: pymachine does not own its power "
                             f"and cannot {what} it (`pymachine restart {self.machine.name}` reboots it over SSH)")
+
+    def not_running(self) -> MachineError:
+        endpoint = self.ssh_endpoint()
+        return MachineError(f"{self.machine.name}'s SSH server at {host_port(endpoint.host, endpoint.port)} does not "
+                            f"answer: the adopted host is down or unreachable (pymachine does not own its power)")
 
     def start(self) -> None:
         raise self._not_ours("start")

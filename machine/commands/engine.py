@@ -100,7 +100,7 @@ def _provision_running(store: Store, name: str, add_registry: bool = False, **kw
     plan.check_roles(kwargs.get("tags", ()))
     with locked(store, name) as (machine, driver):
         if driver.state() != State.RUNNING:
-            raise MachineError(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
+            raise driver.not_running()
         if add_registry:
             machine.engine["registry_enabled"] = True  # recorded by a successful run, so later ones keep it
         return run_provisioning(store, machine, driver, **kwargs)

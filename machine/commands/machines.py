@@ -221,7 +221,7 @@ def _uninstall(machine: Machine, driver: Driver, reporter=None) -> None:
 
     roles = roles_dir()
     if driver.state() != State.RUNNING:
-        raise MachineError(f"machine {machine.name!r} is not running: --uninstall needs it up")
+        raise driver.not_running()
     settings = {k: v for k, v in machine.engine.items() if k != "tls_san"} | {"tls_dir": plan.TLS_DIR}
     with connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, [UNINSTALL_ROLE], roles, settings, reporter=reporter, host_name=machine.name,

@@ -132,7 +132,7 @@ def ip(store: Store, name: str) -> str:
 def url(store: Store, name: str) -> str:
     _, driver = load(store, name)
     if driver.state() != State.RUNNING:
-        raise MachineError(f"machine {name!r} is not running")
+        raise driver.not_running()
     return driver.engine_url()
 
 

@@ -35,7 +35,7 @@ def _engine(store: Store, name: str) -> tuple[Driver, EngineAPI]:
     if driver.machine.engine.get("engine", "docker") != "docker":
         raise MachineError(f"{name} runs {driver.machine.engine['engine']}, which has no swarm mode (use Docker)")
     if driver.state() != State.RUNNING:
-        raise NotRunning(f"machine {name!r} is not running (start it with `pymachine start {name}`)")
+        raise NotRunning(str(driver.not_running()))
     return driver, EngineAPI(name, driver.engine_url(), certs_path)
 
 

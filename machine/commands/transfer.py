@@ -21,7 +21,7 @@ def ssh(store: Store, name: str, command: list[str]) -> int:
     """Run `command` on the machine (an interactive shell when empty); return its exit status."""
     machine, driver = load(store, name)
     if driver.state() != State.RUNNING:
-        raise MachineError(f"machine {name!r} is not running")
+        raise driver.not_running()
     endpoint = driver.ssh_endpoint()._replace(name=machine.name)
     client = shutil.which("ssh")
     if client:
@@ -76,7 +76,7 @@ def scp(store: Store, source: str, destination: str, recursive: bool = False) ->
 def _copy(store: Store, name: str, remote: str, local: Path, download: bool, recursive: bool) -> None:
     machine, driver = load(store, name)
     if driver.state() != State.RUNNING:
-        raise MachineError(f"machine {name!r} is not running")
+        raise driver.not_running()
     with connect(machine, driver, timeout=10) as conn:  # its file errors are one line naming NAME:PATH
         if download:
             target = local / Path(remote.rstrip("/")).name if local.is_dir() else local

@@ -70,7 +70,8 @@ def test_failures_read_as_the_full_command_line_gives_them(home: Path):
     full = run(home, "url", "--", "web1")  # not the plain form: the full command line answers
     assert "click" in full[2]
     assert quick[0] == full[0] == 1
-    assert quick[3] == full[3] == "pymachine: error: machine 'web1' is not running"
+    assert quick[3] == full[3] == ("pymachine: error: machine 'web1' is not running "
+                                   "(start it with `pymachine start web1`)")
 
 
 @pytest.mark.parametrize("args", [("ls", "-q"), ("ip", "--help"), ("ip",), ("ip", "web1", "web2"), ("version",)])

@@ -131,6 +131,22 @@ def test_state_is_a_tcp_connect(tmp_path, home):
         assert driver.leftovers() == []
 
 
+def test_a_down_host_is_not_told_to_be_started(cli, home):
+    """`pymachine start` cannot power an adopted host: what needs it up names the SSH server that did not answer."""
+    with socket.socket() as gone:
+        gone.bind(("127.0.0.1", 0))
+        port = gone.getsockname()[1]  # bound, never listening: a refused connection
+        cli.home.mkdir(parents=True)
+        with Store(cli.home).reserve("web", "generic", options(generic_ip_address="127.0.0.1",
+                                                               generic_ssh_port=str(port))) as machine:
+            machine.state = "ready"
+        for command in (("provision", "web"), ("url", "web"), ("ssh", "web", "true")):
+            proc = cli(*command, check=False)
+            assert proc.returncode == 1, command
+            assert proc.stderr == (f"pymachine: error: web's SSH server at 127.0.0.1:{port} does not answer: the "
+                                   f"adopted host is down or unreachable (pymachine does not own its power)\n"), command
+
+
 def test_a_port_that_speaks_no_ssh_is_one_line(cli, home):
     """A wrong port whose server closes at once (a web server, say): paramiko's thread logs its traceback, and
     logging's last resort would print it; the user gets pymachine's one line, and nothing is left behind."""
