@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -131,7 +132,7 @@ class LibvirtDriver(Driver):
             name=self.machine.name, uuid=r["uuid"], machine_id=self.machine.id, home=str(self.store.home),
             domain_type=r["domain_type"], cpus=o["libvirt_cpus"], memory=o["libvirt_memory"], pool=r["pool"],
             disk=r["disk"], seed=r["seed"], network=o["libvirt_network"], mac=r["mac"],
-            console_log=str(self.machine.dir / "console.log"),
+            console_log=str(self._console_log),
             ssh_port=r.get("ssh_port", 0), engine_port=r.get("engine_port", 0),
         )
 
@@ -308,7 +309,14 @@ class LibvirtDriver(Driver):
             address = network.wait_for_lease(net, mac, stale, LEASE_TIMEOUT, self.is_alive)
         self._settle_address(address)
         endpoint = self.ssh_endpoint()
-        network.wait_for_ssh(endpoint.host, endpoint.port, BOOT_TIMEOUT, self.is_alive)
+        try:
+            network.wait_for_ssh(endpoint.host, endpoint.port, BOOT_TIMEOUT, self.is_alive)
+        except MachineError as e:
+            raise MachineError(f"{e}; {console_tail(self._console_log)}") from None
+
+    @property
+    def _console_log(self) -> Path:
+        return self.machine.dir / "console.log"
 
     def _settle_address(self, address: str) -> None:
         """Record where the guest is now and pin, for that address, the host key its seed carries.
@@ -404,6 +412,21 @@ class LibvirtDriver(Driver):
             return domain.state(dom)
         except (MachineError, lv.libvirtError):
             return State.ERROR  # libvirtd unreachable, or the domain vanished while asked: say so in `ls`
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # systemd colours its status lines on a serial console
+
+
+def console_tail(log: Path) -> str:
+    """Where a boot that never reached SSH stopped: the guest console's last line, and where the whole log is."""
+    try:
+        lines = [line for line in log.read_bytes().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return f"the guest wrote no console log ({log})"
+    if not lines:
+        return f"the guest's console stayed silent ({log})"
+    last = "".join(c for c in _ESCAPES.sub("", lines[-1]) if c.isprintable()).strip()[:200]
+    return f"the guest's console last said {last!r} (all of it: {log})"
 
 
 def resolve_domain_type(conn: libvirt.virConnect, wanted: str) -> str:

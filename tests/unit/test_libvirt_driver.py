@@ -205,6 +205,16 @@ def test_start_keeps_free_forwarded_ports_and_replaces_taken_ones(tmp_path, monk
     assert redefined == [True]
 
 
+def test_a_boot_that_never_reaches_ssh_names_the_consoles_last_line(tmp_path):
+    log = tmp_path / "console.log"
+    assert libvirt_driver.console_tail(log) == f"the guest wrote no console log ({log})"
+    log.write_bytes(b"\r\n \r\n")
+    assert libvirt_driver.console_tail(log) == f"the guest's console stayed silent ({log})"
+    log.write_bytes(b"[    1.0] Run /init\r\n[\x1b[0;32m  OK  \x1b[0m] Reached target \x1b[1mNetwork\x1b[0m.\r\n\r\n")
+    assert libvirt_driver.console_tail(log) == f"the guest's console last said '[  OK  ] Reached target Network.' " \
+                                               f"(all of it: {log})"
+
+
 def test_the_guest_address_is_its_newest_ipv4_lease():
     class Net:
         def DHCPLeases(self, mac: str) -> list[dict]:
