@@ -279,7 +279,7 @@ class EC2Driver(Driver):
 
     def start(self) -> None:
         instance_id = self._instance_id()
-        instance = self._describe(instance_id)
+        instance = self._until_visible(lambda: self._describe(instance_id))  # a create killed right after launch
         state = instance["State"]["Name"] if instance else "terminated"
         if state in ("shutting-down", "terminated"):
             raise MachineError(f"the instance of {self.machine.name} ({instance_id}) is {state}: remove the machine "
@@ -367,15 +367,19 @@ class EC2Driver(Driver):
                 or tags_of(i).get(TAG_HOME, str(self.store.home)) == str(self.store.home)]
 
     def _instances(self) -> list[dict[str, Any]]:
-        """The machine's instances, terminated ones too, for removal: a launch that never settled and shows
-        nowhere is looked for again until EC2 must show it (_unseen_until): terminating nothing while the
-        instance is still invisible would forget a running instance."""
-        found = self._look(listed=False)
+        """The machine's instances, terminated ones too, for removal: terminating nothing while the instance is
+        still invisible would forget a running instance."""
+        return self._until_visible(lambda: self._look(listed=False))
+
+    def _until_visible(self, look: Callable[[], T]) -> T:
+        """What `look()` finds; while it finds nothing of a launch that never settled, asked again with backoff
+        until EC2 must show the instance (_unseen_until): "not found" then means "not yet"."""
+        found = look()
         unseen = self._unseen_until() - time.time()
         if found or unseen <= 0:
             return found
         with ui.step(f"waiting for EC2 to show the instance of {self.machine.name}"):
-            return poll(lambda: self._look(listed=False), bool, unseen, VISIBLE_DELAY, VISIBLE_MAX_DELAY)
+            return poll(look, bool, unseen, VISIBLE_DELAY, VISIBLE_MAX_DELAY)
 
     def _spot_requests(self, instances: list[dict[str, Any]]) -> set[str]:
         requests = {i["SpotInstanceRequestId"] for i in instances if i.get("SpotInstanceRequestId")}

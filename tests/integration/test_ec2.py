@@ -777,6 +777,22 @@ def test_an_instance_not_visible_yet_is_a_leftover_and_keeps_the_record(cli, clo
     assert cloud_leftovers(cloud.ec2, rec["id"]) == [] and not stored(cli)
 
 
+def test_start_right_after_a_killed_create_waits_for_ec2_to_show_the_instance(cli, cloud, monkeypatch):
+    """A create killed before the instance's address was journaled, then `start` at once: NotFound from EC2 is
+    "not yet", not "terminated"."""
+    create(cli, "web1", *CIDRS)
+    instance_id = record(cli, "web1")["resources"]["instance_id"]
+    store = in_process(cli, monkeypatch)
+    unseen = Unseen(monkeypatch, seconds=2.5)
+    unseen.until = time.monotonic() + 2.5
+    with store.locked("web1") as machine:
+        del machine.resources["ip"]  # never settled
+        EC2Driver(machine, store).start()
+        assert unseen.hidden >= 2
+        assert machine.resources["ip"] == cloud.instance(instance_id)["PublicIpAddress"]
+    cli("rm", "-y", "web1")
+
+
 # -- rm waits for `terminated` through the states on the way ----------------------------------------------------
 def test_rm_waits_through_stopping_and_pending_until_terminated(cli, cloud, monkeypatch):
     """boto3's instance_terminated waiter gives up at the first `pending` or `stopping` it reads; rm polls until
