@@ -80,8 +80,9 @@ def test_a_failed_regenerate_certs_import_is_rolled_back_and_can_be_run_again(cl
         server.close()
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines()[-1] == (
-        "pymachine: error: dm1: not imported: provisioning it for --regenerate-certs failed (machine 'dm1' is "
-        "not running (start it with `pymachine start dm1`)); import it again once that is fixed")
+        f"pymachine: error: dm1: not imported: provisioning it for --regenerate-certs failed (dm1's SSH server at "
+        f"127.0.0.1:{server.port} does not answer: the adopted host is down or unreachable (pymachine does not own "
+        f"its power)); import it again once that is fixed")
     assert cli("ls", "-q").stdout == ""
     assert not any((cli.home / "machines").iterdir())
     again = cli("import", "--regenerate-certs", str(dm), "dm1", check=False)
