@@ -521,15 +521,14 @@ class EC2Driver(Driver):
         return self.machine.resources.get("private_ip") or self.ip()
 
     def _swarm_peer_groups(self, peers: Sequence[Driver]) -> tuple[list[str], list[str]]:
-        """(the groups pymachine made for the EC2 peers in this machine's region and account, the names of the EC2
+        """(the groups pymachine made for the EC2 peers in this machine's region and account, the names of the
         peers no rule is made for). A rule names a group of its own region and account only, and pymachine opens
-        no group the user passed (--ec2-security-group): a machine in such groups gets no rule for any peer."""
+        no group the user passed (--ec2-security-group): a machine in such groups gets no rule for any peer, nor
+        does a peer that is no EC2 machine (a local or libvirt one, an adopted host)."""
         own = self.machine.resources.get("group_id")
         groups, skipped = [], []
         for peer in peers:
-            if not isinstance(peer, EC2Driver):
-                continue
-            group = peer.machine.resources.get("group_id")
+            group = peer.machine.resources.get("group_id") if isinstance(peer, EC2Driver) else None
             if own and group and peer._listing_key == self._listing_key:
                 if group != own:
                     groups.append(group)
@@ -541,7 +540,7 @@ class EC2Driver(Driver):
         groups, skipped = self._swarm_peer_groups(peers)
         if skipped:  # the swarm works only once the user opens these: say so, in one line
             why = ("it is in security groups of yours" if not self.machine.resources.get("group_id")
-                   else "their groups are yours, or of another region or account")
+                   else "they are no EC2 machines, or their groups are yours, or of another region or account")
             ui.err(f"warning: no swarm rules between {self.machine.name} and {', '.join(skipped)} ({why}): open the "
                    f"swarm ports ({swarm.PORTS_TEXT}) between them yourself")
         own = self.machine.resources.get("group_id")

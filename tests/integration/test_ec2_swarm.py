@@ -13,6 +13,7 @@ import pytest
 
 from machine.drivers.ec2 import EC2Driver
 from machine.drivers.ec2.swarm import SWARM_PORTS
+from machine.drivers.generic import GenericDriver
 from tests.integration.test_ec2 import CIDRS, cli, cloud, create, in_process, moto, record  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -93,9 +94,11 @@ def test_peers_no_rule_can_name_are_named_in_one_warning(cli, cloud, monkeypatch
     store = in_process(cli, monkeypatch)
     m1, m2, m3, w1 = (EC2Driver(store.load(name), store) for name in ("m1", "m2", "m3", "w1"))
     g1, g3 = (record(cli, name)["resources"]["group_id"] for name in ("m1", "m3"))
+    with store.reserve("h1", "generic", {"generic_ip_address": "192.0.2.7"}) as adopted:  # only recorded
+        h1 = GenericDriver(adopted, store)
     capsys.readouterr()
-    m1.open_swarm_ports([m2, m3, w1])
+    m1.open_swarm_ports([m2, m3, w1, h1])
     assert peer_rules(cloud.ec2, g1) == from_groups(g3) and peer_rules(cloud.ec2, g3) == from_groups(g1)
     [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith("pymachine: warning: no swarm rules between m1 and m2, w1 (")
+    assert line.startswith("pymachine: warning: no swarm rules between m1 and m2, w1, h1 (")
     assert line.endswith("open the swarm ports (2377/tcp, 7946/tcp+udp, 4789/udp) between them yourself")
