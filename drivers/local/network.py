@@ -25,6 +25,7 @@ from machine.errors import MachineError, UsageError
 
 STATE_DIR = Path(os.environ.get("PYMACHINE_NETWORK_STATE", "/var/lib/pymachine/networks"))
 _BRIDGE_NAME = re.compile(r"[a-zA-Z0-9_-]{1,15}")
+SYS_NET = Path("/sys/class/net")
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,15 @@ class Network:
                              f"pymachine; choose another name")
 
     def _taken(self) -> bool:
-        link = Path("/sys/class/net", self.bridge)
+        link = SYS_NET / self.bridge
         try:
             mac = (link / "address").read_text().strip()
+            # The device type, not the `bridge` directory: the kernel adds that directory a moment after the
+            # link appears, and a parallel create that looked in between took pymachine's new bridge for foreign.
+            kind = (link / "uevent").read_text().splitlines()
         except FileNotFoundError:
-            return False  # no such interface: the first lease makes it
-        return mac != self.mac or not (link / "bridge").is_dir()
+            return False  # no such interface (or one being removed): the first lease makes it
+        return mac != self.mac or "DEVTYPE=bridge" not in kind
 
     @property
     def _state_file(self) -> Path:
@@ -90,8 +94,8 @@ class Network:
 
     def lease(self, owner: str, wanted: str | None = None) -> str:
         """Give `owner` (a machine directory) an address, keeping `wanted` when it is still its own."""
-        self.check_free()
-        with self._leases() as leases:
+        with self._leases() as leases:  # under the lock: no other pymachine is making or removing the bridge
+            self.check_free()
             _forget_orphans(leases, owner)
             if wanted and leases.get(wanted, owner) == owner:
                 leases[wanted] = owner
@@ -182,7 +186,7 @@ def _forget_orphans(leases: dict[str, str], owner: str) -> None:
 
 
 def _link_exists(name: str) -> bool:
-    return Path("/sys/class/net", name).exists()
+    return (SYS_NET / name).exists()
 
 
 def _run(*cmd: str) -> str:

@@ -2,6 +2,7 @@ import pytest
 
 from machine import commands
 from machine.drivers.base import Option
+from machine.drivers.local import network
 from machine.drivers.local.network import Network
 from machine.errors import UsageError
 
@@ -60,6 +61,24 @@ def test_network_validation(bridge, subnet, message):
 
 def test_network_gateway_is_the_first_address():
     assert str(Network.parse("pmbr0", "10.231.0.0/24").gateway) == "10.231.0.1"
+
+
+def test_a_bridge_is_told_by_its_mac_and_type_even_while_the_kernel_is_still_adding_it(tmp_path, monkeypatch):
+    """A parallel create that looks the moment after another made the bridge finds its MAC and type, and no
+    `bridge` directory yet (sysfs adds it a moment later): that bridge is pymachine's, not the host's."""
+    monkeypatch.setattr(network, "SYS_NET", tmp_path)
+    ours = Network.parse("pmbr0", "10.231.0.0/24")
+    ours.check_free()  # no such interface
+    link = tmp_path / "pmbr0"
+    link.mkdir()
+    (link / "address").write_text(ours.mac + "\n")
+    (link / "uevent").write_text("DEVTYPE=bridge\nINTERFACE=pmbr0\nIFINDEX=7\n")
+    ours.check_free()
+    for address, uevent in ((ours.mac, "INTERFACE=pmbr0\n"), ("52:54:00:12:34:56", "DEVTYPE=bridge\n")):
+        (link / "address").write_text(address + "\n")
+        (link / "uevent").write_text(uevent)
+        with pytest.raises(UsageError, match="the host's interface pmbr0 was not made by pymachine"):
+            ours.check_free()
 
 
 def test_filters():
