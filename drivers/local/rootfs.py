@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -152,10 +153,31 @@ def _run(cmd: list[str], mkdir: Path | None = None, report: Callable[[str], None
                 if report is not None and last.startswith("I: "):
                     report(last[3:])
         except BaseException:  # Ctrl-C (raised in this worker thread): no build goes on behind the user's back,
-            os.killpg(proc.pid, signal.SIGKILL)  # nor any of its children (dpkg, wget)
+            _kill_group(proc.pid)  # nor any of its children (dpkg, wget)
             raise
     if proc.returncode != 0:
         raise MachineError(f"{cmd[0]} failed (exit {proc.returncode}): {last}")
+
+
+def _kill_group(pgid: int, timeout: float = 5.0) -> None:
+    """SIGKILL the process group, and return once none of it runs any more: a killed process lives on until the
+    scheduler delivers the signal, and the staging directory is removed next."""
+    os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while _group_runs(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _group_runs(pgid: int) -> bool:
+    """Whether a process of group `pgid` is alive (a zombie is not: it only waits for whoever reaps it)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]  # after the name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state not in "ZX":
+            return True
+    return False
 
 
 def _customise(root: Path) -> None:
