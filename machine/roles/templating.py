@@ -185,9 +185,13 @@ class Templar:
             text = str(self.template(text, variables))
         result = self._expression(text, variables)
         try:
-            return bool(result)
+            truth = bool(result)
         except jinja2.UndefinedError as e:
             raise TemplateFailure(f"error in conditional '{text}': {e.message}") from None
+        if not isinstance(result, bool):  # as ansible-core 2.19: `when: s` with s: "false" would otherwise run
+            raise TemplateFailure(f"Conditional result ({truth}) was derived from value of type "
+                                  f"'{type(result).__name__}' in '{text}'. Conditionals must have a boolean result.")
+        return truth
 
     def render_file(self, path: Path, variables: Mapping[str, Any]) -> str:
         try:

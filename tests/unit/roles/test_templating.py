@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from machine.roles.templating import OMIT, Templar, TemplateFailure, Vars
@@ -95,6 +97,19 @@ def test_conditions(t):
     assert not t.condition(["n > 2", "ansible_distribution == 'Fedora'"], v)
     assert t.condition(True, v) and not t.condition(False, v)
     assert t.condition("{{ n }} == 3", v)
+
+
+def test_a_condition_must_be_a_boolean_as_in_ansible_2_19(t):
+    """`when: s` with s: "false" is true to Python and was run; ansible-core 2.19 fails such a task instead. A
+    template whose text is `false` is an expression again, and false."""
+    v = vs(t, {"s": "false", "n": 0, "items": [], "nothing": None})
+    for expr, truth, kind in [("s", True, "str"), ("n", False, "int"), ("items", False, "list"),
+                              ("nothing", False, "NoneType"), ("'x'", True, "str")]:
+        with pytest.raises(TemplateFailure, match=re.escape(f"Conditional result ({truth}) was derived from value "
+                                                            f"of type '{kind}' in '{expr}'")):
+            t.condition(expr, v)
+    assert not t.condition("{{ s }}", v)
+    assert not t.condition("s | bool", v) and not t.condition("n != 0", v)
 
 
 def test_omit_placeholder(t):
