@@ -11,6 +11,7 @@ Run as a script (`python -m tests.integration.cloudimage`) to build it and print
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -68,7 +69,9 @@ def sha256(image: Path) -> str:
         with image.open("rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
-        known.write_text(digest.hexdigest() + "\n")
+        partial = known.with_name(f".{known.name}.{os.getpid()}")  # another worker may be reading it
+        partial.write_text(digest.hexdigest() + "\n")
+        os.replace(partial, known)
     return known.read_text().strip()
 
 
@@ -78,6 +81,16 @@ def build() -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Test workers that start at once build it once: two builds would differ in their bytes, and so in the
+    # sha256 the other worker already handed to pymachine.
+    with (target.parent / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            _build(target)
+    return target
+
+
+def _build(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build.") as tmp:
         work = Path(tmp)
         root = work / "rootfs"
@@ -88,7 +101,6 @@ def build() -> Path:
         qcow = work / "image.qcow2"
         _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow))
         os.replace(qcow, target)
-    return target
 
 
 def _install(root: Path) -> None:
