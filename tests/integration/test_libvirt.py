@@ -19,7 +19,7 @@ from machine.drivers.libvirt import storage
 from machine.store import file_lock
 from tests.conftest import CLI
 from tests.integration.conftest import URI, busybox_image, docker, docker_env, libvirt_cli, machine_record
-from tests.integration.libvirt_host import domains, scratch_pool, virsh, volumes
+from tests.integration.libvirt_host import BOOT_TIMEOUT, domains, scratch_pool, virsh, volumes
 
 pytestmark = pytest.mark.integration
 
@@ -172,7 +172,7 @@ def test_stop_is_a_clean_shutdown_and_start_moves_ports_someone_took(cli, vm):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", old["ssh_port"]))
         squatter.listen()
-        cli("start", vm, timeout=600)
+        cli("start", vm, timeout=BOOT_TIMEOUT)
     assert cli("status", vm).stdout.strip() == "Running"
     new = machine_record(cli, vm)["resources"]
     assert new["ssh_port"] != old["ssh_port"]

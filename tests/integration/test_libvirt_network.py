@@ -20,7 +20,15 @@ import pytest
 
 from tests.conftest import CLI
 from tests.integration.conftest import busybox_image, docker, docker_env, machine_cli, machine_record
-from tests.integration.libvirt_host import boot_image, domains, require_libvirt, scratch_pool, virsh, volumes
+from tests.integration.libvirt_host import (
+    BOOT_TIMEOUT,
+    boot_image,
+    domains,
+    require_libvirt,
+    scratch_pool,
+    virsh,
+    volumes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -156,7 +164,7 @@ def test_start_follows_a_moved_lease_and_offers_new_certificates(cli, netns_libv
     cli("kill", vm)
     assert f"{old}/" in _leases(uri)
     virsh(uri, "net-update", NETWORK, "add", "ip-dhcp-host", f"<host mac='{mac}' ip='{RESERVED}'/>", "--live")
-    proc = cli("start", vm, timeout=600)
+    proc = cli("start", vm, timeout=BOOT_TIMEOUT)
     assert cli("ip", vm).stdout.strip() == RESERVED
     assert cli("ssh", vm, "--", "hostname").stdout.strip() == vm
     assert f"came back at {RESERVED}" in proc.stderr and f"pymachine regenerate-certs {vm}" in proc.stderr
