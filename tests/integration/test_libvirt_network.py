@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import CLI
-from tests.integration.conftest import busybox_image, docker, docker_env, machine_cli, machine_record
+from tests.integration.conftest import busybox_image, docker, docker_env, hide_kvm, machine_cli, machine_record
 from tests.integration.libvirt_host import (
     BOOT_TIMEOUT,
     boot_image,
@@ -42,6 +42,7 @@ for d in /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
     mkdir -p "$d"; mount -t tmpfs -o mode=0755 tmpfs "$d"
 done
 mount --bind "$1" /etc/libvirt
+eval "$2"
 virtlogd &
 exec libvirtd
 """
@@ -83,7 +84,7 @@ def netns_libvirt(tmp_path_factory) -> Iterator[tuple[str, list[str]]]:
     try:
         _run("ip", "-n", namespace, "link", "set", "lo", "up")
         subprocess.Popen(["ip", "netns", "exec", namespace, "unshare", "--mount", "--propagation", "private",
-                          "sh", str(root / "daemons.sh"), str(config)], stdout=log, stderr=log,
+                          "sh", str(root / "daemons.sh"), str(config), hide_kvm(root)], stdout=log, stderr=log,
                          start_new_session=True)
         uri = f"qemu+unix:///system?socket={sockets}/libvirt-sock"
         deadline = time.monotonic() + 30
