@@ -467,10 +467,9 @@ class Play:
             rvars = variables.child({register: result}) if register else variables
             if "changed_when" in task.data:
                 result["changed"] = self.templar.condition(task.get("changed_when"), rvars)
-            if "failed_when" in task.data:
-                result["failed"] = self.templar.condition(task.get("failed_when"), rvars)
-                if not result["failed"] and result.get("msg") == "non-zero return code":
-                    del result["msg"]
+            if "failed_when" in task.data:  # the module's msg stays, as in Ansible
+                result["failed_when_result"] = result["failed"] = self.templar.condition(task.get("failed_when"),
+                                                                                         rvars)
             if "until" not in task.data:
                 break
             result["attempts"] = attempt

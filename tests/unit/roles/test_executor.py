@@ -176,6 +176,8 @@ def test_ignore_errors_failed_when_changed_when_register(shell, roles):
               - probe.stdout == 'found'
               - probe is not changed
               - probe is succeeded
+              - probe.msg == 'non-zero return code'
+              - probe.failed_when_result == false
         """)
     recap, _ = play(shell, path)
     assert (recap.ignored, recap.failed, recap.changed, recap.ok) == (1, 0, 0, 3)
