@@ -137,10 +137,17 @@ def _pairs(env: Mapping[str, Any] | None) -> list[str]:
 def home_path(path: str) -> str:
     """`path` as one shell word, a leading `~` or `~user` expanded by the target's shell (as Ansible's `path`
     arguments are, by os.path.expanduser on the target) and the rest quoted."""
+    tilde, rest = tilde_prefix(path)
+    return tilde + (q(rest) if rest or not tilde else "")
+
+
+def tilde_prefix(path: str) -> tuple[str, str]:
+    """(`~` or `~user` with the slash after it, the rest) of a path the target's shell may expand; ("", path) when
+    it does not start so. Unquoted, the shell expands the prefix: it is a user name's characters only."""
     user, slash, rest = path.partition("/")
     if not user.startswith("~") or not all(c.isalnum() or c in "._-" for c in user[1:]):
-        return q(path)
-    return user + slash + (q(rest) if rest else "")
+        return "", path
+    return user + slash, rest
 
 
 def detached(script: str) -> str:

@@ -7,9 +7,11 @@ import shlex
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure
-from machine.roles.remote import home_path, q
+from machine.roles.remote import home_path, q, tilde_prefix
 
 _SKIP = "@@pm-skip@@"
+_VAR = re.compile(r"\$(\w+|\{[^}]*\})")  # what Python's os.path.expandvars replaces
+_SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Options Ansible recognises inside a free-form command line (`creates=/x cmd args`).
 _INLINE = re.compile(r"""(?:^|\s)(creates|removes|chdir|executable|stdin)=("[^"]*"|'[^']*'|\S+)""")
 
@@ -21,9 +23,8 @@ class Command(Module):
         "_raw_params": Arg(type="str"), "cmd": Arg(type="str"), "argv": Arg(type="list"),
         "chdir": Arg(type="str"), "creates": Arg(type="str"), "removes": Arg(type="str"),
         "stdin": Arg(type="str"), "stdin_add_newline": Arg(default=True, type="bool"),
-        "strip_empty_ends": Arg(default=True, type="bool"),
+        "strip_empty_ends": Arg(default=True, type="bool"), "expand_argument_vars": Arg(default=True, type="bool"),
     }
-    shell = False
 
     @classmethod
     def parse_free_form(cls, text: str) -> dict[str, Any]:
@@ -35,15 +36,24 @@ class Command(Module):
             args["_raw_params"] = rest
         return args
 
-    def command_line(self) -> str:
+    def _words(self) -> list[str]:
         p = self.params
         raw = p["cmd"] or p["_raw_params"]
         if p.get("argv"):
-            return shlex.join(str(a) for a in p["argv"])
+            return [str(a) for a in p["argv"]]
         if not raw:
             raise ModuleFailure("no command given")
-        # command runs without a shell: its words are re-quoted so the remote shell passes them through.
-        return shlex.join(shlex.split(raw))
+        return shlex.split(raw)
+
+    def command_line(self) -> str:
+        # command runs without a shell: its words are quoted so the remote shell passes them through, but for
+        # what Ansible expands in them on the target (expand_argument_vars).
+        words = self._words()
+        return expanded(words) if self.params["expand_argument_vars"] else shlex.join(words)
+
+    def described(self) -> str:
+        """The command as the result's `cmd` gives it: as written, not the script that expands its words."""
+        return shlex.join(self._words())
 
     def run(self) -> dict[str, Any]:
         p = self.params
@@ -72,7 +82,7 @@ class Command(Module):
                     "msg": reason}
         strip = (lambda s: s.rstrip("\r\n")) if p["strip_empty_ends"] else (lambda s: s)
         out, err = strip(res.stdout), strip(res.stderr)
-        result = {"changed": True, "cmd": cmd, "rc": res.rc, "stdout": out, "stderr": err,
+        result = {"changed": True, "cmd": self.described(), "rc": res.rc, "stdout": out, "stderr": err,
                   "stdout_lines": out.splitlines(), "stderr_lines": err.splitlines()}
         if res.rc != 0:
             result.update(failed=True, msg="non-zero return code")
@@ -85,6 +95,33 @@ class Command(Module):
         reasons = {f"{_SKIP} creates": f"skipped, since {p['creates']} exists",
                    f"{_SKIP} removes": f"skipped, since {p['removes']} does not exist"}
         return reasons.get(output.strip())
+
+
+def expanded(words: list[str]) -> str:
+    """The command line of `words` for the target's shell, each word expanded there as Ansible's command module
+    expands an argument (os.path.expandvars, then expanduser): `$NAME` and `${NAME}` of a variable that is set, a
+    leading `~` or `~user`; everything else, an unset variable's name included, stays as written.
+
+    A variable's expansion is first assigned (an assignment is never split, globbed, and keeps the text as written
+    when the variable is unset), then used quoted in the word.
+    """
+    assignments, line = [], []
+    for word in words:
+        tilde, rest = tilde_prefix(word)
+        parts, at = [tilde], 0
+        for var in _VAR.finditer(rest):
+            parts.append(q(rest[at:var.start()]) if var.start() > at else "")
+            name = var.group(1)[1:-1] if var.group(1).startswith("{") else var.group(1)  # as expandvars reads it
+            if _SH_NAME.fullmatch(name):
+                held = f"__pm_arg{len(assignments)}"
+                assignments.append(f"{held}=${{{name}-{q(var.group())}}}\n")
+                parts.append(f'"${held}"')
+            else:
+                parts.append(q(var.group()))
+            at = var.end()
+        parts.append(q(rest[at:]) if at < len(rest) or not "".join(parts) else "")
+        line.append("".join(parts))
+    return "".join(assignments) + " ".join(line)
 
 
 def _matches(pattern: str) -> str:
@@ -106,3 +143,6 @@ class Shell(Command):
         if self.params["executable"]:
             return f"exec {q(self.params['executable'])} -c {q(raw)}"
         return raw
+
+    def described(self) -> str:
+        return self.command_line()

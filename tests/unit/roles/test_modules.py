@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from machine.roles.modules import MODULES, Context, ModuleFailure
+from machine.roles.modules import MODULES, Context, ModuleFailure, commands
 from machine.roles.remote import Remote
 from machine.roles.templating import Templar, Vars
 
@@ -277,14 +278,19 @@ def test_sysctl_keeps_a_last_line_without_newline_whole(mod, tmp_path):
     assert conf.read_text() == "vm.swappiness=10\nvm.dirty_ratio=20"
 
 
-def test_command_and_shell(mod, tmp_path):
+def test_command_and_shell(mod, tmp_path, monkeypatch):
     marker = tmp_path / "done"
     changed(mod("command", _raw_params=f"touch {marker}", creates=str(marker)))
     assert marker.exists()
     res = ok(mod("command", _raw_params=f"rm {marker}", creates=str(marker)))
     assert res["msg"] == f"skipped, since {marker} exists" and marker.exists()
-    res = changed(mod("command", _raw_params="echo 'a  b' $HOME |"))
-    assert res["stdout"] == "a  b $HOME |"  # no shell: words are passed through
+    monkeypatch.setenv("HOME", "/home/x  y")
+    monkeypatch.delenv("PM_UNSET", raising=False)
+    res = changed(mod("command", _raw_params="echo 'a  b' $HOME $PM_UNSET | *"))
+    assert res["stdout"] == "a  b /home/x  y $PM_UNSET | *"  # no shell: only variables are expanded, as Ansible
+    assert res["cmd"] == "echo 'a  b' '$HOME' '$PM_UNSET' '|' '*'"  # as given, not the script that expands it
+    res = changed(mod("command", _raw_params="echo $HOME", expand_argument_vars=False))
+    assert res["stdout"] == "$HOME"
     # A non-zero exit: the command ran (changed, as in Ansible) and failed.
     res = mod("shell", cmd="echo one; echo two >&2; exit 4", chdir=str(tmp_path))
     assert (res["rc"], res["stdout"], res["stderr"], res["changed"], res["failed"], res["msg"]) == (
@@ -297,6 +303,23 @@ def test_command_and_shell(mod, tmp_path):
     assert changed(mod("command", _raw_params=f"rm {marker}", removes=str(marker), check=True))["_commands"] == 1
     assert marker.exists()
     ok(mod("command", _raw_params="x", removes=str(tmp_path / "absent"), check=True))
+
+
+@pytest.mark.parametrize("sh", ["dash", "bash"])
+def test_command_arguments_expand_as_ansibles_expandvars_and_expanduser(sh, tmp_path):
+    """Each word through the target's shell as Ansible expands a command's argument on the target."""
+    env = {"PATH": os.environ["PATH"], "HOME": "/home/u v", "V": "a b*", "EMPTY": "", "Q": "it's \"q\" $V"}
+    words = ["$V", "${V}", "x$V-y", "$EMPTY.", "$UNSET", "${UNSET}", "$1", "${V", "${}", "$", "a$$b", "~", "~/a b",
+             "~root/x", "~nosuchuserpm/x", "x~", "'~'", "$Q", "${Q}${V}$UNSET", "", "*", "a;b", "$V/~"]
+    script = commands.expanded(["printf", "%s\\n", *words])
+    out = subprocess.run([sh, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("V", "EMPTY", "Q", "UNSET"):
+            mp.delenv(key, raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        wanted = [os.path.expanduser(os.path.expandvars(w)) for w in words]
+    assert out.split("\n")[:-1] == wanted
 
 
 def test_command_creates_and_removes_as_ansible_checks_them(mod, tmp_path, monkeypatch):
