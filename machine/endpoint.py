@@ -11,11 +11,13 @@ from machine.names import LABEL
 
 
 def is_ip(text: str) -> bool:
+    """An IP address without an IPv6 zone (`fe80::1%eth0`): a certificate cannot name one, nor a URL carry it as
+    written."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
         return False
-    return True
+    return "%" not in text
 
 
 def is_dns_name(text: str, wildcard: bool = False) -> bool:

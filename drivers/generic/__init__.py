@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from machine.drivers.base import Driver, Option, State
-from machine.endpoint import host_port, is_host, normal_host
+from machine.endpoint import host_port, is_host, is_ip, normal_host
 from machine.errors import MachineError, UsageError
 from machine.ssh import HOST_KEY_TYPES, Connection, Endpoint, load_key
 from machine.store import Machine, RecordDamaged, write_atomic
@@ -154,11 +154,10 @@ class GenericDriver(Driver):
         address = (options.get("generic_ip_address") or "").strip()
         if not address:
             raise UsageError("--generic-ip-address is required: the address of the server to adopt")
-        if not is_host(address):
-            raise UsageError(f"--generic-ip-address: {address!r} is neither an IP address nor a host name")
+        _check_address("--generic-ip-address", address)
         engine = options.get("generic_engine_address")
-        if engine is not None and not is_host(engine):
-            raise UsageError(f"--generic-engine-address: {engine!r} is neither an IP address nor a host name")
+        if engine is not None:
+            _check_address("--generic-engine-address", engine)
         port = options.get("generic_ssh_port")
         if not 0 < port < 65536:
             raise UsageError(f"--generic-ssh-port: {port} is not a port number")
@@ -284,6 +283,15 @@ class GenericDriver(Driver):
 
     def leftovers(self) -> list[str]:
         return []
+
+
+def _check_address(flag: str, address: str) -> None:
+    ip, zone = address.partition("%")[::2]
+    if zone and is_ip(ip):  # a link-local IPv6 address with its zone: fe80::1%eth0
+        raise UsageError(f"{flag}: {address} names a zone (%{zone}), which neither the engine's certificate nor a "
+                         f"DOCKER_HOST can carry; use one of the host's global or unique-local addresses")
+    if not is_host(address):
+        raise UsageError(f"{flag}: {address!r} is neither an IP address nor a host name")
 
 
 def _holder(store, machine: Machine, endpoint: Endpoint) -> str | None:

@@ -138,6 +138,7 @@ ENGINE = [
     usage("create", "--tls-san", "bad name!", "w", text="neither an IP address nor a DNS name"),
     usage("create", "--tls-san", "*.*", "w", text="neither an IP address nor a DNS name"),
     usage("create", "--tls-san", "a..b", "w", text="neither an IP address nor a DNS name"),
+    usage("create", "--tls-san", "fe80::1%eth0", "w", text="neither an IP address nor a DNS name"),
     usage("create", "--engine-insecure-registry", "", "w", text="--engine-insecure-registry: '' is not HOST"),
     usage("create", "--engine-insecure-registry", "http://reg:5000", "w", text="no scheme"),
     usage("create", "--engine-insecure-registry", "reg:port", "w", text="--engine-insecure-registry: 'reg:port'"),

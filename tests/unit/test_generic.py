@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import socket
 import subprocess
@@ -68,6 +69,14 @@ def test_the_address_is_required(home):
         generic.GenericDriver.pre_create_check(options(generic_ssh_key=str(home / "key")))
     with pytest.raises(UsageError, match="neither an IP address nor a host name"):
         generic.GenericDriver.pre_create_check(options(generic_ip_address="ssh://h", generic_ssh_key=str(home / "key")))
+
+
+def test_an_ipv6_zone_is_refused_naming_it(home):
+    for flag in ("generic_ip_address", "generic_engine_address"):
+        values = {"generic_ip_address": "2001:db8::7", flag: "fe80::1%eth0"}
+        with pytest.raises(UsageError, match=re.escape(f"--{flag.replace('_', '-')}: fe80::1%eth0 names a zone "
+                                                       f"(%eth0), which neither the engine's certificate nor")):
+            generic.GenericDriver.pre_create_check(options(**values))
 
 
 def test_the_key_defaults_to_what_ssh_would_offer_first(home):
