@@ -39,6 +39,11 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def host_of(address: str) -> str:
+    """The host of HOST:PORT as host_port (and docker) writes it, out of its IPv6 brackets."""
+    return address.rpartition(":")[0].removeprefix("[").removesuffix("]")
+
+
 def normal_host(name: str) -> str:
     """An IP address in its one canonical form (`2001:DB8::05` is `2001:db8::5`, as a certificate's SANs and
     known_hosts give it back); a DNS name as it is."""

@@ -15,7 +15,7 @@ from machine import ui
 from machine.commands.common import load, locked
 from machine.commands.queries import cert_dir
 from machine.drivers.base import Driver, State
-from machine.endpoint import host_port
+from machine.endpoint import host_of, host_port
 from machine.engineapi import SWARM_PORT, EngineAPI
 from machine.errors import MachineError
 from machine.store import Store
@@ -183,8 +183,7 @@ def _other_manager(store: Store, swarm: dict[str, Any], exclude: str) -> EngineA
     """A client of another manager of the swarm that is a machine of this store, if one answers."""
     machines = _machines_by_address(store)
     for remote in swarm.get("RemoteManagers") or ():
-        # Docker gives "HOST:PORT", an IPv6 host in brackets.
-        driver = machines.get(remote.get("Addr", "").rpartition(":")[0].strip("[]"))
+        driver = machines.get(host_of(remote.get("Addr", "")))
         if driver is None or driver.machine.name == exclude:
             continue
         try:
