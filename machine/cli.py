@@ -236,6 +236,8 @@ def provision_(names: tuple[str, ...], parallel: int | None, check: bool, diff: 
 @click.option("--client-certs", is_flag=True,
               help="Also reissue the client certificate every machine of the store shares (from the same CA); it "
                    "is reissued by itself 30 days before it ends.")
+@click.option("-f", "--force", is_flag=True, expose_value=False,
+              help="Accepted for docker-machine's scripts: pymachine does not ask before it regenerates.")
 def regenerate_certs(names: tuple[str, ...], parallel: int | None, client_certs: bool) -> None:
     """Issue new engine certificates for the machines' current addresses."""
     if client_certs:
@@ -355,9 +357,10 @@ def active() -> None:
 
 
 @cli.command(context_settings=_CONTEXT)
-def version() -> None:
-    """Print pymachine's version."""
-    click.echo(commands.version())
+@_name_argument(required=False)
+def version(name: str | None) -> None:
+    """Print pymachine's version, or the version of a machine's engine."""
+    click.echo(commands.engine_version(_store(), name) if name else commands.version())
 
 
 @cli.command("import", context_settings=_CONTEXT)
@@ -628,7 +631,7 @@ _EXAMPLES = {
     "swarm ls": ["pymachine swarm ls web1"],
     "upgrade": ["pymachine upgrade web1"],
     "url": ["pymachine url web1"],
-    "version": ["pymachine version"],
+    "version": ["pymachine version", "pymachine version web1"],
 }
 
 

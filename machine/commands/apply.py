@@ -21,6 +21,7 @@ from machine.commands import swarm
 from machine.commands.common import load, locked
 from machine.commands.engine import run_provisioning, share_registries
 from machine.commands.machines import create, rm, start
+from machine.commands.queries import NotRunning
 from machine.drivers.base import Driver, State
 from machine.errors import MachineError
 from machine.fleet import run as run_parallel
@@ -240,7 +241,7 @@ def _swarm_members(store: Store, managers: list[str], records: dict[str, str],
     for name in managers:
         try:
             return name, {row["machine"]: row["role"] for row in swarm.ls(store, name) if row["machine"]}, False
-        except swarm.NotRunning:
+        except NotRunning:
             if records.get(name) == "manager" and name in started:
                 stopped = stopped or name
             else:  # not started by this apply: what it manages stays unknown

@@ -13,8 +13,13 @@ from typing import Any
 from machine import __version__, certs
 from machine.commands.common import driver_for, load
 from machine.drivers.base import Driver, State
+from machine.engineapi import EngineAPI
 from machine.errors import MachineError, UsageError
 from machine.store import RecordDamaged, Store
+
+
+class NotRunning(MachineError):
+    """The machine is not running: its engine cannot be asked."""
 
 
 def describe(store: Store, name: str) -> dict[str, Any]:
@@ -151,6 +156,14 @@ def cert_dir(store: Store, name: str) -> tuple[Driver, Path]:
     return driver, machine.dir
 
 
+def engine_client(store: Store, name: str) -> tuple[Driver, EngineAPI]:
+    """The machine's driver and a client of its running engine over mutual TLS, or why there is none."""
+    driver, certs_path = cert_dir(store, name)
+    if driver.state() != State.RUNNING:
+        raise NotRunning(str(driver.not_running()))
+    return driver, EngineAPI(name, driver.engine_url(), certs_path)
+
+
 def env(store: Store, name: str) -> dict[str, str]:
     """The docker CLI's variables for the machine."""
     driver, certs_path = cert_dir(store, name)
@@ -241,4 +254,9 @@ def active(store: Store) -> str:
 
 def version() -> str:
     return f"pymachine version {__version__}"
+
+
+def engine_version(store: Store, name: str) -> str:
+    """The version of the machine's engine, as its API gives it (docker-machine's `version NAME`)."""
+    return str(engine_client(store, name)[1].request("GET", "/version").get("Version", ""))
 

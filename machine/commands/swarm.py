@@ -13,16 +13,12 @@ from typing import Any
 
 from machine import ui
 from machine.commands.common import load, locked
-from machine.commands.queries import cert_dir
-from machine.drivers.base import Driver, State
+from machine.commands.queries import engine_client
+from machine.drivers.base import Driver
 from machine.endpoint import host_of, host_port
 from machine.engineapi import SWARM_PORT, EngineAPI
 from machine.errors import MachineError
 from machine.store import Store
-
-
-class NotRunning(MachineError):
-    """The machine is not running: what its engine says of a swarm is unknown."""
 
 
 class NotInSwarm(MachineError):
@@ -31,12 +27,10 @@ class NotInSwarm(MachineError):
 
 def _engine(store: Store, name: str) -> tuple[Driver, EngineAPI]:
     """The machine's driver and a client of its running Docker engine, or why there is none."""
-    driver, certs_path = cert_dir(store, name)
+    driver, api = engine_client(store, name)
     if driver.machine.engine.get("engine", "docker") != "docker":
         raise MachineError(f"{name} runs {driver.machine.engine['engine']}, which has no swarm mode (use Docker)")
-    if driver.state() != State.RUNNING:
-        raise NotRunning(str(driver.not_running()))
-    return driver, EngineAPI(name, driver.engine_url(), certs_path)
+    return driver, api
 
 
 def _swarm_of(api: EngineAPI) -> dict[str, Any]:

@@ -180,7 +180,7 @@ def test_env_refuses_a_stale_certificate_until_regenerated(cli, web):
     stale = cli("env", web, check=False)
     assert stale.returncode == 1 and f"pymachine regenerate-certs {web}" in stale.stderr
 
-    cli("regenerate-certs", web)
+    cli("regenerate-certs", "-f", web)  # -f, as docker-machine's scripts pass it
     ip = cli("ip", web).stdout.strip()
     served = subprocess.run(f"openssl s_client -connect {ip}:2376 </dev/null 2>/dev/null | openssl x509 -noout -serial",
                             shell=True, capture_output=True, text=True).stdout
@@ -235,7 +235,9 @@ def test_upgrade_installs_the_candidate_engine_and_then_changes_nothing(cli, web
     cli("upgrade", web, timeout=900)
     assert apt_policy(cli, web, "docker.io") == (candidate, candidate)
     assert cli("ssh", web, "--", "systemctl is-active docker").stdout.strip() == "active"
-    assert docker(cli, web, "version", "--format", "{{.Server.Version}}").stdout.strip()
+    # docker-machine's `version NAME`: the engine's version, asked over TLS.
+    server = docker(cli, web, "version", "--format", "{{.Server.Version}}").stdout.strip()
+    assert cli("version", web).stdout.strip() == server != ""
     build_busybox(cli, web, tmp_path)
     assert docker(cli, web, "run", "--rm", "pm-busybox", "echo", "upgraded").stdout.strip() == "upgraded"
 
@@ -249,6 +251,7 @@ def test_podman_serves_the_docker_api_over_tls(cli, tmp_path):
         timeout=900)
     build_busybox(cli, "pod", tmp_path)
     assert docker(cli, "pod", "run", "--rm", "pm-busybox", "echo", "podman ok").stdout.strip() == "podman ok"
+    assert cli("version", "pod").stdout.strip() == cli("ssh", "pod", "--", "podman --version").stdout.split()[-1]
     ip = cli("ip", "pod").stdout.strip()
     ca_flag = next(f for f in cli("config", "pod").stdout.split() if f.startswith("--tlscacert="))
     assert docker(cli, None, "version", check=False, flags=["--tlsverify", ca_flag, f"-H=tcp://{ip}:2376"]).returncode

@@ -8,6 +8,7 @@ import pytest
 
 from machine import fleetfile
 from machine.commands import apply, swarm
+from machine.commands.queries import NotRunning
 from machine.errors import MachineError
 from machine.store import Store
 from tests.unit.test_fleetfile import record, write
@@ -171,7 +172,7 @@ def test_a_stopped_manager_is_taken_at_its_record(tmp_path, monkeypatch):
     recorded(store, lb, "manager")
     recorded(store, web1, "worker")
     recorded(store, web2, "manager")  # to be demoted
-    swarm_of(monkeypatch, "nobody", {}, refusal=swarm.NotRunning)
+    swarm_of(monkeypatch, "nobody", {}, refusal=NotRunning)
     assert swarm_steps(apply.plan(store, fleet)) == [(apply.JOIN_WORKER, "web3", "lb"), (apply.DEMOTE, "web2", "")]
 
 
@@ -186,7 +187,7 @@ def test_a_stopped_manager_the_file_no_longer_names_is_never_joined_through(tmp_
     recorded(store, lb)
     recorded(store, web1, "worker")
     fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  lb: {swarm: manager}\n  web1: {swarm: worker}\n"))
-    swarm_of(monkeypatch, "nobody", {}, refusal=swarm.NotRunning)
+    swarm_of(monkeypatch, "nobody", {}, refusal=NotRunning)
     steps = swarm_steps(apply.plan(store, fleet))
     assert (apply.INIT, "lb", "") in steps and all(via != "old" for _, _, via in steps)
 

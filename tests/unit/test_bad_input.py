@@ -217,9 +217,10 @@ COMMANDS = [
 
 MISSING = [failure(*argv, "ghost", text="no machine named 'ghost'") for argv in (
     ("ssh",), ("ip",), ("status",), ("inspect",), ("url",), ("config",), ("env",), ("inventory", "--host"),
-    ("provision", "--tags", "kernel,engine"),
+    ("provision", "--tags", "kernel,engine"), ("version",),
 )] + [failure(*argv, "ghost", text="ghost: no machine named 'ghost'") for argv in (
     ("rm", "-y"), ("rm", "-f"), ("stop",), ("start",), ("kill",), ("restart",), ("upgrade",), ("regenerate-certs",),
+    ("regenerate-certs", "-f"),
 )] + [
     failure("rm", "-y", "ghost", "ghost2", text="ghost2: no machine named 'ghost2'", lines=2),
     failure("inspect", "web1", text="corrupt config.json", setup=damaged_record),
