@@ -496,11 +496,16 @@ def ssh(name: str, command: tuple[str, ...]) -> None:
 
 @cli.command(context_settings=_CONTEXT)
 @click.option("-r", "--recursive", is_flag=True, help="Copy directories.")
+@click.option("-d", "--delta", is_flag=True,
+              help="Copy only the files that differ in size, time or permissions (rsync's quick check); the copies "
+                   "keep their source's time.")
+@click.option("-q", "--quiet", is_flag=True, expose_value=False,
+              help="Accepted for docker-machine's scripts: pymachine shows no progress meter.")
 @click.argument("source")
 @click.argument("destination")
-def scp(recursive: bool, source: str, destination: str) -> None:
+def scp(recursive: bool, delta: bool, source: str, destination: str) -> None:
     """Copy files between the host and machines (MACHINE:PATH names a machine's side)."""
-    commands.scp(_store(), source, destination, recursive)
+    commands.scp(_store(), source, destination, recursive, delta)
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -616,7 +621,8 @@ _EXAMPLES = {
     "regenerate-certs": ["pymachine regenerate-certs web1"],
     "restart": ["pymachine restart web1 web2"],
     "rm": ["pymachine rm -y web1", "pymachine rm -f $(pymachine ls -q)"],
-    "scp": ["pymachine scp ./app.tar web1:/root/", "pymachine scp -r web1:/etc/docker ./docker-etc"],
+    "scp": ["pymachine scp ./app.tar web1:/root/", "pymachine scp -r web1:/etc/docker ./docker-etc",
+            "pymachine scp -r -d ./site web1:/srv/"],
     "ssh": ["pymachine ssh web1", "pymachine ssh web1 -- docker ps"],
     "start": ["pymachine start web1 web2"],
     "status": ["pymachine status web1"],

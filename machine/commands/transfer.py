@@ -51,7 +51,9 @@ def _split(store: Store, spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def scp(store: Store, source: str, destination: str, recursive: bool = False) -> None:
+def scp(store: Store, source: str, destination: str, recursive: bool = False, delta: bool = False) -> None:
+    """Copy between the host and machines (NAME:PATH); with `delta`, only the files that differ (rsync's quick
+    check: size, time and permissions; the copies keep their source's time)."""
     src_machine, src_path = _split(store, source)
     dst_machine, dst_path = _split(store, destination)
     if src_machine is None and dst_machine is None:
@@ -62,25 +64,26 @@ def scp(store: Store, source: str, destination: str, recursive: bool = False) ->
     if src_machine is not None and dst_machine is not None:
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / Path(src_path.rstrip("/")).name
-            _copy(store, src_machine, src_path, staged, download=True, recursive=recursive)
-            _copy(store, dst_machine, dst_path, staged, download=False, recursive=recursive)
+            # Staged with the source's times, which a delta copy to the other machine compares.
+            _copy(store, src_machine, src_path, staged, download=True, recursive=recursive, delta=True)
+            _copy(store, dst_machine, dst_path, staged, download=False, recursive=recursive, delta=delta)
         return
     if src_machine is not None:
-        _copy(store, src_machine, src_path, Path(dst_path), download=True, recursive=recursive)
+        _copy(store, src_machine, src_path, Path(dst_path), download=True, recursive=recursive, delta=delta)
     else:
         if not Path(src_path).exists():
             raise UsageError(f"{src_path}: no such file or directory")
-        _copy(store, dst_machine, dst_path, Path(src_path), download=False, recursive=recursive)
+        _copy(store, dst_machine, dst_path, Path(src_path), download=False, recursive=recursive, delta=delta)
 
 
-def _copy(store: Store, name: str, remote: str, local: Path, download: bool, recursive: bool) -> None:
+def _copy(store: Store, name: str, remote: str, local: Path, download: bool, recursive: bool, delta: bool) -> None:
     machine, driver = load(store, name)
     if driver.state() != State.RUNNING:
         raise driver.not_running()
     with connect(machine, driver, timeout=10) as conn:  # its file errors are one line naming NAME:PATH
         if download:
             target = local / Path(remote.rstrip("/")).name if local.is_dir() else local
-            conn.get(remote, target, recursive)
+            conn.get(remote, target, recursive, delta)
         else:
             target = remote.rstrip("/") + "/" + local.name if conn.remote_is_dir(remote) else remote
-            conn.put(local, target, recursive)
+            conn.put(local, target, recursive, delta)

@@ -69,6 +69,18 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
     assert (tmp_path / "hostname").read_text() == "m1\n"
     local("scp", "-r", "m1:/root/tree", str(tmp_path / "back"))
     assert (tmp_path / "back" / "sub" / "file.txt").read_text() == "payload\n"
+    # -d copies only the files that differ in size, time or permissions (rsync's quick check), keeping their time:
+    # a file changed behind its back with all three kept is left alone, a changed source is copied.
+    local("scp", "-r", "-d", str(tree), "m1:/root/")
+    f = "/root/tree/sub/file.txt"
+    local("ssh", "m1", "--", f"cp -p {f} /tmp/t && printf 'PAYLOAD\\n' > {f} && touch -r /tmp/t {f}")
+    local("scp", "-r", "-d", str(tree), "m1:/root/")
+    assert local("ssh", "m1", "--", "cat /root/tree/sub/file.txt").stdout == "PAYLOAD\n"
+    (tree / "sub" / "file.txt").write_text("payload 2\n")
+    local("scp", "-r", "-d", "-q", str(tree), "m1:/root/")
+    assert local("ssh", "m1", "--", "cat /root/tree/sub/file.txt").stdout == "payload 2\n"
+    local("scp", "-d", "m1:/root/tree/sub/file.txt", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "file.txt").stat().st_mtime == int((tree / "sub" / "file.txt").stat().st_mtime)
 
     # Stop and start keep the address and the pinned host key.
     known_hosts = (local.home / "machines/m1/known_hosts").read_text()
@@ -80,7 +92,7 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
     assert state(local, "m1") == "Running"
     assert local("ip", "m1").stdout.strip() == ip1
     assert (local.home / "machines/m1/known_hosts").read_text() == known_hosts
-    assert local("ssh", "m1", "--", "cat /root/tree/sub/file.txt").stdout == "payload\n"  # the layer persists
+    assert local("ssh", "m1", "--", "cat /root/tree/sub/file.txt").stdout == "payload 2\n"  # the layer persists
     local("restart", "m1")
     assert state(local, "m1") == "Running"
 
