@@ -509,6 +509,15 @@ def scp(recursive: bool, delta: bool, source: str, destination: str) -> None:
 
 
 @cli.command(context_settings=_CONTEXT)
+@click.option("-u", "--unmount", is_flag=True, help="Unmount it.")
+@click.argument("source", metavar="MACHINE:PATH")
+@click.argument("mountpoint", required=False)
+def mount(unmount: bool, source: str, mountpoint: str | None) -> None:
+    """Mount a machine's directory on the host with sshfs (on the same path unless MOUNTPOINT is given)."""
+    commands.mount(_store(), source, mountpoint, unmount)
+
+
+@cli.command(context_settings=_CONTEXT)
 @click.argument("file", type=click.Path(path_type=Path))  # read by load_fleet, which names what is wrong
 @click.option("--prune", is_flag=True, help="Remove the machines this file made that it no longer names.")
 @click.option("--recreate", is_flag=True, help="Remove and re-create machines whose driver options changed.")
@@ -621,6 +630,7 @@ _EXAMPLES = {
     "regenerate-certs": ["pymachine regenerate-certs web1"],
     "restart": ["pymachine restart web1 web2"],
     "rm": ["pymachine rm -y web1", "pymachine rm -f $(pymachine ls -q)"],
+    "mount": ["pymachine mount web1:/srv/app ./app", "pymachine mount -u web1:/srv/app ./app"],
     "scp": ["pymachine scp ./app.tar web1:/root/", "pymachine scp -r web1:/etc/docker ./docker-etc",
             "pymachine scp -r -d ./site web1:/srv/"],
     "ssh": ["pymachine ssh web1", "pymachine ssh web1 -- docker ps"],

@@ -141,6 +141,10 @@ class Master:
             self._argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={_path(self.path)}",
                            "-o", f"ControlPersist={persist_seconds()}"]
 
+    def options(self) -> list[str]:
+        """ssh and its options without a host: for programs that run ssh themselves (sshfs)."""
+        return list(self._argv)
+
     def argv(self, *command: str, terminal: bool | None = False) -> list[str]:
         """The ssh command line that runs `command` (an interactive login when empty) over the master; with
         `terminal=None`, ssh decides (a terminal for a login from a terminal), as a user's own ssh would."""

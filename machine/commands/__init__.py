@@ -26,7 +26,7 @@ _MODULES = {
     "env": "queries", "inspect": "queries", "ip": "queries", "ls": "queries",
     "machine_fields": "queries", "parse_filters": "queries", "status": "queries", "url": "queries",
     "version": "queries",
-    "scp": "transfer", "ssh": "transfer",
+    "mount": "transfer", "scp": "transfer", "ssh": "transfer",
 }
 
 __all__ = sorted(_MODULES)

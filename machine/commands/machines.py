@@ -8,7 +8,7 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from machine import certs, dockercontext, drivers, enginecache, sshkeys, sshmux, ui
+from machine import certs, dockercontext, drivers, enginecache, sshfs, sshkeys, sshmux, ui
 from machine import provision as plan
 from machine.commands.common import connect, locked
 from machine.commands.engine import run_provisioning
@@ -175,6 +175,9 @@ def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool =
     `forget`, nothing does (the libvirt host or cloud account is gone): what may be left, and what the machine
     recorded, are printed for the user to look after, as the record that named them goes.
     """
+    # A mount over a connection of its own (no kept one) to a host that stays (generic) would outlive the machine.
+    for mountpoint in sshfs.mounts(machine.dir):
+        sshfs.unmount(mountpoint, lazy=True)
     dockercontext.remove(machine.name, machine.dir)
     sshmux.forget(machine.known_hosts_path)
     error: MachineError | None = None

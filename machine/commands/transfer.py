@@ -1,4 +1,4 @@
-"""ssh and scp."""
+"""ssh, scp and mount."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import sshmux
+from machine import sshfs, sshmux
 from machine.commands.common import connect, load
 from machine.drivers.base import State
 from machine.errors import MachineError, UsageError
@@ -87,3 +87,28 @@ def _copy(store: Store, name: str, remote: str, local: Path, download: bool, rec
         else:
             target = remote.rstrip("/") + "/" + local.name if conn.remote_is_dir(remote) else remote
             conn.put(local, target, recursive, delta)
+
+
+def mount(store: Store, source: str, mountpoint: str | None = None, unmount: bool = False) -> None:
+    """Mount the machine's directory NAME:PATH on the host (on the same path by default, as docker-machine does),
+    or unmount it."""
+    name, path = _split(store, source)
+    if name is None:
+        head, sep, _ = source.partition(":")
+        raise (MachineError(f"no machine named {head!r}") if sep and _LABEL.fullmatch(head) else
+               UsageError(f"{source}: not MACHINE:PATH"))
+    if mountpoint is None and not path.startswith("/"):
+        raise UsageError(f"{source}: name a mount point (the path on the machine is not absolute)")
+    local = Path(mountpoint or path).resolve()
+    machine, driver = load(store, name)
+    if unmount:
+        if local not in sshfs.mounts(machine.dir):
+            raise UsageError(f"{local}: no directory of {name} is mounted there")
+        sshfs.unmount(local)
+        return
+    if not local.is_dir():
+        raise UsageError(f"{local}: no such directory (the mount point must exist)")
+    if driver.state() != State.RUNNING:
+        raise driver.not_running()
+    endpoint = driver.ssh_endpoint()._replace(name=machine.name)
+    sshfs.mount(endpoint, machine.key_path, machine.known_hosts_path, machine.dir, path, local)

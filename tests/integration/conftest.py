@@ -179,7 +179,8 @@ def leftovers(record: dict, machine_dir: Path) -> list[str]:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if unit in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+                if unit in cmdline or str(machine_dir) in cmdline:  # the machine's own, or one of its sshfs
                     found.append(f"process {proc.name}")
                 if str(machine_dir) in (proc / "mountinfo").read_text():
                     found.append(f"mount in process {proc.name}")

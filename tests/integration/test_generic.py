@@ -217,10 +217,15 @@ def test_the_fingerprint_of_another_host_key_type_is_accepted(other, owner, srv,
     other("rm", "-y", f"pinned-{kind}")
 
 
-def test_rm_forgets_the_host_and_touches_nothing(adopter, owner, srv):
+def test_rm_forgets_the_host_and_touches_nothing(adopter, owner, srv, tmp):
     listing = "ls /etc/docker/daemon.json /etc/docker/tls /etc/systemd/system/docker.service.d/pymachine.conf"
     before = owner("ssh", "srv", "--", listing).stdout
+    # sshfs over a connection of its own (no kept one, which rm would end): rm unmounts it.
+    (mnt := tmp / "mnt").mkdir()
+    CLI(adopter.env | {sshmux.PERSIST_ENV: "0"})("mount", "adopted:/etc", str(mnt))
+    assert (mnt / "hostname").read_text() == "srv\n"
     adopter("rm", "-y", "adopted")
+    assert not mnt.is_mount()
     assert no_machines(adopter) == []
     assert owner("ssh", "srv", "--", listing).stdout == before
     assert package_status(owner, "docker.io") == "ii"

@@ -82,6 +82,16 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
     local("scp", "-d", "m1:/root/tree/sub/file.txt", str(tmp_path / "back"))
     assert (tmp_path / "back" / "file.txt").stat().st_mtime == int((tree / "sub" / "file.txt").stat().st_mtime)
 
+    # mount: a machine's directory on the host with sshfs; -u takes it down, and so does rm (leftovers below).
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    local("mount", "m1:/root/tree", str(mnt))
+    (mnt / "from-host").write_text("through sshfs\n")
+    assert local("ssh", "m1", "--", "cat /root/tree/from-host").stdout == "through sshfs\n"
+    local("mount", "-u", "m1:/root/tree", str(mnt))
+    assert not mnt.is_mount() and list(mnt.iterdir()) == []
+    local("mount", "m1:/root/tree", str(mnt))
+
     # Stop and start keep the address and the pinned host key.
     known_hosts = (local.home / "machines/m1/known_hosts").read_text()
     assert ssh_masters(local.home / "machines/m1"), "the connection is kept between commands"
@@ -102,6 +112,7 @@ def test_two_machines_from_create_to_rm(local, tmp_path):
     records = {name: machine_record(local, name) for name in ("m1", "m2")}
     local("rm", "-y", "m1")
     assert leftovers(records["m1"], local.home / "machines/m1") == []
+    assert not mnt.is_mount()
     assert Path(f"/sys/class/net/{BRIDGE}").exists(), "the bridge stays while a machine uses it"
     local("rm", "-y", "m2")
     assert leftovers(records["m2"], local.home / "machines/m2") == []
