@@ -211,6 +211,11 @@ COMMANDS = [
     failure("scp", "/etc/hostname", "ghost:/tmp", text="no machine named 'ghost'"),
     usage("scp", "web1:/etc/hostname", text="Missing argument 'DESTINATION'"),
     usage("scp", "/nonexistent/file", "web1:/tmp", text="/nonexistent/file: no such file or directory"),
+    usage("mount", "/srv", text="/srv: not MACHINE:PATH"),
+    failure("mount", "ghost:/srv", text="no machine named 'ghost'"),
+    usage("mount", "web1:srv", text="web1:srv: name a mount point"),
+    usage("mount", "web1:/srv", "/nonexistent/dir", text="/nonexistent/dir: no such directory"),
+    usage("mount", "-u", "web1:/srv", "/tmp", text="/tmp: no directory of web1 is mounted there"),
     usage("provision", "--check", "--diff", text="Missing argument 'NAMES...'"),
     usage("provision", "--tags", "kernel,kernle", "web1", text="--tags: 'kernle' is not a tag of the roles"),
 ]
