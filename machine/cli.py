@@ -430,8 +430,8 @@ def _summarise(outcomes: list[fleet.Outcome], done: str) -> None:
     if stopped or skipped:
         parts = [f"{what} {', '.join(names)}" for what, names in (("stopped", stopped), ("not started", skipped))
                  if names]
-        ui.err(f"interrupted: {'; '.join(parts)}")
-        status = 130
+        word, status = failure.interruption()
+        ui.err(f"{word}: {'; '.join(parts)}")
     ok = [o.name for o in outcomes if o.error is None]
     if ok and len(outcomes) > 1:
         ui.note(f"[green]{', '.join(ok)}[/]: {done}")
@@ -672,7 +672,9 @@ def main() -> None:
     except click.UsageError as e:
         ui.err(f"error: {e.format_message()}")
         raise SystemExit(2) from None
-    except click.Abort:
+    except click.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # click's word for Ctrl-C (or a signal standing for it)
+            failure.exit_with(e.__context__)
         ui.err("aborted")
         raise SystemExit(130) from None
     except (KeyboardInterrupt, Exception) as e:  # the user sees one line, never a traceback (unless --debug)

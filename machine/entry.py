@@ -102,6 +102,7 @@ _FILES = frozenset({"apply"})
 
 
 def main() -> None:
+    failure.stop_on_signals()
     try:
         _answer(sys.argv[1:])
     finally:

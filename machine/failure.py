@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 from typing import NoReturn
 
 from machine import ui
@@ -40,11 +42,37 @@ def print_traceback(error: BaseException) -> None:
         traceback.print_exception(error)
 
 
+# The signal that stopped the command as Ctrl-C does, if one did: the rollback is Ctrl-C's, the word and exit
+# status (128 + its number, as a shell gives) are its own.
+_stopped_by: int | None = None
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (`timeout`, a CI job cancelled, systemd, `docker stop`) and SIGHUP (a closed terminal) stop the
+    command as Ctrl-C does, in the main thread: a create rolls back, and nothing it made is left running."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _as_ctrl_c)
+
+
+def _as_ctrl_c(signum: int, _frame: FrameType | None) -> None:
+    global _stopped_by
+    _stopped_by = signum
+    raise KeyboardInterrupt
+
+
+def interruption() -> tuple[str, int]:
+    """How a command stopped by Ctrl-C (or by a signal standing for it) says so, and its exit status."""
+    if _stopped_by is None:
+        return "interrupted", 130
+    return f"terminated ({signal.Signals(_stopped_by).name})", 128 + _stopped_by
+
+
 def exit_with(error: BaseException) -> NoReturn:
     """End the command for a failure it did not handle: Ctrl-C is 130, anything else one line and its status."""
     if isinstance(error, KeyboardInterrupt):
-        ui.err("interrupted")
-        raise SystemExit(130) from None
+        word, status = interruption()
+        ui.err(word)
+        raise SystemExit(status) from None
     ui.err(f"error: {describe(error)}")
     print_traceback(error)
     raise SystemExit(exit_code(error)) from None

@@ -4,7 +4,9 @@ commands at once on one store. Whatever happens, `rm -f` leaves nothing, and no 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,6 +52,24 @@ def test_a_create_killed_at_any_step_is_removed_without_a_trace(local, step):
     assert leftovers(record, machine_dir) == []
     assert not list((local.home / "machines").iterdir())  # no staging or trash directory either
     assert bridge_leftovers() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_create_terminated_midway_rolls_back_as_ctrl_c_does(local, sig):
+    """SIGTERM (`timeout`, a CI job cancelled, systemd) and SIGHUP (a closed terminal) are Ctrl-C: the create rolls
+    back and says so, with the shell's status of that signal."""
+    name = f"s{sig}"
+    journal = local.home / "machines" / name / "journal"
+    proc = local.popen("create", "--no-provision", name)
+    while not journal.exists() or len(journal.read_text().splitlines()) < LOCAL_STEPS - 1:  # before the boot
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.001)
+    record = journal_record(local, name)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stderr.split()) == (128 + sig, ["pymachine:", "terminated", f"({sig.name})"])
+    assert leftovers(record, journal.parent) == []
+    assert local("ls", "-q").stdout == ""
 
 
 DAMAGE = {
