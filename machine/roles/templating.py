@@ -25,7 +25,8 @@ from types import CodeType
 from typing import Any
 
 import jinja2
-from jinja2 import StrictUndefined, Undefined
+from jinja2 import ChainableUndefined, StrictUndefined, Undefined
+from jinja2.utils import missing
 
 from machine.roles.yamlload import RoleError, Unsafe
 
@@ -46,6 +47,21 @@ def is_template(value: str) -> bool:
 def _statement(expr: str) -> str:
     """A bare expression as a statement that stores its value, so that it is evaluated, not printed."""
     return "{% set pm_result_ = (" + expr.strip() + "\n) %}"
+
+
+class AnsibleUndefined(ChainableUndefined, StrictUndefined):
+    """Ansible's undefined value: strict in every use (output, comparison, iteration, truth), but an attribute or
+    item of it is itself, so that `foo.bar | default(x)` and `foo.bar is defined` work with `foo` undefined, and
+    using `foo.bar` names `foo`, the variable that is missing."""
+
+    __slots__ = ()
+
+    def __init__(self, hint: str | None = None, obj: Any = missing, name: str | None = None,
+                 exc: type[jinja2.TemplateRuntimeError] = jinja2.UndefinedError) -> None:
+        if not hint and name and obj is not missing:  # Ansible's wording, with the builtin type a LineDict stands for
+            kind = next(c.__name__ for c in type(obj).__mro__ if c.__module__ == "builtins")
+            hint = f"object of type {kind!r} has no attribute {name!r}"
+        super().__init__(hint, obj, name, exc)
 
 
 class Vars(Mapping[str, Any]):
@@ -146,7 +162,7 @@ class CodeCache(jinja2.BytecodeCache):
 
 class Templar:
     def __init__(self) -> None:
-        self.env = jinja2.Environment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False,
+        self.env = jinja2.Environment(undefined=AnsibleUndefined, keep_trailing_newline=True, autoescape=False,
                                       extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
         self.env.filters.update(FILTERS)
         self.env.tests.update(TESTS)

@@ -56,6 +56,25 @@ def test_undefined_fails_with_a_clear_message(t):
         t.template("{{ needed | mandatory }}", vs(t, {}))
 
 
+def test_an_attribute_of_an_undefined_variable_is_undefined_until_used(t):
+    """As ansible-core 2.19's undefined marker: `foo.bar` with foo undefined is undefined, not an error, until it is
+    printed, compared or iterated; the failure names `foo`. A missing key of a defined dict is named as Ansible does."""
+    v = vs(t, {"d": {"a": 1}})
+    assert t.template("{{ foo.bar | default('d') }}", v) == "d"
+    assert t.template("{{ foo['bar'].baz | default('d2') }}", v) == "d2"
+    assert t.template("{{ d.missing.deeper | default('d3') }}", v) == "d3"
+    assert t.template("{{ (foo.bar | default({})).x | default('e') }}", v) == "e"
+    assert not t.condition("foo.bar is defined", v) and t.condition("foo.bar is undefined", v)
+    for use in ["{{ foo.bar }}", "a{{ foo.bar }}", "{{ foo.bar == 1 }}", "{{ foo.bar | length }}",
+                "{% for i in foo.bar %}{% endfor %}"]:
+        with pytest.raises(TemplateFailure, match=r"^'foo' is undefined$"):
+            t.template(use, v)
+    with pytest.raises(TemplateFailure, match="'foo' is undefined"):
+        t.condition("foo.bar", v)
+    with pytest.raises(TemplateFailure, match=r"^object of type 'dict' has no attribute 'missing'$"):
+        t.template("{{ d.missing.x }}", v)
+
+
 @pytest.mark.parametrize(("expr", "expected"), [
     ("missing | default('d')", "d"),
     ("'' | default('d', true)", "d"),
