@@ -40,6 +40,10 @@ class TemplateFailure(RoleError):
     """A template or expression could not be evaluated (undefined variable, syntax, filter error)."""
 
 
+class UndefinedFailure(TemplateFailure):
+    """A template or expression used an undefined value."""
+
+
 def is_template(value: str) -> bool:
     return not isinstance(value, Unsafe) and ("{{" in value or "{%" in value or "{#" in value)
 
@@ -86,15 +90,22 @@ class Vars(Mapping[str, Any]):
             return self._templar.env.globals[key]  # KeyError when undefined, which Jinja expects
         value = layer[key]
         if not raw:
-            if key in self._resolving:
-                raise TemplateFailure(f"recursive loop detected in template of variable '{key}'")
-            self._resolving.add(key)
-            try:
-                value = self._templar.template(value, self)
-            finally:
-                self._resolving.discard(key)
+            value = self._resolve(key, value)
         self._cache[key] = value
         return value
+
+    def _resolve(self, key: str, value: Any) -> Any:
+        """The templated value of variable `key`. As in Ansible, a variable whose template uses an undefined name
+        is undefined itself: `default` and `is defined` see it so, and using it fails naming what is missing."""
+        if key in self._resolving:
+            raise TemplateFailure(f"recursive loop detected in template of variable '{key}'")
+        self._resolving.add(key)
+        try:
+            return self._templar.template(value, self)
+        except UndefinedFailure as e:
+            return self._templar.env.undefined(hint=str(e))
+        finally:
+            self._resolving.discard(key)
 
     def __contains__(self, key: object) -> bool:
         return any(key in layer for layer, _ in self._layers) or key in self._templar.env.globals
@@ -263,7 +274,7 @@ class Templar:
             try:
                 str(result)
             except jinja2.UndefinedError as e:
-                raise TemplateFailure(e.message or "undefined variable") from None
+                raise UndefinedFailure(e.message or "undefined variable") from None
         return result
 
     @lru_cache(maxsize=4096)  # noqa: B019 - one Templar per run; compiling dominates a no-op run otherwise
@@ -290,7 +301,7 @@ class Templar:
         try:
             return "".join(template.root_render_func(context))
         except jinja2.UndefinedError as e:
-            raise TemplateFailure(e.message or "undefined variable") from None
+            raise UndefinedFailure(e.message or "undefined variable") from None
         except jinja2.TemplateError as e:
             raise TemplateFailure(str(e.message if hasattr(e, "message") else e)) from None
         except TemplateFailure:

@@ -41,6 +41,21 @@ def test_recursive_variable_is_reported(t):
         t.template("{{ a }}", vs(t, {"a": "{{ b }}", "b": "{{ a }}"}))
 
 
+def test_a_variable_templated_from_an_undefined_name_is_undefined(t):
+    """As ansible-core 2.19: with `x: "{{ nope }}"`, x is not defined and `default` replaces it (and so for a
+    variable using x); using it fails naming `nope`."""
+    v = vs(t, {"x": "{{ nope }}", "y": "{{ x }}-suffix", "w": "{{ nope.b | default(1) }}"})
+    assert t.template("{{ x is defined }}", v) is False
+    assert t.template("{{ x | default('dx') }}", v) == "dx"
+    assert t.template("{{ y | default('dy') }}", v) == "dy"
+    assert t.template("{{ x.k | default(3) }}", v) == 3
+    assert t.template("{{ w }}", v) == 1
+    assert t.condition("y is undefined", v)
+    for use in ["{{ x }}", "a{{ y }}", "{{ x == 1 }}"]:
+        with pytest.raises(TemplateFailure, match=r"^'nope' is undefined$"):
+            t.template(use, v)
+
+
 def test_raw_layers_and_unsafe_are_not_templated(t):
     v = Vars(t, [({"out": "{{ not_a_var }}"}, True)])
     assert t.template("{{ out }}", v) == "{{ not_a_var }}"
