@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -19,13 +20,14 @@ import re
 import shlex
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from functools import lru_cache
 from pathlib import Path
 from types import CodeType
 from typing import Any
 
 import jinja2
-from jinja2 import ChainableUndefined, StrictUndefined, Undefined
+from jinja2 import ChainableUndefined, StrictUndefined, Undefined, nodes
+from jinja2.lexer import TOKEN_STRING, TOKEN_VARIABLE_BEGIN, TOKEN_VARIABLE_END, Lexer
+from jinja2.parser import Parser
 from jinja2.utils import missing
 
 from machine.roles.yamlload import RoleError, Unsafe
@@ -48,9 +50,56 @@ def is_template(value: str) -> bool:
     return not isinstance(value, Unsafe) and ("{{" in value or "{%" in value or "{#" in value)
 
 
-def _statement(expr: str) -> str:
-    """A bare expression as a statement that stores its value, so that it is evaluated, not printed."""
-    return "{% set pm_result_ = (" + expr.strip() + "\n) %}"
+_RESULT = "pm_result_"
+
+
+def _assignment(env: jinja2.Environment, expr: str) -> nodes.Template:
+    """A bare expression as a template that stores its value in `_RESULT`, so that it is evaluated, not printed.
+    It is read as `{{ }}` content (`env`'s lexer sees it so), as Jinja's compile_expression does."""
+    parser = Parser(env, expr, state="variable")
+    value = parser.parse_tuple(with_condexpr=True)
+    if not parser.stream.eos:
+        parser.fail(f"unexpected {parser.stream.current.value!r} after the expression", parser.stream.current.lineno)
+    template = nodes.Template([nodes.Assign(nodes.Name(_RESULT, "store"), value, lineno=1)], lineno=1)
+    template.set_environment(env)
+    return template
+
+
+class _ArgumentLexer(Lexer):
+    """ansible-core's lexer for task arguments and variables (AnsibleLexer): a backslash in a string literal inside
+    `{{ }}` stands for itself, because YAML has already read the escapes of the text around it; so
+    `regex_replace('(\\d)', '<\\1>')` written in a task means what it shows. String literals in `{% %}` statements
+    keep Jinja's escapes, and conditions and template files are read as Jinja reads them."""
+
+    def tokeniter(self, source: str, name: str | None, filename: str | None = None,
+                  state: str | None = None) -> Iterator[tuple[int, str, str]]:
+        in_expression = state == "variable"  # an expression read alone: the content of a lone `{{ }}`
+        for lineno, kind, value in super().tokeniter(source, name, filename, state):
+            if kind == TOKEN_VARIABLE_BEGIN:
+                in_expression = True
+            elif kind == TOKEN_VARIABLE_END:
+                in_expression = False
+            elif in_expression and kind == TOKEN_STRING:
+                value = value.replace("\\", "\\\\")
+            yield lineno, kind, value
+
+
+class _ArgumentEnvironment(jinja2.Environment):
+    """The environment of task arguments and variables: Ansible's lexer. Never overlaid (an overlay would share the
+    lexer cached for this environment's settings)."""
+
+    @functools.cached_property
+    def lexer(self) -> Lexer:  # type: ignore[override]  # a property in Jinja, computed once here
+        return _ArgumentLexer(self)
+
+
+def _environment(cls: type[jinja2.Environment]) -> jinja2.Environment:
+    env = cls(undefined=AnsibleUndefined, keep_trailing_newline=True, autoescape=False,
+              extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
+    env.filters.update(FILTERS)
+    env.tests.update(TESTS)
+    env.globals["omit"] = OMIT
+    return env
 
 
 class AnsibleUndefined(ChainableUndefined, StrictUndefined):
@@ -173,15 +222,12 @@ class CodeCache(jinja2.BytecodeCache):
 
 class Templar:
     def __init__(self) -> None:
-        self.env = jinja2.Environment(undefined=AnsibleUndefined, keep_trailing_newline=True, autoescape=False,
-                                      extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
-        self.env.filters.update(FILTERS)
-        self.env.tests.update(TESTS)
-        self.env.globals["omit"] = OMIT
+        self.env = _environment(_ArgumentEnvironment)
+        self._condition_env = _environment(jinja2.Environment)
         self.code = CodeCache("|".join([sys.version, jinja2.__version__, *sorted(self.env.filters), "",
                                         *sorted(self.env.tests), "", *sorted(self.env.extensions)]))
         # The template module renders files with Ansible's defaults: trim_blocks on.
-        self._file_env = self.env.overlay(trim_blocks=True, bytecode_cache=self.code)
+        self._file_env = self._condition_env.overlay(trim_blocks=True, bytecode_cache=self.code)
         self._file_envs: dict[Path, jinja2.Environment] = {}
 
     def template(self, value: Any, variables: Mapping[str, Any]) -> Any:
@@ -191,7 +237,7 @@ class Templar:
                 return value
             lone = _LONE_EXPR.fullmatch(value)
             if lone and "{{" not in lone.group(1) and "{%" not in lone.group(1):
-                return self._expression(lone.group(1), variables)
+                return self._expression(lone.group(1), variables, "expression")
             return self._render(self._compile(value), variables)
         if isinstance(value, Mapping):
             return {self.template(k, variables): self.template(v, variables) for k, v in value.items()}
@@ -210,7 +256,7 @@ class Templar:
         text = str(expr)
         if is_template(text):
             text = str(self.template(text, variables))
-        result = self._expression(text, variables)
+        result = self._expression(text, variables, "condition")
         try:
             truth = bool(result)
         except jinja2.UndefinedError as e:
@@ -233,7 +279,7 @@ class Templar:
             if is_template(value):
                 self._compile(value)
             elif condition and not isinstance(value, Unsafe):
-                self._compile(_statement(value), value)
+                self._compile(value, "condition")
         elif isinstance(value, Mapping):
             for key, item in value.items():
                 self.check(key)
@@ -264,11 +310,11 @@ class Templar:
         return env.get_template(path.name)
 
     # -- internals -------------------------------------------------------------------------------------
-    def _expression(self, expr: str, variables: Mapping[str, Any]) -> Any:
-        template = self._compile(_statement(expr), expr)
+    def _expression(self, expr: str, variables: Mapping[str, Any], kind: str) -> Any:
+        template = self._compile(expr, kind)
         context = template.new_context(variables, shared=True)
         self._consume(template, context)
-        result = context.vars["pm_result_"]
+        result = context.vars[_RESULT]
         if isinstance(result, Undefined):
             # Assigning an undefined value does not raise; using it would, later and far from the task.
             try:
@@ -277,19 +323,22 @@ class Templar:
                 raise UndefinedFailure(e.message or "undefined variable") from None
         return result
 
-    @lru_cache(maxsize=4096)  # noqa: B019 - one Templar per run; compiling dominates a no-op run otherwise
-    def _compile(self, source: str, shown: str | None = None) -> jinja2.Template:
-        """The compiled template; a syntax error names `shown` (what the role wrote), or else `source`."""
-        bucket = self.code.get_bucket(self.env, "<string>", None, source)
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Templar per run; compiling dominates a no-op run otherwise
+    def _compile(self, source: str, kind: str = "template") -> jinja2.Template:
+        """`source` compiled as a `template` or an `expression` of task arguments, or as a `condition` (an
+        expression whose string literals keep Jinja's escapes, as in Ansible)."""
+        env = self._condition_env if kind == "condition" else self.env
+        # Named by kind: code compiled as another kind (or by a version that read every kind as Jinja does) differs.
+        bucket = self.code.get_bucket(env, f"<{kind}>", None, source)
         if bucket.code is None:
             try:
-                bucket.code = self.env.compile(source)
+                bucket.code = env.compile(source if kind == "template" else _assignment(env, source))
             except jinja2.TemplateSyntaxError as e:
-                raise TemplateFailure(f"template syntax error in {shown or source!r}: {e.message}") from None
+                raise TemplateFailure(f"template syntax error in {source!r}: {e.message}") from None
             self.code.set_bucket(bucket)
         # What Environment.from_string does with the code it compiles, but with the globals as a plain dict: every
         # evaluation's context makes a set of their names, which from Jinja's ChainMap costs ~10 µs in Python.
-        return self.env.template_class.from_code(self.env, bucket.code, dict(self.env.globals), None)
+        return env.template_class.from_code(env, bucket.code, dict(env.globals), None)
 
     def _render(self, template: jinja2.Template, variables: Mapping[str, Any]) -> str:
         # shared=True hands Jinja our lazy mapping instead of a copy that would template every variable.
