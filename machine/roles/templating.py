@@ -19,7 +19,7 @@ import posixpath
 import re
 import shlex
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, MutableSequence
 from pathlib import Path
 from types import CodeType
 from typing import Any
@@ -368,6 +368,17 @@ def to_bool(value: Any) -> bool:
     return value in ("yes", "on", "1", "true", "y", 1)
 
 
+def _bool(value: Any) -> bool:
+    """ansible-core 2.19's `bool` filter: these words in any case (not stripped), and ints and booleans by their
+    text; anything else is whether it equals 1 (deprecated there), so 'y' and 't' are false."""
+    text = str(value).lower() if isinstance(value, str | int) else value
+    if text in ("yes", "on", "true", "1"):
+        return True
+    if text in ("no", "off", "false", "0"):
+        return False
+    return bool(text == 1)
+
+
 def _mandatory(value: Any, msg: str | None = None) -> Any:
     if isinstance(value, Undefined):
         name = getattr(value, "_undefined_name", None)
@@ -375,22 +386,49 @@ def _mandatory(value: Any, msg: str | None = None) -> Any:
     return value
 
 
-def _combine(*dicts: Mapping[str, Any], recursive: bool = False, list_merge: str = "replace") -> dict[str, Any]:
-    def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(a)
-        for k, v in b.items():
-            if recursive and isinstance(out.get(k), Mapping) and isinstance(v, Mapping):
-                out[k] = merge(out[k], v)
-            elif list_merge == "append" and isinstance(out.get(k), list) and isinstance(v, list):
-                out[k] = out[k] + v
-            else:
-                out[k] = v
-        return out
+# How ansible.utils.vars.merge_hash merges a list of a higher dict (`new`) into the same key's list (`old`).
+_LIST_MERGES: dict[str, Any] = {
+    "replace": lambda old, new: new,
+    "keep": lambda old, new: old,
+    "append": lambda old, new: old + new,
+    "prepend": lambda old, new: new + old,
+    "append_rp": lambda old, new: [x for x in old if x not in new] + new,  # rp: old items that new has are removed
+    "prepend_rp": lambda old, new: new + [x for x in old if x not in new],
+}
 
-    result: dict[str, Any] = {}
-    for d in dicts:
-        for part in d if isinstance(d, list) else [d]:
-            result = merge(result, part)
+
+def _merge_hash(low: Any, high: Any, recursive: bool, list_merge: str) -> Any:
+    """Ansible's merge_hash: `high`'s keys win; dicts under both are merged if `recursive`, lists by `list_merge`."""
+    if list_merge not in _LIST_MERGES:
+        raise TemplateFailure("merge_hash: 'list_merge' argument can only be equal to 'replace', 'keep', 'append', "
+                              "'prepend', 'append_rp' or 'prepend_rp'")
+    if not (isinstance(low, MutableMapping) and isinstance(high, MutableMapping)):
+        raise TemplateFailure(f"failed to combine variables, expected dicts but got a '{type(low).__name__}' and a "
+                              f"'{type(high).__name__}'.")
+    if low == high:  # Ansible's shortcut, which shows: equal dicts' lists are not appended to each other
+        return dict(high)
+    out = dict(low)
+    for key, new in high.items():
+        old = out.get(key)
+        if key not in out:
+            out[key] = new
+        elif isinstance(old, MutableMapping) and isinstance(new, MutableMapping):
+            out[key] = _merge_hash(old, new, recursive, list_merge) if recursive else new
+        elif isinstance(old, MutableSequence) and isinstance(new, MutableSequence):
+            out[key] = _LIST_MERGES[list_merge](old, new)
+        else:
+            out[key] = new
+    return out
+
+
+def _combine(*terms: Any, recursive: bool = False, list_merge: str = "replace") -> Any:
+    """Ansible's combine: the dicts given, or in lists given, merged from left to right (right wins)."""
+    dicts = _flatten(terms, levels=1)
+    if len(dicts) < 2:  # as Ansible, a single dict is returned unchecked
+        return dicts[0] if dicts else {}
+    result = dicts[-1]
+    for low in reversed(dicts[:-1]):  # Ansible's order, right to left: it decides which of equal lists is kept
+        result = _merge_hash(low, result, recursive, list_merge)
     return result
 
 
@@ -437,12 +475,16 @@ def _regex_findall(value: Any, pattern: str, ignorecase: bool = False, multiline
     return re.findall(pattern, str(value), flags=_flags(ignorecase, multiline))
 
 
-def _flatten(seq: Iterable[Any], levels: int | None = None) -> list[Any]:
+def _flatten(seq: Iterable[Any], levels: int | None = None, skip_nulls: bool = True) -> list[Any]:
+    """Ansible's flatten: lists in `seq` spliced, `levels` deep (all by default); None and the strings 'None' and
+    'null' are dropped at every depth unless `skip_nulls` is false."""
     out: list[Any] = []
     for x in seq:
-        if isinstance(x, list | tuple) and (levels is None or levels > 0):
-            out.extend(_flatten(x, None if levels is None else levels - 1))
-        elif x is not None:
+        if skip_nulls and x in (None, "None", "null"):
+            continue
+        if isinstance(x, list | tuple) and (levels is None or levels >= 1):
+            out.extend(_flatten(x, None if levels is None else int(levels) - 1, skip_nulls))
+        else:
             out.append(x)
     return out
 
@@ -482,7 +524,7 @@ def _split(value: str, sep: str | None = None, maxsplit: int = -1) -> list[str]:
 
 
 FILTERS: dict[str, Any] = {
-    "bool": to_bool,
+    "bool": _bool,
     "to_json": lambda v, **kw: json.dumps(v, **kw),
     "to_nice_json": lambda v, indent=4, **kw: json.dumps(v, indent=indent, sort_keys=True,
                                                           separators=(",", ": "), **kw),

@@ -124,6 +124,50 @@ def test_filters_and_tests(t, expr, expected):
     assert t.template("{{ " + expr + " }}", vs(t, {})) == expected
 
 
+def test_bool_filter_is_ansible_core_2_19s(t):
+    """Its words in any case, unstripped; ints and booleans by their text; anything else is whether it equals 1
+    (so 'y', 't' and 'n' are all false)."""
+    values = "['y', 'yes', 'on', '1', 't', 'n', 'no', 'off', '0', 'f', 'Yes', ' yes', 'TRUE', 'x', 1, 0, 2, 1.0, none]"
+    assert t.template("{{ " + values + " | map('bool') | list }}", vs(t, {})) == [
+        False, True, True, True, False, False, False, False, False, False, True, False, True, False,
+        True, False, False, True, False]
+
+
+@pytest.mark.parametrize(("list_merge", "merged", "nested"), [
+    ("replace", [3, 4, 2], [2, 5]), ("keep", [1, 2, 3], [1, 2]),
+    ("append", [1, 2, 3, 3, 4, 2], [1, 2, 2, 5]), ("prepend", [3, 4, 2, 1, 2, 3], [2, 5, 1, 2]),
+    ("append_rp", [1, 3, 4, 2], [1, 2, 5]), ("prepend_rp", [3, 4, 2, 1], [2, 5, 1]),
+])
+def test_combine_merges_lists_as_ansible_merge_hash(t, list_merge, merged, nested):
+    v = vs(t, {"a": {"l": [1, 2, 3], "d": {"x": [1, 2], "k": 1}, "s": 1}, "b": {"l": [3, 4, 2], "d": {"x": [2, 5]}}})
+    assert t.template("{{ a | combine(b, list_merge='" + list_merge + "') }}", v) == {
+        "l": merged, "d": {"x": [2, 5]}, "s": 1}
+    assert t.template("{{ a | combine(b, recursive=true, list_merge='" + list_merge + "') }}", v)["d"] == {
+        "x": nested, "k": 1}
+
+
+def test_combine_as_ansible_in_its_corners(t):
+    v = vs(t, {"a": {"l": [1], "d": {"x": [1]}}, "b": {"l": [2], "d": {"x": [2]}}, "c": {"l": [3], "d": {"x": [3]}}})
+    assert t.template("{{ [a, b, c] | combine(recursive=true, list_merge='prepend') }}", v) == {
+        "l": [3, 2, 1], "d": {"x": [3, 2, 1]}}
+    assert t.template("{{ a | combine(a, list_merge='append') }}", v) == {"l": [1], "d": {"x": [1]}}  # equal: kept
+    assert t.template("{{ a | combine(list_merge='bogus') }}", v) == {"l": [1], "d": {"x": [1]}}
+    with pytest.raises(TemplateFailure, match="'list_merge' argument can only be equal to 'replace', 'keep'"):
+        t.template("{{ a | combine(b, list_merge='bogus') }}", v)
+    with pytest.raises(TemplateFailure, match="expected dicts but got a 'dict' and a 'int'"):
+        t.template("{{ a | combine([1]) }}", v)
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    ("[1, none, 'None', 'null', [2, [3, none, 'null']], 'x'] | flatten", [1, 2, 3, "x"]),
+    ("[1, none, 'None', [2, [3, none, 'null']]] | flatten(1)", [1, 2, [3, None, "null"]]),
+    ("[1, none, 'None', 'null', [2, [3, none]]] | flatten(skip_nulls=false)", [1, None, "None", "null", 2, 3, None]),
+    ("[[1], none] | flatten(0)", [[1]]),
+])
+def test_flatten_drops_nulls_as_ansible(t, expr, expected):
+    assert t.template("{{ " + expr + " }}", vs(t, {})) == expected
+
+
 def test_conditions(t):
     v = vs(t, {"n": 3, "flag": "yes", "ansible_distribution": "Debian"})
     assert t.condition("n > 2", v)
