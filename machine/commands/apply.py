@@ -117,11 +117,11 @@ def plan(store: Store, fleet: Fleet, *, prune: bool = False, recreate: bool = Fa
          parallel: int | None = None) -> Plan:
     """What apply would do; changes nothing (existing machines get a check-mode provisioning run)."""
     provisioning.check_roles()
-    for spec in fleet.machines:  # the host checks of create (root, tools), before anything is made
-        if not store.exists(spec.name):
-            drivers.get(spec.driver).pre_create_check(spec.options)
     steps = for_each(lambda spec: _plan_machine(store, fleet, spec, recreate), fleet.machines, "checked",
                      parallel)
+    for step in steps:  # create's checks (the options, root, tools), before a machine is made or removed
+        if step.action in (CREATE, RECREATE) and step.spec:
+            drivers.get(step.spec.driver).pre_create_check(step.spec.options)
     named = {s.name for s in fleet.machines}
     ours = _fleet_markers(store, fleet.name)
     gone = [Step(REMOVE, name) if prune else Step(KEEP, name, "no longer in the file; --prune removes it")

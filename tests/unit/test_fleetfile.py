@@ -10,7 +10,7 @@ import pytest
 
 from machine import fleetfile, provision
 from machine.commands import apply
-from machine.errors import MachineError
+from machine.errors import MachineError, UsageError
 from machine.fleetfile import FleetError
 from machine.store import Store
 
@@ -204,6 +204,18 @@ def test_a_changed_driver_option_needs_recreate(tmp_path):
     with pytest.raises(MachineError, match=r"fleet.yaml: web1: .*--recreate.*; nothing was changed"):
         apply.execute(store, apply.plan(store, fleet))
     assert (store.machines_dir / "web1" / "config.json").read_text() == before
+
+
+def test_recreate_is_refused_before_the_machine_is_removed_when_create_would_refuse_it(tmp_path):
+    """create's own checks of the new options run at planning: a machine is never removed to be made anew with
+    options create refuses."""
+    store = Store(tmp_path / "home")
+    machine = "name: shop\nmachines:\n  g1:\n    driver: generic\n    generic_ip_address: 127.0.0.1\n"
+    record(store, fleetfile.load(write(tmp_path, machine)).machines[0], "shop")
+    fleet = fleetfile.load(write(tmp_path, machine + "    generic_ssh_port: 70000\n"))
+    with pytest.raises(UsageError, match="70000 is not a port number"):
+        apply.plan(store, fleet, recreate=True)
+    assert store.exists("g1")
 
 
 def test_prune_removes_only_the_fleets_machines_that_the_file_no_longer_names(tmp_path):
