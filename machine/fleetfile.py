@@ -239,12 +239,12 @@ def _machine(key: str, where: str, defaults: Any, entry: Any, roles_path: tuple[
     try:
         cls.check_engine(options, engine)
     except UsageError as e:
-        raise fail(where, _as_keys(str(e))) from None
+        raise fail(where, as_keys(str(e))) from None
     return [MachineSpec(name, driver, options, engine, where, _roles(roles, roles_where, roles_path, fail),
                         _vars(variables, vars_where, fail), _swarm(swarm, swarm_where, fail)) for name in names]
 
 
-def _as_keys(message: str) -> str:
+def as_keys(message: str) -> str:
     """create's messages name flags (`--engine-bip`, `--[no-]engine-icc`); the file's keys are `engine_bip`."""
     return re.sub(r"--(?:\[no-\])?([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
@@ -289,11 +289,11 @@ def _driver_options(cls: type[Driver], settings: dict[str, tuple[Any, str]], fai
         try:
             parse_driver_options(cls.name, {option: value})
         except UsageError as e:
-            raise fail(at, _as_keys(str(e))) from None
+            raise fail(at, as_keys(str(e))) from None
     try:
         return parse_driver_options(cls.name, {k: v for k, (v, _) in settings.items()})
     except UsageError as e:  # an option set in the environment that does not parse
-        raise fail(where, _as_keys(str(e))) from None
+        raise fail(where, as_keys(str(e))) from None
 
 
 def _engine(raw: dict[str, tuple[Any, str]], fail: Fail, where: str) -> dict[str, Any]:
@@ -307,12 +307,12 @@ def _engine(raw: dict[str, tuple[Any, str]], fail: Fail, where: str) -> dict[str
         try:  # each alone first, so that an invalid value is reported at its own line
             engine_config({key: values[key]})
         except UsageError as e:
-            raise fail(at, _as_keys(str(e))) from None
+            raise fail(at, as_keys(str(e))) from None
     try:
         return engine_config(dict(values))  # a copy: engine_config takes its keys out
     except UsageError as e:  # a combination: a storage device without btrfs or zfs, say
         raise fail(raw["engine_storage_device"][1] if "engine_storage_device" in values else where,
-                   _as_keys(str(e))) from None
+                   as_keys(str(e))) from None
 
 
 def _engine_value(key: str, value: Any, fail: Callable[[str], FleetError]) -> Any:

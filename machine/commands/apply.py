@@ -23,9 +23,9 @@ from machine.commands.engine import run_provisioning, share_registries
 from machine.commands.machines import create, rm, start
 from machine.commands.queries import NotRunning
 from machine.drivers.base import Driver, State
-from machine.errors import MachineError
+from machine.errors import MachineError, UsageError
 from machine.fleet import run as run_parallel
-from machine.fleetfile import Fleet, MachineSpec
+from machine.fleetfile import Fleet, FleetError, MachineSpec
 from machine.store import Machine, Store
 
 CREATE, REPROVISION, RECREATE, UNCHANGED, REMOVE, KEEP, REFUSED = (
@@ -119,9 +119,9 @@ def plan(store: Store, fleet: Fleet, *, prune: bool = False, recreate: bool = Fa
     provisioning.check_roles()
     steps = for_each(lambda spec: _plan_machine(store, fleet, spec, recreate), fleet.machines, "checked",
                      parallel)
-    for step in steps:  # create's checks (the options, root, tools), before a machine is made or removed
+    for step in steps:  # before a machine is made or removed
         if step.action in (CREATE, RECREATE) and step.spec:
-            drivers.get(step.spec.driver).pre_create_check(step.spec.options)
+            _check_create(step.spec)
     named = {s.name for s in fleet.machines}
     ours = _fleet_markers(store, fleet.name)
     gone = [Step(REMOVE, name) if prune else Step(KEEP, name, "no longer in the file; --prune removes it")
@@ -130,6 +130,16 @@ def plan(store: Store, fleet: Fleet, *, prune: bool = False, recreate: bool = Fa
     roles = {name: marker["swarm"] for name, marker in ours.items() if marker.get("swarm")}
     swarm_steps = _plan_swarm(store, fleet, new, {s.name for s in gone if s.action == REMOVE}, roles)
     return Plan(fleet, (*steps, *swarm_steps, *gone))  # in the order execute() carries them out
+
+
+def _check_create(spec: MachineSpec) -> None:
+    """create's checks of the machine's options and of the host (root, tools). Their messages name create's flags:
+    said of the file's machine, at its line, with the file's keys, as a bad file is."""
+    try:
+        drivers.get(spec.driver).pre_create_check(spec.options)
+    except MachineError as e:
+        kind = FleetError if isinstance(e, UsageError) else MachineError
+        raise kind(f"{spec.where}: {spec.name}: {fleetfile.as_keys(str(e))}") from None
 
 
 def _fleet_markers(store: Store, fleet: str) -> dict[str, dict[str, Any]]:

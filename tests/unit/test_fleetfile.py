@@ -10,7 +10,7 @@ import pytest
 
 from machine import fleetfile, provision
 from machine.commands import apply
-from machine.errors import MachineError, UsageError
+from machine.errors import MachineError
 from machine.fleetfile import FleetError
 from machine.store import Store
 
@@ -213,9 +213,17 @@ def test_recreate_is_refused_before_the_machine_is_removed_when_create_would_ref
     machine = "name: shop\nmachines:\n  g1:\n    driver: generic\n    generic_ip_address: 127.0.0.1\n"
     record(store, fleetfile.load(write(tmp_path, machine)).machines[0], "shop")
     fleet = fleetfile.load(write(tmp_path, machine + "    generic_ssh_port: 70000\n"))
-    with pytest.raises(UsageError, match="70000 is not a port number"):
+    with pytest.raises(FleetError) as error:
         apply.plan(store, fleet, recreate=True)
+    assert str(error.value) == f"{tmp_path / 'fleet.yaml'}:3: g1: generic_ssh_port: 70000 is not a port number"
     assert store.exists("g1")
+
+
+def test_creates_checks_are_said_of_the_files_machine_at_its_line(tmp_path):
+    fleet = fleetfile.load(write(tmp_path, "machines:\n  web1: {}\n  web2:\n    local_subnet: 10.0.0.0/33\n"))
+    with pytest.raises(FleetError) as error:
+        apply.plan(Store(tmp_path / "home"), fleet)
+    assert str(error.value) == f"{tmp_path / 'fleet.yaml'}:3: web2: local_subnet: '33' is not a valid netmask"
 
 
 def test_prune_removes_only_the_fleets_machines_that_the_file_no_longer_names(tmp_path):
