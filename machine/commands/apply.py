@@ -275,7 +275,8 @@ def check(the_plan: Plan) -> None:
     """Refuse a plan with a refused step: apply changes nothing then (a --dry-run says so too)."""
     if the_plan.refused:
         step = the_plan.refused[0]
-        raise MachineError(f"{the_plan.fleet.path}: {step.name}: {step.reason}; nothing was changed")
+        where = step.spec.where if step.spec else the_plan.fleet.path  # the machine's line in the file
+        raise MachineError(f"{where}: {step.name}: {step.reason}; nothing was changed")
 
 
 def execute(store: Store, the_plan: Plan, report: Callable[[Outcome], None] = lambda _: None,

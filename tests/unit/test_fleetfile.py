@@ -201,7 +201,7 @@ def test_a_changed_driver_option_needs_recreate(tmp_path):
     assert action == apply.REFUSED and "local_isolation 'userns' → 'privileged'" in reason and "--recreate" in reason
     assert steps(apply.plan(store, fleet, recreate=True))["web1"][0] == apply.RECREATE
     before = (store.machines_dir / "web1" / "config.json").read_text()
-    with pytest.raises(MachineError, match=r"fleet.yaml: web1: .*--recreate.*; nothing was changed"):
+    with pytest.raises(MachineError, match=r"fleet.yaml:3: web1: .*--recreate.*; nothing was changed"):
         apply.execute(store, apply.plan(store, fleet))
     assert (store.machines_dir / "web1" / "config.json").read_text() == before
 
@@ -265,7 +265,7 @@ def test_a_refused_plan_fails_even_as_a_dry_run(cli, tmp_path):
     record(store, fleet.machines[0], None)  # made by hand
     proc = cli("apply", "--dry-run", str(tmp_path / "fleet.yaml"), check=False)
     assert proc.returncode == 1 and proc.stdout.split()[:2] == ["refused", "web1"]
-    assert proc.stderr == (f"pymachine: error: {tmp_path / 'fleet.yaml'}: web1: exists and was made by "
+    assert proc.stderr == (f"pymachine: error: {tmp_path / 'fleet.yaml'}:3: web1: exists and was made by "
                            f"`pymachine create`, not by this file; nothing was changed\n")
 
 
