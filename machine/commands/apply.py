@@ -47,6 +47,10 @@ DONE = {CREATE: "created", REPROVISION: "re-provisioned", RECREATE: "re-created"
         LEAVE_OLD: "left an old swarm", INIT: "made a swarm", JOIN_MANAGER: "joined as manager",
         JOIN_WORKER: "joined as worker", PROMOTE: "promoted", DEMOTE: "demoted", LEAVE: "left the swarm"}
 
+# In a machine's fleet marker from before apply provisions it until that run succeeds: a failed (or interrupted) run
+# is done again by the next apply, whatever its check-mode run says (a `command:` task is skipped in check mode).
+UNPROVISIONED = "unprovisioned"
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -176,6 +180,8 @@ def _plan_machine(store: Store, fleet: Fleet, spec: MachineSpec, recreate: bool)
     changed = _setting_changes(machine, fleet, spec)
     if changed:
         return Step(REPROVISION, spec.name, "; ".join(changed), spec)
+    if machine.fleet.get(UNPROVISIONED):
+        return Step(REPROVISION, spec.name, "its last provisioning did not succeed", spec)
     if driver.state() != State.RUNNING:  # no check-mode run without SSH: started, then provisioned for real
         return Step(REPROVISION, spec.name, "not running: started and provisioned", spec)
     try:
@@ -335,15 +341,13 @@ def _guarded(step: Step, action: Callable[[], str | None]) -> Outcome:
 
 
 def _create(store: Store, fleet: Fleet, step: Step) -> str:
-    """Make the machine without provisioning, mark it as the fleet's, then provision it with the fleet's roles
-    and variables. A failed provisioning keeps the (marked) machine: the next apply finds it drifted."""
+    """Make the machine without provisioning, then provision it as the fleet's. A failed provisioning keeps the
+    (marked) machine: the next apply provisions it again."""
     spec = step.spec
     assert spec is not None
     create(store, spec.name, spec.driver, spec.options, engine=spec.engine, provision=False, prepare_engine=True)
     with locked(store, spec.name) as (machine, driver):
-        machine.fleet = spec.marker(fleet.name)
-        machine.save()
-        return _tasks(_provision(store, machine, driver, fleet, spec))
+        return _provision_as_fleets(store, machine, driver, fleet, spec)
 
 
 def _reprovision(store: Store, fleet: Fleet, step: Step) -> str:
@@ -351,9 +355,19 @@ def _reprovision(store: Store, fleet: Fleet, step: Step) -> str:
     assert spec is not None
     start(store, spec.name)  # nothing when it runs
     with locked(store, spec.name) as (machine, driver):
-        machine.engine, machine.fleet = spec.engine, {**machine.fleet, **spec.marker(fleet.name)}
-        machine.save()  # the settings it is provisioned with: a failed run is re-done by the next apply
-        return _tasks(_provision(store, machine, driver, fleet, spec))
+        machine.engine = spec.engine
+        return _provision_as_fleets(store, machine, driver, fleet, spec)
+
+
+def _provision_as_fleets(store: Store, machine: Machine, driver: Driver, fleet: Fleet, spec: MachineSpec) -> str:
+    """Record the fleet's marker (and the engine settings) it is provisioned with, marked UNPROVISIONED until the
+    run succeeds, then provision it. The caller holds the machine's lock."""
+    machine.fleet = {**machine.fleet, **spec.marker(fleet.name), UNPROVISIONED: True}
+    machine.save()
+    changed = _provision(store, machine, driver, fleet, spec)
+    machine.fleet = {k: v for k, v in machine.fleet.items() if k != UNPROVISIONED}
+    machine.save()
+    return _tasks(changed)
 
 
 def _recreate(store: Store, fleet: Fleet, step: Step) -> str:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from machine import fleetfile, provision
 from machine.commands import apply
+from machine.drivers.base import Driver, State
+from machine.drivers.local import LocalDriver
 from machine.errors import MachineError
 from machine.fleetfile import FleetError
-from machine.store import Store
+from machine.store import Machine, Store
 
 
 def write(tmp_path: Path, text: str, name: str = "fleet.yaml") -> Path:
@@ -224,6 +228,38 @@ def test_creates_checks_are_said_of_the_files_machine_at_its_line(tmp_path):
     with pytest.raises(FleetError) as error:
         apply.plan(Store(tmp_path / "home"), fleet)
     assert str(error.value) == f"{tmp_path / 'fleet.yaml'}:3: web2: local_subnet: '33' is not a valid netmask"
+
+
+def test_a_failed_provisioning_is_done_again_by_the_next_apply(tmp_path, monkeypatch):
+    """Re-provisioned for changed vars, or made anew: the run fails. The record has the file's settings, and the
+    check-mode run may say nothing would change (a `command:` task is skipped in check mode): the record says
+    its provisioning did not succeed, until it does."""
+    store = Store(tmp_path / "home")
+    record(store, fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web1: {vars: {port: 80}}\n")).machines[0],
+           "shop")
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web1: {vars: {port: 8080}}\n  web2: {}\n"))
+    specs = {spec.name: spec for spec in fleet.machines}
+    monkeypatch.setattr(LocalDriver, "pre_create_check", classmethod(lambda cls, options: None))
+    monkeypatch.setattr(LocalDriver, "state", lambda self: State.RUNNING)
+    monkeypatch.setattr(apply, "start", lambda store, name: None)
+    monkeypatch.setattr(apply, "create", lambda store, name, *_, **__: record(store, specs[name], None))
+    failing = [True]
+
+    def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: bool = False, **_) -> Any:
+        if failing[0] and not check:
+            raise MachineError(f"provisioning {machine.name} failed: 'reconfigure --port 8080' returned 1")
+        return SimpleNamespace(changed=0)
+
+    monkeypatch.setattr(apply, "run_provisioning", run_provisioning)
+    outcomes = apply.execute(store, apply.plan(store, fleet))
+    assert [(o.step.action, o.step.name, o.error is not None) for o in outcomes] == [
+        (apply.REPROVISION, "web1", True), (apply.CREATE, "web2", True)]
+    again = (apply.REPROVISION, "its last provisioning did not succeed")
+    assert steps(apply.plan(store, fleet)) == {"web1": again, "web2": again}
+    failing[0] = False
+    apply.execute(store, apply.plan(store, fleet))
+    assert steps(apply.plan(store, fleet)) == {"web1": (apply.UNCHANGED, ""), "web2": (apply.UNCHANGED, "")}
+    assert store.load("web1").fleet == {"name": "shop", "roles": [], "vars": {"port": 8080}}
 
 
 def test_prune_removes_only_the_fleets_machines_that_the_file_no_longer_names(tmp_path):
