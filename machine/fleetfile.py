@@ -283,9 +283,11 @@ def _driver_options(cls: type[Driver], settings: dict[str, tuple[Any, str]], fai
     own = {o.key: o for o in cls.options}
     for option, (value, at) in settings.items():
         many = option in own and own[option].multiple
-        if isinstance(value, dict) or (isinstance(value, list) and (not many or not all(
-                isinstance(v, (str, int, float)) for v in value))):
+        if isinstance(value, dict) or (isinstance(value, list) and not many):
             raise fail(at, f"{option} takes {'a value or a list of values' if many else 'one value'}")
+        if option in own and value is not None:  # None: as if not given (the environment's, or the default)
+            for item in value if isinstance(value, list) else [value]:
+                _typed(item, own[option].type, lambda text, at=at, option=option: fail(at, f"{option}: {text}"))
         try:
             parse_driver_options(cls.name, {option: value})
         except UsageError as e:
@@ -315,16 +317,26 @@ def _engine(raw: dict[str, tuple[Any, str]], fail: Fail, where: str) -> dict[str
                    as_keys(str(e))) from None
 
 
+def _typed(value: Any, kind: type, fail: Callable[[str], FleetError]) -> Any:
+    """The YAML value, if YAML read it as the option's type (bool, int, else a string): it is never converted,
+    as create's parser would (2047.9 is no whole number of MiB, and `off` no user name)."""
+    if kind is bool:
+        fits, wanted = isinstance(value, bool), "true or false"
+    elif kind is int:
+        fits, wanted = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    else:
+        fits, wanted = isinstance(value, str), "a string"
+    if not fits:
+        raise fail(f"must be {wanted}, not {value!r}")
+    return value
+
+
 def _engine_value(key: str, value: Any, fail: Callable[[str], FleetError]) -> Any:
     """The YAML value as create's flag would give it: a tuple of strings for a repeatable flag."""
     if key in _BOOL_OPTIONS:
-        if not isinstance(value, bool):
-            raise fail(f"must be true or false, not {value!r}")
-        return value
+        return _typed(value, bool, fail)
     if key in _INT_OPTIONS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail(f"must be a whole number, not {value!r}")
-        return value
+        return _typed(value, int, fail)
     if key in _PAIR_OPTIONS and isinstance(value, dict):
         return tuple(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items())
     if key == "engine_default_address_pool" and isinstance(value, list):
@@ -334,9 +346,7 @@ def _engine_value(key: str, value: Any, fail: Callable[[str], FleetError]) -> An
         if not all(isinstance(item, str) for item in items):
             raise fail("must be a string or a list of strings" + (" (or a mapping)" if key in _PAIR_OPTIONS else ""))
         return tuple(items)
-    if not isinstance(value, str):
-        raise fail(f"must be a string, not {value!r}")
-    return value
+    return _typed(value, str, fail)
 
 
 def _roles(value: Any, at: str, roles_path: tuple[Path, ...], fail: Fail) -> tuple[str, ...]:

@@ -80,6 +80,17 @@ def test_the_fleet_is_named_by_its_file_when_it_names_itself_not(tmp_path):
     ("machines:\n  web1:\n    local_isolation: bogus\n", 3, "local_isolation: 'bogus' is not one of userns"),
     ("machines:\n  web1:\n    ec2_region: eu-west-1\n", 3, "ec2_region is not an option of the local driver"),
     ("machines:\n  web1:\n    local_bridge: [a, b]\n", 3, "local_bridge takes one value"),
+    # A driver option takes YAML's value as it is: never truncated (2047.9), counted (true) or spelt (off, 'no').
+    ("machines:\n  vm1:\n    driver: libvirt\n    libvirt_memory: 2047.9\n", 4,
+     "vm1: libvirt_memory: must be a whole number, not 2047.9"),
+    ("machines:\n  vm1:\n    driver: libvirt\n    libvirt_cpus: true\n", 4,
+     "libvirt_cpus: must be a whole number, not True"),
+    ("machines:\n  g1:\n    driver: generic\n    generic_ssh_port: 22.9\n", 4,
+     "generic_ssh_port: must be a whole number, not 22.9"),
+    ("machines:\n  g1:\n    driver: generic\n    generic_ssh_user: off\n", 4,
+     "g1: generic_ssh_user: must be a string, not False"),
+    ("machines:\n  web1:\n    local_engine_layer: 'no'\n", 3, "local_engine_layer: must be true or false, not 'no'"),
+    ("machines:\n  e1:\n    driver: ec2\n    ec2_tags: [a=b, 1]\n", 4, "e1: ec2_tags: must be a string, not 1"),
     ("machines:\n  web1:\n    engine_mtu: big\n", 3, "engine_mtu: must be a whole number, not 'big'"),
     ("machines:\n  web1:\n    engine_icc: 'no'\n", 3, "engine_icc: must be true or false"),
     ("machines:\n  web1:\n    engine_bip: 10.1.0.0/24\n", 3, "engine_bip: 10.1.0.0/24 is a network address"),
@@ -119,6 +130,18 @@ def test_a_bad_fleet_file_is_refused_naming_file_line_and_machine(tmp_path, text
     assert str(error.value).startswith(f"{path}:{line}: " if line else f"{path}: "), str(error.value)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_driver_options_take_yaml_values_of_their_type(tmp_path):
+    fleet = fleetfile.load(write(tmp_path, """\
+        machines:
+          vm1: {driver: libvirt, libvirt_memory: 4096, libvirt_engine_layer: false}
+          e1: {driver: ec2, ec2_security_group: [a, b]}
+          g1: {driver: generic, generic_ip_address: 10.0.0.5, generic_ssh_port: 2222}
+    """))
+    vm1, e1, g1 = (spec.options for spec in fleet.machines)
+    assert (vm1["libvirt_memory"], vm1["libvirt_engine_layer"]) == (4096, False)
+    assert (e1["ec2_security_group"], g1["generic_ssh_port"]) == (["a", "b"], 2222)
 
 
 def test_empty_vars_roles_and_driver_are_as_if_not_given(tmp_path):
