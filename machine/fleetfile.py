@@ -367,19 +367,16 @@ def _roles(value: Any, at: str, roles_path: tuple[Path, ...], fail: Fail) -> tup
     return tuple(value)
 
 
-def _reserved_vars() -> frozenset[str]:
-    return frozenset(plan.role_vars(plan.engine_config(), "", "", ""))
-
-
 def _vars(value: Any, at: str, fail: Fail) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise fail(at, "vars must be a mapping of variable names to values")
+    own = plan.own_vars()
     for name in value:
         if not isinstance(name, str) or not name.isidentifier():
             raise fail(at, f"{name!r} is not a variable name")
-        if name in _reserved_vars():
-            raise fail(at, f"variable {name!r} is pymachine's own (set from the engine options or the certificates); "
-                           f"use the machine's engine options")
+        if name in own:
+            raise fail(at, f"variable {name!r} is pymachine's own (set from the engine options, the certificates or "
+                           f"the store's registries); use the machine's engine options")
     try:  # recorded in the machine's config.json, to tell a later apply whether they changed
         json.dumps(value)
     except (TypeError, ValueError):

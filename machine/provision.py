@@ -235,6 +235,22 @@ def role_vars(engine: dict[str, Any], ca_pem: str, server_cert: str, server_key:
             "tls_server_key": server_key}
 
 
+def registry_vars(trusted: Sequence[str], tls: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The registry role's variables: the registries to trust (HOST:PORT) and, on a registry's machine, its
+    certificate and key."""
+    values: dict[str, Any] = {"registry_port": REGISTRY_PORT, "registry_trusted": list(trusted)}
+    if tls:
+        values["registry_tls_cert"], values["registry_tls_key"] = tls
+    return values
+
+
+def own_vars() -> frozenset[str]:
+    """The names of every variable pymachine gives the roles itself (role_vars and registry_vars, with each value
+    they may leave out given): a fleet's vars must not override them."""
+    every_setting = engine_config(install_url="https://download.docker.com/linux")  # its URL is recorded if given
+    return frozenset({*role_vars(every_setting, "", "", ""), *registry_vars([], ("", ""))})
+
+
 def check_roles(tags: Sequence[str] = ()) -> None:
     """Refuse broken roles (YAML, an unknown module or keyword, a missing or broken template) before a machine
     is made or touched, and a tag no task has: Ansible would run nothing for a misspelt tag, and succeed."""

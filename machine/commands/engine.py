@@ -153,14 +153,14 @@ def _is_loopback(address: str) -> bool:
 
 def _registry_vars(store: Store, machine: Machine, driver: Driver) -> dict[str, Any]:
     """The registry role's variables: the registries to trust and, on a registry's machine, its certificate."""
-    values: dict[str, Any] = {"registry_port": plan.REGISTRY_PORT}
+    tls = None
     if machine.engine.get("registry_enabled"):
         address = driver.ip() or ""
         if _is_loopback(address):
             raise MachineError(f"{machine.name} is reached through ports forwarded on {address}: a registry on it "
                                f"would be out of the other machines' reach (give it a network of its own)")
-        values["registry_tls_cert"], values["registry_tls_key"] = certs.registry_pair(machine.dir).pem()
-    return {**values, "registry_trusted": trusted_registries(store, machine)}
+        tls = certs.registry_pair(machine.dir).pem()
+    return plan.registry_vars(trusted_registries(store, machine), tls)
 
 
 def share_registries(store: Store, registry: str) -> None:
@@ -180,7 +180,7 @@ def share_registries(store: Store, registry: str) -> None:
                 if driver.state() != State.RUNNING:
                     raise MachineError("it is not running")
                 variables = {"engine": machine.engine.get("engine", "docker"), "tls_ca_cert": ca_pem,
-                             "registry_trusted": trusted, "registry_port": plan.REGISTRY_PORT}
+                             **plan.registry_vars(trusted)}
                 with connect(machine, driver, timeout=30) as conn:
                     recap = run_roles(conn, ["registry"], roles_dir(), variables, host_name=name,
                                       become=conn.endpoint.needs_become)

@@ -100,6 +100,10 @@ def test_the_fleet_is_named_by_its_file_when_it_names_itself_not(tmp_path):
     ("machines:\n  web1:\n    engine_storage_driver: btrfs\n", 1 + 1,
      "local_isolation userns cannot mount loop devices"),
     ("machines:\n  web1:\n    vars: {engine_install: distro}\n", 3, "variable 'engine_install' is pymachine's own"),
+    # The registry role's variables, and an engine setting recorded only when given, are pymachine's too.
+    *((f"machines:\n  web1:\n    vars: {{{name}: x}}\n", 3, f"variable {name!r} is pymachine's own")
+      for name in ("registry_port", "registry_trusted", "registry_tls_cert", "registry_tls_key",
+                   "engine_official_url")),
     ("machines:\n  web1:\n    vars: {not a name: 1}\n", 3, "'not a name' is not a variable name"),
     ("machines:\n  web1:\n    roles: [kernel]\n", 3, "role 'kernel' runs on every machine already"),
     ("machines:\n  web1:\n    roles: [nonexistent]\n", 3, "role 'nonexistent' not found"),

@@ -42,7 +42,9 @@ def test_a_registry_behind_forwarded_loopback_ports_is_refused(tmp_path, address
         with pytest.raises(MachineError, match="ports forwarded on"):
             _registry_vars(store, machine, driver)
     else:
-        assert "-----BEGIN CERTIFICATE-----" in _registry_vars(store, machine, driver)["registry_tls_cert"]
+        variables = _registry_vars(store, machine, driver)
+        assert "-----BEGIN CERTIFICATE-----" in variables["registry_tls_cert"]
+        assert set(variables) <= provision.own_vars()  # a fleet's vars cannot override them
 
 
 def test_create_records_the_registry_and_defaults_to_none():
