@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,19 +21,28 @@ if TYPE_CHECKING:
     from machine.roles import Recap
 
 
-def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool) -> tuple[str, str, str]:
-    """CA, server cert and key for the machine. The server certs (the engine's, and its registry's) are reissued
-    when they miss a name or are about to expire, and with `renew`; the store's client certificate when it is
-    about to expire."""
+def _tls_material(store: Store, machine: Machine, driver: Driver, renew: bool,
+                  check: bool = False) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The CA's certificate, and the machine's server certificates and keys (PEM) by what they serve: the engine,
+    and its registry when it hosts one. One is reissued when it misses a name or is about to expire, and with
+    `renew`; in check mode, into a throwaway place: the run shows the change, and the store keeps the pair the
+    machine still serves (`env` goes on matching it). The store's client certificate is reissued when it is about
+    to expire (for every command, as `env` would)."""
     ca, client = _store_ca(store)
-    server = certs.server_pair(machine.dir)
-    names = {n for n in (*driver.cert_names(), machine.name, *machine.engine.get("tls_san", [])) if n}
-    hosts_registry = machine.engine.get("registry_enabled", False)
-    for pair in (server, certs.registry_pair(machine.dir)) if hosts_registry else (server,):
-        if renew or not pair.cert.exists() or not certs.carries(pair.cert, names) or certs.expiring(pair.cert):
-            certs.issue_server(ca, pair, machine.name, sorted(names))
+    names = sorted({n for n in (*driver.cert_names(), machine.name, *machine.engine.get("tls_san", [])) if n})
+    pairs = {"engine": certs.server_pair(machine.dir)}
+    if machine.engine.get("registry_enabled", False):
+        pairs["registry"] = certs.registry_pair(machine.dir)
+    pems = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for kind, pair in pairs.items():
+            if renew or not pair.cert.exists() or not certs.carries(pair.cert, names) or certs.expiring(pair.cert):
+                if check:
+                    pair = certs.Pair(Path(scratch, f"{kind}.pem"), Path(scratch, f"{kind}-key.pem"))
+                certs.issue_server(ca, pair, machine.name, names)
+            pems[kind] = pair.pem()
     _copy_client(ca, client, machine.dir)
-    return (ca.cert.read_text(), *server.pem())
+    return ca.cert.read_text(), pems
 
 
 def renew_client_cert(store: Store) -> None:
@@ -79,9 +89,9 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
     the engine's in the same play (one connection, one fact gathering, one recap)."""
     from machine.roles import run_roles  # the executor is the heaviest import; `--no-provision` skips it
 
-    ca_pem, server_cert, server_key = _tls_material(store, machine, driver, renew_certs)
-    variables = {**plan.role_vars(machine.engine, ca_pem, server_cert, server_key),
-                 **_registry_vars(store, machine, driver), **(extra or {})}
+    ca_pem, pems = _tls_material(store, machine, driver, renew_certs, check)
+    variables = {**plan.role_vars(machine.engine, ca_pem, *pems["engine"]),
+                 **_registry_vars(store, machine, driver, pems.get("registry")), **(extra or {})}
     with connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, list(plan.ROLES), roles_dir(), variables, check=check, diff=diff,
                           tags=list(tags) or None, reporter=reporter, host_name=machine.name,
@@ -151,15 +161,14 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def _registry_vars(store: Store, machine: Machine, driver: Driver) -> dict[str, Any]:
-    """The registry role's variables: the registries to trust and, on a registry's machine, its certificate."""
-    tls = None
+def _registry_vars(store: Store, machine: Machine, driver: Driver, tls: tuple[str, str] | None) -> dict[str, Any]:
+    """The registry role's variables: the registries to trust and, on a registry's machine, its certificate and
+    key (`tls`)."""
     if machine.engine.get("registry_enabled"):
         address = driver.ip() or ""
         if _is_loopback(address):
             raise MachineError(f"{machine.name} is reached through ports forwarded on {address}: a registry on it "
                                f"would be out of the other machines' reach (give it a network of its own)")
-        tls = certs.registry_pair(machine.dir).pem()
     return plan.registry_vars(trusted_registries(store, machine), tls)
 
 

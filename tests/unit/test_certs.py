@@ -194,6 +194,22 @@ def test_provisioning_reissues_ending_certificates_and_every_machine_of_the_ca_g
     assert (web2.dir / "cert.pem").read_bytes() == client.cert.read_bytes()
 
 
+def test_a_check_mode_run_shows_a_due_certificate_and_the_store_keeps_the_one_served(tmp_path):
+    """`provision --check`, `apply --dry-run`: the roles see a new certificate (and report the change), while the
+    machine's directory keeps the pair its engine still serves."""
+    store = Store(tmp_path / "home")
+    web1 = _machine(store, "web1")
+    web1.engine = {"registry_enabled": True}
+    _tls_material(store, web1, _Driver(), renew=False)
+    ca = certs.Pair(store.certs_dir / "ca.pem", store.certs_dir / "ca-key.pem")
+    served = ending_in(certs.server_pair(web1.dir), ca, 20)
+    before = {path: path.read_bytes() for path in web1.dir.glob("*.pem")}
+    _, pems = _tls_material(store, web1, _Driver(), renew=False, check=True)
+    assert pems["engine"][0].encode() != served and "-----BEGIN CERTIFICATE-----" in pems["engine"][0]
+    assert pems["registry"] == certs.registry_pair(web1.dir).pem()  # not due: the one it serves
+    assert {path: path.read_bytes() for path in web1.dir.glob("*.pem")} == before
+
+
 def test_regenerate_certs_client_certs_reissues_the_client_certificate_once(tmp_path, monkeypatch, capsys):
     from machine.cli import main
     from machine.store import Store

@@ -40,9 +40,9 @@ def test_a_registry_behind_forwarded_loopback_ports_is_refused(tmp_path, address
     driver = drivers.get("generic")(machine, store)
     if refused:
         with pytest.raises(MachineError, match="ports forwarded on"):
-            _registry_vars(store, machine, driver)
+            _registry_vars(store, machine, driver, certs.registry_pair(machine.dir).pem())
     else:
-        variables = _registry_vars(store, machine, driver)
+        variables = _registry_vars(store, machine, driver, certs.registry_pair(machine.dir).pem())
         assert "-----BEGIN CERTIFICATE-----" in variables["registry_tls_cert"]
         assert set(variables) <= provision.own_vars()  # a fleet's vars cannot override them
 
