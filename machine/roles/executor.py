@@ -465,11 +465,8 @@ class Play:
             attempt += 1
             result = self._call_module(task, ctx, args)
             rvars = variables.child({register: result}) if register else variables
-            if "changed_when" in task.data:
-                result["changed"] = self.templar.condition(task.get("changed_when"), rvars)
-            if "failed_when" in task.data:  # the module's msg stays, as in Ansible
-                result["failed_when_result"] = result["failed"] = self.templar.condition(task.get("failed_when"),
-                                                                                         rvars)
+            if "skipped" not in result:  # as Ansible: a skipped result (check mode, say) is not judged
+                self._judge(task, result, rvars)
             if "until" not in task.data:
                 break
             result["attempts"] = attempt
@@ -482,6 +479,14 @@ class Play:
         if "ansible_facts" in result and not result.get("failed"):
             self.host_vars.update(result["ansible_facts"])
         return result
+
+    def _judge(self, task: Task, result: dict[str, Any], variables: Vars) -> None:
+        """Apply the task's changed_when and failed_when to its module's result (the module's msg stays)."""
+        if "changed_when" in task.data:
+            result["changed"] = self.templar.condition(task.get("changed_when"), variables)
+        if "failed_when" in task.data:
+            result["failed_when_result"] = result["failed"] = self.templar.condition(task.get("failed_when"),
+                                                                                     variables)
 
     def _call_module(self, task: Task, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         assert task.module is not None

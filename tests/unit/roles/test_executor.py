@@ -597,3 +597,18 @@ def test_a_file_task_looping_over_nothing_reads_nothing_ahead(shell, roles, tmp_
     recap, events = play(shell, path)
     assert recap.failed == 0 and recap.changed == 1, events.results
     assert after.read_text() == "after\n"
+
+
+def test_a_skipped_result_is_not_judged_by_changed_when_or_failed_when(shell, roles):
+    """As ansible-playbook 2.19 --check: a command skipped in check mode is reported skipped, its changed_when and
+    failed_when (which read what only a real run returns) left unevaluated."""
+    path = roles("r", tasks="""
+        - name: probe
+          command: echo hi
+          register: p
+          changed_when: p.rc != 0
+          failed_when: p.stdout == 'no'
+        """)
+    recap, events = play(shell, path, check=True)
+    assert recap.failed == 0, recap.failure
+    assert (events.labels("skipped"), recap.skipped) == (["r : probe"], 1)
