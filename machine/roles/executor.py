@@ -291,9 +291,11 @@ class Play:
 
     def _meta(self, task: Task, run: RoleRun, scope: Scope) -> None:
         scope = scope.inherit(task)
-        if scope.when and not self._condition(self._info(task, run, False), scope.when,
-                                              self.variables(run, scope)):
-            return
+        try:
+            if not self._condition(scope.when, self.variables(run, scope)):
+                return
+        except TemplateFailure as e:
+            raise self._fail(self._info(task, run, False), str(e)) from None
         if task.args == "flush_handlers":
             self._flush_handlers()
         elif task.args in ("end_host", "end_play"):
@@ -315,27 +317,29 @@ class Play:
         self.reporter.task_result(self.host, info, TaskResult("failed", msg=msg))
         return _HostFailed(Failure(info.label, info.where, msg))
 
-    def _condition(self, info: TaskInfo, conditions: Sequence[Any], variables: Vars) -> bool:
+    def _condition(self, conditions: Sequence[Any], variables: Vars) -> bool:
+        """Whether all `conditions` hold; TemplateFailure, worded as Ansible's, when one cannot be evaluated."""
         try:
             return all(self.templar.condition(c, variables) for c in conditions)
         except TemplateFailure as e:
-            raise self._fail(info, f"conditional check failed: {e}") from None
+            raise TemplateFailure(f"Error while evaluating conditional: {e}") from None
 
     def _run_action(self, task: Task, run: RoleRun, scope: Scope, handler: bool) -> None:
         info = self._info(task, run, handler)
-        include = task.action == "include_tasks"
-        conditions = (*scope.when, *as_list(task.get("when")))
         variables = self.variables(run, scope, task.get("vars"))
         self.reporter.task_start(self.host, info)
         try:
             own = self._own(task, scope, variables)
-        except TemplateFailure as e:
+        except TemplateFailure as e:  # whether its errors are ignored is itself unknown: the task fails the host
             raise self._fail(info, str(e)) from None
         looped = "loop" in task.data or "with_items" in task.data
         try:
             items = self._items(task, variables) if looped else None
-        except TemplateFailure as e:
-            raise self._fail(info, str(e)) from None
+        except TemplateFailure as e:  # as Ansible: the task fails, and ignore_errors and register still apply
+            failed = {"changed": False, "failed": True, "msg": str(e)}
+            self._report(info, failed, own, None)
+            self._account(task, run, info, own, failed, False)
+            return
         control = task.get("loop_control") or {}
         loop_var = control.get("loop_var", "item")
         results: list[dict[str, Any]] = []
@@ -347,17 +351,11 @@ class Play:
                     top[control["index_var"]] = index
                 ivars = variables.child(top)
                 label = str(self._safe(control["label"], ivars) if "label" in control else item)
-            result: dict[str, Any] = {"changed": False, "skipped": True, "skip_reason": "Conditional result was False"}
-            if self._condition(info, conditions, ivars):
-                try:
-                    result = (self._include(task, run, scope, ivars, handler) if include
-                              else self._execute(task, run, own, ivars))
-                except RoleError as e:  # templating, or an include file that is missing or invalid
-                    raise self._fail(info, str(e)) from None
+            result = self._item(task, run, scope, own, ivars, handler)
             if items is not None:
                 result = {**result, loop_var: item, "item": item, "ansible_loop_var": loop_var}
             results.append(result)
-            if not include or result.get("skipped"):
+            if "include" not in result:  # an include reported itself
                 self._report(info, result, own, label)
         if items is None:
             final = results[0]
@@ -369,7 +367,22 @@ class Play:
                      "msg": "All items completed", "skipped": bool(results) and all(r.get("skipped") for r in results)}
             if any(r.get("failed") for r in results):
                 final.update(failed=True, msg="One or more items failed")
-        self._account(task, run, info, own, final, include)
+        self._account(task, run, info, own, final, task.action == "include_tasks")
+
+    def _item(self, task: Task, run: RoleRun, scope: Scope, own: Scope, variables: Vars,
+              handler: bool) -> dict[str, Any]:
+        """The task's result for one loop item (or the one run of a task without a loop). As in Ansible, a
+        condition or template that cannot be evaluated fails it, the failure then ignored or registered as any."""
+        try:
+            if not self._condition((*scope.when, *as_list(task.get("when"))), variables):
+                return {"changed": False, "skipped": True, "skip_reason": "Conditional result was False"}
+            if task.action != "include_tasks":
+                return self._execute(task, run, own, variables)
+            name = str(self.templar.template(task.args, variables))
+        except TemplateFailure as e:
+            return {"changed": False, "failed": True, "msg": str(e)}
+        self._include(task, run, scope, name, variables, handler)
+        return {"changed": False, "include": name}
 
     def _own(self, task: Task, scope: Scope, variables: Vars) -> Scope:
         """The keywords `task` runs with: its own over its blocks', templated with its variables."""
@@ -430,6 +443,9 @@ class Play:
         if "results" in result:
             failed = [r for r in result["results"] if r.get("failed")]
             return "; ".join(f"item={r.get('item')!r}: {Play._failure_msg(r)}" for r in failed)
+        when_error = result.get("changed_when_result", result.get("failed_when_result"))
+        if isinstance(when_error, str):  # the condition could not be evaluated: the module's msg says nothing of it
+            return when_error
         msg = str(result.get("msg") or "failed")
         detail = str(result.get("stderr") or "").strip().splitlines()
         # A module's own message may already end with the command's last error line: say it once.
@@ -482,11 +498,18 @@ class Play:
 
     def _judge(self, task: Task, result: dict[str, Any], variables: Vars) -> None:
         """Apply the task's changed_when and failed_when to its module's result (the module's msg stays)."""
-        if "changed_when" in task.data:
-            result["changed"] = self.templar.condition(task.get("changed_when"), variables)
-        if "failed_when" in task.data:
-            result["failed_when_result"] = result["failed"] = self.templar.condition(task.get("failed_when"),
-                                                                                     variables)
+        for keyword in ("changed_when", "failed_when"):
+            if keyword not in task.data:
+                continue
+            try:
+                holds = self._condition([task.get(keyword)], variables)
+            except TemplateFailure as e:  # as Ansible: the task fails, the error kept in the result
+                result.update({"failed": True, f"{keyword}_result": str(e)})
+                return
+            if keyword == "changed_when":
+                result["changed"] = holds
+            else:
+                result["failed_when_result"] = result["failed"] = holds
 
     def _call_module(self, task: Task, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         assert task.module is not None
@@ -508,21 +531,22 @@ class Play:
             # Output a probe did not expect (an unusual target): fail this task, not the whole program.
             return {"changed": False, "failed": True, "msg": f"{task.action}: {type(e).__name__}: {e}"}
 
-    def _include(self, task: Task, run: RoleRun, scope: Scope, variables: Vars, handler: bool) -> dict[str, Any]:
-        """Run the tasks of an include_tasks in `scope`, the scope the include itself is in.
+    def _include(self, task: Task, run: RoleRun, scope: Scope, name: str, variables: Vars, handler: bool) -> None:
+        """Run the tasks of file `name` of an include_tasks in `scope`, the scope the include itself is in.
 
         As in Ansible, the include's own keywords (when, tags, ignore_errors, no_log) apply to the include alone,
         while those of the blocks around it apply to each included task: a block's `when` is checked again for
         every one of them. The include's vars and loop variable reach them, the vars above set_fact."""
-        name = str(self.templar.template(task.args, variables))
-        tasks = task.tasks if task.tasks is not None and name == task.args else run.role.task_file(name)
         info = self._info(task, run, handler)
+        try:
+            tasks = task.tasks if task.tasks is not None and name == task.args else run.role.task_file(name)
+        except RoleError as e:  # as Ansible: a file that cannot be included fails the host, ignore_errors or not
+            raise self._fail(info, str(e)) from None
         self.reporter.task_result(self.host, info, TaskResult("included", msg=name))
         loop_var = variables.get("ansible_loop_var")
         carried = {loop_var: variables[loop_var]} if loop_var else {}
         self._run_list(tasks, run, replace(scope, vars=(*scope.vars, carried),
                                            params=(*scope.params, task.get("vars") or {})), handler)
-        return {"changed": False}
 
 
 def run_roles(conn: Runner, roles: Sequence[str], roles_path: Path | Sequence[Path],

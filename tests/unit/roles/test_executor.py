@@ -612,3 +612,29 @@ def test_a_skipped_result_is_not_judged_by_changed_when_or_failed_when(shell, ro
     recap, events = play(shell, path, check=True)
     assert recap.failed == 0, recap.failure
     assert (events.labels("skipped"), recap.skipped) == (["r : probe"], 1)
+
+
+def test_a_template_or_condition_that_fails_fails_its_task_which_ignore_errors_and_register_still_handle(shell, roles):
+    """As ansible-playbook 2.19: the task fails, its failure is ignored and registered, and the play goes on; an
+    error in failed_when or changed_when is kept in failed_when_result or changed_when_result."""
+    path = roles("r", tasks="""
+        - {name: bad msg, debug: {msg: "{{ nope }}"}, ignore_errors: true, register: u}
+        - {name: bad when, debug: {msg: x}, when: nope2 == 1, ignore_errors: true, register: w}
+        - {name: bad failed_when, command: echo x, failed_when: zzz == 1, ignore_errors: true, register: f}
+        - {name: bad changed_when, command: echo x, changed_when: zzz == 1, ignore_errors: true, register: c}
+        - {name: bad item, debug: {msg: "{{ item.x }}"}, loop: [1], ignore_errors: true, register: i}
+        - name: check
+          assert:
+            that:
+              - u is failed and "'nope' is undefined" in u.msg
+              - w is failed and "'nope2' is undefined" in w.msg
+              - f is failed and "'zzz' is undefined" in f.failed_when_result and f.stdout == 'x'
+              - c is failed and "'zzz' is undefined" in c.changed_when_result
+              - i is failed and i.results[0] is failed
+        - {name: not ignored, command: echo x, failed_when: zzz == 1}
+        """)
+    recap, events = play(shell, path)
+    assert events.labels("failed") == ["r : bad msg", "r : bad when", "r : bad failed_when", "r : bad changed_when",
+                                       "r : bad item", "r : not ignored"]
+    assert (recap.ignored, recap.failed) == (5, 1)
+    assert recap.failure.label == "r : not ignored" and "'zzz' is undefined" in recap.failure.msg
