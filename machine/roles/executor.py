@@ -338,7 +338,7 @@ class Play:
         except TemplateFailure as e:  # as Ansible: the task fails, and ignore_errors and register still apply
             failed = {"changed": False, "failed": True, "msg": str(e)}
             self._report(info, failed, own, None)
-            self._account(task, run, info, own, failed, False)
+            self._account(task, run, info, own, failed)
             return
         control = task.get("loop_control") or {}
         loop_var = control.get("loop_var", "item")
@@ -355,7 +355,7 @@ class Play:
             if items is not None:
                 result = {**result, loop_var: item, "item": item, "ansible_loop_var": loop_var}
             results.append(result)
-            if "include" not in result:  # an include reported itself
+            if "include" not in result:  # an included file is reported as it runs
                 self._report(info, result, own, label)
         if items is None:
             final = results[0]
@@ -367,7 +367,9 @@ class Play:
                      "msg": "All items completed", "skipped": bool(results) and all(r.get("skipped") for r in results)}
             if any(r.get("failed") for r in results):
                 final.update(failed=True, msg="One or more items failed")
-        self._account(task, run, info, own, final, task.action == "include_tasks")
+        self._account(task, run, info, own, final)
+        if task.action == "include_tasks":
+            self._include_files(task, run, scope, final, handler)
 
     def _item(self, task: Task, run: RoleRun, scope: Scope, own: Scope, variables: Vars,
               handler: bool) -> dict[str, Any]:
@@ -378,11 +380,9 @@ class Play:
                 return {"changed": False, "skipped": True, "skip_reason": "Conditional result was False"}
             if task.action != "include_tasks":
                 return self._execute(task, run, own, variables)
-            name = str(self.templar.template(task.args, variables))
+            return {"changed": False, "include": str(self.templar.template(task.args, variables))}
         except TemplateFailure as e:
             return {"changed": False, "failed": True, "msg": str(e)}
-        self._include(task, run, scope, name, variables, handler)
-        return {"changed": False, "include": name}
 
     def _own(self, task: Task, scope: Scope, variables: Vars) -> Scope:
         """The keywords `task` runs with: its own over its blocks', templated with its variables."""
@@ -416,27 +416,28 @@ class Play:
             status, msg=msg, diff=diff, item=item, ignored=status == "failed" and scope.ignore_errors,
             result=dict(result) if not scope.no_log else {}))
 
-    def _account(self, task: Task, run: RoleRun, info: TaskInfo, scope: Scope, result: dict[str, Any],
-                 include: bool) -> None:
-        """Register, notify, count, and stop the host on an unignored failure."""
+    def _account(self, task: Task, run: RoleRun, info: TaskInfo, scope: Scope, result: dict[str, Any]) -> None:
+        """Register, count, notify, and stop the host on an unignored failure, as Ansible's strategy does: an
+        ignored failure counts as ok and ignored (and changed, if it changed) but notifies nothing, and an
+        include counts nothing itself (each file it includes counts as ok)."""
         if task.get("register"):
             self.host_vars[task.get("register")] = result
         if result.get("failed"):
-            if scope.ignore_errors:
-                self.recap.ignored += 1
-                return
-            # The result is given whole to a rescue, even under no_log, as Ansible does (as `register` does).
-            raise _HostFailed(Failure(info.label, info.where, _HIDDEN if scope.no_log else self._failure_msg(result)),
-                              result)
-        if result.get("skipped"):
+            if not scope.ignore_errors:
+                # The result is given whole to a rescue, even under no_log, as Ansible does (as `register` does).
+                raise _HostFailed(Failure(info.label, info.where,
+                                          _HIDDEN if scope.no_log else self._failure_msg(result)), result)
+            self.recap.ignored += 1
+        elif result.get("skipped"):
             self.recap.skipped += 1
             return
-        if include:
+        elif task.action == "include_tasks":
             return
         self.recap.ok += 1
         if result.get("changed"):
             self.recap.changed += 1
-            self._notify(task, run, scope)
+            if not result.get("failed"):
+                self._notify(task, run, scope)
 
     @staticmethod
     def _failure_msg(result: Mapping[str, Any]) -> str:
@@ -531,20 +532,29 @@ class Play:
             # Output a probe did not expect (an unusual target): fail this task, not the whole program.
             return {"changed": False, "failed": True, "msg": f"{task.action}: {type(e).__name__}: {e}"}
 
-    def _include(self, task: Task, run: RoleRun, scope: Scope, name: str, variables: Vars, handler: bool) -> None:
-        """Run the tasks of file `name` of an include_tasks in `scope`, the scope the include itself is in.
+    def _include_files(self, task: Task, run: RoleRun, scope: Scope, result: Mapping[str, Any],
+                       handler: bool) -> None:
+        """Once the include's result is in, run the file of each item that was neither skipped nor failed, in
+        order, as Ansible's strategy does."""
+        for one in result.get("results", [result]):
+            if "include" in one:
+                self._include(task, run, scope, one, handler)
+
+    def _include(self, task: Task, run: RoleRun, scope: Scope, result: Mapping[str, Any], handler: bool) -> None:
+        """Run the tasks of the file an include's `result` names in `scope`, the scope the include itself is in.
 
         As in Ansible, the include's own keywords (when, tags, ignore_errors, no_log) apply to the include alone,
         while those of the blocks around it apply to each included task: a block's `when` is checked again for
         every one of them. The include's vars and loop variable reach them, the vars above set_fact."""
-        info = self._info(task, run, handler)
+        info, name = self._info(task, run, handler), result["include"]
         try:
             tasks = task.tasks if task.tasks is not None and name == task.args else run.role.task_file(name)
         except RoleError as e:  # as Ansible: a file that cannot be included fails the host, ignore_errors or not
             raise self._fail(info, str(e)) from None
+        self.recap.ok += 1
         self.reporter.task_result(self.host, info, TaskResult("included", msg=name))
-        loop_var = variables.get("ansible_loop_var")
-        carried = {loop_var: variables[loop_var]} if loop_var else {}
+        loop_var = result.get("ansible_loop_var")
+        carried = {loop_var: result[loop_var]} if loop_var else {}
         self._run_list(tasks, run, replace(scope, vars=(*scope.vars, carried),
                                            params=(*scope.params, task.get("vars") or {})), handler)
 

@@ -180,7 +180,8 @@ def test_ignore_errors_failed_when_changed_when_register(shell, roles):
               - probe.failed_when_result == false
         """)
     recap, _ = play(shell, path)
-    assert (recap.ignored, recap.failed, recap.changed, recap.ok) == (1, 0, 0, 3)
+    # As ansible-playbook 2.19: the ignored failure counts as ok and ignored, and changed (a command that ran)
+    assert (recap.ignored, recap.failed, recap.changed, recap.ok) == (1, 0, 1, 4)
 
 
 def test_loops_loop_control_and_registered_results(shell, roles):
@@ -638,3 +639,23 @@ def test_a_template_or_condition_that_fails_fails_its_task_which_ignore_errors_a
                                        "r : bad item", "r : not ignored"]
     assert (recap.ignored, recap.failed) == (5, 1)
     assert recap.failure.label == "r : not ignored" and "'zzz' is undefined" in recap.failure.msg
+
+
+def test_the_recap_counts_ignored_failures_and_included_files_as_ansible(shell, roles, tmp_path):
+    """Checked against ansible-playbook 2.19: an ignored failure counts as ok, ignored and (having run) changed,
+    but notifies nothing; an include counts as ok once per file it includes (per loop item), the skipped and
+    failed ones not."""
+    log = tmp_path / "log"
+    path = roles("r", tasks="""
+        - {name: ignored, command: "false", ignore_errors: true, notify: h}
+        - include_tasks: inc.yml
+        - include_tasks: inc.yml
+          loop: [1, 2, 3]
+          when: item != 2
+        - {include_tasks: "{{ nope }}.yml", ignore_errors: true}
+        """, handlers=f"- {{name: h, shell: echo h >> {log}}}\n", files={"tasks/inc.yml": "- debug: msg=hi\n"})
+    recap, events = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert events.labels("included") == ["r : include_tasks"] * 3
+    assert recap.line == "web1 : ok=9 changed=1 unreachable=0 failed=0 skipped=0 rescued=0 ignored=2"
+    assert not log.exists()
