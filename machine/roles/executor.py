@@ -238,7 +238,8 @@ class Play:
         """(kind, the names the task will read: one per loop item, as whom), or None when that is not plain now."""
         module = task.module
         tags = scope.tags | frozenset(map(str, as_list(task.get("tags"))))
-        if (module is None or module.reads is None or "until" in task.data or "with_items" in task.data
+        if (module is None or module.reads is None or "until" in task.data or "retries" in task.data
+                or "with_items" in task.data
                 or "index_var" in (task.get("loop_control") or {}) or not selected(tags, self.only, self.skip)):
             return None
         variables = self.variables(run, scope, task.get("vars"))
@@ -475,27 +476,31 @@ class Play:
                       env=env, check=self.check if scope.check_mode is None else scope.check_mode,
                       diff=self.diff if scope.diff is None else scope.diff)
         register = task.get("register")
-        retries = int(self.templar.template(task.get("retries", 3), variables)) if "until" in task.data else 0
-        delay = float(self.templar.template(task.get("delay", 5), variables))
-        attempt = 0
-        while True:
-            attempt += 1
-            result = self._call_module(task, ctx, args)
+        attempts = self._attempts(task, variables)
+        delay = max(0.0, float(self.templar.template(task.get("delay", 5), variables)))
+        for attempt in range(1, attempts + 1):
+            result = {"failed": False, "changed": False, **self._call_module(task, ctx, args)}  # as Ansible, both set
+            if attempts > 1:
+                result["attempts"] = attempt
             rvars = variables.child({register: result}) if register else variables
             if "skipped" not in result:  # as Ansible: a skipped result (check mode, say) is not judged
                 self._judge(task, result, rvars)
-            if "until" not in task.data:
+            if attempts == 1 or self._condition(as_list(task.get("until")) or [not result.get("failed")], rvars):
                 break
-            result["attempts"] = attempt
-            if self.templar.condition(task.get("until"), rvars):
-                break
-            if attempt > retries:
-                result.update(failed=True, msg=f"Retries exceeded ({retries}): {result.get('msg', '')}".rstrip(": "))
-                break
-            time.sleep(delay)
+            if attempt < attempts:
+                time.sleep(delay)
+        else:  # as Ansible: failed, the module's msg kept, and `attempts` one short of the runs made
+            result.update(failed=True, attempts=attempts - 1)
         if "ansible_facts" in result and not result.get("failed"):
             self.host_vars.update(result["ansible_facts"])
         return result
+
+    def _attempts(self, task: Task, variables: Vars) -> int:
+        """How many times the task may run, as in Ansible: once and `retries` more, with or without `until`
+        (which defaults to the task not failing); `until` alone allows 3 retries."""
+        if "retries" in task.data:
+            return 1 + max(0, int(self.templar.template(task.get("retries"), variables)))
+        return 4 if "until" in task.data else 1
 
     def _judge(self, task: Task, result: dict[str, Any], variables: Vars) -> None:
         """Apply the task's changed_when and failed_when to its module's result (the module's msg stays)."""

@@ -659,3 +659,41 @@ def test_the_recap_counts_ignored_failures_and_included_files_as_ansible(shell, 
     assert events.labels("included") == ["r : include_tasks"] * 3
     assert recap.line == "web1 : ok=9 changed=1 unreachable=0 failed=0 skipped=0 rescued=0 ignored=2"
     assert not log.exists()
+
+
+def test_retries_as_ansible_with_or_without_until(shell, roles, tmp_path):
+    """Checked against ansible-playbook 2.19: `retries` alone retries until the task does not fail; `until` alone
+    allows 3 retries; once they run out the task fails with its module's msg and `attempts` one short of the
+    runs made; `retries: 0` runs once, without `attempts`."""
+    runs = tmp_path / "runs"
+    path = roles("r", tasks=f"""
+        - name: succeeds on the third run
+          shell: echo x >> {runs}/a; [ $(wc -l < {runs}/a) -ge 3 ]
+          retries: 3
+          delay: 0
+          register: a
+        - name: never succeeds
+          shell: echo x >> {runs}/b; exit 1
+          retries: 1
+          delay: 0
+          register: b
+          ignore_errors: true
+        - name: until alone
+          shell: echo x >> {runs}/c
+          until: false
+          delay: 0
+          register: c
+          ignore_errors: true
+        - {{name: no retries, command: "true", until: false, retries: 0, register: d}}
+        - name: check
+          assert:
+            that:
+              - a is succeeded and a.attempts == 3
+              - b is failed and b.attempts == 1 and b.msg == 'non-zero return code'
+              - c is failed and c.attempts == 3
+              - d is succeeded and d.attempts is undefined
+        """)
+    runs.mkdir()
+    recap, _ = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert [len((runs / n).read_text().split()) for n in "abc"] == [3, 2, 4]
