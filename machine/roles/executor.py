@@ -266,9 +266,12 @@ class Play:
             self._run_block(task, run, scope.inherit(task), handler)
         elif task.action == "import_tasks":
             self._run_list(task.tasks or [], run, scope.inherit(task), handler)
+        elif not handler and not selected(scope.tags | frozenset(map(str, as_list(task.get("tags")))), self.only,
+                                          self.skip):
+            return  # a meta task too, as in Ansible (only its implicit flush_handlers escapes tags)
         elif task.action == "meta":
             self._meta(task, run, scope)
-        elif selected(scope.tags | frozenset(map(str, as_list(task.get("tags")))), self.only, self.skip) or handler:
+        else:
             self._run_action(task, run, scope, handler)
 
     def _run_block(self, block: Task, run: RoleRun, scope: Scope, handler: bool) -> None:

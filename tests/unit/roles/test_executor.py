@@ -697,3 +697,20 @@ def test_retries_as_ansible_with_or_without_until(shell, roles, tmp_path):
     recap, _ = play(shell, path)
     assert recap.failed == 0, recap.failure
     assert [len((runs / n).read_text().split()) for n in "abc"] == [3, 2, 4]
+
+
+def test_meta_tasks_obey_tag_selection(shell, roles):
+    """As ansible-playbook 2.19 --tags foo: a meta task tagged otherwise (or in a block tagged otherwise) does
+    not run."""
+    path = roles("r", tasks="""
+        - {name: before, debug: {msg: before}, tags: [foo]}
+        - {name: stop, meta: end_play, tags: [other]}
+        - {name: after, debug: {msg: after}, tags: [foo]}
+        - name: blk
+          tags: [other]
+          block:
+            - {name: stop too, meta: end_play}
+        - {name: last, debug: {msg: last}, tags: [foo]}
+        """)
+    _, events = play(shell, path, tags=["foo"])
+    assert events.labels("ok")[-3:] == ["r : before", "r : after", "r : last"]
