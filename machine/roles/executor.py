@@ -352,12 +352,12 @@ class Play:
             if items is not None:
                 top = {loop_var: item, "ansible_loop_var": loop_var}
                 if control.get("index_var"):
-                    top[control["index_var"]] = index
+                    top.update({control["index_var"]: index, "ansible_index_var": control["index_var"]})
                 ivars = variables.child(top)
                 label = str(self._safe(control["label"], ivars) if "label" in control else item)
             result = self._item(task, run, scope, own, ivars, handler)
-            if items is not None:
-                result = {**result, loop_var: item, "item": item, "ansible_loop_var": loop_var}
+            if items is not None:  # as Ansible, the item's result carries the loop variables
+                result = {**result, **top, "item": item}
             results.append(result)
             if "include" not in result:  # an included file is reported as it runs
                 self._report(info, result, own, label)
@@ -561,8 +561,9 @@ class Play:
             raise self._fail(info, str(e)) from None
         self.recap.ok += 1
         self.reporter.task_result(self.host, info, TaskResult("included", msg=name))
-        loop_var = result.get("ansible_loop_var")
-        carried = {loop_var: result[loop_var]} if loop_var else {}
+        # As Ansible's IncludedFile: the loop variables of the item reach the included tasks.
+        carried = {key: result[key] for name in ("ansible_loop_var", "ansible_index_var") if name in result
+                   for key in (name, result[name])}
         self._run_list(tasks, run, replace(scope, vars=(*scope.vars, carried),
                                            params=(*scope.params, task.get("vars") or {})), handler)
 

@@ -714,3 +714,20 @@ def test_meta_tasks_obey_tag_selection(shell, roles):
         """)
     _, events = play(shell, path, tags=["foo"])
     assert events.labels("ok")[-3:] == ["r : before", "r : after", "r : last"]
+
+
+def test_an_include_loop_hands_its_loop_variables_to_the_included_tasks(shell, roles):
+    """As ansible-playbook 2.19: the loop_var, the index_var, ansible_loop_var and ansible_index_var (which a
+    looped task's item results carry too)."""
+    path = roles("r", tasks="""
+        - include_tasks: inc.yml
+          loop: [a, b]
+          loop_control: {loop_var: x, index_var: idx}
+        - {command: "echo {{ x }}", loop: [a], loop_control: {loop_var: x, index_var: idx}, register: reg}
+        - assert: {that: "reg.results[0].idx == 0 and reg.results[0].ansible_index_var == 'idx'"}
+        """, files={"tasks/inc.yml": """
+            - {name: seen, debug: {msg: "{{ x }} {{ idx }} {{ ansible_loop_var }} {{ ansible_index_var }}"}}
+            """})
+    recap, events = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert [msg for label, _, _, msg in events.results if label == "r : seen"] == ["a 0 x idx", "b 1 x idx"]
