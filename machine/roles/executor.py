@@ -29,11 +29,13 @@ RECONNECTS_PER_TASK = 3
 
 
 class _HostFailed(Exception):
-    """A task failed the host: `result` is the failed task's whole result, `ansible_failed_result` in a rescue."""
+    """A task failed the host: `name` is the task's own name (empty if it has none) and `result` its whole result,
+    `ansible_failed_task.name` and `ansible_failed_result` in a rescue."""
 
-    def __init__(self, failure: Failure, result: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, failure: Failure, name: str, result: Mapping[str, Any] | None = None) -> None:
         super().__init__(str(failure))
         self.failure = failure
+        self.name = name
         self.result = dict(result) if result is not None else {"failed": True, "msg": failure.msg}
 
 
@@ -102,6 +104,11 @@ def selected(tags: frozenset[str], only: frozenset[str], skip: frozenset[str]) -
     return run
 
 
+def _own_name(task: Task) -> str:
+    """The task's name as Ansible's ansible_failed_task has it: as written, without its role, empty if none."""
+    return str(task.data.get("name") or "")
+
+
 class Play:
     def __init__(self, remote: Remote, runs: Sequence[RoleRun], extra_vars: Mapping[str, Any], *, check: bool,
                  diff: bool, tags: Sequence[str] | None, skip_tags: Sequence[str] | None, become: bool,
@@ -153,7 +160,8 @@ class Play:
         self.reporter.task_start(self.host, info)
         res = self._remote_call(lambda: self.remote.run(facts_mod.FACTS_SCRIPT))
         if res.rc != 0:
-            raise _HostFailed(Failure(info.label, info.where, f"fact gathering failed: {res.stderr.strip()}"))
+            raise _HostFailed(Failure(info.label, info.where, f"fact gathering failed: {res.stderr.strip()}"),
+                              info.label)
         self.facts = facts_mod.parse_facts(res.stdout)
         self.fact_vars = facts_mod.as_variables(self.facts)
         self.recap.ok += 1
@@ -283,7 +291,7 @@ class Play:
             if block.rescue:
                 failure = None
                 self.recap.rescued += 1
-                self.host_vars["ansible_failed_task"] = {"name": e.failure.label, "where": e.failure.where}
+                self.host_vars["ansible_failed_task"] = {"name": e.name, "where": e.failure.where}
                 self.host_vars["ansible_failed_result"] = e.result
                 try:
                     self._run_list(block.rescue, run, scope, handler)
@@ -299,7 +307,7 @@ class Play:
             if not self._condition(scope.when, self.variables(run, scope)):
                 return
         except TemplateFailure as e:
-            raise self._fail(self._info(task, run, False), str(e)) from None
+            raise self._fail(task, self._info(task, run, False), str(e)) from None
         if task.args == "flush_handlers":
             self._flush_handlers()
         elif task.args in ("end_host", "end_play"):
@@ -317,9 +325,9 @@ class Play:
     def _info(self, task: Task, run: RoleRun, handler: bool) -> TaskInfo:
         return TaskInfo(f"{run.role.name} : {task.name}", task.where, task.action, handler)
 
-    def _fail(self, info: TaskInfo, msg: str) -> _HostFailed:
+    def _fail(self, task: Task, info: TaskInfo, msg: str) -> _HostFailed:
         self.reporter.task_result(self.host, info, TaskResult("failed", msg=msg))
-        return _HostFailed(Failure(info.label, info.where, msg))
+        return _HostFailed(Failure(info.label, info.where, msg), _own_name(task))
 
     def _condition(self, conditions: Sequence[Any], variables: Vars) -> bool:
         """Whether all `conditions` hold; TemplateFailure, worded as Ansible's, when one cannot be evaluated."""
@@ -335,7 +343,7 @@ class Play:
         try:
             own = self._own(task, scope, variables)
         except TemplateFailure as e:  # whether its errors are ignored is itself unknown: the task fails the host
-            raise self._fail(info, str(e)) from None
+            raise self._fail(task, info, str(e)) from None
         looped = "loop" in task.data or "with_items" in task.data
         try:
             items = self._items(task, variables) if looped else None
@@ -430,7 +438,8 @@ class Play:
             if not scope.ignore_errors:
                 # The result is given whole to a rescue, even under no_log, as Ansible does (as `register` does).
                 raise _HostFailed(Failure(info.label, info.where,
-                                          _HIDDEN if scope.no_log else self._failure_msg(result)), result)
+                                          _HIDDEN if scope.no_log else self._failure_msg(result)),
+                                  _own_name(task), result)
             self.recap.ignored += 1
         elif result.get("skipped"):
             self.recap.skipped += 1
@@ -465,7 +474,7 @@ class Play:
             found = self.handlers.get(name) or self.handlers.get(f"{run.role.name} : {name}")
             if not found:
                 raise _HostFailed(Failure(f"{run.role.name} : {task.name}", task.data.where("notify"),
-                                          f"no handler named '{name}'"))
+                                          f"no handler named '{name}'"), _own_name(task))
             self.notified.update(id(h) for h in found)
 
     # -- executing a module -----------------------------------------------------------------------------
@@ -558,7 +567,7 @@ class Play:
         try:
             tasks = task.tasks if task.tasks is not None and name == task.args else run.role.task_file(name)
         except RoleError as e:  # as Ansible: a file that cannot be included fails the host, ignore_errors or not
-            raise self._fail(info, str(e)) from None
+            raise self._fail(task, info, str(e)) from None
         self.recap.ok += 1
         self.reporter.task_result(self.host, info, TaskResult("included", msg=name))
         # As Ansible's IncludedFile: the loop variables of the item reach the included tasks.

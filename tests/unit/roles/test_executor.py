@@ -131,7 +131,7 @@ def test_block_rescue_always_and_recap(shell, roles):
               debug: msg=always
         - name: check rescue
           assert:
-            that: "saved_by == 'r : will fail'"
+            that: "saved_by == 'will fail'"  # as Ansible: the task's own name
         """)
     recap, events = play(shell, path)
     assert recap.failed == 0 and recap.rescued == 1
@@ -731,3 +731,19 @@ def test_an_include_loop_hands_its_loop_variables_to_the_included_tasks(shell, r
     recap, events = play(shell, path)
     assert recap.failed == 0, recap.failure
     assert [msg for label, _, _, msg in events.results if label == "r : seen"] == ["a 0 x idx", "b 1 x idx"]
+
+
+def test_ansible_failed_task_name_is_the_tasks_own_name(shell, roles):
+    """As ansible-playbook 2.19: without the role's name, and empty for a task without a name."""
+    path = roles("r", tasks="""
+        - block:
+            - {name: boom, command: "false"}
+          rescue:
+            - set_fact: {named: "{{ ansible_failed_task.name }}"}
+        - block:
+            - command: "false"
+          rescue:
+            - assert: {that: "named == 'boom' and ansible_failed_task.name == ''"}
+        """)
+    recap, _ = play(shell, path)
+    assert (recap.failed, recap.rescued) == (0, 2), recap.failure
