@@ -143,6 +143,8 @@ class Play:
             self._gather_facts()
             for run in self.runs:
                 self._run_list(run.role.tasks, run, self.root)
+            # As Ansible's play of roles: its implicit flushes, after its (roles' and own) tasks and its post_tasks.
+            self._flush_handlers()
             self._flush_handlers()
         except _HostFailed as e:
             self.recap.failed += 1
@@ -314,12 +316,12 @@ class Play:
             raise _EndHost()
 
     def _flush_handlers(self) -> None:
-        # A handler may notify another: keep going until nothing notified remains.
-        while self.notified:
-            for handler, run in self.handler_order:
-                if id(handler) in self.notified:
-                    self.notified.discard(id(handler))
-                    self._run_task(handler, run, self.root, handler=True)
+        """One pass over the handlers in definition order, as Ansible's: a handler that one of them notifies runs
+        in this pass if it comes later, or else waits for the next flush."""
+        for handler, run in self.handler_order:
+            if id(handler) in self.notified:
+                self.notified.discard(id(handler))
+                self._run_task(handler, run, self.root, handler=True)
 
     # -- one task ----------------------------------------------------------------------------------------
     def _info(self, task: Task, run: RoleRun, handler: bool) -> TaskInfo:

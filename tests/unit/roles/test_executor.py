@@ -747,3 +747,21 @@ def test_ansible_failed_task_name_is_the_tasks_own_name(shell, roles):
         """)
     recap, _ = play(shell, path)
     assert (recap.failed, recap.rescued) == (0, 2), recap.failure
+
+
+def test_each_flush_is_one_pass_over_the_handlers_in_definition_order(shell, roles, tmp_path):
+    """Checked against ansible-playbook 2.19: a handler notified by another during a flush runs in it only if
+    defined after the one running, else at the next flush; the end of a play of roles flushes twice."""
+    log = tmp_path / "log"
+    path = roles("r", tasks=f"""
+        - {{name: t1, shell: echo t1 >> {log}, notify: h2}}
+        - meta: flush_handlers
+        - {{name: t2, shell: echo t2 >> {log}, notify: h2}}
+        """, handlers=f"""
+        - {{name: h1, shell: echo h1 >> {log}, notify: h3}}
+        - {{name: h2, shell: echo h2 >> {log}, notify: [h1, h3]}}
+        - {{name: h3, shell: echo h3 >> {log}}}
+        """)
+    recap, _ = play(shell, path)
+    assert recap.failed == 0, recap.failure
+    assert log.read_text().split() == ["t1", "h2", "h3", "t2", "h1", "h2", "h3", "h1", "h3"]
