@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import shlex
+from datetime import datetime
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure
 from machine.roles.remote import home_path, q, tilde_prefix
 
 _SKIP = "@@pm-skip@@"
+_WOULD_RUN = "Command would have run if not in check mode"
 _VAR = re.compile(r"\$(\w+|\{[^}]*\})")  # what Python's os.path.expandvars replaces
 _SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Options Ansible recognises inside a free-form command line (`creates=/x cmd args`).
@@ -51,9 +53,10 @@ class Command(Module):
         words = self._words()
         return expanded(words) if self.params["expand_argument_vars"] else shlex.join(words)
 
-    def described(self) -> str:
-        """The command as the result's `cmd` gives it: as written, not the script that expands its words."""
-        return shlex.join(self._words())
+    def described(self) -> str | list[str]:
+        """The command as the result's `cmd` gives it, as Ansible's: its words as written (not the script that
+        expands them)."""
+        return self._words()
 
     def run(self) -> dict[str, Any]:
         p = self.params
@@ -68,33 +71,45 @@ class Command(Module):
         if guard:
             guard += "set --\n"  # the script (a shell task's) starts without positional parameters, as always
         if self.ctx.check:
-            if not guard:
-                return {"changed": False, "skipped": True, "msg": "command would have run if not in check mode"}
-            reason = self._skip_reason(self.sh(chdir + guard + "true", what="probe").stdout)
-            return {"changed": not reason, "msg": reason or "command would have run if not in check mode"}
+            if not guard:  # as Ansible: skipped, unless creates/removes can tell
+                return self._result(msg=_WOULD_RUN, skipped=True)
+            option = self._skipped_by(self.sh(chdir + guard + "true", what="probe").stdout)
+            return self._guarded(option, "Would") if option else self._result(changed=True, msg=_WOULD_RUN)
         stdin = None
         if p["stdin"] is not None:
             stdin = (p["stdin"] + ("\n" if p["stdin_add_newline"] else "")).encode()
+        start = datetime.now()  # timed here, around the command's round trip (Ansible times it on the target)
         res = self.ctx.run(chdir + guard + cmd, stdin=stdin)
-        reason = self._skip_reason(res.stdout) if guard else None
-        if reason:
-            return {"changed": False, "rc": 0, "stdout": "", "stderr": "", "stdout_lines": [], "stderr_lines": [],
-                    "msg": reason}
+        end = datetime.now()
+        option = self._skipped_by(res.stdout) if guard else None
+        if option:
+            return self._guarded(option, "Did")
         strip = (lambda s: s.rstrip("\r\n")) if p["strip_empty_ends"] else (lambda s: s)
-        out, err = strip(res.stdout), strip(res.stderr)
-        result = {"changed": True, "cmd": self.described(), "rc": res.rc, "stdout": out, "stderr": err,
-                  "stdout_lines": out.splitlines(), "stderr_lines": err.splitlines()}
+        result = self._result(changed=True, rc=res.rc, stdout=strip(res.stdout), stderr=strip(res.stderr),
+                              start=str(start), end=str(end), delta=str(end - start))
         if res.rc != 0:
             result.update(failed=True, msg="non-zero return code")
         return result
 
+    def _result(self, *, changed: bool = False, rc: int = 0, stdout: str = "", stderr: str = "", msg: str = "",
+                **more: Any) -> dict[str, Any]:
+        """A result with the keys of Ansible's command module (start, end and delta None when nothing ran)."""
+        return {"changed": changed, "cmd": self.described(), "rc": rc, "stdout": stdout, "stderr": stderr,
+                "stdout_lines": stdout.splitlines(), "stderr_lines": stderr.splitlines(), "msg": msg,
+                "start": None, "end": None, "delta": None, **more}
 
-    def _skip_reason(self, output: str) -> str | None:
-        """Why the guard skipped the command (its output names the option), or None if it did not."""
-        p = self.params
-        reasons = {f"{_SKIP} creates": f"skipped, since {p['creates']} exists",
-                   f"{_SKIP} removes": f"skipped, since {p['removes']} does not exist"}
-        return reasons.get(output.strip())
+    def _guarded(self, option: str, verb: str) -> dict[str, Any]:
+        """The result of a command that `option` (creates or removes) kept from running, worded as Ansible's."""
+        path = self.params[option]
+        state = "exists" if option == "creates" else "does not exist"
+        return self._result(stdout=f"skipped, since {path} {state}",
+                            msg=f"{verb} not run command since '{path}' {state}")
+
+
+    @staticmethod
+    def _skipped_by(output: str) -> str | None:
+        """The option (creates or removes) whose guard kept the command from running, named by its output."""
+        return {f"{_SKIP} creates": "creates", f"{_SKIP} removes": "removes"}.get(output.strip())
 
 
 def expanded(words: list[str]) -> str:
@@ -144,5 +159,5 @@ class Shell(Command):
             return f"exec {q(self.params['executable'])} -c {q(raw)}"
         return raw
 
-    def described(self) -> str:
-        return self.command_line()
+    def described(self) -> str | list[str]:
+        return str(self.params["cmd"] or self.params["_raw_params"])

@@ -280,26 +280,32 @@ def test_sysctl_keeps_a_last_line_without_newline_whole(mod, tmp_path):
 
 def test_command_and_shell(mod, tmp_path, monkeypatch):
     marker = tmp_path / "done"
-    changed(mod("command", _raw_params=f"touch {marker}", creates=str(marker)))
+    res = changed(mod("command", _raw_params=f"touch {marker}", creates=str(marker)))
     assert marker.exists()
+    # As Ansible's command module: an empty msg, and when it ran (timed here: Ansible's start, end and delta)
+    assert res["msg"] == "" and res["start"] < res["end"] and res["delta"].startswith("0:00:")
     res = ok(mod("command", _raw_params=f"rm {marker}", creates=str(marker)))
-    assert res["msg"] == f"skipped, since {marker} exists" and marker.exists()
+    assert marker.exists()
+    assert (res["msg"], res["stdout"], res["rc"], res["cmd"], res["delta"]) == (
+        f"Did not run command since '{marker}' exists", f"skipped, since {marker} exists", 0, ["rm", str(marker)],
+        None)
     monkeypatch.setenv("HOME", "/home/x  y")
     monkeypatch.delenv("PM_UNSET", raising=False)
     res = changed(mod("command", _raw_params="echo 'a  b' $HOME $PM_UNSET | *"))
     assert res["stdout"] == "a  b /home/x  y $PM_UNSET | *"  # no shell: only variables are expanded, as Ansible
-    assert res["cmd"] == "echo 'a  b' '$HOME' '$PM_UNSET' '|' '*'"  # as given, not the script that expands it
+    assert res["cmd"] == ["echo", "a  b", "$HOME", "$PM_UNSET", "|", "*"]  # as given, not the script expanding it
     res = changed(mod("command", _raw_params="echo $HOME", expand_argument_vars=False))
     assert res["stdout"] == "$HOME"
     # A non-zero exit: the command ran (changed, as in Ansible) and failed.
     res = mod("shell", cmd="echo one; echo two >&2; exit 4", chdir=str(tmp_path))
-    assert (res["rc"], res["stdout"], res["stderr"], res["changed"], res["failed"], res["msg"]) == (
-        4, "one", "two", True, True, "non-zero return code")
+    assert (res["rc"], res["stdout"], res["stderr"], res["changed"], res["failed"], res["msg"], res["cmd"]) == (
+        4, "one", "two", True, True, "non-zero return code", "echo one; echo two >&2; exit 4")
     assert changed(mod("shell", _raw_params="pwd", chdir=str(tmp_path)))["stdout"] == str(tmp_path)
     assert changed(mod("command", argv=["printf", "%s", "x y"]))["stdout"] == "x y"
     assert changed(mod("shell", _raw_params="cat", stdin="fed"))["stdout"] == "fed"
     res = ok(mod("command", _raw_params=f"touch {tmp_path / 'not-in-check'}", check=True))
     assert res["skipped"] and not (tmp_path / "not-in-check").exists()
+    assert res["msg"] == "Command would have run if not in check mode"
     assert changed(mod("command", _raw_params=f"rm {marker}", removes=str(marker), check=True))["_commands"] == 1
     assert marker.exists()
     ok(mod("command", _raw_params="x", removes=str(tmp_path / "absent"), check=True))
@@ -342,8 +348,12 @@ def test_command_creates_and_removes_as_ansible_checks_them(mod, tmp_path, monke
 
 
 def test_command_check_mode_says_why_it_would_not_run(mod, tmp_path):
+    """Worded as ansible-playbook 2.19 --check words it."""
     res = ok(mod("command", _raw_params="x", removes=str(tmp_path / "absent"), check=True))
-    assert res["msg"] == f"skipped, since {tmp_path / 'absent'} does not exist"
+    assert res["msg"] == f"Would not run command since '{tmp_path / 'absent'}' does not exist"
+    assert res["stdout"] == f"skipped, since {tmp_path / 'absent'} does not exist"
+    res = changed(mod("command", _raw_params="x", removes=str(tmp_path), check=True))
+    assert (res["msg"], "skipped" in res) == ("Command would have run if not in check mode", False)
 
 
 def test_command_free_form_inline_options():
