@@ -377,8 +377,9 @@ class Play:
             final = {"changed": False, "skipped": True, "skipped_reason": "No items in the list", "results": []}
             self._report(info, final, own, None)
         else:
-            final = {"results": results, "changed": any(r.get("changed") for r in results),
-                     "msg": "All items completed", "skipped": bool(results) and all(r.get("skipped") for r in results)}
+            skipped = all(r.get("skipped") for r in results)
+            final = {"results": results, "changed": any(r.get("changed") for r in results), "skipped": skipped,
+                     "msg": "All items skipped" if skipped else "All items completed"}
             if any(r.get("failed") for r in results):
                 final.update(failed=True, msg="One or more items failed")
         self._account(task, run, info, own, final)

@@ -32,13 +32,14 @@ class Assert(Module):
         for expr in p["that"] if isinstance(p["that"], list) else [p["that"]]:
             if not self.ctx.templar.condition(expr, self.ctx.vars):
                 return {"changed": False, "failed": True, "assertion": expr, "evaluated_to": False,
-                        "msg": p["fail_msg"] or f"Assertion failed: {expr}"}
+                        "msg": p["fail_msg"] or "Assertion failed"}
         return {"changed": False, **({} if p["quiet"] else {"msg": p["success_msg"]})}
 
 
 class Debug(Module):
     names = ("debug",)
-    args: ClassVar[dict[str, Arg]] = {"msg": Arg(), "var": Arg(type="str"), "verbosity": Arg(default=0, type="int")}
+    args: ClassVar[dict[str, Arg]] = {"msg": Arg(default="Hello world!"), "var": Arg(type="str"),
+                                      "verbosity": Arg(default=0, type="int")}
 
     def run(self) -> dict[str, Any]:
         p = self.params
@@ -51,7 +52,7 @@ class Debug(Module):
             except TemplateFailure:
                 value = "VARIABLE IS NOT DEFINED!"
             return {"changed": False, p["var"]: value, "msg": f"{p['var']}: {value}"}
-        return {"changed": False, "msg": "Hello world!" if p["msg"] is None else p["msg"]}
+        return {"changed": False, "msg": p["msg"]}  # as Ansible's: a msg that templates to None stays None
 
 
 class Fail(Module):

@@ -765,3 +765,21 @@ def test_each_flush_is_one_pass_over_the_handlers_in_definition_order(shell, rol
     recap, _ = play(shell, path)
     assert recap.failed == 0, recap.failure
     assert log.read_text().split() == ["t1", "h2", "h3", "t2", "h1", "h2", "h3", "h1", "h3"]
+
+
+def test_messages_of_internal_modules_and_skipped_loops_as_ansible(shell, roles):
+    """As ansible-playbook 2.19: an assertion without fail_msg fails with "Assertion failed"; a loop whose items
+    were all skipped says "All items skipped"; a debug msg that templates to None stays None (null)."""
+    path = roles("r", tasks="""
+        - {name: fails, assert: {that: [false]}, ignore_errors: true, register: a}
+        - {name: all skipped, debug: {msg: x}, loop: [1, 2], when: false, register: s}
+        - {name: none, debug: {msg: "{{ None }}"}, register: n}
+        - {name: default, debug: {}, register: h}
+        - assert:
+            that:
+              - a.msg == 'Assertion failed'
+              - s.msg == 'All items skipped' and s is skipped
+              - n.msg is none and h.msg == 'Hello world!'
+        """)
+    recap, _ = play(shell, path)
+    assert recap.failed == 0, recap.failure
