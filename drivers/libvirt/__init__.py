@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pymachine.libvirt")
 STOP_TIMEOUT = 60.0
-LEASE_TIMEOUT = 180.0  # a cloud image asks for its lease ~50 s after power-on under TCG
-BOOT_TIMEOUT = 600.0  # until sshd answers: ~75 s for a cloud image under TCG, more on a loaded host
+# From power-on until sshd answers, its DHCP lease (on a network of libvirt's) included: ~75 s for a cloud image
+# under TCG (the lease ~50 s in), several times that with other guests on the same cores.
+BOOT_TIMEOUT = 600.0
 MIN_MEMORY = 256
 # Held shared by each create (and upgrade) from its first use of the image cache until its disk is backed by what
 # it uploaded, exclusively by a prune: a prune never takes a layer or base a create is about to use.
@@ -303,14 +304,15 @@ class LibvirtDriver(Driver):
             dom.create()
         except lv.libvirtError as e:
             raise MachineError(f"cannot start {self.machine.name}: {message(e)}") from None
-        if net is None:
-            address = network.LOOPBACK
-        else:
-            address = network.wait_for_lease(net, mac, stale, LEASE_TIMEOUT, self.is_alive)
-        self._settle_address(address)
-        endpoint = self.ssh_endpoint()
+        deadline = time.monotonic() + BOOT_TIMEOUT
         try:
-            network.wait_for_ssh(endpoint.host, endpoint.port, BOOT_TIMEOUT, self.is_alive)
+            if net is None:
+                address = network.LOOPBACK
+            else:
+                address = network.wait_for_lease(net, mac, stale, BOOT_TIMEOUT, self.is_alive)
+            self._settle_address(address)
+            endpoint = self.ssh_endpoint()
+            network.wait_for_ssh(endpoint.host, endpoint.port, max(deadline - time.monotonic(), 1.0), self.is_alive)
         except MachineError as e:
             raise MachineError(f"{e}; {console_tail(self._console_log)}") from None
 
