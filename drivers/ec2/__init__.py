@@ -26,6 +26,7 @@ from machine.drivers.ec2 import api, images, swarm
 from machine.drivers.ec2.api import TAG_HOME, TAG_ID, EC2Error, tag_filter, tags_of, translated
 from machine.endpoint import is_host
 from machine.errors import MachineError, UsageError
+from machine.names import validate_user
 from machine.store import write_atomic
 
 DEFAULT_REGION = "us-east-1"  # docker-machine's default, when neither a flag, the environment nor a profile names one
@@ -676,8 +677,7 @@ def _check_values(o: dict[str, Any]) -> None:
     if o["ec2_endpoint"]:
         check_endpoint(o["ec2_endpoint"])
     _check_iops(o["ec2_volume_type"], o["ec2_iops"])
-    if not o["ec2_ssh_user"]:
-        raise UsageError("--ec2-ssh-user must not be empty")
+    validate_user("--ec2-ssh-user", o["ec2_ssh_user"] or "")
 
 
 def check_endpoint(url: str) -> None:

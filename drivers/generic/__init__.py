@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from machine.drivers.base import Driver, Option, State
 from machine.endpoint import host_port, is_host, is_ip, normal_host
 from machine.errors import MachineError, UsageError
+from machine.names import validate_user
 from machine.ssh import HOST_KEY_TYPES, Connection, Endpoint, load_key
 from machine.store import Machine, RecordDamaged, write_atomic
 
@@ -161,9 +162,7 @@ class GenericDriver(Driver):
         port = options.get("generic_ssh_port")
         if not 0 < port < 65536:
             raise UsageError(f"--generic-ssh-port: {port} is not a port number")
-        user = options.get("generic_ssh_user") or ""
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?", user):
-            raise UsageError(f"--generic-ssh-user: {user!r} is not a user name")
+        validate_user("--generic-ssh-user", options.get("generic_ssh_user") or "")
         if options.get("generic_host_key_fingerprint"):
             normalize_fingerprint(options["generic_host_key_fingerprint"])
         load_key(key_path(options))  # missing, unreadable or encrypted: one line now, nothing written

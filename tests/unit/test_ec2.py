@@ -91,6 +91,9 @@ def test_the_ssh_user_is_the_option(tmp_path):
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_iops": 3000}, "--ec2-iops is for --ec2-volume-type io1 or io2 only, "
                                                             "not gp3"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "io2", "ec2_iops": 50}, "50 is less than 100"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_ssh_user": "Bad User;x"}, "--ec2-ssh-user: 'Bad User;x' is not a user"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_ssh_user": "-oProxyCommand=x"}, "'-oProxyCommand=x' is not a user"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_ssh_user": ""}, "--ec2-ssh-user: '' is not a user name"),
 ])
 def test_values_refused_before_any_api_call(overrides, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
