@@ -732,6 +732,19 @@ def _check_region(o: dict[str, Any], region: str) -> None:
     raise UsageError(f"--ec2-region: unknown region {region!r}")
 
 
+def _check_reachable(o: dict[str, Any], ec2: Any, region: str) -> None:
+    """The first EC2 call, one that any EC2 answers: an endpoint that does not answer, or answers but is no EC2,
+    is reported as that, not against whichever option happens to be checked first."""
+    where = "--ec2-endpoint" if o["ec2_endpoint"] else f"reaching EC2 in {region}"
+    try:
+        with translated(where):
+            ec2.describe_availability_zones()
+    except EC2Error as e:
+        if e.code:  # EC2's own answer (credentials, permissions): said as EC2 says it
+            raise
+        raise MachineError(f"{where}: {ec2.meta.endpoint_url} answers, but not as EC2 does") from None
+
+
 def check(o: dict[str, Any]) -> dict[str, Any]:
     """Refuse a create that cannot succeed, in one line; return what create needs: region, image, root device,
     VPC, subnet, the ids of reused security groups and the credentials' account. Reads only: nothing is made."""
@@ -743,9 +756,10 @@ def check(o: dict[str, Any]) -> dict[str, Any]:
         if profile.get_credentials() is None:
             raise MachineError("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
                                "(or --ec2-profile), or configure ~/.aws/credentials")
+    ec2 = _client(o, region)
+    _check_reachable(o, ec2, region)
     account = api.caller_account(o["ec2_profile"], region, o["ec2_endpoint"], o.get("ec2_access_key"),
                                  o.get("ec2_secret_key"))
-    ec2 = _client(o, region)
     itype = o["ec2_instance_type"]
     with _refused("--ec2-instance-type", f"{region} offers no instance type {itype!r}",
                   "InvalidInstanceType", "InvalidParameterValue"):

@@ -516,6 +516,43 @@ def test_a_subnet_of_another_vpc_is_refused(cli, cloud):
     assert cloud.new_resources() == set() and cli("ls", "-q").stdout.strip() == ""
 
 
+@contextlib.contextmanager
+def not_ec2() -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that answers every request with an HTML 404, as a wrong URL would."""
+    import http.server
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>not found</html>")
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_endpoint_that_is_not_ec2_is_named_as_such(cli, cloud):
+    port = free_closed_port()
+    with not_ec2() as wrong:
+        for url, message in ((f"http://127.0.0.1:{port}", f"--ec2-endpoint: cannot reach EC2 at http://127.0.0.1:"
+                                                          f"{port}/"),
+                             (wrong, f"--ec2-endpoint: {wrong} answers, but not as EC2 does")):
+            proc = create(cli, "bad", *CIDRS, "--ec2-endpoint", url, check=False)
+            assert proc.returncode == 1, proc.stderr
+            assert_one_line(proc)
+            assert message in proc.stderr
+    assert cloud.server.actions() == {} and not stored(cli)
+
+
 def test_missing_credentials_are_refused_before_anything(cli, cloud):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         del cli.env[key]
