@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from machine import cloudinit, sshkeys, ui
@@ -31,10 +32,13 @@ from machine.store import write_atomic
 
 DEFAULT_REGION = "us-east-1"  # docker-machine's default, when neither a flag, the environment nor a profile names one
 SSH_PORT = 22  # the group's rule; where pymachine connects is Driver.ssh_endpoint()
-# st1 and sc1 (HDD) cannot be a boot volume: EC2 refuses them as the root device.
-VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "standard")
-IOPS_TYPES = ("io1", "io2")  # provisioned-IOPS volumes: EC2 requires their Iops, 100 at least
-MIN_IOPS = 100
+# The root volume's types and EBS's size limits of each, in GiB (st1 and sc1, HDD, cannot be a boot volume).
+VOLUME_SIZES = {"gp3": (1, 65536), "gp2": (1, 16384), "io1": (4, 16384), "io2": (4, 65536), "standard": (1, 1024)}
+VOLUME_TYPES = tuple(VOLUME_SIZES)
+# Provisioned-IOPS volumes, whose Iops EC2 requires: (least, most, most per GiB of the volume).
+IOPS_LIMITS = {"io1": (100, 64000, 50), "io2": (100, 256000, 1000)}
+# A spot price as EC2 takes it: digits, maybe a fraction (no sign, exponent or spaces).
+PRICE = re.compile(r"[0-9]*\.?[0-9]+")
 # A launched instance reaches `running` in ~10-30 s, stops in ~30-60 s (a spot instance longer); a terminated
 # one frees its network interface, and so its security group, up to a few minutes later.
 WAIT = {"Delay": 5, "MaxAttempts": 120}
@@ -663,20 +667,16 @@ def _check_values(o: dict[str, Any]) -> None:
         raise UsageError("--ec2-allowed-cidr is required: say who may reach SSH and the engine, e.g. "
                          "--ec2-allowed-cidr YOUR.IP/32 (or 0.0.0.0/0 explicitly for everyone)")
     parse_cidrs(o["ec2_allowed_cidr"])
-    if o["ec2_root_size"] < 1:
-        raise UsageError(f"--ec2-root-size: {o['ec2_root_size']} is less than 1 GiB")
+    _check_volume_size(o["ec2_volume_type"], o["ec2_root_size"])
     if o["ec2_spot_max_price"] is not None:
         if not o["ec2_spot"]:
             raise UsageError("--ec2-spot-max-price needs --ec2-spot")
-        try:
-            price = Decimal(o["ec2_spot_max_price"])
-        except InvalidOperation:
-            price = Decimal(0)
-        if not price.is_finite() or price <= 0:
-            raise UsageError(f"--ec2-spot-max-price: {o['ec2_spot_max_price']!r} is not a positive price in USD")
+        price = o["ec2_spot_max_price"]
+        if not PRICE.fullmatch(price) or not Decimal(price) > 0:
+            raise UsageError(f"--ec2-spot-max-price: {price!r} is not a positive price in USD (e.g. 0.05)")
     if o["ec2_endpoint"]:
         check_endpoint(o["ec2_endpoint"])
-    _check_iops(o["ec2_volume_type"], o["ec2_iops"])
+    _check_iops(o["ec2_volume_type"], o["ec2_iops"], o["ec2_root_size"])
     validate_user("--ec2-ssh-user", o["ec2_ssh_user"] or "")
 
 
@@ -700,14 +700,31 @@ def check_endpoint(url: str) -> None:
     raise UsageError(f"--ec2-endpoint: {url!r} {problem}")
 
 
-def _check_iops(volume_type: str, iops: int | None) -> None:
-    if volume_type in IOPS_TYPES and iops is None:
+def _check_volume_size(volume_type: str, size: int) -> None:
+    least, most = VOLUME_SIZES[volume_type]
+    if size < least:
+        raise UsageError(f"--ec2-root-size: {size} is less than {least} GiB, the least of a {volume_type} volume")
+    if size > most:
+        raise UsageError(f"--ec2-root-size: {size} is more than {most} GiB, the most of a {volume_type} volume")
+
+
+def _check_iops(volume_type: str, iops: int | None, size: int) -> None:
+    limits = IOPS_LIMITS.get(volume_type)
+    if limits and iops is None:
         raise UsageError(f"--ec2-volume-type {volume_type} needs --ec2-iops (its provisioned IOPS, at least "
-                         f"{MIN_IOPS})")
-    if iops is not None and volume_type not in IOPS_TYPES:
-        raise UsageError(f"--ec2-iops is for --ec2-volume-type {' or '.join(IOPS_TYPES)} only, not {volume_type}")
-    if iops is not None and iops < MIN_IOPS:
-        raise UsageError(f"--ec2-iops: {iops} is less than {MIN_IOPS}")
+                         f"{limits[0]})")
+    if iops is None:
+        return
+    if not limits:
+        raise UsageError(f"--ec2-iops is for --ec2-volume-type {' or '.join(IOPS_LIMITS)} only, not {volume_type}")
+    least, most, per_gib = limits
+    if iops < least:
+        raise UsageError(f"--ec2-iops: {iops} is less than {least}")
+    if iops > most:
+        raise UsageError(f"--ec2-iops: {iops} is more than {most}, the most of a {volume_type} volume")
+    if iops > per_gib * size:
+        raise UsageError(f"--ec2-iops: {iops} is more than {per_gib} per GiB of the {size} GiB root volume "
+                         f"({volume_type}): raise --ec2-root-size or lower --ec2-iops")
 
 
 def _check_root_size(o: dict[str, Any], image: dict[str, Any]) -> None:
@@ -732,17 +749,19 @@ def _check_region(o: dict[str, Any], region: str) -> None:
     raise UsageError(f"--ec2-region: unknown region {region!r}")
 
 
-def _check_reachable(o: dict[str, Any], ec2: Any, region: str) -> None:
-    """The first EC2 call, one that any EC2 answers: an endpoint that does not answer, or answers but is no EC2,
-    is reported as that, not against whichever option happens to be checked first."""
+def _zones(o: dict[str, Any], ec2: Any, region: str) -> list[str]:
+    """The region's available zones: the first EC2 call, one that any EC2 answers, so an endpoint that does not
+    answer, or answers but is no EC2, is reported as that, not against whichever option happens to be checked
+    first."""
     where = "--ec2-endpoint" if o["ec2_endpoint"] else f"reaching EC2 in {region}"
     try:
         with translated(where):
-            ec2.describe_availability_zones()
+            zones = ec2.describe_availability_zones()["AvailabilityZones"]
     except EC2Error as e:
         if e.code:  # EC2's own answer (credentials, permissions): said as EC2 says it
             raise
         raise MachineError(f"{where}: {ec2.meta.endpoint_url} answers, but not as EC2 does") from None
+    return [z["ZoneName"] for z in zones if z.get("State", "available") == "available"]
 
 
 def check(o: dict[str, Any]) -> dict[str, Any]:
@@ -757,7 +776,7 @@ def check(o: dict[str, Any]) -> dict[str, Any]:
             raise MachineError("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
                                "(or --ec2-profile), or configure ~/.aws/credentials")
     ec2 = _client(o, region)
-    _check_reachable(o, ec2, region)
+    zones = _zones(o, ec2, region)
     account = api.caller_account(o["ec2_profile"], region, o["ec2_endpoint"], o.get("ec2_access_key"),
                                  o.get("ec2_secret_key"))
     itype = o["ec2_instance_type"]
@@ -782,17 +801,21 @@ def check(o: dict[str, Any]) -> dict[str, Any]:
         image = images.default_debian(ec2, region, architectures[0])
     _check_root_size(o, image)
 
-    vpc, subnet = _check_network(o, ec2, region)
+    vpc, subnet, zone = _check_network(o, ec2, region, zones)
+    if zone:
+        _check_offered(ec2, itype, zone)
     groups = _check_groups(o, ec2, vpc)
     return {"region": region, "ami": image["ImageId"], "root_device": image.get("RootDeviceName", "/dev/xvda"),
             "vpc": vpc, "subnet": subnet, "groups": groups, "account": account}
 
 
-def _check_network(o: dict[str, Any], ec2: Any, region: str) -> tuple[str, str | None]:
-    """(VPC, subnet or None for the VPC's default subnet) that the instance and its group go in."""
+def _check_network(o: dict[str, Any], ec2: Any, region: str,
+                   zones: list[str]) -> tuple[str, str | None, str | None]:
+    """(VPC, subnet or None for the VPC's default subnet, zone or None for EC2's choice) that the instance and its
+    group go in."""
     zone, vpc, subnet = o["ec2_zone"], o["ec2_vpc_id"], o["ec2_subnet_id"]
-    if zone and not zone.startswith(region):
-        raise UsageError(f"--ec2-zone {zone} is not a zone of {region}")
+    if zone and zone not in zones:
+        raise UsageError(f"--ec2-zone {zone} is not a zone of {region} (its zones: {', '.join(zones)})")
     if subnet:
         with _refused("--ec2-subnet-id", f"no subnet {subnet!r} in {region}", "InvalidSubnetID.NotFound",
                       "InvalidSubnetID.Malformed"):
@@ -801,7 +824,7 @@ def _check_network(o: dict[str, Any], ec2: Any, region: str) -> tuple[str, str |
             raise UsageError(f"--ec2-subnet-id {subnet} is in {found['VpcId']}, not in --ec2-vpc-id {vpc}")
         if zone and found["AvailabilityZone"] != zone:
             raise UsageError(f"--ec2-subnet-id {subnet} is in {found['AvailabilityZone']}, not in --ec2-zone {zone}")
-        return found["VpcId"], subnet
+        return found["VpcId"], subnet, found["AvailabilityZone"]
     if vpc:
         filters = [{"Name": "vpc-id", "Values": [vpc]}] + (
             [{"Name": "availability-zone", "Values": [zone]}] if zone else [])
@@ -811,12 +834,21 @@ def _check_network(o: dict[str, Any], ec2: Any, region: str) -> tuple[str, str |
             raise UsageError(f"--ec2-vpc-id: {vpc} has no subnet{' in ' + zone if zone else ''} in {region} "
                              f"(or does not exist): pass --ec2-subnet-id")
         best = max(subnets, key=lambda s: (s.get("DefaultForAz", False), s.get("AvailableIpAddressCount", 0)))
-        return vpc, best["SubnetId"]
+        return vpc, best["SubnetId"], best["AvailabilityZone"]
     with translated(f"finding the default VPC of {region}"):
         defaults = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
     if not defaults:
         raise UsageError(f"{region} has no default VPC: pass --ec2-subnet-id (or --ec2-vpc-id)")
-    return defaults[0]["VpcId"], None
+    return defaults[0]["VpcId"], None, zone
+
+
+def _check_offered(ec2: Any, itype: str, zone: str) -> None:
+    """Not every zone offers every instance type: RunInstances would refuse it after the key pair and group."""
+    with translated(f"--ec2-instance-type {itype}"):
+        offered = ec2.describe_instance_type_offerings(LocationType="availability-zone", Filters=[
+            {"Name": "location", "Values": [zone]}, {"Name": "instance-type", "Values": [itype]}])
+    if not offered["InstanceTypeOfferings"]:
+        raise UsageError(f"--ec2-instance-type: {zone} offers no {itype}: choose another type or zone")
 
 
 def _check_groups(o: dict[str, Any], ec2: Any, vpc: str) -> list[str]:

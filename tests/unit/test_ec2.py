@@ -74,10 +74,18 @@ def test_the_ssh_user_is_the_option(tmp_path):
     ({"ec2_allowed_cidr": ["10.0.0.0/8"], "ec2_security_group": ["sg-1"]}, "open ports 22 and 2376 in your group"),
     ({"ec2_allowed_cidr": ["10.0.0.1/8"]}, "has host bits set"),
     ({"ec2_allowed_cidr": ["everyone"]}, "does not appear to be an IPv4 or IPv6 network"),
-    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_root_size": 0}, "less than 1 GiB"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_root_size": 0}, "0 is less than 1 GiB, the least of a gp3 volume"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_root_size": 65537}, "65537 is more than 65536 GiB, the most of a gp3"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "standard", "ec2_root_size": 2000},
+     "2000 is more than 1024 GiB, the most of a standard volume"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "io1", "ec2_iops": 100, "ec2_root_size": 2},
+     "2 is less than 4 GiB, the least of a io1 volume"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot_max_price": "0.1"}, "needs --ec2-spot"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot": True, "ec2_spot_max_price": "-1"}, "not a positive price"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot": True, "ec2_spot_max_price": "cheap"}, "not a positive price"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot": True, "ec2_spot_max_price": "1e-2"}, "not a positive price"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot": True, "ec2_spot_max_price": " 0.5 "}, "not a positive price"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_spot": True, "ec2_spot_max_price": "0"}, "not a positive price"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_tags": ["novalue"]}, "use KEY=VALUE"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_tags": ["aws:x=1"]}, "reserved"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_tags": ["pymachine-machine-id=1"]}, "reserved"),
@@ -91,6 +99,10 @@ def test_the_ssh_user_is_the_option(tmp_path):
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_iops": 3000}, "--ec2-iops is for --ec2-volume-type io1 or io2 only, "
                                                             "not gp3"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "io2", "ec2_iops": 50}, "50 is less than 100"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "io2", "ec2_iops": 10000000, "ec2_root_size": 65536},
+     "10000000 is more than 256000, the most of a io2 volume"),
+    ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_volume_type": "io1", "ec2_iops": 3000},
+     "3000 is more than 50 per GiB of the 16 GiB root volume (io1)"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_ssh_user": "Bad User;x"}, "--ec2-ssh-user: 'Bad User;x' is not a user"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_ssh_user": "-oProxyCommand=x"}, "'-oProxyCommand=x' is not a user"),
     ({"ec2_allowed_cidr": ["0.0.0.0/0"], "ec2_ssh_user": ""}, "--ec2-ssh-user: '' is not a user name"),
@@ -111,9 +123,11 @@ def test_endpoints_botocore_can_use_are_accepted(url):
     check_endpoint(url)
 
 
-def test_io_volumes_take_their_iops():
-    for volume_type in ("io1", "io2"):
-        _check_values(values(ec2_allowed_cidr=["0.0.0.0/0"], ec2_volume_type=volume_type, ec2_iops=3000))
+def test_io_volumes_take_their_iops_within_ebs_limits():
+    for volume_type, iops in (("io1", 800), ("io2", 16000)):  # 50 and 1000 per GiB of the default 16 GiB
+        _check_values(values(ec2_allowed_cidr=["0.0.0.0/0"], ec2_volume_type=volume_type, ec2_iops=iops))
+    _check_values(values(ec2_allowed_cidr=["0.0.0.0/0"], ec2_volume_type="io1", ec2_iops=64000, ec2_root_size=1280))
+    _check_values(values(ec2_allowed_cidr=["0.0.0.0/0"], ec2_spot=True, ec2_spot_max_price=".5"))
 
 
 def test_the_iops_go_with_the_root_volume(tmp_path):
