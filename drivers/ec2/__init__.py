@@ -64,6 +64,10 @@ STATES = {"pending": State.STARTING, "running": State.RUNNING, "stopping": State
           "shutting-down": State.ERROR, "terminated": State.ERROR}
 
 
+class WaitTimedOut(MachineError):
+    """The instance did not reach the state waited for within WAIT (not: it went elsewhere, EC2 refused)."""
+
+
 class EC2Driver(Driver):
     name = "ec2"
     options = (
@@ -243,8 +247,16 @@ class EC2Driver(Driver):
         return spec
 
     def _wait(self, waiter: str, instance_id: str, what: str) -> None:
+        """Until the instance is `what`; WaitTimedOut when it is not after WAIT (other failures: MachineError)."""
+        exc = api.botocore_exceptions()
         with translated(f"waiting for {self.machine.name} to be {what}"):
-            self._ec2.get_waiter(waiter).wait(InstanceIds=[instance_id], WaiterConfig=WAIT)
+            try:
+                self._ec2.get_waiter(waiter).wait(InstanceIds=[instance_id], WaiterConfig=WAIT)
+            except exc.WaiterError as e:
+                if e.kwargs.get("reason") != "Max attempts exceeded":
+                    raise
+                raise WaitTimedOut(f"{self.machine.name} is not {what} after "
+                                   f"{WAIT['Delay'] * WAIT['MaxAttempts']:.0f}s") from None
 
     def _describe(self, instance_id: str) -> dict[str, Any] | None:
         """The instance now (not the listing), or None when EC2 does not show it: gone, or, right after its launch,
@@ -299,11 +311,18 @@ class EC2Driver(Driver):
         self._settle(instance_id)
 
     def stop(self, force: bool = False) -> None:
+        """An orderly stop, forced when the OS has not shut down within WAIT (a hung shutdown never ends)."""
         instance_id = self._instance_id()
         api.Listing.forget(self._listing_key)
         with translated(f"{'killing' if force else 'stopping'} {self.machine.name}"):
             self._ec2.stop_instances(InstanceIds=[instance_id], Force=force)
-        self._wait("instance_stopped", instance_id, "stopped")
+        try:
+            self._wait("instance_stopped", instance_id, "stopped")
+        except WaitTimedOut:
+            if force:
+                raise
+            ui.err(f"warning: {self.machine.name} did not stop in time: forcing the stop")
+            self.stop(force=True)
 
     def kill(self) -> None:
         """A forced stop: EC2 stops the instance without waiting for its OS to shut down."""

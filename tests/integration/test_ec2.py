@@ -314,6 +314,32 @@ def test_stop_start_kill_restart_follow_the_instance(cli, cloud, monkeypatch):
         assert time.monotonic() - began < 5
 
 
+def test_a_stop_that_does_not_finish_in_time_is_forced(cli, cloud, monkeypatch):
+    """docs/drivers.md: `stop` is orderly and forced after a timeout. Here the OS never shuts down: EC2 shows the
+    instance `stopping` until a forced StopInstances."""
+    create(cli, "web1", *CIDRS)
+    store = in_process(cli, monkeypatch)
+    monkeypatch.setitem(WAIT, "Delay", 0.1)
+    monkeypatch.setitem(WAIT, "MaxAttempts", 3)
+    forced: list[bool] = []
+
+    def stopping(params: dict[str, Any], **_: Any) -> None:
+        forced.append(params["body"].get("Force") == "true")
+
+    def hung(parsed: dict[str, Any], **_: Any) -> None:
+        for reservation in parsed.get("Reservations", []):
+            for instance in reservation["Instances"]:
+                if not any(forced):
+                    instance["State"]["Name"] = "stopping"
+
+    hook_clients(monkeypatch, {"before-call.ec2.StopInstances": stopping,
+                               "after-call.ec2.DescribeInstances": hung})
+    with store.locked("web1") as machine:
+        EC2Driver(machine, store).stop()
+        assert forced == [False, True]
+        assert cloud.instance(machine.resources["instance_id"])["State"]["Name"] == "stopped"
+
+
 def free_closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
