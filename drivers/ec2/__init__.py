@@ -336,8 +336,15 @@ class EC2Driver(Driver):
         command layer's SSH connect reach the old boot. So when SSH answers before the reboot, wait until it
         stops answering (the OS is shutting down); the command layer then waits for it to answer again. When it
         does not answer from here before the reboot, nothing can be seen, and the reboot is not waited for.
+
+        EC2 reboots only a running instance (IncorrectInstanceState otherwise): one that is not running is started,
+        as a restart of a stopped local or libvirt machine starts it; a terminated one gets start()'s message.
         """
         instance_id = self._instance_id()
+        instance = self._describe(instance_id)
+        if instance is None or instance["State"]["Name"] != "running":
+            self.start()
+            return
         endpoint = self.ssh_endpoint() if self.ip() else None
         was_up = endpoint is not None and port_answers(endpoint.host, endpoint.port)
         api.Listing.forget(self._listing_key)

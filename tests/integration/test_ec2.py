@@ -314,6 +314,23 @@ def test_stop_start_kill_restart_follow_the_instance(cli, cloud, monkeypatch):
         assert time.monotonic() - began < 5
 
 
+def test_restart_of_a_stopped_instance_starts_it(cli, cloud, monkeypatch):
+    """EC2 refuses RebootInstances for a stopped instance (IncorrectInstanceState; moto reboots it all the same)."""
+    create(cli, "web1", *CIDRS)
+    cli("stop", "web1")
+    store = in_process(cli, monkeypatch)
+    cloud.server.recording.write_text("")
+    with store.locked("web1") as machine:
+        machine.record(ip="127.0.0.1", ssh_port=free_closed_port())  # a reboot's SSH check never leaves this host
+        EC2Driver(machine, store).restart()
+        instance = cloud.instance(machine.resources["instance_id"])
+        assert instance["State"]["Name"] == "running" and machine.resources["ip"] == instance["PublicIpAddress"]
+    assert "StartInstances" in cloud.server.actions() and "RebootInstances" not in cloud.server.actions()
+    cloud.ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
+    with store.locked("web1") as machine, pytest.raises(MachineError, match="is terminated: remove the machine"):
+        EC2Driver(machine, store).restart()
+
+
 def test_a_stop_that_does_not_finish_in_time_is_forced(cli, cloud, monkeypatch):
     """docs/drivers.md: `stop` is orderly and forced after a timeout. Here the OS never shuts down: EC2 shows the
     instance `stopping` until a forced StopInstances."""
