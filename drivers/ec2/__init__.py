@@ -44,16 +44,18 @@ PRICE = re.compile(r"[0-9]*\.?[0-9]+")
 WAIT = {"Delay": 5, "MaxAttempts": 120}
 GROUP_RELEASE_TIMEOUT = 300.0
 # EC2 is eventually consistent: right after RunInstances it may answer DescribeInstances of the new id with
-# InvalidInstanceID.NotFound and a tag or client-token filter with nothing. Until this long after a launch that
-# never settled (no address recorded), "nothing found" means "not visible yet": removal asks again with backoff
-# (VISIBLE_DELAY, doubling up to VISIBLE_MAX_DELAY) and leftovers() says so, so the record is kept.
+# InvalidInstanceID.NotFound and a tag or client-token filter with nothing; right after CreateSecurityGroup or
+# ImportKeyPair a lookup by name may find nothing. Until this long after a launch that never settled (no address
+# recorded), or after a group or key pair was asked for whose id never reached the journal, "nothing found" means
+# "not visible yet": removal asks again with backoff (VISIBLE_DELAY, doubling up to VISIBLE_MAX_DELAY) and
+# leftovers() says so, so the record is kept.
 VISIBLE_TIMEOUT = 120.0
 VISIBLE_DELAY = 1.0
 VISIBLE_MAX_DELAY = 15.0
-# RunInstances errors that do not mean "nothing launched": boto3 retries them, and an earlier attempt (its answer
-# lost) may have launched the instance all the same.
-UNSURE_LAUNCH_ERRORS = ("RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure",
-                        "ServiceUnavailable", "Unavailable")
+# Errors of RunInstances, CreateSecurityGroup and ImportKeyPair that do not mean "nothing made": boto3 retries
+# them, and an earlier attempt (its answer lost) may have made it all the same.
+UNSURE_ERRORS = ("RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure", "ServiceUnavailable",
+                 "Unavailable")
 # How often is_alive() asks EC2 while the command layer waits for SSH (it is called several times a second).
 ALIVE_INTERVAL = 5.0
 # A reboot that the OS does not perform within 4 minutes EC2 forces: by then SSH must have gone down.
@@ -168,17 +170,18 @@ class EC2Driver(Driver):
         found = check(o)
         ec2 = _client(o, found["region"])
         # The account first: rm with another account's credentials must refuse, not find nothing and forget.
-        self.machine.record(region=found["region"], ami=found["ami"], key_name=self._base, account=found["account"])
+        self.machine.record(region=found["region"], ami=found["ami"], key_name=self._base, account=found["account"],
+                            key_pair_time=time.time())
         public = sshkeys.public_line(self.machine.key_path.read_bytes(), f"pymachine@{self.machine.name}")
-        with translated(f"importing key pair {self._key_name}"):
+        with self._refusal_noted("key_pair_refused"), translated(f"importing key pair {self._key_name}"):
             pair = ec2.import_key_pair(KeyName=self._key_name, PublicKeyMaterial=public.encode(), TagSpecifications=[
                 {"ResourceType": "key-pair", "Tags": self._tags(self._key_name)}])
         self.machine.record(key_pair_id=pair.get("KeyPairId", ""))
 
         groups = list(found["groups"])
         if not groups:
-            self.machine.record(group_name=self._base)
-            with translated(f"creating security group {self._group_name}"):
+            self.machine.record(group_name=self._base, group_time=time.time())
+            with self._refusal_noted("group_refused"), translated(f"creating security group {self._group_name}"):
                 group = ec2.create_security_group(
                     GroupName=self._group_name, VpcId=found["vpc"],
                     Description=f"pymachine machine {self.machine.name} ({self.machine.id}): SSH and engine",
@@ -196,18 +199,24 @@ class EC2Driver(Driver):
         # The time (wall clock: rm may run in another process) bounds how long EC2 may not show the instance.
         self.machine.record(host_key=host_key.public_line, client_token=f"pymachine-{self.machine.id}",
                             launch_time=time.time())
-        try:
-            with translated(f"launching {self.machine.name}"):
-                launched = ec2.run_instances(**self._launch(found, groups, user_data, r["client_token"]))
-        except EC2Error as e:
-            if e.code not in UNSURE_LAUNCH_ERRORS:  # EC2 refused it: rm need not wait for an instance to show
-                self.machine.record(launch_refused=e.code)
-            raise
+        with self._refusal_noted("launch_refused"), translated(f"launching {self.machine.name}"):
+            launched = ec2.run_instances(**self._launch(found, groups, user_data, r["client_token"]))
         instance_id = launched["Instances"][0]["InstanceId"]
         self.machine.record(instance_id=instance_id)
         api.Listing.forget(self._listing_key)
         self._wait("instance_running", instance_id, "running")
         self._settle(instance_id)
+
+    @contextlib.contextmanager
+    def _refusal_noted(self, key: str) -> Iterator[None]:
+        """Record EC2's refusal of what is being made under `key`: nothing was made, so rm need not wait for it
+        to show (an error in UNSURE_ERRORS may follow a lost answer to an attempt that made it)."""
+        try:
+            yield
+        except EC2Error as e:
+            if e.code not in UNSURE_ERRORS:
+                self.machine.record(**{key: e.code})
+            raise
 
     def _launch(self, found: dict[str, Any], groups: list[str], user_data: str, token: str) -> dict[str, Any]:
         o = self.opts
@@ -296,7 +305,9 @@ class EC2Driver(Driver):
 
     def start(self) -> None:
         instance_id = self._instance_id()
-        instance = self._until_visible(lambda: self._describe(instance_id))  # a create killed right after launch
+        # The instance of a create killed right after its launch may not show yet.
+        instance = self._until_visible(lambda: self._describe(instance_id), self._unseen_until(),
+                                       self._instance_label)
         state = instance["State"]["Name"] if instance else "terminated"
         if state in ("shutting-down", "terminated"):
             raise MachineError(f"the instance of {self.machine.name} ({instance_id}) is {state}: remove the machine "
@@ -362,6 +373,19 @@ class EC2Driver(Driver):
         return bool((r.get("instance_id") or r.get("client_token")) and not r.get("ip")
                     and not r.get("launch_refused"))
 
+    @property
+    def _instance_label(self) -> str:
+        return f"the instance of {self.machine.name}"
+
+    def _name_unseen_until(self, kind: str) -> float:
+        """Until when (wall clock) EC2 may not show the machine's `kind` ("group", "key_pair") by name:
+        VISIBLE_TIMEOUT after create asked for it, while its id is unknown and EC2 did not refuse it; 0 otherwise,
+        and for a record from before these times were recorded."""
+        r = self.machine.resources
+        if f"{kind}_id" in r or r.get(f"{kind}_refused") or not r.get(f"{kind}_time"):
+            return 0.0
+        return float(r[f"{kind}_time"]) + VISIBLE_TIMEOUT
+
     def _unseen_until(self) -> float:
         """Until when (wall clock) EC2 may not show the machine's instance yet: VISIBLE_TIMEOUT after a launch that
         never settled; 0 for any other machine, and for a record from before launch times were recorded."""
@@ -400,16 +424,16 @@ class EC2Driver(Driver):
     def _instances(self) -> list[dict[str, Any]]:
         """The machine's instances, terminated ones too, for removal: terminating nothing while the instance is
         still invisible would forget a running instance."""
-        return self._until_visible(lambda: self._look(listed=False))
+        return self._until_visible(lambda: self._look(listed=False), self._unseen_until(), self._instance_label)
 
-    def _until_visible(self, look: Callable[[], T]) -> T:
-        """What `look()` finds; while it finds nothing of a launch that never settled, asked again with backoff
-        until EC2 must show the instance (_unseen_until): "not found" then means "not yet"."""
+    def _until_visible(self, look: Callable[[], T], until: float, what: str) -> T:
+        """What `look()` finds; while it finds nothing, asked again with backoff until `until` (wall clock), when
+        EC2 must show `what` if it exists: before then "not found" means "not yet"."""
         found = look()
-        unseen = self._unseen_until() - time.time()
+        unseen = until - time.time()
         if found or unseen <= 0:
             return found
-        with ui.step(f"waiting for EC2 to show the instance of {self.machine.name}"):
+        with ui.step(f"waiting for EC2 to show {what}"):
             return poll(look, bool, unseen, VISIBLE_DELAY, VISIBLE_MAX_DELAY)
 
     def _spot_requests(self, instances: list[dict[str, Any]]) -> set[str]:
@@ -426,10 +450,22 @@ class EC2Driver(Driver):
         recorded = self.machine.resources.get("group_id")
         if recorded:
             return [recorded]
+        found = self._until_visible(self._groups_named, self._name_unseen_until("group"),
+                                    f"security group {self._group_name}")
+        if found:  # known now: no later look waits for it, and once deleted leftovers() knows it gone
+            self.machine.record(group_id=found[0])
+        return found
+
+    def _groups_named(self) -> list[str]:
         with translated(f"finding security group {self._group_name}"):
             found = self._ec2.describe_security_groups(
                 Filters=[{"Name": "group-name", "Values": [self._group_name]}])
         return [g["GroupId"] for g in found["SecurityGroups"]]
+
+    def _key_pairs_named(self) -> list[str]:
+        with translated(f"finding key pair {self._key_name}"):
+            found = self._ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [self._key_name]}])
+        return [p.get("KeyPairId", "") for p in found["KeyPairs"]]
 
     def remove(self) -> None:
         self._check_account()
@@ -487,6 +523,12 @@ class EC2Driver(Driver):
                     time.sleep(5)
 
     def _delete_key_pair(self) -> None:
+        # DeleteKeyPair succeeds when EC2 finds no such pair, not yet shown ones too: wait for one that may be.
+        until = self._name_unseen_until("key_pair")
+        if time.time() < until:
+            found = self._until_visible(self._key_pairs_named, until, f"key pair {self._key_name}")
+            if found:  # known now: once deleted, leftovers() knows it gone
+                self.machine.record(key_pair_id=found[0])
         with translated(f"deleting key pair {self._key_name}"):
             self._ec2.delete_key_pair(KeyName=self._key_name)  # succeeds when there is none
 
@@ -500,18 +542,20 @@ class EC2Driver(Driver):
                 r = self.machine.resources
                 left.append(f"instance {r.get('instance_id') or 'with client token ' + r['client_token']} "
                             f"(not yet visible)")
-            with translated(f"finding security group {self._group_name}"):
-                groups = self._ec2.describe_security_groups(
-                    Filters=[{"Name": "group-name", "Values": [self._group_name]}])["SecurityGroups"]
-            left += [f"security group {g['GroupId']}" for g in groups]
-            with translated(f"finding key pair {self._key_name}"):
-                pairs = self._ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [self._key_name]}])
-            left += [f"key pair {p['KeyName']}" for p in pairs["KeyPairs"]]
+            left += self._named_leftovers("security group", self._groups_named, "group", self._group_name)
+            left += self._named_leftovers("key pair", self._key_pairs_named, "key_pair", self._key_name)
             if self.opts["ec2_spot"]:
                 left += [f"spot request {s}" for s in self._spot_requests([])]
             return left
         except MachineError as e:  # EC2 unreachable, no credentials: nothing can be said to be gone
             return [f"unknown ({e})"]
+
+    def _named_leftovers(self, what: str, look: Callable[[], list[str]], kind: str, name: str) -> list[str]:
+        """`what` named `name` as `look` finds it (its ids), or as not yet visible while it may not show yet."""
+        ids = look()
+        if not ids and time.time() < self._name_unseen_until(kind):  # asked for, maybe made, not shown yet
+            return [f"{what} {name} (not yet visible)"]
+        return [f"{what} {name} ({i})" if i else f"{what} {name}" for i in ids]
 
     # -- queries ------------------------------------------------------------------------------------------
     def state(self) -> State:

@@ -493,7 +493,7 @@ def test_remove_and_leftovers_use_the_recorded_names(cli, cloud, monkeypatch):
     with store.locked("web1") as machine:
         machine.record(key_name="pymachine-recorded")
         driver = EC2Driver(machine, store)
-        assert "key pair pymachine-recorded" in driver.leftovers()
+        assert any(left.startswith("key pair pymachine-recorded (") for left in driver.leftovers())
         driver.remove()
         assert driver.leftovers() == []
     assert not cloud.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": ["pymachine-recorded"]}])[
@@ -659,12 +659,13 @@ def kill_at(cli: CLI, name: str, lines: int) -> None:
 
 
 def age_launch(cli: CLI, name: str) -> None:
-    """Move the machine's recorded launch time VISIBLE_TIMEOUT back: as if `rm -f` came once EC2 has had the time
-    to show any launch (a create killed just before RunInstances launched nothing: rm would wait that long)."""
+    """Move the machine's recorded launch, group and key pair times VISIBLE_TIMEOUT back: as if `rm -f` came once
+    EC2 has had the time to show any of them (a create killed just before RunInstances launched nothing: rm would
+    wait that long)."""
     directory = cli.home / "machines" / name
     for path in (directory / "journal", directory / "config.json"):
         if path.exists():
-            path.write_text(re.sub(r'("launch_time": )([0-9.]+)',
+            path.write_text(re.sub(r'("(?:launch|group|key_pair)_time": )([0-9.]+)',
                                    lambda m: f"{m[1]}{float(m[2]) - VISIBLE_TIMEOUT}", path.read_text()))
 
 
@@ -879,6 +880,81 @@ def test_start_right_after_a_killed_create_waits_for_ec2_to_show_the_instance(cl
         assert unseen.hidden >= 2
         assert machine.resources["ip"] == cloud.instance(instance_id)["PublicIpAddress"]
     cli("rm", "-y", "web1")
+
+
+# What create makes by name: (its call, the lookup by name, the lookup's list).
+NAMED_KINDS = {"group": ("CreateSecurityGroup", "DescribeSecurityGroups", "SecurityGroups"),
+               "key_pair": ("ImportKeyPair", "DescribeKeyPairs", "KeyPairs")}
+
+
+class UnseenByName:
+    """Eventual consistency of a security group or key pair, played on pymachine's clients: Ctrl-C as `create`
+    answers (before the id is journaled), and for `seconds` after it `describe` by name finds nothing and a
+    DeleteKeyPair by name deletes nothing, as EC2 may right after the pair or group is made."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, kind: str, seconds: float, interrupt: bool = True) -> None:
+        create, describe, self.listed = NAMED_KINDS[kind]
+        self.seconds, self.interrupt = seconds, interrupt
+        self.until = 0.0
+        self.hidden = 0
+        hook_clients(monkeypatch, {f"after-call.ec2.{create}": self._made,
+                                   f"before-call.ec2.{describe}": self._describe,
+                                   "before-call.ec2.DeleteKeyPair": self._delete_pair})
+
+    def _made(self, **_: Any) -> None:
+        self.until = time.monotonic() + self.seconds
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+    def _unseen(self) -> bool:
+        return time.monotonic() < self.until
+
+    def _describe(self, params: dict[str, Any], **_: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        if not self._unseen():
+            return None
+        self.hidden += 1
+        return AWSResponse("", 200, {}, None), {self.listed: [], "ResponseMetadata": {}}
+
+    def _delete_pair(self, **_: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        return (AWSResponse("", 200, {}, None), {"ResponseMetadata": {}}) if self._unseen() else None
+
+
+@pytest.mark.parametrize("kind", NAMED_KINDS)
+def test_ctrl_c_while_ec2_does_not_show_the_new_group_or_key_pair_yet_removes_it(cli, cloud, monkeypatch, kind):
+    """Ctrl-C as CreateSecurityGroup (ImportKeyPair) answers: its id never reached the journal, and EC2 does not
+    list it by name yet. The rollback looks again until EC2 shows it, then deletes it."""
+    store = in_process(cli, monkeypatch)
+    unseen = UnseenByName(monkeypatch, kind, seconds=2.5)
+    with pytest.raises(KeyboardInterrupt):
+        create_in_process(store, "web1")
+    assert unseen.hidden >= 2
+    assert cloud.new_resources() == set() and not stored(cli)
+
+
+def test_a_group_or_key_pair_not_visible_yet_is_a_leftover(cli, cloud, monkeypatch):
+    """A create killed before the group's and key pair's ids were journaled, while EC2 does not list them by name:
+    leftovers() says "not yet visible", not gone."""
+    create(cli, "web1", *CIDRS)
+    rec = record(cli, "web1")
+    journal = cli.home / "machines/web1/journal"
+    journal.write_text("".join(line for line in journal.read_text().splitlines(keepends=True)
+                               if "group_id" not in line and "key_pair_id" not in line))
+    (cli.home / "machines/web1/config.json").unlink()
+    store = in_process(cli, monkeypatch)
+    hidden = [UnseenByName(monkeypatch, kind, 0, interrupt=False) for kind in NAMED_KINDS]
+    for unseen in hidden:
+        unseen.until = time.monotonic() + 600
+    left = EC2Driver(store.recover("web1"), store).leftovers()
+    base = f"pymachine-web1-{rec['id']}"
+    assert f"security group {base} (not yet visible)" in left and f"key pair {base} (not yet visible)" in left
+    for unseen in hidden:
+        unseen.until = 0.0  # EC2 shows them now
+    cli("rm", "-f", "web1")
+    assert cloud_leftovers(cloud.ec2, rec["id"]) == [] and not stored(cli)
 
 
 # -- rm waits for `terminated` through the states on the way ----------------------------------------------------
