@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from machine import sshmux
-from tests.conftest import CLI
+from tests.conftest import CLI, http_on_loopback
 from tests.integration import docker_repo
 from tests.integration.libvirt_host import boot_image, require_libvirt, virsh
 
@@ -238,16 +237,8 @@ def serve_directory(directory: Path) -> Iterator[tuple[str, list[str]]]:
             requested.append(self.path)
             super().do_GET()
 
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", requested
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_on_loopback(Handler) as url:
+        yield url, requested
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from machine.commands.machines import remove_machine
 from machine.drivers.ec2 import VISIBLE_TIMEOUT, WAIT, EC2Driver, api, images
 from machine.errors import MachineError
 from machine.store import Store
-from tests.conftest import CLI
+from tests.conftest import CLI, http_on_loopback
 from tests.ec2_moto import NEWEST, REGION, MotoServer, all_cloud_resources, cloud_leftovers, moto_server, sealed_env
 from tests.integration.conftest import damage_record, kill_create_at
 
@@ -575,16 +575,8 @@ def not_ec2() -> Iterator[str]:
             self.end_headers()
             self.wfile.write(b"<html>not found</html>")
 
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_on_loopback(NotFound) as url:
+        yield url
 
 
 def test_an_endpoint_that_is_not_ec2_is_named_as_such(cli, cloud):

@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import re
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,6 +15,7 @@ import pytest
 from machine import images, ui
 from machine.drivers.local import rootfs
 from machine.errors import MachineError
+from tests.conftest import http_on_loopback
 
 CHUNK = 1 << 20  # images reads the source a MiB at a time
 CHUNKS = 6
@@ -45,16 +45,8 @@ def slow_server() -> Iterator[str]:
                 self.wfile.flush()
                 time.sleep(PAUSE)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_on_loopback(Handler) as url:
+        yield url
 
 
 def _lines(capsys: pytest.CaptureFixture[str]) -> list[str]:

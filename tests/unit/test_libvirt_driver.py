@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import http.server
 import socket
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +17,7 @@ from machine.commands.machines import parse_driver_options, rm
 from machine.drivers.libvirt import LibvirtDriver, catalog, domain, network, storage
 from machine.errors import MachineError, UsageError
 from machine.store import Store
+from tests.conftest import http_on_loopback
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -147,16 +147,8 @@ def serving(body: bytes) -> Iterator[tuple[str, list[str]]]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/image.qcow2", requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_on_loopback(Handler) as url:
+        yield f"{url}/image.qcow2", requests
 
 
 def test_parallel_creates_download_an_image_once(tmp_path):
