@@ -259,4 +259,3 @@ def version() -> str:
 def engine_version(store: Store, name: str) -> str:
     """The version of the machine's engine, as its API gives it (docker-machine's `version NAME`)."""
     return str(engine_client(store, name)[1].request("GET", "/version").get("Version", ""))
-

@@ -51,16 +51,20 @@ def _split(store: Store, spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+def _unknown_machine(spec: str) -> MachineError | None:
+    """`no machine named NAME` for a NAME:PATH whose NAME could be a machine's but is none of the store's."""
+    head, sep, _ = spec.partition(":")
+    return MachineError(f"no machine named {head!r}") if sep and _LABEL.fullmatch(head) else None
+
+
 def scp(store: Store, source: str, destination: str, recursive: bool = False, delta: bool = False) -> None:
     """Copy between the host and machines (NAME:PATH); with `delta`, only the files that differ (rsync's quick
     check: size, time and permissions; the copies keep their source's time)."""
     src_machine, src_path = _split(store, source)
     dst_machine, dst_path = _split(store, destination)
     if src_machine is None and dst_machine is None:
-        named = [head for head, sep, _ in (source.partition(":"), destination.partition(":")) if sep and head]
-        if named and _LABEL.fullmatch(named[0]):
-            raise MachineError(f"no machine named {named[0]!r}")
-        raise UsageError("one side of scp must be MACHINE:PATH")
+        raise _unknown_machine(source) or _unknown_machine(destination) or UsageError(
+            "one side of scp must be MACHINE:PATH")
     if src_machine is not None and dst_machine is not None:
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / Path(src_path.rstrip("/")).name
@@ -94,9 +98,7 @@ def mount(store: Store, source: str, mountpoint: str | None = None, unmount: boo
     or unmount it."""
     name, path = _split(store, source)
     if name is None:
-        head, sep, _ = source.partition(":")
-        raise (MachineError(f"no machine named {head!r}") if sep and _LABEL.fullmatch(head) else
-               UsageError(f"{source}: not MACHINE:PATH"))
+        raise _unknown_machine(source) or UsageError(f"{source}: not MACHINE:PATH")
     if mountpoint is None and not path.startswith("/"):
         raise UsageError(f"{source}: name a mount point (the path on the machine is not absolute)")
     local = Path(mountpoint or path).resolve()
