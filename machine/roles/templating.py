@@ -65,6 +65,22 @@ def _assignment(env: jinja2.Environment, expr: str) -> nodes.Template:
     return template
 
 
+# Ansible's, but outside the subset (docs/ansible-subset.md): refused when the template is compiled (before the
+# play starts, naming the task's line), not found undefined when the task runs. Only a call of the lookup
+# functions: a variable of the same name (`q`) is the role's own.
+_OUTSIDE_CALLS = frozenset({"lookup", "query", "q"})
+_OUTSIDE_NAMES = frozenset({"hostvars", "groups", "group_names", "play_hosts", "ansible_play_hosts",
+                            "ansible_play_hosts_all", "ansible_play_batch"})
+
+
+def _refuse_outside_subset(tree: nodes.Template) -> None:
+    called = {id(call.node) for call in tree.find_all(nodes.Call)}
+    for name in tree.find_all(nodes.Name):
+        if name.ctx == "load" and (name.name in _OUTSIDE_NAMES or (name.name in _OUTSIDE_CALLS and id(name) in called)):
+            what = f"{name.name}()" if name.name in _OUTSIDE_CALLS else name.name
+            raise TemplateFailure(f"{what} is outside the Ansible subset pymachine runs (docs/ansible-subset.md)")
+
+
 class _ArgumentLexer(Lexer):
     """ansible-core's lexer for task arguments and variables (AnsibleLexer): a backslash in a string literal inside
     `{{ }}` stands for itself, because YAML has already read the escapes of the text around it; so
@@ -332,7 +348,9 @@ class Templar:
         bucket = self.code.get_bucket(env, f"<{kind}>", None, source)
         if bucket.code is None:
             try:
-                bucket.code = env.compile(source if kind == "template" else _assignment(env, source))
+                tree = env.parse(source) if kind == "template" else _assignment(env, source)
+                _refuse_outside_subset(tree)
+                bucket.code = env.compile(tree)
             except jinja2.TemplateSyntaxError as e:
                 raise TemplateFailure(f"template syntax error in {source!r}: {e.message}") from None
             self.code.set_bucket(bucket)

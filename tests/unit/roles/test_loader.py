@@ -56,6 +56,12 @@ def test_lines_of_tasks_and_keys(roles):
     ("- debug: {}\n  loop_control: {pause: 1}\n", "unsupported loop_control option 'pause'"),
     ("- name: x\n  debug: {msg: [unclosed\n", "roles/r/tasks/main.yml:3: YAML syntax error"),
     ("- apt: name=tree state=present cache=yes\n", "unsupported argument 'cache' for module 'apt'"),
+    # Ansible's but outside the subset: refused before anything runs, not undefined when reached.
+    ("- command: echo first\n- debug: {msg: \"{{ lookup('env', 'HOME') }}\"}\n",
+     "roles/r/tasks/main.yml:2: lookup() is outside the Ansible subset pymachine runs"),
+    ("- debug: {}\n  when: hostvars['h'].x is defined\n", "roles/r/tasks/main.yml:2: hostvars is outside the Ansible"),
+    ("- debug: {msg: '{{ item }}'}\n  loop: \"{{ query('inventory_hostnames', 'all') }}\"\n",
+     "roles/r/tasks/main.yml:2: query() is outside"),
     # A symbolic mode would fail only when the task is reached, after the tasks before it changed the host.
     ("- debug: {}\n- file: {path: /x, mode: 'u=rw,g=r'}\n", "roles/r/tasks/main.yml:2: mode 'u=rw,g=r': only octal "
                                                           "modes (e.g. '0644') are supported (module 'file')"),
