@@ -670,7 +670,8 @@ def main() -> None:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         raise SystemExit(2) from None
     except click.UsageError as e:
-        ui.err(f"error: {e.format_message()}")
+        # One line, as every refusal: click lays a choice's values out on lines of their own.
+        ui.err(f"error: {' '.join(e.format_message().split())}")
         raise SystemExit(2) from None
     except click.Abort as e:
         if isinstance(e.__context__, KeyboardInterrupt):  # click's word for Ctrl-C (or a signal standing for it)

@@ -15,5 +15,7 @@ def test_the_entry_point_reports_usage_errors_and_failures_in_one_line(cli):
     assert_refused(cli("frobnicate", check=False), 2, "No such command 'frobnicate'")
     assert_refused(cli("active", check=False), 1, "no active machine")
     assert_refused(cli("status", "ghost", check=False), 1, "no machine named 'ghost'")
+    assert_refused(cli("completion", check=False), 2,
+                   "Missing argument '{bash|zsh|fish}'. Choose from: bash, zsh, fish")
     assert not cli.home.exists()
 
