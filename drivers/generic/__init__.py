@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+from machine.become import as_user, check_root
 from machine.drivers.base import Driver, Option, State
 from machine.endpoint import host_port, is_host, is_ip, normal_host
 from machine.errors import MachineError, UsageError
@@ -206,14 +207,8 @@ class GenericDriver(Driver):
         except (OSError, EOFError, _ssh_errors()) as e:
             raise MachineError(f"cannot reach {endpoint.where} over SSH: {_reason(e)}") from None
         with conn:
-            if endpoint.user != "root":
-                result = conn.run("sudo -n true", timeout=30)
-                if result.rc != 0:
-                    detail = (result.stderr or result.stdout).strip().splitlines()
-                    raise MachineError(f"{endpoint.user} on {endpoint.host} cannot become root with passwordless "
-                                       f"sudo (`sudo -n true`: {detail[-1] if detail else f'exit {result.rc}'}); "
-                                       f"provisioning needs it: allow it with NOPASSWD in sudoers, or use "
-                                       f"--generic-ssh-user root")
+            if endpoint.needs_become:
+                check_root(conn, "provisioning needs it")
             conn.pin()
 
     # -- lifecycle: the host's power is not pymachine's ---------------------------------------------------
@@ -241,15 +236,15 @@ class GenericDriver(Driver):
 
         with connect(self.machine, self, timeout=30) as conn:
             before = conn.run(_BOOT, check=True).stdout.strip()
-            sudo = "sudo -n " if self.ssh_user != "root" else ""
-            result = conn.run(f"{sudo}true")
-            if result.rc != 0:
-                raise MachineError(f"{self.ssh_user} on {self.ip()} cannot become root with passwordless sudo: "
-                                   f"cannot reboot {self.machine.name}")
+            endpoint = conn.endpoint
+            if endpoint.needs_become:
+                check_root(conn, f"cannot reboot {self.machine.name}")
             # Detached, so that the reboot does not wait on (or die with) this channel.
-            reboot = shlex.quote(f"sleep 1; {sudo}systemctl reboot || {sudo}reboot")
+            reboot = ["sh", "-c", "sleep 1; systemctl reboot || reboot"]
+            if endpoint.needs_become:
+                reboot = as_user("root", reboot)
             with contextlib.suppress(MachineError):
-                conn.run(f"nohup sh -c {reboot} >/dev/null 2>&1 &", timeout=15)
+                conn.run(f"nohup {shlex.join(reboot)} >/dev/null 2>&1 &", timeout=15)
         deadline = time.monotonic() + REBOOT_TIMEOUT
         while True:
             time.sleep(1)

@@ -7,10 +7,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from machine import drivers
+from machine.become import check_root
 from machine.drivers.base import Driver
+from machine.errors import MachineError
 from machine.store import Machine, Store
 
 if TYPE_CHECKING:
+    from machine.roles import Recap
     from machine.ssh import Connection
 
 SSH_READY_TIMEOUT = 120.0
@@ -39,3 +42,11 @@ def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT
     endpoint = driver.ssh_endpoint()._replace(name=machine.name)
     return Connection.wait_ready(endpoint, machine.key_path, machine.known_hosts_path,
                                  timeout=timeout, is_alive=driver.is_alive)
+
+
+def play_failed(conn: Connection, recap: Recap, what: str) -> MachineError:
+    """The error of a failed play, `what` failed: the failed task's, or, when the login cannot become root (its
+    sudoers changed since the host was adopted), that, naming the rule it needs (raised at once)."""
+    if conn.endpoint.needs_become:
+        check_root(conn, what)
+    return MachineError(f"{what}: {recap.failure}")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from machine import certs, dockercontext, enginecache, ui
 from machine import provision as plan
-from machine.commands.common import connect, load, locked
+from machine.commands.common import connect, load, locked, play_failed
 from machine.drivers.base import Driver, State
 from machine.endpoint import host_port
 from machine.errors import MachineError
@@ -96,8 +96,8 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
         recap = run_roles(conn, list(plan.ROLES), roles_dir(), variables, check=check, diff=diff,
                           tags=list(tags) or None, reporter=reporter, host_name=machine.name,
                           become=conn.endpoint.needs_become, more=[(roles, roles_path)] if roles else ())
-    if recap.failed:
-        raise MachineError(f"provisioning {machine.name} failed: {recap.failure}")
+        if recap.failed:
+            raise play_failed(conn, recap, f"provisioning {machine.name} failed")
     if not check:
         machine.state = "ready"
         machine.save()
@@ -193,8 +193,8 @@ def share_registries(store: Store, registry: str) -> None:
                 with connect(machine, driver, timeout=30) as conn:
                     recap = run_roles(conn, ["registry"], roles_dir(), variables, host_name=name,
                                       become=conn.endpoint.needs_become)
-                if recap.failed:
-                    raise MachineError(recap.failure)
+                    if recap.failed:
+                        raise play_failed(conn, recap, "its registry role failed")
         except MachineError as e:
             ui.err(f"warning: {name} does not trust the registry of {registry} yet ({e}): "
                    f"`pymachine provision {name}` makes it")

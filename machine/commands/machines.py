@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from machine import certs, dockercontext, drivers, enginecache, sshfs, sshkeys, sshmux, ui
 from machine import provision as plan
-from machine.commands.common import connect, locked
+from machine.commands.common import connect, locked, play_failed
 from machine.commands.engine import run_provisioning
 from machine.drivers.base import Driver, State
 from machine.errors import MachineError, UsageError
@@ -229,6 +229,5 @@ def _uninstall(machine: Machine, driver: Driver, reporter=None) -> None:
     with connect(machine, driver, timeout=30) as conn:
         recap = run_roles(conn, [UNINSTALL_ROLE], roles, settings, reporter=reporter, host_name=machine.name,
                           become=conn.endpoint.needs_become)
-    if recap.failed:
-        raise MachineError(f"uninstalling from {machine.name} failed (nothing removed from the store): "
-                           f"{recap.failure}")
+        if recap.failed:
+            raise play_failed(conn, recap, f"uninstalling from {machine.name} failed (nothing removed from the store)")

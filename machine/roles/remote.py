@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from machine.become import as_user
 from machine.ssh import Connection
 
 q = shlex.quote
@@ -52,7 +53,7 @@ class Remote:
         if target == self.user:
             return shlex.join(argv)
         if self.user != "root":
-            return shlex.join(["sudo", "-n", "-H", "-u", target, "--", *argv])
+            return shlex.join(as_user(target, argv))
         return shlex.join(["su", "-s", "/bin/sh", target, "-c", shlex.join(argv)])
 
     def known(self, kind: str, name: str, become: Become) -> Any:

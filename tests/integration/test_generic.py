@@ -4,6 +4,7 @@ another home adopts it over SSH as a non-root user with passwordless sudo."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import socket
 import subprocess
@@ -21,13 +22,15 @@ pytestmark = pytest.mark.integration
 
 USERS = r"""
 set -e
-for u in deploy nosudo; do
+for u in deploy nosudo shonly; do
   id -u "$u" >/dev/null 2>&1 || useradd -m -s /bin/sh "$u"
   install -d -m 700 -o "$u" -g "$u" "/home/$u/.ssh"
 done
 echo 'deploy ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/deploy
 chmod 440 /etc/sudoers.d/deploy
 """
+# A rule that allows the shell alone: `sudo env …`, `sudo true` or `sudo systemctl …` are refused under it.
+SHELL_ONLY = "shonly ALL=(root) NOPASSWD: /bin/sh"
 
 
 @dataclass
@@ -73,13 +76,19 @@ def srv(owner, tmp) -> Server:
     keys.mkdir()
     keygen(keys / "deploy", "rsa")
     keygen(keys / "nosudo", "ed25519")
+    keygen(keys / "shonly", "ed25519")
     keygen(keys / "wrong", "ecdsa")
     keygen(keys / "encrypted", "ed25519", passphrase="secret")
     owner("ssh", "srv", "--", USERS)
-    for user in ("deploy", "nosudo"):
+    set_sudoers(owner, "shonly", SHELL_ONLY)
+    for user in ("deploy", "nosudo", "shonly"):
         owner("ssh", "srv", "--", f"cat > /home/{user}/.ssh/authorized_keys && chown {user}: "
               f"/home/{user}/.ssh/authorized_keys", input=(keys / f"{user}.pub").read_text())
     return Server(owner("ip", "srv").stdout.strip(), keys)
+
+
+def set_sudoers(owner: CLI, user: str, rule: str) -> None:
+    owner("ssh", "srv", "--", f"echo {shlex.quote(rule)} > /etc/sudoers.d/{user} && chmod 440 /etc/sudoers.d/{user}")
 
 
 def host_fingerprint(owner: CLI, kind: str = "ed25519") -> str:
@@ -156,6 +165,35 @@ def test_power_is_not_pymachines_but_restart_reboots_over_ssh(adopter, owner, sr
     assert run_busybox(adopter, tmp, "back after the reboot") == "back after the reboot"
 
 
+@pytest.fixture
+def adopted_by_other(adopter) -> Iterator[None]:
+    """Another home provisions srv meanwhile (its engine then serves that home's certificates): the adopter's
+    machine gets its own back after the test, for the tests after it."""
+    yield
+    if (adopter.home / "machines/adopted").exists():  # not when the test runs alone
+        adopter("provision", "adopted")
+
+
+def test_a_sudoers_rule_that_allows_only_the_shell_is_enough(other, owner, srv, adopted_by_other):
+    """Everything pymachine runs as root goes through `sudo sh`: adopting, provisioning, the engine's use, a
+    reboot. When sudo refuses (the rule now wants a password), provisioning says which rule is missing."""
+    adopt(other, srv, "shonly", user="shonly", key="shonly")
+    assert docker(other, "shonly", "info", "--format", "{{.Name}}").strip() == "srv"
+    other("restart", "shonly")
+    assert other("status", "shonly").stdout.strip() == "Running"
+    set_sudoers(owner, "shonly", SHELL_ONLY.replace("NOPASSWD: ", ""))
+    try:
+        proc = other("provision", "shonly", check=False)
+    finally:
+        set_sudoers(owner, "shonly", SHELL_ONLY)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"pymachine: error: shonly on {srv.ip} cannot become root with passwordless sudo (sudo: a "
+                           f"password is required): provisioning shonly failed; pymachine runs `sudo -n sh` as root: "
+                           f"allow it in sudoers (`{SHELL_ONLY}`, or NOPASSWD: ALL), or log in as root\n")
+    other("provision", "shonly")
+    other("rm", "-y", "shonly")
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,7 +225,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(other, srv, case):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("pymachine: error: ") and expected in lines[0], proc.stderr
     if case == "no sudo":
-        assert "cannot become root with passwordless sudo" in lines[0]
+        assert "cannot become root with passwordless sudo (sudo: a password is required)" in lines[0]
+        assert "allow it in sudoers (`nosudo ALL=(root) NOPASSWD: /bin/sh`" in lines[0]
     assert no_machines(other) == []
 
 

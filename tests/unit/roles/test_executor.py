@@ -354,7 +354,8 @@ def test_become_wraps_in_sudo_only_for_non_root(shell):
     from machine.roles.remote import Become, Remote
     shell.endpoint.user = "admin"
     cmd = Remote(shell).command("id -u", Become(True))
-    assert cmd.startswith("sudo -n -H -u root -- env LC_ALL=C sh -c")
+    # sudo is asked for the shell alone (a sudoers rule may allow only /bin/sh); the shell runs the rest as root.
+    assert cmd == "sudo -n -H -u root -- sh -c 'exec \"$@\"' sh env LC_ALL=C sh -c 'id -u'"
     shell.endpoint.user = "root"
     assert Remote(shell).command("id -u", Become(True)) == "env LC_ALL=C sh -c 'id -u'"
 
