@@ -8,6 +8,7 @@ machines before a join (EC2: security-group rules naming the peers' groups) and 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -105,14 +106,25 @@ def join(store: Store, name: str, manager: str, as_manager: bool = False) -> Non
             raise MachineError(f"{name} is already in {'the swarm of ' + manager if same else 'a swarm'} "
                                f"(`pymachine swarm leave {name}` first)")
         token = manager_api.swarm()["JoinTokens"]["Manager" if as_manager else "Worker"]
-        remotes = [m["Addr"] for m in manager_swarm.get("RemoteManagers") or ()]
         peers = _peers(store, manager_api, exclude=name)
         driver.open_swarm_ports(peers)
         try:
-            api.swarm_join(_address(driver), remotes or [host_port(manager_api.host, SWARM_PORT)], token)
-        except MachineError:
+            api.swarm_join(_address(driver), [_join_address(manager_api, manager_swarm)], token)
+        except MachineError as e:
+            # A join that timed out goes on in the background (the engine stays "pending", then "error"), and the
+            # engine refuses any other join until it leaves: leave, so that the failed join changed nothing.
+            with contextlib.suppress(MachineError):
+                if _in_swarm(_swarm_of(api)):
+                    api.swarm_leave(force=True)
             driver.close_swarm_ports(peers)
-            raise
+            raise MachineError(f"{e} (pymachine ended that attempt: {name} is in no swarm)") from None
+
+
+def _join_address(manager: EngineAPI, swarm: dict[str, Any]) -> str:
+    """Where a joining engine reaches the swarm: the named manager's own swarm address. The engine asks only the
+    first address it is given, and another manager of the list may be down."""
+    own = [m["Addr"] for m in swarm.get("RemoteManagers") or () if m.get("NodeID") == swarm.get("NodeID")]
+    return own[0] if own else host_port(swarm.get("NodeAddr") or manager.host, SWARM_PORT)
 
 
 def leave(store: Store, name: str, force: bool = False) -> None:

@@ -185,6 +185,22 @@ def test_refusals_are_one_line_and_change_nothing(swarm, args, message):
     assert nodes(swarm.cli) == before
 
 
+def test_a_join_that_fails_leaves_the_machine_in_no_swarm(swarm):
+    """The engine gives up waiting after 20 s but goes on trying in the background (pending, then error), and
+    refuses any other join meanwhile: a failed join is ended, so that the next one can work."""
+    cli, node = swarm.cli, WORKERS[-1]
+    block = f"-p tcp --dport 2377 -s {cli('ip', node).stdout.strip()} -j DROP"
+    cli("ssh", MANAGER, "--", f"iptables -I INPUT {block}")
+    try:
+        proc = cli("swarm", "join", node, "--manager", MANAGER, check=False)
+    finally:
+        cli("ssh", MANAGER, "--", f"iptables -D INPUT {block}")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.endswith(f"(pymachine ended that attempt: {node} is in no swarm)\n")
+    assert json.loads(docker(cli, node, "info", "--format", "{{json .Swarm.LocalNodeState}}")) == "inactive"
+    assert node not in nodes(cli)
+
+
 def test_an_active_ufw_gets_the_swarm_ports_and_a_node_joins_through_it(swarm):
     cli, node = swarm.cli, WORKERS[-1]
     # A host firewall that denies every other incoming connection (SSH and the engine let through).
