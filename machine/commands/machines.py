@@ -208,6 +208,10 @@ def rm(store: Store, name: str, force: bool = False, uninstall: bool = False, re
     force = force or forget
     try:
         with locked(store, name, recover=force) as (machine, driver):
+            if not forget:  # the host may be out of reach for good: no engine to ask
+                from machine.commands.swarm import leave_before_removal  # late: only rm needs the swarm commands
+
+                leave_before_removal(store, name, force)
             if uninstall:
                 _uninstall(machine, driver, reporter)
             remove_machine(store, machine, driver, force, forget)

@@ -134,21 +134,54 @@ def leave(store: Store, name: str, force: bool = False) -> None:
         swarm = _swarm_of(api)
         if not _in_swarm(swarm):
             raise NotInSwarm(f"{name} is not in a swarm")
-        node_id = swarm.get("NodeID", "")
-        manager = _other_manager(store, swarm, exclude=name)
-        peers = _peers(store, manager, exclude=name) if manager else []
-        if force and manager and swarm.get("ControlAvailable"):
-            # A manager that leaves takes its vote in the raft store along: of two managers, the one left would
-            # have no quorum. Demoted first, it leaves as a worker.
-            _change_role(manager, api, name, node_id, "worker")
-        api.swarm_leave(force)  # a manager refuses without force: the engine says why (quorum)
-        if manager:
-            # Left alone, the node stays listed as Down; removed, its tasks are rescheduled at once.
-            try:
-                manager.remove_node(node_id)
-            except MachineError as e:
-                ui.err(f"warning: {name} left, but its manager still lists it: {e}")
-        driver.close_swarm_ports(peers)
+        _leave(store, name, driver, api, swarm, force)
+
+
+def _leave(store: Store, name: str, driver: Driver, api: EngineAPI, swarm: dict[str, Any], force: bool) -> bool:
+    """The machine (its engine `api`, in `swarm`) leaves; whether another manager of the store forgot its node."""
+    node_id = swarm.get("NodeID", "")
+    manager = _other_manager(store, swarm, exclude=name)
+    peers = _peers(store, manager, exclude=name) if manager else []
+    if force and manager and swarm.get("ControlAvailable"):
+        # A manager that leaves takes its vote in the raft store along: of two managers, the one left would
+        # have no quorum. Demoted first, it leaves as a worker.
+        _change_role(manager, api, name, node_id, "worker")
+    api.swarm_leave(force)  # a manager refuses without force: the engine says why (quorum)
+    if manager:
+        # Left alone, the node stays listed as Down; removed, its tasks are rescheduled at once.
+        try:
+            manager.remove_node(node_id)
+        except MachineError as e:
+            ui.err(f"warning: {name} left, but its manager still lists it: {e}")
+    driver.close_swarm_ports(peers)
+    return manager is not None
+
+
+def leave_before_removal(store: Store, name: str, force: bool = False) -> None:
+    """`rm` of a machine in a swarm (the caller holds its lock): it leaves first, as `swarm leave -f` (a manager
+    demoted through another one), so that the swarm forgets it and reschedules its tasks at once, instead of
+    listing it Down for good and, a manager, counting its vote in the quorum. When it cannot (a demotion would cost
+    the swarm its quorum), the removal stops there; with `force` that is a warning and the machine goes."""
+    try:
+        driver, api = _engine(store, name)
+        swarm = _swarm_of(api)
+    except MachineError:
+        return  # no engine to ask: not running, never provisioned, or Podman
+    if not _in_swarm(swarm):
+        return
+    try:
+        forgotten = _leave(store, name, driver, api, swarm, force=True)
+    except MachineError as e:
+        if not force:
+            raise MachineError(f"{name} cannot leave its swarm ({e}): nothing removed (`pymachine rm -f {name}` "
+                               f"removes it anyway, still listed by its managers)") from None
+        ui.err(f"warning: {name} did not leave its swarm before its removal ({e}): its managers still list it "
+               f"(`docker node rm` it on one)")
+        return
+    if not forgotten:
+        ui.err(f"warning: {name} left its swarm, but no other manager of it is a machine of this store that answers: "
+               + ("the swarm's other nodes may be left without a manager" if swarm.get("ControlAvailable")
+                  else "its managers list it as Down (`docker node rm` it on one)"))
 
 
 def set_role(store: Store, name: str, role: str) -> None:

@@ -217,6 +217,18 @@ def test_an_active_ufw_gets_the_swarm_ports_and_a_node_joins_through_it(swarm):
     assert nodes(cli)[node] == ("manager", "ready")
 
 
+def test_rm_of_a_manager_leaves_the_swarm_first(swarm):
+    """Removed without leaving, a node stays listed (Down) for good and a manager's vote stays in the quorum: `rm`
+    demotes it through another manager and takes it out of the swarm first."""
+    cli = swarm.cli
+    cli("create", "--engine-install", "distro", "node4", timeout=900)
+    cli("swarm", "join", "node4", "--manager", MANAGER, "--as-manager")
+    cli("rm", "-y", "node4")
+    rows = json.loads(cli("swarm", "ls", "--format", "json", MANAGER).stdout)
+    assert "node4" not in {r["hostname"] for r in rows}
+    assert nodes(cli)[MANAGER] == ("manager", "ready")
+
+
 def test_a_machine_without_an_engine_or_not_running_is_named(swarm):
     cli = swarm.cli
     cli("create", "--no-provision", "bare")
