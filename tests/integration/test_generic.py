@@ -319,13 +319,23 @@ def test_import_adopts_a_docker_machine_host_keeping_or_reissuing_its_certificat
 
 
 def test_rm_uninstall_removes_what_provisioning_installed(adopter, owner, srv):
-    adopt(adopter, srv, "adopted")
+    adopt(adopter, srv, "adopted", "--registry")  # Debian's registry package, and the engine trusting it
+    trust = f"/etc/docker/certs.d/{srv.ip}:5000"
+    assert owner("ssh", "srv", "--", f"systemctl is-active docker-registry; ls {trust}").stdout.split() == \
+        ["active", "ca.crt"]
+    owner("ssh", "srv", "--", "mkdir -p /etc/docker/certs.d/theirs:5000 && "
+          "echo own > /etc/docker/certs.d/theirs:5000/ca.crt")
     adopter("rm", "-y", "--uninstall", "adopted")
     assert no_machines(adopter) == []
     assert package_status(owner, "docker.io") in ("", "un", "pn")
-    left = owner("ssh", "srv", "--", "ls -d /etc/docker/daemon.json /etc/docker/tls "
-                 "/etc/systemd/system/docker.service.d /etc/sysctl.d/90-pymachine.conf 2>/dev/null; true").stdout
+    assert package_status(owner, "docker-registry") in ("", "un", "pn")
+    left = owner("ssh", "srv", "--", "ls -d /etc/docker/daemon.json /etc/docker/tls /etc/docker/registry "
+                 f"{trust} /etc/systemd/system/docker.service.d /etc/sysctl.d/90-pymachine.conf 2>/dev/null; "
+                 "ss -Hltn 'sport = :5000'; true").stdout
     assert left.strip() == ""
+    # A registry CA that is not the store's is the host owner's: it stays.
+    assert owner("ssh", "srv", "--", "cat /etc/docker/certs.d/theirs:5000/ca.crt").stdout == "own\n"
+    owner("ssh", "srv", "--", "rm -r /etc/docker/certs.d")
 
 
 def test_a_changed_host_key_is_refused(other, owner, srv):
