@@ -106,25 +106,29 @@ def run_provisioning(store: Store, machine: Machine, driver: Driver, *, check: b
 
 
 def _provision_running(store: Store, name: str, add_registry: bool = False, **kwargs: Any) -> Recap:
-    """Run the roles on a running machine, under its lock; broken roles or an unknown tag are refused first."""
+    """Run the roles on a running machine, under its lock; broken roles or an unknown tag are refused first.
+    When the machine's registry is new or now has other addresses (its certificate was issued again for them),
+    every other machine of the store is made to trust it there."""
     plan.check_roles(kwargs.get("tags", ()))
     with locked(store, name) as (machine, driver):
         if driver.state() != State.RUNNING:
             raise driver.not_running()
         if add_registry:
             machine.engine["registry_enabled"] = True  # recorded by a successful run, so later ones keep it
-        return run_provisioning(store, machine, driver, **kwargs)
+        before = _registry_addresses(machine)
+        recap = run_provisioning(store, machine, driver, **kwargs)
+        moved = _registry_addresses(machine) != before
+    if (add_registry or moved) and not kwargs.get("check"):
+        share_registries(store, name)
+    return recap
 
 
 def provision(store: Store, name: str, *, check: bool = False, diff: bool = False, tags: tuple[str, ...] = (),
               registry: bool = False, reporter=None) -> Recap:
     """Run the roles again; with `registry`, the machine also runs a registry from now on, and every other
     machine of the store is made to trust it."""
-    recap = _provision_running(store, name, add_registry=registry, check=check, diff=diff, tags=tags,
-                               reporter=reporter)
-    if registry and not check:
-        share_registries(store, name)
-    return recap
+    return _provision_running(store, name, add_registry=registry, check=check, diff=diff, tags=tags,
+                              reporter=reporter)
 
 
 # -- registries --------------------------------------------------------------------------------------------

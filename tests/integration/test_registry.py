@@ -109,6 +109,20 @@ def test_the_registry_is_recorded_and_provisioning_keeps_it(fleet):
     assert _registry_get(fleet, "/v2/") == {}
 
 
+def test_a_registry_at_new_addresses_is_trusted_there_by_every_machine(fleet):
+    """The registry's machine has new addresses (a VM's new lease, a host renumbered): its next provisioning
+    issues the registry's certificate for them, and every other machine is made to trust the registry there."""
+    trust = f"/etc/docker/certs.d/{fleet.cli('ip', fleet.registry).stdout.strip()}:5000/ca.crt"
+    fleet.cli("ssh", fleet.before, "--", f"rm -r {trust.removesuffix('/ca.crt')}")
+    # As pymachine keeps it beside the certificate: the names it was issued for, here an address the machine had.
+    names = fleet.cli.home / "machines" / fleet.registry / "registry.pem.names"
+    names.write_text(json.dumps([fleet.registry, "localhost", "127.0.0.1", "192.0.2.7"]))
+    fleet.cli("provision", fleet.registry)
+    assert "192.0.2.7" not in names.read_text()  # issued again, for the machine's addresses
+    assert fleet.cli("ssh", fleet.before, "--", f"cat {trust}").stdout == \
+        (fleet.cli.home / "certs" / "ca.pem").read_text()
+
+
 COMPOSE = """\
 services:
   web:
