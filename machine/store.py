@@ -283,6 +283,22 @@ class Store:
         return Machine(name=name, driver=identity["driver"], id=identity["id"], dir=directory, options=options,
                        resources=resources, state="error", created=str(identity.get("created", "")))
 
+    def busy(self, name: str) -> bool:
+        """Whether a command holds the machine's lock now (a create still making it, say): a look, never a wait.
+        The kernel drops a lock with the last descriptor of its holder, so a killed command holds none."""
+        try:
+            fd = os.open(self._dir(name) / "lock", os.O_RDONLY | os.O_NOFOLLOW)
+        except (OSError, MachineError):
+            return False
+        try:
+            # Shared, and let go at once: a command that takes the lock meanwhile only retries, as it does anyway.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     @contextlib.contextmanager
     def locked(self, name: str, recover: bool = False, timeout: float = LOCK_TIMEOUT) -> Iterator[Machine]:
         """Take the machine's lock, then load its record (from the journal, with `recover`, if it is damaged)."""

@@ -15,7 +15,7 @@ from machine.commands.common import driver_for, load
 from machine.drivers.base import Driver, State
 from machine.engineapi import EngineAPI
 from machine.errors import MachineError, UsageError
-from machine.store import RecordDamaged, Store
+from machine.store import Machine, RecordDamaged, Store
 
 
 class NotRunning(MachineError):
@@ -25,18 +25,33 @@ class NotRunning(MachineError):
 def describe(store: Store, name: str) -> dict[str, Any]:
     """The row `ls` shows for one machine; a broken machine still gets a row, with its error."""
     try:
-        machine, driver = load(store, name)
-        state, url = driver.state(), driver.engine_url()
-        if machine.state == "creating" and state == State.STOPPED:
-            state = State.ERROR
-        error = _left(driver) if machine.state == "error" else ""
-        row = {"name": name, "driver": machine.driver, "state": state.value, "url": url, "error": error}
+        machine, driver, state, error = condition(store, name)
+        row = {"name": name, "driver": machine.driver, "state": state.value, "url": driver.engine_url(),
+               "error": error}
     except RecordDamaged as e:
         row = {"name": name, "driver": "", "state": State.ERROR.value, "url": "", "error": _damaged(store, name, e)}
     except MachineError as e:
         row = {"name": name, "driver": "", "state": State.ERROR.value, "url": "", "error": str(e)}
     row["active"] = bool(row["url"]) and os.environ.get("DOCKER_HOST") == row["url"]
     return row
+
+
+def condition(store: Store, name: str) -> tuple[Machine, Driver, State, str]:
+    """The machine, its driver, its state and what is wrong with it ("" when nothing), as ls, status and inspect
+    show them. A record still `creating` that no command holds is a create that was killed: whatever its host
+    does, the machine was never finished."""
+    machine, driver = load(store, name)
+    busy = machine.state == "creating" and store.busy(name)
+    if machine.state == "creating" and not busy:
+        # Read again: a create that ended between the two looks saved its outcome before it let go of the lock.
+        machine, driver = load(store, name)
+    state = driver.state()
+    if machine.state == "creating" and not busy:
+        return machine, driver, State.ERROR, (f"its create was interrupted: `pymachine rm -f {name}` removes what "
+                                              f"it made")
+    if busy and state == State.STOPPED:
+        state = State.STARTING  # not booted yet
+    return machine, driver, state, _left(driver) if machine.state == "error" else ""
 
 
 def _left(driver: Driver) -> str:
@@ -188,14 +203,15 @@ def config(store: Store, name: str) -> list[str]:
 
 
 def inspect(store: Store, name: str) -> dict[str, Any]:
-    machine, driver = load(store, name)
+    machine, driver, state, error = condition(store, name)
     endpoint = driver.ssh_endpoint() if driver.ip() else None
     return {
         "name": machine.name,
         "driver": machine.driver,
         "id": machine.id,
         "created": machine.created,
-        "state": driver.state().value,
+        "state": state.value,
+        "error": error,
         "provisioning": machine.state,
         "ip": driver.ip(),
         "url": driver.engine_url(),

@@ -47,6 +47,13 @@ def test_a_create_killed_at_any_step_is_removed_without_a_trace(local, step):
     kill_at(local, name, step)
     record = journal_record(local, name)
     machine_dir = local.home / "machines" / name
+    # Never finished, whether or not its host runs (the last step boots it): ls, status and inspect agree.
+    [row] = json.loads(local("ls", "--format", "json").stdout)
+    interrupted = f"its create was interrupted: `pymachine rm -f {name}` removes what it made"
+    assert (row["state"], row["error"]) == ("Error", interrupted), row
+    assert local("status", name).stdout.strip() == "Error"
+    inspected = json.loads(local("inspect", name).stdout)
+    assert (inspected["state"], inspected["error"]) == ("Error", interrupted)
     proc = local("rm", "-f", name, check=False)
     assert proc.returncode == 0, proc.stderr
     assert leftovers(record, machine_dir) == []
@@ -65,6 +72,9 @@ def test_a_create_terminated_midway_rolls_back_as_ctrl_c_does(local, sig):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.001)
     record = journal_record(local, name)
+    # Still being made (its create holds the lock, and boots it meanwhile): nothing wrong with it.
+    [row] = json.loads(local("ls", "--format", "json").stdout)
+    assert row["state"] in ("Starting", "Running") and row["error"] == "", row
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert (proc.returncode, stderr.split()) == (128 + sig, ["pymachine:", "terminated", f"({sig.name})"])

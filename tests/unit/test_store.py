@@ -38,6 +38,17 @@ def test_a_reserved_machine_is_locked_until_its_create_lets_go(tmp_path):
         assert machine.name == "web1"
 
 
+def test_busy_tells_whether_a_command_holds_the_machine_and_never_waits(tmp_path):
+    store = Store(tmp_path)
+    with store.reserve("web1", "local", {}):
+        assert store.busy("web1")
+        with pytest.raises(MachineError, match="busy"), store.locked("web1", timeout=0.2):
+            pass  # the look took no lock of its own
+    assert not store.busy("web1") and not store.busy("nothing") and not store.busy("..")
+    with store.locked("web1", timeout=0.2):
+        assert store.busy("web1")
+
+
 def test_record_persists_resources_in_config_and_journal(tmp_path):
     store = Store(tmp_path)
     machine = reserve(store, "m", options={"local_bridge": "pmbr0"})
