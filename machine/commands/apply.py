@@ -31,7 +31,7 @@ from machine.store import Machine, Store
 CREATE, REPROVISION, RECREATE, UNCHANGED, REMOVE, KEEP, REFUSED = (
     "create", "re-provision", "recreate", "unchanged", "remove", "keep", "refused")
 # Swarm steps, after every machine is made or provisioned, in this order: the swarm keeps a manager throughout
-# (workers are promoted, and new managers join, before managers are demoted or leave; the machines the file no
+# (workers are promoted, and new managers join, before managers are demoted or leave; the nodes the file no
 # longer names are removed last). A swarm made anew is left first by the machines still in the old one.
 LEAVE_OLD, INIT, PROMOTE, JOIN_MANAGER, JOIN_WORKER, DEMOTE, LEAVE = (
     "leave old swarm", "swarm init", "promote", "join as manager", "join as worker", "demote", "leave the swarm")
@@ -133,7 +133,12 @@ def plan(store: Store, fleet: Fleet, *, prune: bool = False, recreate: bool = Fa
     new = {s.name for s in steps if s.action in (CREATE, RECREATE)}
     roles = {name: marker["swarm"] for name, marker in ours.items() if marker.get("swarm")}
     swarm_steps = _plan_swarm(store, fleet, new, {s.name for s in gone if s.action == REMOVE}, roles)
-    return Plan(fleet, (*steps, *swarm_steps, *gone))  # in the order execute() carries them out
+    # A machine in no swarm is removed first: the machines made next get its address, UID range and share of the
+    # host (a fleet renamed on a full subnet could not be made otherwise). A swarm's node goes last, once the
+    # swarm has its new managers.
+    first = [s for s in gone if s.action == REMOVE and s.name not in roles]
+    last = [s for s in gone if s not in first]
+    return Plan(fleet, (*first, *steps, *swarm_steps, *last))  # in the order execute() carries them out
 
 
 def _check_create(spec: MachineSpec) -> None:
@@ -287,10 +292,11 @@ def check(the_plan: Plan) -> None:
 
 def execute(store: Store, the_plan: Plan, report: Callable[[Outcome], None] = lambda _: None,
             parallel: int | None = None) -> list[Outcome]:
-    """Carry out a plan without refused steps: machines are made and provisioned first (each on its own), then the
-    swarm steps run in order, then the machines the file no longer names are removed: a removed manager leaves its
-    swarm only once the new managers are in. A step whose machine (or a step it needs, _NEEDS) failed is skipped,
-    reported as failed with the reason. Every outcome is passed to `report` as it happens."""
+    """Carry out a plan without refused steps, in its order: the machines the file no longer names that are in no
+    swarm are removed, machines are made and provisioned (each on its own), the swarm steps run one at a time,
+    then the swarm's nodes the file no longer names are removed: a removed manager leaves its swarm only once the
+    new managers are in. A step whose machine (or a step it needs, _NEEDS) failed is skipped, reported as failed
+    with the reason. Every outcome is passed to `report` as it happens."""
     check(the_plan)
     fleet = the_plan.fleet
     outcomes: list[Outcome] = []
@@ -305,19 +311,33 @@ def execute(store: Store, the_plan: Plan, report: Callable[[Outcome], None] = la
         report(outcome)
         return outcome
 
-    def run_all(actions: Iterable[str]) -> list[Outcome]:  # each machine on its own, in parallel
-        steps = [s for s in the_plan.steps if s.action in actions]
-        return for_each(run, steps, "done", parallel, lambda outcome: outcome.failure)
-
-    outcomes += run_all((CREATE, REPROVISION, RECREATE))
-    for outcome in outcomes:  # as create does, once all are made: sharing locks every other machine in turn
-        spec = outcome.step.spec
-        if not outcome.error and spec and spec.engine.get("registry_enabled"):
-            share_registries(store, spec.name)
-    for step in (s for s in the_plan.steps if s.action in _SWARM_ACTIONS):  # one at a time, in order
-        outcomes.append(run(step))
-    outcomes += run_all((REMOVE,))
+    for phase in _phases(the_plan.steps):
+        if phase[0].action in _SWARM_ACTIONS:
+            for step in phase:  # one at a time, in order
+                outcomes.append(run(step))
+            continue
+        done = for_each(run, phase, "done", parallel, lambda outcome: outcome.failure)  # each machine on its own
+        outcomes += done
+        for outcome in done:  # as create does, once all are made: sharing locks every other machine in turn
+            spec = outcome.step.spec
+            if not outcome.error and spec and spec.engine.get("registry_enabled"):
+                share_registries(store, spec.name)
     return outcomes
+
+
+def _phases(steps: Iterable[Step]) -> list[list[Step]]:
+    """The steps to carry out, in their order, in runs of one kind (removals, machines made or provisioned, swarm
+    steps): a run ends before the next one starts."""
+    phases: list[list[Step]] = []
+    for step in steps:
+        kind = _KIND.get(step.action)
+        if kind is None:
+            continue  # nothing to do
+        if phases and _KIND[phases[-1][0].action] == kind:
+            phases[-1].append(step)
+        else:
+            phases.append([step])
+    return phases
 
 
 def _blocked(store: Store, step: Step, done: Iterable[Outcome]) -> str | None:
@@ -440,6 +460,8 @@ _SWARM_ACTIONS: dict[str, Callable[[Store, Fleet, Step], str | None]] = {
     LEAVE_OLD: _leave, INIT: _init, JOIN_MANAGER: _join, JOIN_WORKER: _join, PROMOTE: _set_role, DEMOTE: _set_role,
     LEAVE: _leave,
 }
+_KIND = {CREATE: "make", REPROVISION: "make", RECREATE: "make", REMOVE: "remove"} | dict.fromkeys(_SWARM_ACTIONS,
+                                                                                                 "swarm")
 
 
 def load_fleet(path: Path) -> Fleet:

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from machine import sshmux
+from machine.paths import roles_dir
+from machine.provision import ROLES
 from tests.conftest import CLI, http_on_loopback
 from tests.integration import docker_repo
 from tests.integration.libvirt_host import boot_image, require_libvirt, virsh
@@ -84,6 +86,20 @@ def docker(cli: CLI, machine: str, *args: str) -> str:
                           text=True, timeout=300)
     assert proc.returncode == 0, f"docker {' '.join(args)}: {proc.stderr}"
     return proc.stdout
+
+
+@pytest.fixture
+def quick_roles(tmp_path: Path) -> Path:
+    """A user's own copy of the roles (PYMACHINE_ROLES_PATH) that only records each run on the machine (with the
+    engine role's variables, where the engine cache reads the packages a create prepares)."""
+    for role in ROLES:
+        tasks = tmp_path / "roles" / role / "tasks"
+        tasks.mkdir(parents=True)
+        (tasks / "main.yml").write_text(
+            f"- name: record the run\n  ansible.builtin.shell: echo {role} >> /root/provisioned\n")
+    for part in ("defaults", "vars"):
+        shutil.copytree(roles_dir() / "engine" / part, tmp_path / "roles" / "engine" / part)
+    return tmp_path / "roles"
 
 
 FLEET = ("node1", "node2", "node3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,10 +11,19 @@ import pytest
 import yaml
 
 from machine.commands import swarm
+from machine.drivers.local.network import Network
 from machine.errors import MachineError
 from machine.store import Store
 from tests.conftest import CLI
-from tests.integration.conftest import bridge_leftovers, docker, leftovers, machine_cli, machine_record
+from tests.integration.conftest import (
+    BRIDGE,
+    SUBNET,
+    bridge_leftovers,
+    docker,
+    leftovers,
+    machine_cli,
+    machine_record,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -143,3 +153,39 @@ def test_apply_makes_keeps_reprovisions_and_prunes_only_its_own(cli, tmp_path):
     for name, record in records.items():
         assert leftovers(record, cli.home / "machines" / name) == []
     assert bridge_leftovers() == []
+
+
+@pytest.fixture
+def full_subnet(tmp_path) -> Iterator[None]:
+    """Every address of the test subnet that is free now leased to a stand-in owner, given back at the end."""
+    subnet = Network.parse(BRIDGE, SUBNET)
+    owner = tmp_path / "stand-in"
+    owner.mkdir()
+    try:
+        with contextlib.suppress(MachineError):  # "no free address left"
+            while True:
+                subnet.lease(str(owner))
+        yield
+    finally:
+        subnet.release(str(owner))
+
+
+def test_prune_frees_a_renamed_machine_s_address_before_its_successor_is_made(local, quick_roles, tmp_path,
+                                                                                  request):
+    """`old` in no swarm, renamed `new` in the file on a subnet with no address free: --prune removes `old` first,
+    and `new` is made on its address."""
+    local.env["PYMACHINE_ROLES_PATH"] = str(quick_roles)
+    path = tmp_path / "fleet.yaml"
+    fleet = "name: renamed\ndefaults: {local_engine_layer: false}\nmachines:\n"
+    path.write_text(fleet + "  old: {}\n")
+    local("apply", str(path))
+    old = machine_record(local, "old")
+    request.getfixturevalue("full_subnet")
+    path.write_text(fleet + "  new: {}\n")
+    applied = local("apply", "--prune", str(path), check=False)
+    assert applied.returncode == 0, applied.stderr
+    assert plan_lines(applied.stdout) == [("remove", "old"), ("create", "new")]
+    assert local("ls", "-q").stdout.split() == ["new"]
+    assert machine_record(local, "new")["resources"]["ip"] == old["resources"]["ip"]
+    gone = {**old, "resources": {k: v for k, v in old["resources"].items() if k != "ip"}}  # new's address now
+    assert leftovers(gone, local.home / "machines" / "old") == []

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from machine.provision import ROLES
 from machine.store import Store
 from tests.conftest import CLI
 from tests.integration.conftest import (
@@ -136,17 +135,6 @@ def test_rm_keeps_the_record_while_something_is_left(local):
         subprocess.run(["umount", str(busy)], check=True)
     local("rm", "-f", "held")
     assert leftovers(record, local.home / "machines/held") == []
-
-
-@pytest.fixture
-def quick_roles(tmp_path: Path) -> Path:
-    """A user's own copy of the roles (PYMACHINE_ROLES_PATH) that only records each run on the machine."""
-    for role in ROLES:
-        tasks = tmp_path / "roles" / role / "tasks"
-        tasks.mkdir(parents=True)
-        (tasks / "main.yml").write_text(
-            f"- name: record the run\n  ansible.builtin.shell: echo {role} >> /root/provisioned\n")
-    return tmp_path / "roles"
 
 
 def test_twenty_commands_at_once_on_one_store(local, quick_roles):

@@ -82,6 +82,27 @@ def test_prune_removes_a_renamed_manager_only_after_its_successor_joined(tmp_pat
     assert failures[(apply.REMOVE, "lb")] == "skipped: join as manager front failed"
 
 
+def test_prune_removes_a_machine_in_no_swarm_before_anything_is_made(tmp_path, monkeypatch):
+    """Its name, address and share of the host are free for the machines made next: all of it is removed before
+    any create starts, a swarm's node still only after the swarm steps."""
+    store = Store(tmp_path / "home")
+    v1 = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  lb: {swarm: manager}\n  app: {count: 2}\n"))
+    lb, app1, app2 = v1.machines
+    recorded(store, lb, "manager")
+    recorded(store, app1)
+    recorded(store, app2)
+    swarm_of(monkeypatch, "lb", {"lb": "manager"})
+    v2 = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  front: {swarm: manager}\n  web: {count: 2}\n"))
+    the_plan = apply.plan(store, v2, prune=True)
+    assert [(s.action, s.name) for s in the_plan.steps] == [
+        (apply.REMOVE, "app1"), (apply.REMOVE, "app2"), (apply.CREATE, "front"), (apply.CREATE, "web1"),
+        (apply.CREATE, "web2"), (apply.JOIN_MANAGER, "front"), (apply.REMOVE, "lb")]
+    ran, failures = carry_out(monkeypatch, store, the_plan)
+    assert sorted(ran[:2]) == [(apply.REMOVE, "app1"), (apply.REMOVE, "app2")] and failures == {}
+    assert ran[2:] == [step for step in ran if step[0] == apply.CREATE] + [(apply.JOIN_MANAGER, "front"),
+                                                                            (apply.REMOVE, "lb")]
+
+
 def test_a_join_goes_through_a_manager_that_stays(tmp_path, monkeypatch):
     """alpha and web1 both manage the swarm; alpha is pruned, web1 demoted: front joins through web1."""
     store = Store(tmp_path / "home")
@@ -141,7 +162,8 @@ def test_a_recreated_only_manager_makes_a_new_swarm_its_workers_leave_the_old_on
 
 def test_a_failed_promotion_keeps_every_manager_and_node(tmp_path, monkeypatch):
     """web2 is to replace web1 as the manager: its promotion fails, so web1 is not demoted, and no node leaves or is
-    removed (web1 would have been the last manager). A newcomer still joins; a pruned machine in no swarm goes."""
+    removed (web1 would have been the last manager). A newcomer still joins; a pruned machine in no swarm goes,
+    first."""
     store = Store(tmp_path / "home")
     fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web1: {swarm: worker}\n"
                                            "  web2: {swarm: manager}\n  web3: {swarm: worker}\n  web4: {}\n"))
@@ -152,11 +174,11 @@ def test_a_failed_promotion_keeps_every_manager_and_node(tmp_path, monkeypatch):
     swarm_of(monkeypatch, "web1", {"web1": "manager", "web2": "worker", "web4": "worker", "old1": "worker"})
     the_plan = apply.plan(store, fleet, prune=True)
     assert swarm_steps(the_plan) == [
-        (apply.PROMOTE, "web2", ""), (apply.JOIN_WORKER, "web3", "web1"), (apply.DEMOTE, "web1", ""),
-        (apply.LEAVE, "web4", ""), (apply.REMOVE, "old1", ""), (apply.REMOVE, "old2", "")]
+        (apply.REMOVE, "old2", ""), (apply.PROMOTE, "web2", ""), (apply.JOIN_WORKER, "web3", "web1"),
+        (apply.DEMOTE, "web1", ""), (apply.LEAVE, "web4", ""), (apply.REMOVE, "old1", "")]
     ran, failures = carry_out(monkeypatch, store, the_plan, failing=(apply.PROMOTE,))
     assert [step for step in ran if step[0] in SWARM_AND_GONE] == [
-        (apply.PROMOTE, "web2"), (apply.JOIN_WORKER, "web3"), (apply.REMOVE, "old2")]
+        (apply.REMOVE, "old2"), (apply.PROMOTE, "web2"), (apply.JOIN_WORKER, "web3")]
     assert failures == {(apply.PROMOTE, "web2"): "promote broke",
                         **{step: "skipped: promote web2 failed" for step in (
                             (apply.DEMOTE, "web1"), (apply.LEAVE, "web4"), (apply.REMOVE, "old1"))}}
