@@ -248,6 +248,9 @@ class LocalDriver(Driver):
         if address is None:
             raise MachineError(f"machine {self.machine.name!r} was never fully created (it has no address): remove "
                                f"it with `pymachine rm -f {self.machine.name}`")
+        # A boot whose nspawn died (killed, say) leaves the machine's own processes running, holding its overlay,
+        # network namespace and veth: booted again beside them, it would find its veth taken and never come up.
+        self._cleanup_processes()
         leased = self._network.lease(str(self.machine.dir), wanted=address)
         if leased != address:
             self._network.release(str(self.machine.dir))
@@ -445,6 +448,10 @@ class LocalDriver(Driver):
     def state(self) -> State:
         if self._supervisor() is not None:
             return State.RUNNING
+        if cgroups.processes(self.machine.resources.get("cgroups", [])):
+            # Its nspawn died, and its own processes live on (sshd answering on its address): neither running nor
+            # stopped; `stop` ends them, `start` too before it boots the machine again.
+            return State.ERROR
         return State.STOPPED
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,42 @@ def test_active_follows_docker_host(local):
     local.env["DOCKER_HOST"] = url
     assert local("active").stdout.strip() == "act"
     assert json.loads(local("ls", "--format", "json").stdout)[0]["active"] is True
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie has ended; its parent reaps it in its own time)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def kill_nspawn(cli, name: str) -> list[int]:
+    """SIGKILL the machine's systemd-nspawn (as the OOM killer would); its supervisor ends with it, and the
+    processes of the machine left running are returned."""
+    resources = machine_record(cli, name)["resources"]
+    supervisor = resources["pid"]
+    [nspawn] = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    os.kill(int(nspawn), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(supervisor):
+        assert time.monotonic() < deadline, "the supervisor outlived its nspawn"
+        time.sleep(0.05)
+    return [int(pid) for cgroup in resources["cgroups"] for pid in Path(cgroup, "cgroup.procs").read_text().split()]
+
+
+def test_a_machine_whose_nspawn_died_is_an_error_that_start_and_stop_end(local):
+    local("create", "--no-provision", "orphan")
+    left = kill_nspawn(local, "orphan")
+    assert left, "the machine's systemd and sshd outlive nspawn"
+    assert state(local, "orphan") == "Error"  # not Stopped: its sshd still answers on its address
+    local("start", "orphan")  # boots it anew, once what was left is gone
+    assert state(local, "orphan") == "Running"
+    assert not [pid for pid in left if alive(pid)]
+    assert local("ssh", "orphan", "--", "systemctl is-system-running --wait").stdout.strip() == "running"
+    kill_nspawn(local, "orphan")
+    local("stop", "orphan")
+    assert state(local, "orphan") == "Stopped"
+    record = machine_record(local, "orphan")
+    local("rm", "-y", "orphan")
+    assert leftovers(record, local.home / "machines/orphan") == []
