@@ -37,11 +37,25 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):
+            e.filename = str(path)  # the file the user knows of (a full disk's error names none)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Name `path` in an OSError of the block that names no file: a full disk's (ENOSPC from a write, a flush or
+    an fsync) names none, and the user would read "No space left on device" without knowing where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def read_own(path: Path) -> bytes | None:
@@ -174,7 +188,7 @@ class Machine:
 
 def _append(journal: Path, entry: dict[str, Any]) -> None:
     fd = os.open(journal, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "r+b") as f:
+    with writing(journal), os.fdopen(fd, "r+b") as f:
         size = os.fstat(fd).st_size
         # After a torn last line (a crash while writing it), the entry starts a line of its own: appended to the
         # torn one, it would be skipped with it.
@@ -331,22 +345,26 @@ class Store:
         created = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())  # ISO 8601, UTC, as datetime gives it
         machine = Machine(name=name, driver=driver, id=os.urandom(4).hex(), dir=staging, options=options,
                           engine=engine or {}, created=created)
-        _append(machine.journal_path, {"identity": {"name": name, "driver": driver, "id": machine.id,
-                                                    "options": options, "created": machine.created}})
-        machine.save()
-        fd = os.open(staging / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = None
         try:
+            _append(machine.journal_path, {"identity": {"name": name, "driver": driver, "id": machine.id,
+                                                        "options": options, "created": machine.created}})
+            machine.save()
+            fd = os.open(staging / "lock", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else can know the staging directory yet
-            try:
-                os.rename(staging, self.machines_dir / name)
-            except OSError as e:
-                import shutil  # here, as in delete(): the commands that only look never remove
+            os.rename(staging, self.machines_dir / name)
+        except BaseException as e:
+            # Nothing is made yet: a staging directory left (a full disk, the name taken) would be nobody's.
+            import shutil  # here, as in delete(): the commands that only look never remove
 
-                shutil.rmtree(staging)
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise UsageError(f"machine {name!r} already exists") from None
-                raise
-            machine.dir = self.machines_dir / name
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise UsageError(f"machine {name!r} already exists") from None
+            raise
+        machine.dir = self.machines_dir / name
+        try:
             yield machine
         finally:
             os.close(fd)

@@ -24,7 +24,7 @@ from machine.drivers.base import Driver, Option, Pruned, State, each_step
 from machine.drivers.local import cgroups
 from machine.errors import MachineError, UsageError
 from machine.paths import data_dir
-from machine.store import Store, write_atomic
+from machine.store import Store, write_atomic, writing
 
 if TYPE_CHECKING:
     from machine.drivers.local.network import Network
@@ -233,7 +233,8 @@ class LocalDriver(Driver):
             path = upper / rel
             _mkdirs_like(base, upper, Path(rel).parent)
             path.unlink(missing_ok=True)  # resolv.conf may be a symlink in the base
-            path.write_text(text)
+            with writing(path):
+                path.write_text(text)
             path.chmod(0o600 if rel in secret and not rel.endswith(".pub") else 0o644)
         (upper / "root/.ssh").chmod(0o700)  # sshd's StrictModes
         key_type, key_b64 = host_key.public_line.split()[:2]

@@ -3,10 +3,14 @@ commands at once on one store. Whatever happens, `rm -f` leaves nothing, and no 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from tests.integration.conftest import (
     journal_record,
     kill_create_at,
     leftovers,
+    machine_cli,
     machine_record,
 )
 
@@ -178,3 +183,37 @@ def test_twenty_commands_at_once_on_one_store(local, quick_roles):
         assert runs == "2"
     status = {name: local("status", name).stdout.strip() for name in names}
     assert set(status.values()) == {"Running"}
+
+
+@pytest.fixture
+def full_home(tmp_path: Path) -> Iterator[Path]:
+    """A small filesystem of its own (a tmpfs) for a home; `fill(home, kib)` leaves `kib` KiB free on it."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "pmsmall", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(mount: Path, kib: int) -> None:
+    filler = mount / "filler"
+    filler.unlink(missing_ok=True)
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize // 1024
+    filler.write_bytes(b"\0" * (free - kib) * 1024)
+
+
+@pytest.mark.parametrize("kib", [0, 24, 48])
+def test_a_create_on_a_full_disk_names_the_file_and_leaves_nothing(full_home, kib):
+    """Out of space as the create starts (0: its first journal line), or part way (its keys, its layer): one line
+    naming the file, and nothing left, in the store or on the host."""
+    with contextlib.contextmanager(machine_cli)(full_home / "home") as cli:
+        cli("ls")  # the home and its machines directory exist; only what a create writes is short of space
+        fill(full_home, kib)
+        proc = cli("create", "--no-provision", "full", check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert_one_line(proc)
+        assert re.fullmatch(f"pymachine: error: {full_home}/home/\\S+: No space left on device\n", proc.stderr)
+        assert not list((cli.home / "machines").iterdir())  # no staging directory either
+        assert bridge_leftovers() == []
