@@ -21,7 +21,7 @@ from machine.commands import swarm
 from machine.commands.common import load, locked
 from machine.commands.engine import run_provisioning, share_registries
 from machine.commands.machines import create, rm, start
-from machine.commands.queries import NotRunning
+from machine.commands.queries import NotRunning, unfinished
 from machine.drivers.base import Driver, State
 from machine.errors import MachineError, UsageError
 from machine.fleet import run as run_parallel
@@ -172,6 +172,9 @@ def _plan_machine(store: Store, fleet: Fleet, spec: MachineSpec, recreate: bool)
         machine, driver = load(store, spec.name)
     except MachineError as e:
         return Step(REFUSED, spec.name, str(e), spec)
+    why = unfinished(store, machine)
+    if why:
+        return Step(REFUSED, spec.name, why, spec)
     if machine.fleet.get("name") != fleet.name:
         owner = f"fleet {machine.fleet['name']!r}" if machine.fleet else "`pymachine create`"
         return Step(REFUSED, spec.name, f"exists and was made by {owner}, not by this file", spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -12,6 +13,7 @@ from machine import certs, dockercontext, drivers, enginecache, sshfs, sshkeys, 
 from machine import provision as plan
 from machine.commands.common import connect, locked, play_failed
 from machine.commands.engine import run_provisioning
+from machine.commands.queries import UNFINISHED
 from machine.drivers.base import Driver, State
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
@@ -95,6 +97,7 @@ def _roll_back(store: Store, machine: Machine, driver: Driver) -> None:
 # -- lifecycle ---------------------------------------------------------------------------------------------
 def start(store: Store, name: str) -> None:
     with locked(store, name) as (machine, driver):
+        _refuse_half_removed(machine)
         if driver.state() == State.RUNNING:
             return
         before = driver.engine_url()
@@ -111,11 +114,19 @@ def stop(store: Store, name: str) -> None:
 
 def restart(store: Store, name: str) -> None:
     with locked(store, name) as (machine, driver):
+        _refuse_half_removed(machine)
         before = driver.engine_url()
         sshmux.forget(machine.known_hosts_path)
         driver.restart()
         connect(machine, driver).close()
         _follow_engine(machine, driver, before)
+
+
+def _refuse_half_removed(machine: Machine) -> None:
+    """Never boot what a killed rm left (under the lock, a record still `removing` is one): its address, UID range
+    and image marks may be gone already, and a cache prune could take its base from under it."""
+    if machine.state == "removing":
+        raise MachineError(UNFINISHED["removing"].format(name=machine.name))
 
 
 def _follow_engine(machine: Machine, driver: Driver, before: str) -> None:
@@ -175,6 +186,9 @@ def remove_machine(store: Store, machine: Machine, driver: Driver, force: bool =
     `forget`, nothing does (the libvirt host or cloud account is gone): what may be left, and what the machine
     recorded, are printed for the user to look after, as the record that named them goes.
     """
+    machine.state = "removing"  # until it is gone: a removal killed part way is never taken for a machine
+    with contextlib.suppress(OSError):  # a full disk: rm is what frees it, and must not need room to start
+        machine.save()
     # A mount over a connection of its own (no kept one) to a host that stays (generic) would outlive the machine.
     for mountpoint in sshfs.mounts(machine.dir):
         sshfs.unmount(mountpoint, lazy=True)

@@ -36,21 +36,34 @@ def describe(store: Store, name: str) -> dict[str, Any]:
     return row
 
 
+# A record left in one of these states by a command that no longer runs: what the machine is, and what to do.
+UNFINISHED = {
+    "creating": "its create was interrupted: `pymachine rm -f {name}` removes what it made",
+    "removing": "its removal was interrupted: `pymachine rm -f {name}` finishes it",
+}
+
+
+def unfinished(store: Store, machine: Machine) -> str:
+    """Why the machine is not one to use, when a create or an rm of it was killed part way; "" otherwise, and
+    while a command still holds it (the kernel drops a killed command's lock)."""
+    if machine.state not in UNFINISHED or store.busy(machine.name):
+        return ""
+    return UNFINISHED[machine.state].format(name=machine.name)
+
+
 def condition(store: Store, name: str) -> tuple[Machine, Driver, State, str]:
     """The machine, its driver, its state and what is wrong with it ("" when nothing), as ls, status and inspect
-    show them. A record still `creating` that no command holds is a create that was killed: whatever its host
-    does, the machine was never finished."""
+    show them. A create or a removal that was killed leaves a machine that is neither made nor gone, whatever
+    its host does."""
     machine, driver = load(store, name)
-    busy = machine.state == "creating" and store.busy(name)
-    if machine.state == "creating" and not busy:
-        # Read again: a create that ended between the two looks saved its outcome before it let go of the lock.
+    if unfinished(store, machine):
+        # Read again: a command that ended between the two looks saved its outcome before it let go of the lock.
         machine, driver = load(store, name)
-    state = driver.state()
-    if machine.state == "creating" and not busy:
-        return machine, driver, State.ERROR, (f"its create was interrupted: `pymachine rm -f {name}` removes what "
-                                              f"it made")
-    if busy and state == State.STOPPED:
-        state = State.STARTING  # not booted yet
+    why, state = unfinished(store, machine), driver.state()
+    if why:
+        return machine, driver, State.ERROR, why
+    if machine.state == "creating" and state == State.STOPPED:
+        state = State.STARTING  # being made, not booted yet
     return machine, driver, state, _left(driver) if machine.state == "error" else ""
 
 

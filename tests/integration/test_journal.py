@@ -217,3 +217,27 @@ def test_a_create_on_a_full_disk_names_the_file_and_leaves_nothing(full_home, ki
         assert re.fullmatch(f"pymachine: error: {full_home}/home/\\S+: No space left on device\n", proc.stderr)
         assert not list((cli.home / "machines").iterdir())  # no staging directory either
         assert bridge_leftovers() == []
+
+
+def test_a_killed_rm_leaves_a_machine_shown_half_removed_that_only_rm_f_takes(local):
+    """rm killed once it has started removing: never booted again (its address and image marks may be gone),
+    shown as what it is, and `rm -f` finishes the job."""
+    local("create", "--no-provision", "half")
+    record = machine_record(local, "half")
+    config = local.home / "machines/half/config.json"
+    proc = local.popen("rm", "-y", "half")
+    while json.loads(config.read_text())["state"] != "removing":
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    [row] = json.loads(local("ls", "--format", "json").stdout)
+    interrupted = "its removal was interrupted: `pymachine rm -f half` finishes it"
+    assert (row["state"], row["error"]) == ("Error", interrupted), row
+    for command in ("start", "restart"):
+        refused = local(command, "half", check=False)
+        assert (refused.returncode, refused.stderr) == (1, f"pymachine: error: half: {interrupted}\n")
+    proc = local("rm", "-f", "half", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert leftovers(record, local.home / "machines/half") == []
+    assert bridge_leftovers() == []

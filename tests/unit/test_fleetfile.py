@@ -224,6 +224,19 @@ def test_the_plan_touches_only_machines_this_file_made(tmp_path):
     assert result["web3"] == (apply.REPROVISION, "engine_install 'distro' → 'official'")
 
 
+def test_a_machine_a_killed_create_or_rm_left_is_refused_saying_so(tmp_path):
+    store = Store(tmp_path / "home")
+    fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web: {count: 2}\n"))
+    for spec, state in zip(fleet.machines, ("creating", "removing"), strict=True):
+        record(store, spec, "shop")
+        with store.locked(spec.name) as machine:
+            machine.state = state
+            machine.save()
+    result = steps(apply.plan(store, fleet))
+    assert result["web1"] == (apply.REFUSED, "its create was interrupted: `pymachine rm -f web1` removes what it made")
+    assert result["web2"] == (apply.REFUSED, "its removal was interrupted: `pymachine rm -f web2` finishes it")
+
+
 def test_a_changed_driver_option_needs_recreate(tmp_path):
     store = Store(tmp_path / "home")
     fleet = fleetfile.load(write(tmp_path, "name: shop\nmachines:\n  web1: {local_isolation: privileged}\n"))
