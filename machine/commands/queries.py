@@ -112,7 +112,9 @@ def ls(store: Store, filters: Iterable[str] = (), timeout: float | None = None) 
     wanted = parse_filters(filters)
     names = store.names()
     described = _describe_all(store, names, timeout) if timeout else {name: describe(store, name) for name in names}
-    return [row for row in described.values() if all(_matches(store, row, k, vs) for k, vs in wanted.items())]
+    # A machine an rm took away after it was listed is not an error ("no machine named"): it is no machine.
+    rows = [row for row in described.values() if row["state"] != State.ERROR.value or store.exists(row["name"])]
+    return [row for row in rows if all(_matches(store, row, k, vs) for k, vs in wanted.items())]
 
 
 def _describe_all(store: Store, names: list[str], timeout: float) -> dict[str, dict[str, Any]]:
