@@ -177,6 +177,9 @@ class LocalDriver(Driver):
                                       o["local_image"], o["local_image_sha256"])
             self.machine.record(base=str(base))  # first: rm takes the mark out even when a create dies after it
             if rootfs.add_user(base, self.machine.dir):
+                if not base.is_dir():  # deleted by hand, or lost on a damaged disk: nothing could boot over it
+                    raise MachineError(f"the base image {base.parent} has lost its rootfs: remove it (`pymachine "
+                                       f"cache prune --all`, once no machine uses it) and create again to rebuild it")
                 return base
         raise MachineError("the base image was pruned while this create used it: run it again")
 

@@ -41,16 +41,18 @@ ENGINE_VOLUMES = {"docker": "/var/lib/docker", "containers": "/var/lib/container
 VOLUMES_DIR = "/var/lib/pymachine/volumes"
 
 
+def debootstrap_key(release: str, mirror: str) -> str:
+    """The name in the cache of the base debootstrap builds of `release` from `mirror` with this recipe."""
+    recipe = {"recipe": RECIPE, "release": release, "mirror": mirror, "packages": PACKAGES}
+    return f"{release}-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def base_rootfs(
     cache: Path, release: str, mirror: str, image: str | None = None, image_sha256: str | None = None
 ) -> Path:
     """Return the cached base rootfs for these inputs, making it if needed."""
     tarball = images.fetch(image, cache / "images", image_sha256) if image else None
-    if tarball:
-        key = "image-" + tarball.name[:16]
-    else:
-        recipe = {"recipe": RECIPE, "release": release, "mirror": mirror, "packages": PACKAGES}
-        key = f"{release}-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    key = "image-" + tarball.name[:16] if tarball else debootstrap_key(release, mirror)
     root = cache / DIR / key
     if (root / READY).exists():
         return root / "rootfs"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from machine.drivers.local import network
+from machine.drivers.local import network, rootfs
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +67,20 @@ def test_the_last_lease_out_never_takes_the_host_s_own_bridge(foreign_bridge, tm
     bridge.release(str(tmp_path))
     assert Path("/sys/class/net", foreign_bridge).exists()
     assert not (tmp_path / f"{foreign_bridge}.json").exists()
+
+
+def test_create_over_a_base_that_lost_its_rootfs_says_so_and_leaves_nothing(local, tmp_path):
+    """A base marked complete in the cache whose rootfs is gone: not a machine to remove (start's "remove it with
+    `pymachine rm`"), but a cache to mend."""
+    cache, mirror = tmp_path / "cache", "http://deb.debian.org/debian"  # never asked: the create stops first
+    root = cache / "local" / rootfs.DIR / rootfs.debootstrap_key("bookworm", mirror)
+    root.mkdir(parents=True)
+    (root / rootfs.READY).touch()
+    local.env |= {"PYMACHINE_CACHE": str(cache), "PYMACHINE_LOCAL_RELEASE": "bookworm",
+                  "PYMACHINE_LOCAL_MIRROR": mirror}
+    proc = local("create", "--no-provision", "nobase", check=False)
+    assert (proc.returncode, proc.stderr) == (1, f"pymachine: error: the base image {root} has lost its rootfs: remove "
+                                                 f"it (`pymachine cache prune --all`, once no machine uses it) and "
+                                                 f"create again to rebuild it\n")
+    assert local("ls", "-q").stdout == "" and not list((local.home / "machines").iterdir())
+    assert not list((root / "users").iterdir())  # the create's mark went with it
