@@ -12,8 +12,8 @@ that stream their output keep paramiko's connection (machine.ssh), opened only w
 The control sockets live in a directory of the user's own under the temporary directory (a socket's path is
 limited to ~100 bytes, too short for a store's path). A socket's name is a digest of everything that makes the
 login: machine, address, port, user, key file and pinned host keys. A machine recreated under the same name, or at a
-new address, never reaches the previous one's master. `rm`, `stop`, `kill` and `restart` end a machine's masters
-(`forget`).
+new address, never reaches the previous one's master. `rm`, `stop`, `kill` and `restart` end a machine's masters,
+and any of its ssh processes still logging in (`forget`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -221,3 +222,20 @@ def forget(known_hosts: Path) -> None:
         muxclient.terminate(path, _CONTROL_TIMEOUT)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a master that died without removing it
+    if directory:
+        _end_logins(_path(directory / machine_prefix(known_hosts)).rstrip('"') + "-")
+
+
+def _end_logins(control_path: str) -> None:
+    """Terminate this user's ssh processes whose ControlPath starts with `control_path`: a master still logging
+    in has no socket to be asked on yet, and once in (the command that started it killed meanwhile) it would keep
+    its connection for PERSIST seconds."""
+    wanted = f"ControlPath={control_path}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or proc.stat().st_uid != os.getuid():
+                continue
+            if any(arg.startswith(wanted) for arg in (proc / "cmdline").read_bytes().split(b"\0")):
+                os.kill(int(proc.name), signal.SIGTERM)
+        except OSError:  # ended meanwhile (ProcessLookupError too), or not ours to read
+            continue

@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     leftovers,
     machine_cli,
     machine_record,
+    ssh_masters,
 )
 
 pytestmark = pytest.mark.integration
@@ -241,3 +242,19 @@ def test_a_killed_rm_leaves_a_machine_shown_half_removed_that_only_rm_f_takes(lo
     assert proc.returncode == 0, proc.stderr
     assert leftovers(record, local.home / "machines/half") == []
     assert bridge_leftovers() == []
+
+
+def test_a_create_killed_while_its_kept_ssh_connection_logs_in_leaves_no_ssh_behind(local):
+    """Killed while the ssh that starts its kept connection waits for the machine's network: that ssh has no socket
+    to be asked on yet, and outlived the create and the rm; rm -f ends it too."""
+    machine_dir = local.home / "machines/sshkill"
+    proc = local.popen("create", "--no-provision", "sshkill")
+    while not ssh_masters(machine_dir):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    record = journal_record(local, "sshkill")
+    proc = local("rm", "-f", "sshkill", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert leftovers(record, machine_dir) == []
