@@ -52,14 +52,25 @@ def paths(machine_id: str) -> list[str]:
     return found
 
 
+# How often a create makes its cgroups again when `pymachine/` goes from under it: each time, another machine's
+# rm (or stop) took it away as the last one out.
+_MAKE_ATTEMPTS = 100
+
+
 def create(paths: list[str]) -> None:
     """Make the machine's cgroups (join one by writing a PID to its cgroup.procs)."""
     for top in paths:
-        for path in reversed([Path(top), *Path(top).parents]):
-            if not path.exists():
-                with contextlib.suppress(FileExistsError):  # made meanwhile by another machine's create
-                    path.mkdir()
-                _inherit_cpuset(path)
+        for attempt in range(_MAKE_ATTEMPTS):
+            try:
+                for path in reversed([Path(top), *Path(top).parents]):
+                    if not path.exists():
+                        with contextlib.suppress(FileExistsError):  # made meanwhile by another machine's create
+                            path.mkdir()
+                        _inherit_cpuset(path)
+                break
+            except FileNotFoundError:
+                if attempt == _MAKE_ATTEMPTS - 1:
+                    raise
 
 
 def join(paths: list[str]) -> None:

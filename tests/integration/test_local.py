@@ -7,11 +7,13 @@ import ipaddress
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from machine.drivers.local import cgroups
 from tests.integration.conftest import (
     BRIDGE,
     SUBNET,
@@ -192,3 +194,31 @@ def test_a_machine_whose_nspawn_died_is_an_error_that_start_and_stop_end(local):
     record = machine_record(local, "orphan")
     local("rm", "-y", "orphan")
     assert leftovers(record, local.home / "machines/orphan") == []
+
+
+def test_cgroups_are_made_while_the_last_other_machine_s_are_removed(tmp_path):
+    """The rm of the last machine takes `pymachine/` away: a create making its cgroups below it at that moment
+    makes it again rather than failing ("No such file or directory")."""
+    scratch = Path(cgroups.paths("x")[0]).parents[1] / f"pmrace-{os.getpid()}"  # beside the machines' own
+    scratch.mkdir()
+    errors: list[str] = []
+
+    def churn(machine: str) -> None:
+        paths = [str(scratch / "pymachine" / machine)]
+        for _ in range(1000):
+            try:
+                cgroups.create(paths)
+                cgroups.remove(paths)
+            except OSError as e:
+                errors.append(str(e))
+
+    try:
+        threads = [threading.Thread(target=churn, args=(f"m{i}",)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        cgroups.remove([str(scratch / "pymachine" / f"m{i}") for i in range(3)])
+        scratch.rmdir()
+    assert errors == []
