@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from machine.ssh import Connection
 
 SSH_READY_TIMEOUT = 120.0
+# A record left in one of these states by a command that no longer runs: what the machine is, and what to do.
+UNFINISHED = {
+    "creating": "its create was interrupted: `pymachine rm -f {name}` removes what it made",
+    "removing": "its removal was interrupted: `pymachine rm -f {name}` finishes it",
+}
 
 
 def driver_for(store: Store, machine: Machine) -> Driver:
@@ -34,6 +39,13 @@ def locked(store: Store, name: str, recover: bool = False) -> Iterator[tuple[Mac
     """The machine and its driver under the machine's lock, for a command that changes it."""
     with store.locked(name, recover=recover) as machine:
         yield machine, driver_for(store, machine)
+
+
+def refuse_half_removed(machine: Machine) -> None:
+    """Never boot or provision what a killed rm left (under the lock, a record still `removing` is one): its
+    address, UID range and image marks may be gone already, and a cache prune could take its base from under it."""
+    if machine.state == "removing":
+        raise MachineError(UNFINISHED["removing"].format(name=machine.name))
 
 
 def connect(machine: Machine, driver: Driver, timeout: float = SSH_READY_TIMEOUT) -> Connection:

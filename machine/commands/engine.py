@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from machine import certs, dockercontext, enginecache, ui
 from machine import provision as plan
-from machine.commands.common import connect, load, locked, play_failed
+from machine.commands.common import connect, load, locked, play_failed, refuse_half_removed
 from machine.drivers.base import Driver, State
 from machine.endpoint import host_port
 from machine.errors import MachineError
@@ -111,6 +111,7 @@ def _provision_running(store: Store, name: str, add_registry: bool = False, **kw
     every other machine of the store is made to trust it there."""
     plan.check_roles(kwargs.get("tags", ()))
     with locked(store, name) as (machine, driver):
+        refuse_half_removed(machine)
         if driver.state() != State.RUNNING:
             raise driver.not_running()
         if add_registry:

@@ -11,9 +11,8 @@ from urllib.parse import urlparse
 
 from machine import certs, dockercontext, drivers, enginecache, sshfs, sshkeys, sshmux, ui
 from machine import provision as plan
-from machine.commands.common import connect, locked, play_failed
+from machine.commands.common import connect, locked, play_failed, refuse_half_removed
 from machine.commands.engine import run_provisioning
-from machine.commands.queries import UNFINISHED
 from machine.drivers.base import Driver, State
 from machine.errors import MachineError, UsageError
 from machine.names import validate_name
@@ -97,7 +96,7 @@ def _roll_back(store: Store, machine: Machine, driver: Driver) -> None:
 # -- lifecycle ---------------------------------------------------------------------------------------------
 def start(store: Store, name: str) -> None:
     with locked(store, name) as (machine, driver):
-        _refuse_half_removed(machine)
+        refuse_half_removed(machine)
         if driver.state() == State.RUNNING:
             return
         before = driver.engine_url()
@@ -114,19 +113,12 @@ def stop(store: Store, name: str) -> None:
 
 def restart(store: Store, name: str) -> None:
     with locked(store, name) as (machine, driver):
-        _refuse_half_removed(machine)
+        refuse_half_removed(machine)
         before = driver.engine_url()
         sshmux.forget(machine.known_hosts_path)
         driver.restart()
         connect(machine, driver).close()
         _follow_engine(machine, driver, before)
-
-
-def _refuse_half_removed(machine: Machine) -> None:
-    """Never boot what a killed rm left (under the lock, a record still `removing` is one): its address, UID range
-    and image marks may be gone already, and a cache prune could take its base from under it."""
-    if machine.state == "removing":
-        raise MachineError(UNFINISHED["removing"].format(name=machine.name))
 
 
 def _follow_engine(machine: Machine, driver: Driver, before: str) -> None:

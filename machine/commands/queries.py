@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import __version__, certs
-from machine.commands.common import driver_for, load
+from machine.commands.common import UNFINISHED, driver_for, load
 from machine.drivers.base import Driver, State
 from machine.engineapi import EngineAPI
 from machine.errors import MachineError, UsageError
@@ -34,13 +34,6 @@ def describe(store: Store, name: str) -> dict[str, Any]:
         row = {"name": name, "driver": "", "state": State.ERROR.value, "url": "", "error": str(e)}
     row["active"] = bool(row["url"]) and os.environ.get("DOCKER_HOST") == row["url"]
     return row
-
-
-# A record left in one of these states by a command that no longer runs: what the machine is, and what to do.
-UNFINISHED = {
-    "creating": "its create was interrupted: `pymachine rm -f {name}` removes what it made",
-    "removing": "its removal was interrupted: `pymachine rm -f {name}` finishes it",
-}
 
 
 def unfinished(store: Store, machine: Machine) -> str:

@@ -235,9 +235,10 @@ def test_a_killed_rm_leaves_a_machine_shown_half_removed_that_only_rm_f_takes(lo
     [row] = json.loads(local("ls", "--format", "json").stdout)
     interrupted = "its removal was interrupted: `pymachine rm -f half` finishes it"
     assert (row["state"], row["error"]) == ("Error", interrupted), row
-    for command in ("start", "restart"):
+    for command in ("start", "restart", "provision"):
         refused = local(command, "half", check=False)
-        assert (refused.returncode, refused.stderr) == (1, f"pymachine: error: half: {interrupted}\n")
+        assert refused.returncode == 1 and refused.stderr.endswith(f" {interrupted}\n"), refused.stderr
+        assert_one_line(refused)
     proc = local("rm", "-f", "half", check=False)
     assert proc.returncode == 0, proc.stderr
     assert leftovers(record, local.home / "machines/half") == []
