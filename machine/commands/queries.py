@@ -55,8 +55,9 @@ def condition(store: Store, name: str) -> tuple[Machine, Driver, State, str]:
     why, state = unfinished(store, machine), driver.state()
     if why:
         return machine, driver, State.ERROR, why
-    if machine.state == "creating" and state == State.STOPPED:
-        state = State.STARTING  # being made, not booted yet
+    if machine.state == "creating" and state != State.RUNNING:
+        # Being made: not booted yet, or booting (its processes there before its supervisor is recorded).
+        state = State.STARTING
     return machine, driver, state, _left(driver) if machine.state == "error" else ""
 
 

@@ -7,13 +7,16 @@ import ipaddress
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from machine.commands import queries
 from machine.drivers.local import cgroups
+from machine.store import Store
 from tests.integration.conftest import (
     BRIDGE,
     SUBNET,
@@ -222,3 +225,19 @@ def test_cgroups_are_made_while_the_last_other_machine_s_are_removed(tmp_path):
         cgroups.remove([str(scratch / "pymachine" / f"m{i}") for i in range(3)])
         scratch.rmdir()
     assert errors == []
+
+
+def test_a_machine_being_booted_by_its_create_is_starting(tmp_path):
+    """Its processes are in its cgroups a moment before its supervisor is recorded: while its create runs, that is
+    a boot under way, not the Error of a machine whose nspawn died."""
+    store = Store(tmp_path / "home")
+    with store.reserve("booting", "local", {}) as machine:
+        machine.record(cgroups=cgroups.paths(machine.id))
+        cgroups.create(machine.resources["cgroups"])
+        booting = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: cgroups.join(machine.resources["cgroups"]))
+        try:
+            assert queries.describe(store, "booting")["state"] == "Starting"
+        finally:
+            booting.kill()
+            booting.wait()
+            cgroups.remove(machine.resources["cgroups"])
