@@ -399,13 +399,8 @@ def _recreate(store: Store, fleet: Fleet, step: Step) -> str:
 
 
 def _remove(store: Store, fleet: Fleet, step: Step) -> None:
-    if _recorded_swarm(store, step.name):
-        try:  # its manager forgets it (a node removed without leaving stays listed as Down)
-            swarm.leave(store, step.name, force=True)
-        except swarm.NotInSwarm:  # left by hand
-            pass
-        except MachineError as e:
-            ui.err(f"warning: {step.name} is removed without leaving its swarm: {e}")
+    # rm leaves the machine's swarm first (its managers forget it), and refuses when that would cost the swarm its
+    # quorum: the step then fails, naming `rm -f`.
     rm(store, step.name)
 
 
