@@ -12,6 +12,7 @@ account they act in is (STS GetCallerIdentity, before anything is made), and `rm
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import re
 import socket
@@ -45,10 +46,10 @@ WAIT = {"Delay": 5, "MaxAttempts": 120}
 GROUP_RELEASE_TIMEOUT = 300.0
 # EC2 is eventually consistent: right after RunInstances it may answer DescribeInstances of the new id with
 # InvalidInstanceID.NotFound and a tag or client-token filter with nothing; right after CreateSecurityGroup or
-# ImportKeyPair a lookup by name may find nothing. Until this long after a launch that never settled (no address
-# recorded), or after a group or key pair was asked for whose id never reached the journal, "nothing found" means
-# "not visible yet": removal asks again with backoff (VISIBLE_DELAY, doubling up to VISIBLE_MAX_DELAY) and
-# leftovers() says so, so the record is kept.
+# ImportKeyPair a lookup by name, or by the id create got back, may find nothing. Until this long after a launch
+# that never settled (no address recorded), or after a group or key pair was asked for that EC2 never showed since,
+# "nothing found" means "not visible yet": removal asks again with backoff (VISIBLE_DELAY, doubling up to
+# VISIBLE_MAX_DELAY) and leftovers() says so, so the record is kept.
 VISIBLE_TIMEOUT = 120.0
 VISIBLE_DELAY = 1.0
 VISIBLE_MAX_DELAY = 15.0
@@ -377,12 +378,20 @@ class EC2Driver(Driver):
     def _instance_label(self) -> str:
         return f"the instance of {self.machine.name}"
 
-    def _name_unseen_until(self, kind: str) -> float:
-        """Until when (wall clock) EC2 may not show the machine's `kind` ("group", "key_pair") by name:
-        VISIBLE_TIMEOUT after create asked for it, while its id is unknown and EC2 did not refuse it; 0 otherwise,
-        and for a record from before these times were recorded."""
+    def _shown(self, kind: str) -> bool:
+        """Whether EC2 has shown the machine's `kind` ("group", "key_pair") since create asked for it: a lookup
+        found it, a delete by id took it, or the launch named it (RunInstances refuses a key pair or group EC2 does
+        not know, so a recorded instance id vouches for both). An id from create's own answer does not: EC2 may
+        not know it yet anywhere else."""
         r = self.machine.resources
-        if f"{kind}_id" in r or r.get(f"{kind}_refused") or not r.get(f"{kind}_time"):
+        return bool(r.get(f"{kind}_shown") or r.get("instance_id"))
+
+    def _unshown_until(self, kind: str) -> float:
+        """Until when (wall clock) EC2 may not show the machine's `kind` ("group", "key_pair"), by name or by id:
+        VISIBLE_TIMEOUT after create asked for it, while it was never shown and EC2 did not refuse it; 0
+        otherwise, and for a record from before these times were recorded."""
+        r = self.machine.resources
+        if self._shown(kind) or r.get(f"{kind}_refused") or not r.get(f"{kind}_time"):
             return 0.0
         return float(r[f"{kind}_time"]) + VISIBLE_TIMEOUT
 
@@ -450,10 +459,10 @@ class EC2Driver(Driver):
         recorded = self.machine.resources.get("group_id")
         if recorded:
             return [recorded]
-        found = self._until_visible(self._groups_named, self._name_unseen_until("group"),
+        found = self._until_visible(self._groups_named, self._unshown_until("group"),
                                     f"security group {self._group_name}")
-        if found:  # known now: no later look waits for it, and once deleted leftovers() knows it gone
-            self.machine.record(group_id=found[0])
+        if found:  # shown now: no later look waits for it, and once deleted leftovers() knows it gone
+            self.machine.record(group_id=found[0], group_shown=True)
         return found
 
     def _groups_named(self) -> list[str]:
@@ -508,27 +517,36 @@ class EC2Driver(Driver):
 
     def _delete_group(self) -> None:
         for group_id in self._groups():
-            deadline = time.monotonic() + GROUP_RELEASE_TIMEOUT
-            while True:
-                try:
-                    with translated(f"deleting security group {group_id}"):
-                        self._ec2.delete_security_group(GroupId=group_id)
-                    break
-                except EC2Error as e:
-                    if e.code == "InvalidGroup.NotFound":
-                        break
-                    # The terminated instance's network interface holds the group for a while after it is gone.
-                    if e.code != "DependencyViolation" or time.monotonic() > deadline:
-                        raise
-                    time.sleep(5)
+            # EC2 answers InvalidGroup.NotFound for a group it does not show yet as for one that is gone: until
+            # it must show it, "not found" is asked again (a delete that succeeds costs no more calls).
+            deleted = self._until_visible(functools.partial(self._delete_group_id, group_id),
+                                          self._unshown_until("group"), f"security group {group_id}")
+            if deleted and not self._shown("group"):  # once gone, leftovers() believes a lookup finding nothing
+                self.machine.record(group_shown=True)
+
+    def _delete_group_id(self, group_id: str) -> bool:
+        """Delete the group; False when EC2 does not know it (gone, or not shown yet)."""
+        deadline = time.monotonic() + GROUP_RELEASE_TIMEOUT
+        while True:
+            try:
+                with translated(f"deleting security group {group_id}"):
+                    self._ec2.delete_security_group(GroupId=group_id)
+                return True
+            except EC2Error as e:
+                if e.code == "InvalidGroup.NotFound":
+                    return False
+                # The terminated instance's network interface holds the group for a while after it is gone.
+                if e.code != "DependencyViolation" or time.monotonic() > deadline:
+                    raise
+                time.sleep(5)
 
     def _delete_key_pair(self) -> None:
         # DeleteKeyPair succeeds when EC2 finds no such pair, not yet shown ones too: wait for one that may be.
-        until = self._name_unseen_until("key_pair")
+        until = self._unshown_until("key_pair")
         if time.time() < until:
             found = self._until_visible(self._key_pairs_named, until, f"key pair {self._key_name}")
-            if found:  # known now: once deleted, leftovers() knows it gone
-                self.machine.record(key_pair_id=found[0])
+            if found:  # shown now: once deleted, leftovers() knows it gone
+                self.machine.record(key_pair_id=found[0], key_pair_shown=True)
         with translated(f"deleting key pair {self._key_name}"):
             self._ec2.delete_key_pair(KeyName=self._key_name)  # succeeds when there is none
 
@@ -553,7 +571,7 @@ class EC2Driver(Driver):
     def _named_leftovers(self, what: str, look: Callable[[], list[str]], kind: str, name: str) -> list[str]:
         """`what` named `name` as `look` finds it (its ids), or as not yet visible while it may not show yet."""
         ids = look()
-        if not ids and time.time() < self._name_unseen_until(kind):  # asked for, maybe made, not shown yet
+        if not ids and time.time() < self._unshown_until(kind):  # asked for, maybe made, not shown yet
             return [f"{what} {name} (not yet visible)"]
         return [f"{what} {name} ({i})" if i else f"{what} {name}" for i in ids]
 
