@@ -893,6 +893,8 @@ def check(o: dict[str, Any]) -> dict[str, Any]:
     if zone:
         _check_offered(ec2, itype, zone)
     groups = _check_groups(o, ec2, vpc)
+    _check_once(o, region, "ec2_iam_instance_profile", "iam", _check_instance_profile)
+    _check_once(o, region, "ec2_kms_key", "kms", _check_kms_key)
     return {"region": region, "ami": image["ImageId"], "root_device": image.get("RootDeviceName", "/dev/xvda"),
             "vpc": vpc, "subnet": subnet, "groups": groups, "account": account}
 
@@ -937,6 +939,52 @@ def _check_offered(ec2: Any, itype: str, zone: str) -> None:
             {"Name": "location", "Values": [zone]}, {"Name": "instance-type", "Values": [itype]}])
     if not offered["InstanceTypeOfferings"]:
         raise UsageError(f"--ec2-instance-type: {zone} offers no {itype}: choose another type or zone")
+
+
+def _check_once(o: dict[str, Any], region: str, key: str, service: str,
+                check_value: Callable[[Any, str, str], None]) -> None:
+    """`check_value(the client of `service`, value, region)` for the option `key` when given. It raises UsageError
+    for a value that does not exist; when it cannot tell (the credentials may not read IAM or KMS, or the endpoint's
+    cloud serves neither) the create goes on, with one warning: EC2 checks the value at launch all the same, and a
+    credential allowed to launch with an instance profile or a KMS key need not be allowed to read them."""
+    value = o[key]
+    checked = (key, value, region, o["ec2_endpoint"], o["ec2_profile"], o.get("ec2_access_key"),
+               o.get("ec2_secret_key"))
+    if not value or checked in api.CHECKED:
+        return
+    flag = "--" + key.replace("_", "-")
+    try:
+        check_value(api.service_client(service, o["ec2_profile"], region, o["ec2_endpoint"], o.get("ec2_access_key"),
+                                       o.get("ec2_secret_key")), value, region)
+    except UsageError:
+        raise
+    except MachineError as e:
+        ui.err(f"warning: {flag} {value} not checked before the launch ({e}): EC2 checks it when it launches")
+    api.CHECKED.add(checked)
+
+
+def _check_instance_profile(iam: Any, wanted: str, region: str) -> None:
+    """The instance profile, by name or ARN, exists (IAM is global: `region` does not matter)."""
+    name = wanted.rsplit("/", 1)[-1] if wanted.startswith("arn:") else wanted  # arn:…:instance-profile/[path/]NAME
+    with _refused("--ec2-iam-instance-profile", f"no instance profile {wanted!r}", "NoSuchEntity",
+                  "ValidationError"), translated(f"reading instance profile {name}"):
+        found = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    if wanted.startswith("arn:") and found["Arn"] != wanted:
+        raise UsageError(f"--ec2-iam-instance-profile: no instance profile {wanted!r} (the one named {name} is "
+                         f"{found['Arn']})")
+
+
+def _check_kms_key(kms: Any, wanted: str, region: str) -> None:
+    """The KMS key (id, alias, or either's ARN) is in the region, enabled, and one EBS can encrypt with."""
+    with _refused("--ec2-kms-key", f"no KMS key {wanted!r} in {region}", "NotFoundException",
+                  "InvalidArnException"), translated(f"reading KMS key {wanted}"):
+        key = kms.describe_key(KeyId=wanted)["KeyMetadata"]
+    if key.get("KeyState") != "Enabled":
+        raise UsageError(f"--ec2-kms-key: KMS key {wanted!r} is {key.get('KeyState')}, not Enabled")
+    spec, usage = key.get("KeySpec", "SYMMETRIC_DEFAULT"), key.get("KeyUsage", "ENCRYPT_DECRYPT")
+    if (spec, usage) != ("SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT"):
+        raise UsageError(f"--ec2-kms-key: KMS key {wanted!r} is a {spec} key for {usage}: EBS encrypts only with "
+                         f"a symmetric encryption key (SYMMETRIC_DEFAULT, ENCRYPT_DECRYPT)")
 
 
 def _check_groups(o: dict[str, Any], ec2: Any, vpc: str) -> list[str]:

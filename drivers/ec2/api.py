@@ -91,6 +91,9 @@ _CLIENTS: dict[tuple[Any, ...], Any] = {}
 # sessions and clients one at a time.
 _MAKING = threading.RLock()
 _ACCOUNTS: dict[tuple[Any, ...], str] = {}
+# The options that another service than EC2 checks (IAM, KMS) checked (or found uncheckable, said once) in this
+# process, with the credentials, region and endpoint: check() runs before the store changes and again in create.
+CHECKED: set[tuple[Any, ...]] = set()
 
 
 def session(profile: str | None, access_key: str | None = None, secret_key: str | None = None) -> Any:
@@ -112,10 +115,12 @@ def _new_session(profile: str | None, access_key: str | None, secret_key: str | 
         raise UsageError(f"--ec2-profile: {e}") from None
 
 
-def client(profile: str | None, region: str, endpoint: str | None, access_key: str | None = None,
-           secret_key: str | None = None) -> Any:
-    """The EC2 client of a region (made once per process: creating one costs ~50 ms of botocore loading)."""
-    key = (profile, region, endpoint, access_key, secret_key)
+def service_client(service: str, profile: str | None, region: str, endpoint: str | None,
+                   access_key: str | None = None, secret_key: str | None = None) -> Any:
+    """The client of an AWS service ("ec2", "sts", "iam", "kms") in a region, at `endpoint` when given (an
+    EC2-compatible cloud, a test server, serves them all there), made once per process: creating one costs ~50 ms
+    of botocore loading."""
+    key = (service, profile, region, endpoint, access_key, secret_key)
     with _MAKING:
         if key not in _CLIENTS:
             boto3_module()
@@ -124,8 +129,14 @@ def client(profile: str | None, region: str, endpoint: str | None, access_key: s
             config = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=10, read_timeout=60,
                             user_agent_extra="pymachine")
             _CLIENTS[key] = session(profile, access_key, secret_key).client(
-                "ec2", region_name=region, endpoint_url=endpoint or None, config=config)
+                service, region_name=region, endpoint_url=endpoint or None, config=config)
         return _CLIENTS[key]
+
+
+def client(profile: str | None, region: str, endpoint: str | None, access_key: str | None = None,
+           secret_key: str | None = None) -> Any:
+    """The EC2 client of a region."""
+    return service_client("ec2", profile, region, endpoint, access_key, secret_key)
 
 
 def caller_account(profile: str | None, region: str, endpoint: str | None, access_key: str | None = None,
@@ -137,13 +148,7 @@ def caller_account(profile: str | None, region: str, endpoint: str | None, acces
     """
     key = (profile, region, endpoint, access_key, secret_key)
     if key not in _ACCOUNTS:
-        boto3_module()
-        from botocore.config import Config
-
-        sts = session(profile, access_key, secret_key).client(
-            "sts", region_name=region, endpoint_url=endpoint or None,
-            config=Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=10, read_timeout=60,
-                          user_agent_extra="pymachine"))
+        sts = service_client("sts", profile, region, endpoint, access_key, secret_key)
         try:
             with translated("asking STS which AWS account the credentials are of"):
                 _ACCOUNTS[key] = str(sts.get_caller_identity()["Account"])

@@ -115,6 +115,7 @@ def in_process(cli: CLI, monkeypatch: pytest.MonkeyPatch) -> Store:
     api._CLIENTS.clear()
     api._SESSIONS.clear()
     api._ACCOUNTS.clear()
+    api.CHECKED.clear()
     api.Listing._cache.clear()
     return Store(cli.home)
 
@@ -133,6 +134,7 @@ def rules(group: dict[str, Any]) -> set[tuple[str, int, int, str]]:
 # -- create ---------------------------------------------------------------------------------------------------
 def test_create_makes_exactly_what_it_says(cli, cloud):
     cidrs = ("203.0.113.7/32", "198.51.100.0/24", "2001:db8::/48")
+    kms_key("alias/pm-test", cloud)
     create(cli, "web1", *(a for c in cidrs for a in ("--ec2-allowed-cidr", c)), "--ec2-root-size", "24",
            "--ec2-volume-type", "gp2", "--ec2-volume-encrypted", "--ec2-kms-key", "alias/pm-test",
            "--ec2-tags", "team=web", "--ec2-tags", "cost=42")
@@ -532,6 +534,11 @@ BAD = {
     "an HDD root volume": (("--ec2-volume-type", "st1", *CIDRS), 2, "'st1' is not one of gp3, gp2, io1, io2"),
     "io2 without iops": (("--ec2-volume-type", "io2", *CIDRS), 2, "--ec2-volume-type io2 needs --ec2-iops"),
     "iops of gp3": (("--ec2-iops", "3000", *CIDRS), 2, "--ec2-iops is for --ec2-volume-type io1 or io2 only"),
+    "an instance profile IAM does not know": (("--ec2-iam-instance-profile", "nosuch", *CIDRS), 2,
+                                              "--ec2-iam-instance-profile: no instance profile 'nosuch' "
+                                              "(NoSuchEntity)"),
+    "a KMS key that does not exist": (("--ec2-kms-key", "alias/nosuch", *CIDRS), 2,
+                                      "--ec2-kms-key: no KMS key 'alias/nosuch' in us-east-1 (NotFoundException)"),
     # moto's images have a root snapshot of 15 GiB
     "a root volume below the image's snapshot": (("--ec2-root-size", "8", *CIDRS), 2,
                                                  f"--ec2-root-size: 8 GiB is less than the 15 GiB of the root "
@@ -606,21 +613,84 @@ def test_missing_credentials_are_refused_before_anything(cli, cloud):
     assert_one_line(proc)
 
 
-def test_a_launch_ec2_refuses_is_rolled_back(cli, cloud):
-    """The key pair and group are made before RunInstances fails (an instance profile IAM does not know): the
-    create removes them, and its error is the one shown."""
-    proc = create(cli, "bad", *CIDRS, "--ec2-iam-instance-profile", "nosuch", check=False)
-    assert proc.returncode == 1
-    assert_one_line(proc)
-    assert "launching bad" in proc.stderr
+def kms_key(alias: str, cloud: Cloud, **spec: Any) -> dict[str, Any]:
+    kms = boto3_client(cloud, "kms")
+    key = kms.create_key(**spec)["KeyMetadata"]
+    kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
+    return key
+
+
+def test_the_instance_profile_and_kms_key_are_checked_before_anything_is_made(cli, cloud):
+    """IAM and KMS (at the same endpoint) are asked before anything is made: a key EBS cannot use, a profile ARN
+    that is not the profile's, are refused in one line; existing ones, by name or ARN, are launched with."""
+    iam = boto3_client(cloud, "iam")
+    profile = iam.create_instance_profile(InstanceProfileName="web", Path="/pm/")["InstanceProfile"]
+    disabled = kms_key("alias/off", cloud)
+    boto3_client(cloud, "kms").disable_key(KeyId=disabled["KeyId"])
+    kms_key("alias/sign", cloud, KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")
+    key = kms_key("alias/on", cloud)
+    cloud.baseline = all_cloud_resources(cloud.ec2)
+    cloud.server.recording.write_text("")
+    wrong_arn = profile["Arn"].replace("/pm/", "/")
+    for args, message in ((("--ec2-kms-key", "alias/off"), "--ec2-kms-key: KMS key 'alias/off' is Disabled, not "
+                                                          "Enabled"),
+                          (("--ec2-kms-key", "alias/sign"), "--ec2-kms-key: KMS key 'alias/sign' is a RSA_2048 key "
+                                                           "for SIGN_VERIFY: EBS encrypts only with a symmetric"),
+                          (("--ec2-iam-instance-profile", wrong_arn),
+                           f"--ec2-iam-instance-profile: no instance profile '{wrong_arn}' (the one named web is "
+                           f"{profile['Arn']})")):
+        proc = create(cli, "bad", *CIDRS, *args, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert_one_line(proc)
+        assert message in proc.stderr
+    assert not any(a.startswith(("Create", "Import", "Run", "Authorize")) for a in cloud.server.actions())
+    assert cloud.new_resources() == set() and not stored(cli)
+
+    cloud.server.recording.write_text("")
+    create(cli, "web1", *CIDRS, "--ec2-iam-instance-profile", profile["Arn"], "--ec2-kms-key", key["Arn"])
+    run = cloud.request("RunInstances")
+    assert run["IamInstanceProfile.Arn"] == profile["Arn"] and run["BlockDeviceMapping.1.Ebs.KmsKeyId"] == key["Arn"]
+    assert cloud.server.actions()["GetInstanceProfile"] == 1  # asked once, though create checks twice
+    cloud.server.recording.write_text("")
+    create(cli, "web2", *CIDRS, "--ec2-iam-instance-profile", "web")
+    assert cloud.request("RunInstances")["IamInstanceProfile.Name"] == "web"
+
+
+def not_allowed_to_read_iam_and_kms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials allowed to launch, but not to read instance profiles or KMS keys, as real ones may be."""
+    hook_clients(monkeypatch, {"before-call.iam.GetInstanceProfile": lambda **_: ec2_error("AccessDenied"),
+                               "before-call.kms.DescribeKey": lambda **_: ec2_error("AccessDeniedException")})
+
+
+def create_refused_at_launch(store: Store, name: str, **options: Any) -> None:
+    """A create whose launch EC2 refuses after the key pair and group are made: credentials that may not read
+    IAM go on past the check (one warning), and the instance profile they name does not exist."""
+    create_machine(store, name, "ec2", {"ec2_allowed_cidr": CIDRS[1:], "ec2_iam_instance_profile": "nosuch",
+                                        "ec2_kms_key": "alias/nosuch"}, provision=False, wait_for_ssh=False,
+                   **options)
+
+
+def test_a_launch_ec2_refuses_is_rolled_back(cli, cloud, monkeypatch, capfd):
+    """The key pair and group are made before RunInstances fails: the create removes them, and its error is the
+    one raised. IAM and KMS the credentials may not read: one warning each, and the create goes on."""
+    store = in_process(cli, monkeypatch)
+    not_allowed_to_read_iam_and_kms(monkeypatch)
+    with pytest.raises(MachineError, match=r"launching bad: .*nosuch"):
+        create_refused_at_launch(store, "bad")
+    err = capfd.readouterr().err
+    assert err.count("warning: --ec2-iam-instance-profile nosuch not checked before the launch (reading instance "
+                     "profile nosuch: AccessDenied") == 1, err
+    assert err.count("warning: --ec2-kms-key alias/nosuch not checked before the launch") == 1, err
     assert {"ImportKeyPair", "CreateSecurityGroup", "RunInstances"} <= set(cloud.server.actions())
     assert cloud.new_resources() == set()
     assert cli("ls", "-q").stdout.strip() == "" and not stored(cli)
 
 
-def test_keep_on_failure_keeps_it_and_rm_f_removes_it(cli, cloud):
-    proc = create(cli, "bad", *CIDRS, "--ec2-iam-instance-profile", "nosuch", "--keep-on-failure", check=False)
-    assert proc.returncode == 1
+def test_keep_on_failure_keeps_it_and_rm_f_removes_it(cli, cloud, monkeypatch):
+    store = in_process(cli, monkeypatch)
+    not_allowed_to_read_iam_and_kms(monkeypatch)
+    with pytest.raises(MachineError, match="launching bad"):
+        create_refused_at_launch(store, "bad", keep_on_failure=True)
     rec = record(cli, "bad")
     assert rec["state"] == "error"
     left = cloud_leftovers(cloud.ec2, rec["id"])
@@ -726,17 +796,17 @@ def test_another_stores_instance_with_the_same_id_is_never_touched(cli, cloud, t
 
 # -- eventual consistency: an instance EC2 does not show yet is never forgotten -------------------------------
 def hook_clients(monkeypatch: pytest.MonkeyPatch, handlers: dict[str, Callable[..., Any]]) -> None:
-    """Register botocore event handlers (event name: handler) on every EC2 client pymachine makes from now on (not
-    on the test's own client)."""
-    real = api.client
+    """Register botocore event handlers (event name: handler) on every AWS client (EC2, STS, IAM, KMS) pymachine
+    makes from now on (not on the test's own clients)."""
+    real = api.service_client
 
-    def client(*args: Any, **kwargs: Any) -> Any:
-        ec2 = real(*args, **kwargs)
+    def service_client(*args: Any, **kwargs: Any) -> Any:
+        made = real(*args, **kwargs)
         for event, handler in handlers.items():
-            ec2.meta.events.register(event, handler, unique_id=f"test-{event}")
-        return ec2
+            made.meta.events.register(event, handler, unique_id=f"test-{event}")
+        return made
 
-    monkeypatch.setattr(api, "client", client)
+    monkeypatch.setattr(api, "service_client", service_client)
 
 
 class Unseen:
