@@ -24,6 +24,11 @@ _CA_DAYS, _LEAF_DAYS = 3650, 1095
 # A leaf certificate (the client's, an engine's) this close to its end is reissued when pymachine next makes
 # certificates (a provisioning): a user who provisions monthly never sees one expire.
 RENEW_DAYS = 30
+# The CA's certificate is renewed once it has less than a leaf's lifetime left, so that no leaf outlives the CA
+# that issued it; with the same key and name, so that every certificate issued before stays valid under the new
+# one. The machines' copies follow at once, each engine's at its next provisioning (which every leaf it holds,
+# ending before the old CA certificate, needs first).
+CA_RENEW_DAYS = _LEAF_DAYS
 
 
 class Pair(NamedTuple):
@@ -75,33 +80,50 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x5
 
 
 def ensure_ca(certs_dir: Path, renew_client: bool = False,
-              reissued: Callable[[Pair, Pair], None] = lambda ca, client: None) -> tuple[Pair, Pair]:
-    """The store's CA and client certificate, made once (under a lock) and shared by all machines. The client
-    certificate is reissued (by the same CA: every engine keeps trusting it) when it has expired or is about to,
-    and with `renew_client`; then `reissued(ca, client)` is called, still under the lock."""
+              reissued: Callable[[Pair, Pair, bytes], None] = lambda ca, client, shared: None) -> tuple[Pair, Pair]:
+    """The store's CA and client certificate, made once (under a lock) and shared by all machines. The CA's
+    certificate is renewed (same key) when it has less than CA_RENEW_DAYS left. The client certificate is reissued
+    (by the same CA: every engine keeps trusting it) when it has expired or is about to, and with `renew_client`.
+    When either changed, `reissued(ca, client, shared)` is called, still under the lock; `shared` is the CA
+    certificate as the machines of this CA still hold it."""
     ca = Pair(certs_dir / "ca.pem", certs_dir / "ca-key.pem")
     client = Pair(certs_dir / "cert.pem", certs_dir / "key.pem")
     with file_lock(certs_dir / ".lock", timeout=60, what="the certificate store"):
-        if not ca.cert.exists():
+        shared = ca.cert.read_bytes() if ca.cert.exists() else None
+        if shared is None:
             _make_ca(ca)
             client.cert.unlink(missing_ok=True)  # a client cert of an older CA is useless
+        elif expiring(ca.cert, CA_RENEW_DAYS):
+            _renew_ca(ca)
+        changed = ca.cert.read_bytes() != shared
         if renew_client or not client.cert.exists() or expiring(client.cert):
             from cryptography.x509.oid import ExtendedKeyUsageOID
 
             _issue(ca, client, "pymachine client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-            reissued(ca, client)
+            changed = True
+        if changed:
+            reissued(ca, client, shared or ca.cert.read_bytes())
     return ca, client
 
 
-def _make_ca(ca: Pair) -> None:
+def _renew_ca(ca: Pair) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    old = _load(ca.cert)
+    _make_ca(ca, serialization.load_pem_private_key(ca.key.read_bytes(), password=None), old.subject)
+
+
+def _make_ca(ca: Pair, key: ec.EllipticCurvePrivateKey | None = None, name: x509.Name | None = None) -> None:
+    """A new self-signed CA certificate: of a new key, or (a renewal) of the CA's own key and name."""
     # cryptography is imported where a certificate is made: it costs ~40 ms, and every command using a machine
     # that exists only reads the files.
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (_builder(_name("pymachine CA"), _name("pymachine CA"), key.public_key(), _CA_DAYS)
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    name = name or _name("pymachine CA")
+    cert = (_builder(name, name, key.public_key(), _CA_DAYS)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False,

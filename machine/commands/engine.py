@@ -53,12 +53,13 @@ def renew_client_cert(store: Store) -> None:
 
 def _store_ca(store: Store, renew_client: bool = False) -> tuple[certs.Pair, certs.Pair]:
     """The store's CA and client certificate (certs.ensure_ca); a client certificate reissued (about to end, or
-    asked for) goes at once to every machine of this CA, and to its docker context (one imported with
-    docker-machine's CA keeps its own), not at its own next provisioning: `env` never hands out the ended one."""
-    def share(ca: certs.Pair, client: certs.Pair) -> None:
+    asked for) or a CA certificate renewed goes at once to every machine of this CA, and to its docker context
+    (one imported with docker-machine's CA keeps its own), not at its own next provisioning: `env` never hands
+    out the ended one."""
+    def share(ca: certs.Pair, client: certs.Pair, shared: bytes) -> None:
         for name in store.names():
             machine_dir = store.machines_dir / name
-            if _read(machine_dir / "ca.pem") == ca.cert.read_bytes():
+            if _read(machine_dir / "ca.pem") == shared:
                 _copy_client(ca, client, machine_dir)
                 dockercontext.refresh(name, machine_dir)
 

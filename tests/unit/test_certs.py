@@ -224,3 +224,40 @@ def test_regenerate_certs_client_certs_reissues_the_client_certificate_once(tmp_
     assert exit_code.value.code == 1 and "no machine named 'ghost'" in capsys.readouterr().err
     assert client.cert.read_bytes() != before  # reissued first, by the same CA
     assert not certs.expiring(client.cert)
+
+
+def _end(path) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+
+
+def test_a_ca_with_less_than_a_certificates_lifetime_left_is_renewed_and_what_it_issued_stays_valid(tmp_path):
+    """A CA 100 days from its end would issue certificates that outlive it, and after it ends every engine and
+    client fails with no command to mend it: the first provisioning renews it, with the same key and name."""
+    store = Store(tmp_path / "home")
+    web1, web2 = _machine(store, "web1"), _machine(store, "web2")
+    for machine in (web1, web2):
+        _tls_material(store, machine, _Driver(), renew=False)
+    ca = certs.Pair(store.certs_dir / "ca.pem", store.certs_dir / "ca-key.pem")
+    client = certs.Pair(store.certs_dir / "cert.pem", store.certs_dir / "key.pem")
+    server = certs.server_pair(web1.dir)
+    old_ca = ending_in(ca, ca, 100)
+    for machine in (web1, web2):
+        (machine.dir / "ca.pem").write_bytes(old_ca)  # each machine's copy, as the CA was
+    old_ca_file = tmp_path / "old-ca.pem"
+    old_ca_file.write_bytes(old_ca)
+
+    _tls_material(store, web1, _Driver(), renew=False)
+    assert ca.cert.read_bytes() != old_ca and not certs.expiring(ca.cert, certs.CA_RENEW_DAYS)
+    before, after = (x509.load_pem_x509_certificate(pem) for pem in (old_ca, ca.cert.read_bytes()))
+    assert after.subject == before.subject and after.public_key() == before.public_key()
+    for machine in (web1, web2):  # web2's copy follows without its own provisioning
+        assert (machine.dir / "ca.pem").read_bytes() == ca.cert.read_bytes()
+    # What the CA issued before stays valid under the renewed certificate, and an engine that still holds the old
+    # one (until its next provisioning) keeps accepting the client.
+    assert server.cert.read_bytes() == certs.server_pair(web1.dir).cert.read_bytes()
+    assert _handshake(ca, server, client) == (True, ["accepted"])
+    assert _handshake(certs.Pair(old_ca_file, ca.key), server, client) == (True, ["accepted"])
+    # What it issues from now on ends before it does.
+    _tls_material(store, web1, _Driver(), renew=True)
+    assert _end(server.cert) < _end(ca.cert) and _end(client.cert) < _end(ca.cert)
+    assert _handshake(ca, server, client) == (True, ["accepted"])
