@@ -53,9 +53,10 @@ GROUP_RELEASE_TIMEOUT = 300.0
 VISIBLE_TIMEOUT = 120.0
 VISIBLE_DELAY = 1.0
 VISIBLE_MAX_DELAY = 15.0
-# Errors of RunInstances, CreateSecurityGroup and ImportKeyPair that do not mean "nothing made": boto3 retries
-# them, and an earlier attempt (its answer lost) may have made it all the same.
-UNSURE_ERRORS = ("RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure", "ServiceUnavailable",
+# Errors EC2 answers for a moment (throttled, briefly failing), which boto3 retries a few times before it gives up:
+# of RunInstances, CreateSecurityGroup and ImportKeyPair they do not mean "nothing made" (an earlier attempt, its
+# answer lost, may have made it all the same), and a wait for a state asks again after one.
+TRANSIENT_ERRORS = ("RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure", "ServiceUnavailable",
                  "Unavailable")
 # How often is_alive() asks EC2 while the command layer waits for SSH (it is called several times a second).
 ALIVE_INTERVAL = 5.0
@@ -211,11 +212,11 @@ class EC2Driver(Driver):
     @contextlib.contextmanager
     def _refusal_noted(self, key: str) -> Iterator[None]:
         """Record EC2's refusal of what is being made under `key`: nothing was made, so rm need not wait for it
-        to show (an error in UNSURE_ERRORS may follow a lost answer to an attempt that made it)."""
+        to show (an error in TRANSIENT_ERRORS may follow a lost answer to an attempt that made it)."""
         try:
             yield
         except EC2Error as e:
-            if e.code not in UNSURE_ERRORS:
+            if e.code not in TRANSIENT_ERRORS:
                 self.machine.record(**{key: e.code})
             raise
 
@@ -257,16 +258,38 @@ class EC2Driver(Driver):
         return spec
 
     def _wait(self, waiter: str, instance_id: str, what: str) -> None:
-        """Until the instance is `what`; WaitTimedOut when it is not after WAIT (other failures: MachineError)."""
+        """Until the instance is `what`; WaitTimedOut when it is not after WAIT (other failures: MachineError). A
+        look EC2 answers with a transient error (throttled, after boto3's own retries) is asked again within that
+        time; an instance in a state it does not get to `what` from (terminated while it started: no capacity, a
+        KMS key EC2 may not use) is said with EC2's reason."""
         exc = api.botocore_exceptions()
+        timeout = WAIT["Delay"] * WAIT["MaxAttempts"]
+        deadline = time.monotonic() + timeout
         with translated(f"waiting for {self.machine.name} to be {what}"):
-            try:
-                self._ec2.get_waiter(waiter).wait(InstanceIds=[instance_id], WaiterConfig=WAIT)
-            except exc.WaiterError as e:
-                if e.kwargs.get("reason") != "Max attempts exceeded":
+            while True:
+                attempts = max(1, round((deadline - time.monotonic()) / WAIT["Delay"]))
+                try:
+                    self._ec2.get_waiter(waiter).wait(InstanceIds=[instance_id],
+                                                      WaiterConfig={"Delay": WAIT["Delay"], "MaxAttempts": attempts})
+                    return
+                except exc.WaiterError as e:
+                    reason, last = e.kwargs.get("reason", ""), e.last_response or {}
+                    if last.get("Error", {}).get("Code") in TRANSIENT_ERRORS and time.monotonic() < deadline:
+                        time.sleep(WAIT["Delay"])
+                        continue
+                    if reason.startswith("Max attempts exceeded"):
+                        raise WaitTimedOut(f"{self.machine.name} is not {what} after {timeout:.0f}s") from None
+                    if reason.startswith("Waiter encountered a terminal failure state"):
+                        raise self._elsewhere(last, instance_id, what) from None
                     raise
-                raise WaitTimedOut(f"{self.machine.name} is not {what} after "
-                                   f"{WAIT['Delay'] * WAIT['MaxAttempts']:.0f}s") from None
+
+    def _elsewhere(self, described: dict[str, Any], instance_id: str, what: str) -> MachineError:
+        """The instance (as DescribeInstances answered) is in a state from which it does not get to `what`."""
+        instance = next((i for res in described.get("Reservations", []) for i in res["Instances"]), {})
+        reason = instance.get("StateReason", {})
+        why = reason.get("Message") or reason.get("Code") or "EC2 gives no reason"
+        return MachineError(f"{self.machine.name} ({instance_id}) is {instance.get('State', {}).get('Name')}, not "
+                            f"{what}: {why}")
 
     def _describe(self, instance_id: str) -> dict[str, Any] | None:
         """The instance now (not the listing), or None when EC2 does not show it: gone, or, right after its launch,

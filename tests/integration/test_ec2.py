@@ -1067,6 +1067,49 @@ def test_a_group_or_key_pair_not_visible_yet_is_a_leftover(cli, cloud, monkeypat
     assert cloud_leftovers(cloud.ec2, rec["id"]) == [] and not stored(cli)
 
 
+# -- create while EC2 takes the instance away, or throttles ------------------------------------------------------
+def test_an_instance_ec2_terminates_while_it_starts_is_named_with_ec2s_reason_and_rolled_back(cli, cloud,
+                                                                                              monkeypatch):
+    """EC2 may terminate a new instance on its own before it runs (no capacity, a KMS key it may not use): the
+    create says so, with EC2's reason (not a waiter's JMESPath), and removes the rest."""
+    store = in_process(cli, monkeypatch)
+    monkeypatch.setitem(WAIT, "Delay", 0.2)
+
+    def capacity_gone(parsed: dict[str, Any], **_: Any) -> None:
+        [instance] = parsed["Instances"]
+        cloud.ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
+
+    def reason(parsed: dict[str, Any], **_: Any) -> None:
+        for reservation in parsed.get("Reservations", []):
+            for instance in reservation["Instances"]:
+                if instance["State"]["Name"] == "terminated":
+                    instance["StateReason"] = {"Code": "Server.InsufficientInstanceCapacity",
+                                               "Message": "Server.InsufficientInstanceCapacity: Insufficient capacity."}
+
+    hook_clients(monkeypatch, {"after-call.ec2.RunInstances": capacity_gone,
+                               "after-call.ec2.DescribeInstances": reason})
+    with pytest.raises(MachineError) as raised:
+        create_in_process(store, "web1")
+    instance_id = the_instance(cloud)["InstanceId"]
+    assert str(raised.value) == (f"web1 ({instance_id}) is terminated, not running: "
+                                 f"Server.InsufficientInstanceCapacity: Insufficient capacity.")
+    assert cloud.new_resources() == set() and not stored(cli)
+
+
+def test_a_throttled_look_while_the_instance_starts_is_no_reason_to_give_it_up(cli, cloud, monkeypatch):
+    """RequestLimitExceeded (after boto3's own retries) while create waits for `running`: it asks again later,
+    instead of failing the create and terminating a good instance."""
+    store = in_process(cli, monkeypatch)
+    monkeypatch.setitem(WAIT, "Delay", 0.2)
+    throttled = [ec2_error("RequestLimitExceeded") for _ in range(3)]
+    hook_clients(monkeypatch, {"before-call.ec2.DescribeInstances": lambda **_: throttled.pop() if throttled else None})
+    create_in_process(store, "web1")
+    assert not throttled
+    instance = the_instance(cloud)
+    assert instance["State"]["Name"] == "running"
+    assert record(cli, "web1")["resources"]["ip"] == instance["PublicIpAddress"]
+
+
 # -- rm waits for `terminated` through the states on the way ----------------------------------------------------
 def test_rm_waits_through_stopping_and_pending_until_terminated(cli, cloud, monkeypatch):
     """boto3's instance_terminated waiter gives up at the first `pending` or `stopping` it reads; rm polls until
