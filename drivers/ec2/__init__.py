@@ -58,6 +58,9 @@ VISIBLE_MAX_DELAY = 15.0
 # answer lost, may have made it all the same), and a wait for a state asks again after one.
 TRANSIENT_ERRORS = ("RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure", "ServiceUnavailable",
                  "Unavailable")
+# What EC2 answers a call naming a key pair or security group it does not show yet (right after making it), and
+# which of what create makes ("key_pair", "group") that is.
+UNSHOWN_CODES = {"InvalidKeyPair.NotFound": "key_pair", "InvalidGroup.NotFound": "group"}
 # How often is_alive() asks EC2 while the command layer waits for SSH (it is called several times a second).
 ALIVE_INTERVAL = 5.0
 # A reboot that the OS does not perform within 4 minutes EC2 forces: by then SSH must have gone down.
@@ -189,9 +192,10 @@ class EC2Driver(Driver):
                     Description=f"pymachine machine {self.machine.name} ({self.machine.id}): SSH and engine",
                     TagSpecifications=[{"ResourceType": "security-group", "Tags": self._tags(self._group_name)}])
             self.machine.record(group_id=group["GroupId"])
-            with translated(f"opening ports {SSH_PORT} and {ENGINE_PORT} of {self._group_name}"):
-                ec2.authorize_security_group_ingress(GroupId=group["GroupId"],
-                                                     IpPermissions=ingress(o["ec2_allowed_cidr"]))
+            self._once_shown(functools.partial(
+                _asked, f"opening ports {SSH_PORT} and {ENGINE_PORT} of {self._group_name}",
+                ec2.authorize_security_group_ingress, GroupId=group["GroupId"],
+                IpPermissions=ingress(o["ec2_allowed_cidr"])))
             groups = [group["GroupId"]]
 
         host_key = sshkeys.new_keypair(f"root@{self.machine.name}")
@@ -201,13 +205,29 @@ class EC2Driver(Driver):
         # The time (wall clock: rm may run in another process) bounds how long EC2 may not show the instance.
         self.machine.record(host_key=host_key.public_line, client_token=f"pymachine-{self.machine.id}",
                             launch_time=time.time())
-        with self._refusal_noted("launch_refused"), translated(f"launching {self.machine.name}"):
-            launched = ec2.run_instances(**self._launch(found, groups, user_data, r["client_token"]))
+        with self._refusal_noted("launch_refused"):
+            launched = self._once_shown(functools.partial(
+                _asked, f"launching {self.machine.name}", ec2.run_instances,
+                **self._launch(found, groups, user_data, r["client_token"])))
         instance_id = launched["Instances"][0]["InstanceId"]
         self.machine.record(instance_id=instance_id)
         api.Listing.forget(self._listing_key)
         self._wait("instance_running", instance_id, "running")
         self._settle(instance_id)
+
+    def _once_shown(self, call: Callable[[], T]) -> T:
+        """`call()`, made again with backoff while EC2 refuses it for a key pair or group create made that it does
+        not show yet (UNSHOWN_CODES), until that one must show: VISIBLE_TIMEOUT after create asked for it."""
+        delay = VISIBLE_DELAY
+        while True:
+            try:
+                return call()
+            except EC2Error as e:
+                kind = UNSHOWN_CODES.get(e.code)
+                if kind is None or time.time() + delay > self._unshown_until(kind):
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, VISIBLE_MAX_DELAY)
 
     @contextlib.contextmanager
     def _refusal_noted(self, key: str) -> Iterator[None]:
@@ -691,6 +711,12 @@ def poll(look: Callable[[], T], done: Callable[[T], bool], timeout: float, delay
         time.sleep(min(delay, left))
         if max_delay is not None:
             delay = min(delay * 2, max_delay)
+
+
+def _asked(what: str, method: Callable[..., T], **params: Any) -> T:
+    """`method(**params)`, an error as one line naming what was being done."""
+    with translated(what):
+        return method(**params)
 
 
 def port_answers(host: str, port: int, timeout: float = 3.0) -> bool:

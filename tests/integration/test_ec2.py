@@ -1110,6 +1110,35 @@ def test_a_throttled_look_while_the_instance_starts_is_no_reason_to_give_it_up(c
     assert record(cli, "web1")["resources"]["ip"] == instance["PublicIpAddress"]
 
 
+def test_calls_naming_the_new_group_or_key_pair_before_ec2_shows_it_are_made_again(cli, cloud, monkeypatch):
+    """Right after CreateSecurityGroup and ImportKeyPair, EC2 may refuse a call naming them (InvalidGroup.NotFound,
+    InvalidKeyPair.NotFound): create asks again until they must show, and no longer."""
+    store = in_process(cli, monkeypatch)
+    monkeypatch.setattr("machine.drivers.ec2.VISIBLE_DELAY", 0.1)
+    refusals = {"AuthorizeSecurityGroupIngress": ["InvalidGroup.NotFound"] * 2,
+                "RunInstances": ["InvalidKeyPair.NotFound", "InvalidGroup.NotFound"]}
+
+    def refused(model: Any, **_: Any) -> Any:
+        codes = refusals[model.name]
+        return ec2_error(codes.pop(0)) if codes else None
+
+    hook_clients(monkeypatch, {f"before-call.ec2.{action}": refused for action in refusals})
+    create_in_process(store, "web1")
+    assert refusals == {"AuthorizeSecurityGroupIngress": [], "RunInstances": []}
+    assert the_instance(cloud)["State"]["Name"] == "running"
+    cli("rm", "-y", "web1")
+
+    # A group EC2 never shows: asked again until VISIBLE_TIMEOUT after create asked for it, then the create fails.
+    store = in_process(cli, monkeypatch)
+    monkeypatch.setattr("machine.drivers.ec2.VISIBLE_TIMEOUT", 2.0)
+    refusals["AuthorizeSecurityGroupIngress"] = ["InvalidGroup.NotFound"] * 1000
+    began = time.monotonic()
+    with pytest.raises(MachineError, match=r"opening ports 22 and 2376 of pymachine-web2-\w+: InvalidGroup.NotFound"):
+        create_in_process(store, "web2")
+    assert 1.0 < time.monotonic() - began < 30
+    assert cloud.new_resources() == set() and not stored(cli)
+
+
 # -- rm waits for `terminated` through the states on the way ----------------------------------------------------
 def test_rm_waits_through_stopping_and_pending_until_terminated(cli, cloud, monkeypatch):
     """boto3's instance_terminated waiter gives up at the first `pending` or `stopping` it reads; rm polls until
