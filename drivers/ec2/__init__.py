@@ -546,8 +546,21 @@ class EC2Driver(Driver):
         instance terminated while it starts or stops."""
         timeout = WAIT["Delay"] * WAIT["MaxAttempts"]
         filters = [{"Name": "instance-id", "Values": ids}]
-        found = poll(lambda: self._described(filters, f"waiting for {', '.join(ids)} to terminate"),
-                     lambda now: all(i["State"]["Name"] == "terminated" for i in now), timeout, WAIT["Delay"])
+        what = f"waiting for {', '.join(ids)} to terminate"
+
+        def look() -> list[dict[str, Any]] | None:
+            """The instances now; None (no answer yet) for a transient error, as a throttled look."""
+            try:
+                return self._described(filters, what)
+            except EC2Error as e:
+                if e.code not in TRANSIENT_ERRORS:
+                    raise
+                return None
+
+        found = poll(look, lambda now: now is not None and all(i["State"]["Name"] == "terminated" for i in now),
+                     timeout, WAIT["Delay"])
+        if found is None:  # the last look too: ask once more, and say why
+            found = self._described(filters, what)
         waiting = [f"{i['InstanceId']} ({i['State']['Name']})" for i in found if i["State"]["Name"] != "terminated"]
         if waiting:
             raise MachineError(f"{', '.join(waiting)} not terminated after {timeout:.0f}s: run `pymachine rm -f "

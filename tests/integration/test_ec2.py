@@ -1139,6 +1139,27 @@ def test_calls_naming_the_new_group_or_key_pair_before_ec2_shows_it_are_made_aga
     assert cloud.new_resources() == set() and not stored(cli)
 
 
+def test_a_throttled_look_while_rm_waits_for_the_termination_is_asked_again(cli, cloud, monkeypatch):
+    """RequestLimitExceeded (after boto3's own retries) while rm waits for `terminated`: asked again, not a failed
+    step that then waits minutes for the group the instance still holds and keeps the record."""
+    create(cli, "web1", *CIDRS)
+    store = in_process(cli, monkeypatch)
+    monkeypatch.setitem(WAIT, "Delay", 0.2)
+    throttled = [ec2_error("RequestLimitExceeded") for _ in range(2)]
+
+    def termination_throttled(params: dict[str, Any], **_: Any) -> Any:
+        if "instance-id" in params["body"].values() and throttled:
+            return throttled.pop()
+        return None
+
+    hook_clients(monkeypatch, {"before-call.ec2.DescribeInstances": termination_throttled})
+    with store.locked("web1") as machine:
+        EC2Driver(machine, store).remove()
+    assert not throttled
+    assert cloud.new_resources() == set()
+    cli("rm", "-y", "web1")
+
+
 # -- rm waits for `terminated` through the states on the way ----------------------------------------------------
 def test_rm_waits_through_stopping_and_pending_until_terminated(cli, cloud, monkeypatch):
     """boto3's instance_terminated waiter gives up at the first `pending` or `stopping` it reads; rm polls until
