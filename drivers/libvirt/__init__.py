@@ -345,7 +345,7 @@ class LibvirtDriver(Driver):
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         dom = self._domain()
-        if dom is None or not dom.isActive():
+        if dom is None or not domain.is_active(dom):
             return
         lv = libvirt_module()
         try:
@@ -354,19 +354,19 @@ class LibvirtDriver(Driver):
             raise MachineError(f"cannot stop {self.machine.name}: {message(e)}") from None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not dom.isActive():
+            if not domain.is_active(dom):
                 return
             time.sleep(0.25)
         self.kill()
 
     def kill(self) -> None:
         dom = self._domain()
-        if dom is not None and dom.isActive():
+        if dom is not None and domain.is_active(dom):
             lv = libvirt_module()
             try:
                 dom.destroy()
             except lv.libvirtError as e:
-                if dom.isActive():
+                if domain.is_active(dom):
                     raise MachineError(f"cannot kill {self.machine.name}: {message(e)}") from None
 
     def remove(self) -> None:

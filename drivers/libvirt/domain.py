@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from machine import templating
 from machine.drivers.base import State
-from machine.drivers.libvirt.connection import libvirt_module
+from machine.drivers.libvirt.connection import is_missing, libvirt_module, message
+from machine.errors import MachineError
 from machine.paths import data_dir
 
 if TYPE_CHECKING:
@@ -77,6 +78,18 @@ def hvm_types(capabilities: str, arch: str = "x86_64") -> set[str]:
     return {d.get("type", "") for guest in ET.fromstring(capabilities).iter("guest")
             if guest.findtext("os_type") == "hvm" and guest.find(f"arch[@name='{arch}']") is not None
             for d in guest.iterfind(f"arch[@name='{arch}']/domain")}
+
+
+def is_active(dom: libvirt.virDomain) -> bool:
+    """Whether the domain runs; False once it is gone (undefined behind pymachine's back, a domain is transient
+    and vanishes as it stops)."""
+    lv = libvirt_module()
+    try:
+        return bool(dom.isActive())
+    except lv.libvirtError as e:
+        if is_missing(e):
+            return False
+        raise MachineError(f"domain {dom.name()}: {message(e)}") from None
 
 
 def state(dom: libvirt.virDomain) -> State:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import http.server
 import socket
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -245,3 +246,31 @@ def test_a_torn_sha512_marker_is_verified_again_not_trusted(tmp_path):
         assert catalog.fetch(image, cache) == first
     assert requests == ["/image.qcow2", "/image.qcow2"]
     assert marker.read_text().strip() == first.name
+
+
+@pytest.fixture
+def defined(tmp_path) -> Iterator[LibvirtDriver]:
+    """A machine whose domain is defined and running in libvirt's test driver (its `test` domain type: no QEMU)."""
+    store = Store(tmp_path)
+    with store.reserve("web", "libvirt", options(libvirt_network="user")) as machine:
+        pass
+    driver = LibvirtDriver(machine, store)
+    ssh_port, engine_port = network.free_ports(2)
+    machine.record(pool="default-pool", domain_type="test", mac=network.new_mac(), disk=driver._disk_name,
+                   seed=driver._seed_name, ssh_port=ssh_port, engine_port=engine_port, uuid=str(uuid.uuid4()))
+    driver._define()
+    driver._domain().create()
+    yield driver
+    with contextlib.suppress(libvirt.libvirtError):  # the test driver's state lives as long as the process
+        dom = driver.conn.lookupByUUIDString(machine.resources["uuid"])
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+def test_stop_of_a_domain_undefined_behind_pymachines_back(defined):
+    # `virsh undefine` of a running domain leaves it transient: it vanishes as it stops, under stop's feet
+    # (stop said "internal error: libvirtError: Domain not found").
+    defined._domain().undefine()
+    defined.stop(timeout=5)
+    assert defined._domain() is None
