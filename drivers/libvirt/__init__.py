@@ -335,12 +335,17 @@ class LibvirtDriver(Driver):
         dom = self._domain()
         if dom is not None and domain.state(dom) == State.RUNNING:
             return
+        # Undefined behind pymachine's back, the domain is defined again from the record: its volumes still
+        # hold the machine.
+        define = dom is None
         if self._user_net:
             r = self.machine.resources
             if not (network.port_free(r["ssh_port"]) and network.port_free(r["engine_port"])):
                 ssh_port, engine_port = network.free_ports(2)  # someone took ours while the machine was off
                 self.machine.record(ssh_port=ssh_port, engine_port=engine_port)
-                self._define()
+                define = True
+        if define:
+            self._define()
         self._boot()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -405,6 +410,17 @@ class LibvirtDriver(Driver):
             return [f"unknown ({e})"]
 
     # -- queries ------------------------------------------------------------------------------------------
+    def not_running(self) -> MachineError:
+        """Why the machine is not running when that is not its power: libvirtd unreachable, its domain gone."""
+        try:
+            gone = self._domain() is None and "uuid" in self.machine.resources
+        except MachineError as e:
+            return e
+        if gone:
+            return MachineError(f"the domain of {self.machine.name} is gone from libvirt (`pymachine start "
+                                f"{self.machine.name}` defines it again over its disk)")
+        return super().not_running()
+
     def state(self) -> State:
         lv = libvirt_module()
         try:

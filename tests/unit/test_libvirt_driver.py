@@ -13,8 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import machine.drivers.libvirt as libvirt_driver
-from machine import drivers
+from machine import drivers, sshkeys
 from machine.commands.machines import parse_driver_options, rm
+from machine.commands.queries import url
+from machine.drivers.base import State
 from machine.drivers.libvirt import LibvirtDriver, catalog, domain, network, storage
 from machine.errors import MachineError, UsageError
 from machine.store import Store
@@ -178,22 +180,19 @@ def test_an_image_pinned_by_sha512_is_verified_once_then_served_from_the_cache(t
     assert requests == ["/image.qcow2", "/image.qcow2"]  # the mismatch, then one verified download
 
 
-def test_start_keeps_free_forwarded_ports_and_replaces_taken_ones(tmp_path, monkeypatch):
-    store = Store(tmp_path)
-    with store.reserve("web", "libvirt", options(libvirt_network="user")) as machine:
-        pass
-    driver = LibvirtDriver(machine, store)
-    ssh_port, engine_port = network.free_ports(2)
-    machine.record(ssh_port=ssh_port, engine_port=engine_port)
+def test_start_keeps_free_forwarded_ports_and_replaces_taken_ones(defined, monkeypatch):
+    machine = defined.machine
+    defined.kill()
+    ssh_port, engine_port = machine.resources["ssh_port"], machine.resources["engine_port"]
     redefined = []
-    monkeypatch.setattr(driver, "_boot", lambda: None)
-    monkeypatch.setattr(driver, "_define", lambda: redefined.append(True))
-    driver.start()
+    monkeypatch.setattr(defined, "_boot", lambda: None)
+    monkeypatch.setattr(defined, "_define", lambda: redefined.append(True))
+    defined.start()
     assert (machine.resources["ssh_port"], machine.resources["engine_port"]) == (ssh_port, engine_port)
     assert not redefined
     with socket.socket() as squatter:
         squatter.bind((network.LOOPBACK, engine_port))
-        driver.start()
+        defined.start()
     assert engine_port not in (machine.resources["ssh_port"], machine.resources["engine_port"])
     assert redefined == [True]
 
@@ -257,7 +256,8 @@ def defined(tmp_path) -> Iterator[LibvirtDriver]:
     driver = LibvirtDriver(machine, store)
     ssh_port, engine_port = network.free_ports(2)
     machine.record(pool="default-pool", domain_type="test", mac=network.new_mac(), disk=driver._disk_name,
-                   seed=driver._seed_name, ssh_port=ssh_port, engine_port=engine_port, uuid=str(uuid.uuid4()))
+                   seed=driver._seed_name, ssh_port=ssh_port, engine_port=engine_port, uuid=str(uuid.uuid4()),
+                   host_key=sshkeys.new_keypair("root@web").public_line)
     driver._define()
     driver._domain().create()
     yield driver
@@ -274,3 +274,27 @@ def test_stop_of_a_domain_undefined_behind_pymachines_back(defined):
     defined._domain().undefine()
     defined.stop(timeout=5)
     assert defined._domain() is None
+
+
+def test_start_defines_again_a_domain_undefined_behind_pymachines_back(defined, monkeypatch):
+    store, name, uuid_string = defined.store, defined.machine.name, defined.machine.resources["uuid"]
+    dom = defined._domain()
+    dom.destroy()
+    dom.undefine()
+    # Commands that need it running say what happened and what brings it back (not "start it", which failed).
+    with pytest.raises(MachineError, match=r"the domain of web is gone from libvirt \(`pymachine start web` "
+                                           r"defines it again over its disk\)"):
+        url(store, name)
+    monkeypatch.setattr(network, "wait_for_ssh", lambda *args: None)  # the test driver runs no guest
+    defined.start()  # was: "the domain of web is gone from libvirt (remove the machine)"
+    assert defined._domain().UUIDString() == uuid_string
+    assert defined.state() == State.RUNNING
+
+
+def test_a_machine_whose_libvirtd_is_unreachable_says_so_not_that_it_is_stopped(tmp_path):
+    store = Store(tmp_path)
+    with store.reserve("web", "libvirt", options(libvirt_uri="qemu+tcp://127.0.0.1:1/system")) as machine:
+        machine.record(uuid=str(uuid.uuid4()))
+    # It may well run: libvirtd was restarted, or stopped a while (was: "not running (start it with ...)").
+    with pytest.raises(MachineError, match=r"^cannot connect to libvirt at qemu\+tcp://127.0.0.1:1/system: "):
+        url(store, "web")
