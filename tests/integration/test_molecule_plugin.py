@@ -5,6 +5,7 @@ a trace; a platform pymachine cannot make is refused in one line before anything
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import bridge_leftovers, journal_record, leftovers, machine_cli
+from tests.integration.test_inventory import VENV_BIN
 from tests.integration.test_molecule import ANSI, scenario_env
 
 pytestmark = pytest.mark.integration
@@ -162,3 +164,36 @@ def test_a_platform_pymachine_cannot_make_is_refused_in_one_line(tmp_path: Path)
         assert len(lines) == 1 and "platform bad: --local-isolaton is not an option" in lines[0], out[-3000:]
         assert "Traceback" not in out
         assert not (cli.home / "machines").exists() or cli("ls", "-q").stdout == ""
+
+
+def test_destroy_stops_a_create_that_outlived_its_molecule(project, tmp_path: Path):
+    """Killed, molecule leaves its create running (Ansible's worker has a session of its own): destroy must stop it,
+    not remove what is there now while it goes on making the next platform."""
+    cli, _, _, env = project
+    driver = [str(VENV_BIN / "python"), "-m", "machine.molecule_driver"]
+    env = {**env, "MOLECULE_INSTANCE_CONFIG": str(tmp_path / "instance_config.yml")}
+    platforms = json.dumps([{"name": "hello-a"}, {"name": "hello-b"}])
+    create = subprocess.Popen([*driver, "create"], env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        create.stdin.write(platforms)
+        create.stdin.close()
+        journal = cli.home / "machines" / "hello-a" / "journal"
+        deadline = time.monotonic() + 300
+        while not journal.exists() or len(journal.read_text().splitlines()) < 4:
+            assert create.poll() is None and time.monotonic() < deadline, "create ended before making a machine"
+            time.sleep(0.02)
+        record = journal_record(cli, "hello-a")
+        destroy = subprocess.run([*driver, "destroy"], env=env, capture_output=True, text=True, timeout=600)
+        assert destroy.returncode == 0, destroy.stderr
+        create.wait(timeout=300)
+    finally:
+        if create.poll() is None:
+            create.kill()
+        create.wait()
+    assert cli("ls", "-q").stdout == ""  # was: hello-b, made after destroy
+    assert leftovers(record, cli.home / "machines" / "hello-a") == []
+    assert bridge_leftovers() == []
+    assert "stopping the create still running" in destroy.stderr
+    # It rolled back the machine it was making, as a create stopped by SIGTERM does.
+    assert create.returncode == 128 + signal.SIGTERM and "terminated (SIGTERM)" in create.stderr.read()
