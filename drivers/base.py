@@ -121,6 +121,12 @@ class Driver(ABC):
         return ({k: v for k, v in values.items() if k not in secret}, {k: v for k, v in values.items() if k in secret})
 
     @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse option values no create could take (a bound, a checksum without its image, an image path that
+        is not there) without asking a hypervisor or cloud anything: a plan of several machines (a molecule
+        scenario) is checked with it before any is made."""
+
+    @classmethod
     def pre_create_check(cls, options: dict[str, Any]) -> None:
         """Refuse, before anything is written, a create that cannot succeed on this host."""
 

@@ -69,16 +69,20 @@ class LibvirtDriver(Driver):
 
     # -- checks -------------------------------------------------------------------------------------------
     @classmethod
-    def pre_create_check(cls, options: dict[str, Any]) -> None:
+    def check_options(cls, options: dict[str, Any]) -> None:
         for key, least, unit in (("libvirt_cpus", 1, ""), ("libvirt_memory", MIN_MEMORY, " MiB"),
                                  ("libvirt_disk_size", 1, " GiB")):
             if options[key] < least:
                 raise UsageError(f"--{key.replace('_', '-')}: {options[key]} is less than {least}{unit}")
         catalog.resolve(options["libvirt_image"], options["libvirt_image_sha256"])
-        uri, net = options["libvirt_uri"], options["libvirt_network"]
-        if net == network.USER and urlparse(uri).hostname:
+        if options["libvirt_network"] == network.USER and urlparse(options["libvirt_uri"]).hostname:
             raise UsageError(f"--libvirt-network user forwards ports on the libvirt host's loopback; "
-                             f"{uri} is remote: use a libvirt network")
+                             f"{options['libvirt_uri']} is remote: use a libvirt network")
+
+    @classmethod
+    def pre_create_check(cls, options: dict[str, Any]) -> None:
+        cls.check_options(options)
+        uri, net = options["libvirt_uri"], options["libvirt_network"]
         conn = connect(uri)
         try:
             resolve_domain_type(conn, options["libvirt_domain_type"])

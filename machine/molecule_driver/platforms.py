@@ -52,7 +52,7 @@ def _platform(item: dict[str, Any]) -> Platform:
         if unknown:
             raise UsageError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_OWN_KEYS))})")
         driver = str(item.get("driver", drivers.DEFAULT))
-        drivers.get(driver)  # an unknown driver names the known ones
+        cls = drivers.get(driver)  # an unknown driver names the known ones
         options = item.get("options") or {}
         if not isinstance(options, dict):
             raise UsageError("options must be a mapping of driver options (e.g. local-isolation: privileged)")
@@ -62,9 +62,12 @@ def _platform(item: dict[str, Any]) -> Platform:
                 raise UsageError(f"the {driver} driver takes no image")
             raw[_IMAGE_OPTION[driver]] = str(item["image"])
         parsed = parse_driver_options(driver, raw)
+        cls.check_options(parsed)
         engine = _engine(item)  # checked even when unused: a typo is named, never ignored
         if item.get("engine_options") and not item.get("engine"):
             raise UsageError("engine_options are only used when the engine is installed: add `engine: true`")
+        if item.get("engine"):
+            cls.check_engine(parsed, engine)
         return Platform(name, driver, {k: v for k, v in raw.items() if parsed.get(k) is not None},
                         engine if item.get("engine") else None)
     except UsageError as e:

@@ -12,13 +12,15 @@ def test_a_bare_platform_is_a_local_machine_without_the_engine():
     assert check_platforms([{"name": "instance", "groups": ["web"]}]) == [Platform("instance")]
 
 
-def test_driver_options_image_and_engine_become_create_arguments():
+def test_driver_options_image_and_engine_become_create_arguments(tmp_path):
+    image = tmp_path / "debian.qcow2"
+    image.touch()
     [platform] = check_platforms([{
-        "name": "vm", "driver": "libvirt", "image": "/srv/debian.qcow2", "options": {"libvirt-memory": 2048},
+        "name": "vm", "driver": "libvirt", "image": str(image), "options": {"libvirt-memory": 2048},
         "engine": True, "engine_options": {"engine-install": "distro", "engine_storage_driver": "overlay2"},
     }])
     assert platform.driver == "libvirt"
-    assert platform.options == {"libvirt_image": "/srv/debian.qcow2", "libvirt_memory": "2048"}
+    assert platform.options == {"libvirt_image": str(image), "libvirt_memory": "2048"}
     assert platform.engine is not None and platform.engine["engine_install"] == "distro"
 
 
@@ -38,6 +40,14 @@ def test_driver_options_image_and_engine_become_create_arguments():
     ({"name": "bad", "driver": "generic", "image": "x"}, "platform bad: the generic driver takes no image"),
     ({"name": "../up"}, "platform ../up:"),
     ({}, "platform (unnamed):"),
+    # Refused by the driver before a host is asked anything: at the check, not once earlier platforms are made.
+    ({"name": "bad", "driver": "libvirt", "options": {"libvirt-cpus": 0}},
+     "platform bad: --libvirt-cpus: 0 is less than 1"),
+    ({"name": "bad", "driver": "libvirt", "options": {"libvirt-image-sha256": "ab"}},
+     "platform bad: --libvirt-image-sha256 applies to an image given by URL or path"),
+    ({"name": "bad", "options": {"local-isolation": "userns"}, "engine": True,
+      "engine_options": {"engine-storage-driver": "devicemapper"}},
+     "platform bad: --engine-storage-driver devicemapper: a machine with --local-isolation userns cannot"),
 ])
 def test_a_platform_pymachine_cannot_make_is_refused(platform: dict, message: str):
     with pytest.raises(UsageError, match=None) as error:
