@@ -63,6 +63,8 @@ class PymachineDriver(Driver):
 
     def sanity_checks(self) -> None:
         """Refuse a platform pymachine cannot make before molecule runs anything: one line, nothing made."""
+        if self._config.action == "destroy":
+            return  # it removes every machine of the scenario, whatever the platforms say now
         try:
             check_platforms(self._config.config_data["platforms"])
         except MachineError as e:

@@ -197,3 +197,18 @@ def test_destroy_stops_a_create_that_outlived_its_molecule(project, tmp_path: Pa
     assert "stopping the create still running" in destroy.stderr
     # It rolled back the machine it was making, as a create stopped by SIGTERM does.
     assert create.returncode == 128 + signal.SIGTERM and "terminated (SIGTERM)" in create.stderr.read()
+
+
+def test_destroy_removes_the_machines_whatever_the_platforms_say_now(project):
+    """A platform edited into one pymachine cannot make (a typo) is refused by create, never by destroy: it would
+    leave the machines made before the edit running."""
+    cli, molecule, role, _ = project
+    molecule("create")
+    assert sorted(cli("ls", "-q").stdout.split()) == ["hello-a", "hello-b"]
+    scenario = role / "molecule" / "default" / "molecule.yml"
+    config = yaml.safe_load(scenario.read_text())
+    config["platforms"][0]["options"] = {"local-isolaton": "privileged"}
+    scenario.write_text(yaml.safe_dump(config))
+    molecule("destroy")  # was: "molecule-pymachine: platform hello-a: --local-isolaton is not an option", exit 1
+    assert cli("ls", "-q").stdout == ""
+    assert bridge_leftovers() == []
