@@ -100,7 +100,9 @@ class LibvirtDriver(Driver):
     # -- connection and records ---------------------------------------------------------------------------
     @property
     def conn(self) -> libvirt.virConnect:
-        if self._conn is None:
+        # One closed under us (libvirtd restarted, or dropped this client) is opened again: a failed create's
+        # rollback still reaches what it made.
+        if self._conn is None or not self._conn.isAlive():
             self._conn = connect(self.opts["libvirt_uri"])
         return self._conn
 

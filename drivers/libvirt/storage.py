@@ -160,7 +160,7 @@ def _uploaded(pool: libvirt.virStoragePool, name: str, path: Path, fmt: str, loc
             with _backed_by(path, backing) if backing else contextlib.nullcontext():
                 _upload(pool, vol, path.open("rb"), size)
         except BaseException:
-            vol.delete()
+            _discard(vol)
             raise
         return vol
 
@@ -217,9 +217,16 @@ def upload_bytes(pool: libvirt.virStoragePool, name: str, data: bytes) -> libvir
     try:
         _upload(pool, vol, io.BytesIO(data), len(data))
     except BaseException:
-        vol.delete()
+        _discard(vol)
         raise
     return vol
+
+
+def _discard(vol: libvirt.virStorageVol) -> None:
+    """Delete a volume whose upload failed, if libvirtd still can: the upload's error is the one to tell (a torn
+    copy of an image is replaced by the next upload, a machine's seed is removed with the machine)."""
+    with contextlib.suppress(libvirt_module().libvirtError):
+        vol.delete()
 
 
 def delete(pool: libvirt.virStoragePool, name: str) -> None:
@@ -257,6 +264,7 @@ def _upload(pool: libvirt.virStoragePool, vol: libvirt.virStorageVol, source, si
             stream.sendAll(lambda _s, n, f: f.read(min(n, _CHUNK)), source)
             stream.finish()
     except lv.libvirtError as e:
-        stream.abort()
+        with contextlib.suppress(lv.libvirtError):  # the connection may be what failed
+            stream.abort()
         raise MachineError(f"cannot upload volume {vol.name()}: {message(e)}") from None
     pool.refresh(0)  # libvirt re-reads the uploaded image's format and size
