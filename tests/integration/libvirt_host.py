@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -53,13 +55,16 @@ def volumes(uri: str, pool: str, like: CLI | None = None) -> list[str]:
             if line.split()]
 
 
+# A run's pools and their directories are named by its PID: the next run removes those of a run that was killed.
+_POOL = re.compile(r"pmtest-(\d+)-[0-9a-f]+")
+_POOL_DIR = re.compile(r"pmtest-pool-(\d+)-")
+SCRATCH = Path("/var/tmp")
+
+
 @contextlib.contextmanager
 def transient_pool(uri: str, path: Path) -> Iterator[str]:
-    """A directory pool at `path`, removed with its volumes at the end.
-
-    Transient: a run that is killed leaves no pool defined once its libvirtd stops.
-    """
-    name = f"pmtest-{uuid.uuid4().hex[:8]}"
+    """A directory pool at `path`, removed with its volumes at the end."""
+    name = f"pmtest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.chmod(0o755)  # QEMU runs as libvirt-qemu: it reads the pool and must traverse to it
     for parent in path.parents:
         if parent != Path("/"):
@@ -68,9 +73,28 @@ def transient_pool(uri: str, path: Path) -> Iterator[str]:
     try:
         yield name
     finally:
-        for volume in volumes(uri, name):
-            virsh(uri, "vol-delete", "--pool", name, volume, check=False)
-        virsh(uri, "pool-destroy", name, check=False)
+        _remove_pool(uri, name)
+
+
+def _remove_pool(uri: str, name: str) -> None:
+    for volume in volumes(uri, name):
+        virsh(uri, "vol-delete", "--pool", name, volume, check=False)
+    virsh(uri, "pool-destroy", name, check=False)
+
+
+def _run_gone(pid: str) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def sweep_killed_runs(uri: str) -> None:
+    """Remove the pools and pool directories of test runs that were killed. A transient pool outlives its run:
+    libvirtd keeps its state under /run/libvirt/storage and restores it when it starts again."""
+    for name in virsh(uri, "pool-list", "--name").stdout.split():
+        if (found := _POOL.fullmatch(name)) and _run_gone(found[1]):
+            _remove_pool(uri, name)
+    for path in SCRATCH.glob("pmtest-pool-*"):
+        if (found := _POOL_DIR.match(path.name)) and _run_gone(found[1]):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -80,7 +104,8 @@ def scratch_pool(uri: str) -> Iterator[tuple[str, Path]]:
     Not under pytest's basetemp: every pytest that starts makes /tmp/pytest-of-<user> 0700 again, and QEMU
     (running as libvirt-qemu) could then no longer reach the disks of a run that is still going.
     """
-    path = Path(tempfile.mkdtemp(prefix="pmtest-pool-", dir="/var/tmp"))
+    sweep_killed_runs(uri)
+    path = Path(tempfile.mkdtemp(prefix=f"pmtest-pool-{os.getpid()}-", dir=SCRATCH))
     try:
         with transient_pool(uri, path) as name:
             yield name, path
