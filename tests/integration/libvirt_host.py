@@ -6,8 +6,10 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +60,7 @@ def volumes(uri: str, pool: str, like: CLI | None = None) -> list[str]:
 # A run's pools and their directories are named by its PID: the next run removes those of a run that was killed.
 _POOL = re.compile(r"pmtest-(\d+)-[0-9a-f]+")
 _POOL_DIR = re.compile(r"pmtest-pool-(\d+)-")
+_NAMESPACE = re.compile(r"pmtest-lv-(\d+)-[0-9a-f]+")
 SCRATCH = Path("/var/tmp")
 
 
@@ -111,3 +114,35 @@ def scratch_pool(uri: str) -> Iterator[tuple[str, Path]]:
             yield name, path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_namespace() -> Iterator[str]:
+    """A network namespace of the run's own (loopback up, no route out), removed at the end with everything that
+    runs in it; first, those of runs that were killed (their libvirtd, dnsmasq and QEMUs would run on for good:
+    they are in sessions of their own)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    for line in listed.splitlines():
+        name = line.split()[0]
+        if (found := _NAMESPACE.fullmatch(name)) and _run_gone(found[1]):
+            _remove_namespace(name)
+    namespace = f"pmtest-lv-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True, capture_output=True,
+                       timeout=60)
+        yield namespace
+    finally:
+        _remove_namespace(namespace)
+
+
+def _remove_namespace(namespace: str) -> None:
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + wait
+        while pids := subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                                     text=True).stdout.split():
+            if time.monotonic() > deadline:
+                break
+            subprocess.run(["kill", f"-{sig.value}", *pids], capture_output=True)
+            time.sleep(0.2)
+    subprocess.run(["ip", "netns", "del", namespace], capture_output=True)

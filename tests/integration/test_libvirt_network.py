@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +23,7 @@ from tests.integration.libvirt_host import (
     boot_image,
     domains,
     require_libvirt,
+    run_namespace,
     scratch_pool,
     virsh,
     volumes,
@@ -48,22 +47,6 @@ exec libvirtd
 """
 
 
-def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=60)
-
-
-def _stop_everything_in(namespace: str) -> None:
-    """libvirtd, virtlogd, dnsmasq and any QEMU left: everything that runs in the namespace."""
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        deadline = time.monotonic() + wait
-        while pids := subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
-                                     text=True).stdout.split():
-            if time.monotonic() > deadline:
-                break
-            subprocess.run(["kill", f"-{sig.value}", *pids], capture_output=True)
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def netns_libvirt(tmp_path_factory) -> Iterator[tuple[str, list[str]]]:
     """(URI, command prefix) of a libvirtd running in a network namespace of its own, with a NAT network."""
@@ -78,11 +61,7 @@ def netns_libvirt(tmp_path_factory) -> Iterator[tuple[str, list[str]]]:
     # The sockets outside the private mounts, so that clients in the namespace (or anywhere) can reach them.
     (config / "libvirtd.conf").write_text(f'unix_sock_dir = "{sockets}"\n')
     (root / "daemons.sh").write_text(DAEMONS)
-    namespace = f"pmtest-lv-{uuid.uuid4().hex[:6]}"
-    _run("ip", "netns", "add", namespace)
-    log = (root / "libvirtd.log").open("w")
-    try:
-        _run("ip", "-n", namespace, "link", "set", "lo", "up")
+    with run_namespace() as namespace, (root / "libvirtd.log").open("w") as log:
         subprocess.Popen(["ip", "netns", "exec", namespace, "unshare", "--mount", "--propagation", "private",
                           "sh", str(root / "daemons.sh"), str(config), hide_kvm(root)], stdout=log, stderr=log,
                          start_new_session=True)
@@ -98,10 +77,6 @@ def netns_libvirt(tmp_path_factory) -> Iterator[tuple[str, list[str]]]:
             f"</dhcp></ip></network>")
         virsh(uri, "net-create", str(root / "network.xml"))  # transient: gone with its libvirtd
         yield uri, ["ip", "netns", "exec", namespace]
-    finally:
-        _stop_everything_in(namespace)
-        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-        log.close()
 
 
 @pytest.fixture(scope="module")
