@@ -303,7 +303,7 @@ def _engine(raw: dict[str, tuple[Any, str]], fail: Fail, where: str) -> dict[str
     for key, (value, at) in raw.items():
         if value is None:  # `engine_bip:` with no value: as if not given, like a driver option
             continue
-        values[key] = _engine_value(key, value, lambda text, at=at, key=key: fail(at, f"{key}: {text}"))
+        values[key] = engine_value(key, value, lambda text, at=at, key=key: fail(at, f"{key}: {text}"))
         if key == "engine_storage_device":
             continue  # valid only with a storage driver given on another line: checked with the others below
         try:  # each alone first, so that an invalid value is reported at its own line
@@ -331,8 +331,9 @@ def _typed(value: Any, kind: type, fail: Callable[[str], FleetError]) -> Any:
     return value
 
 
-def _engine_value(key: str, value: Any, fail: Callable[[str], FleetError]) -> Any:
-    """The YAML value as create's flag would give it: a tuple of strings for a repeatable flag."""
+def engine_value(key: str, value: Any, fail: Callable[[str], Exception]) -> Any:
+    """The YAML value as create's flag would give it: a tuple of strings for a repeatable flag; `fail(why)` when
+    YAML gave it another type than the option's."""
     if key in _BOOL_OPTIONS:
         return _typed(value, bool, fail)
     if key in _INT_OPTIONS:

@@ -9,6 +9,7 @@ from typing import Any
 
 from machine import drivers, fleetfile
 from machine.commands import parse_driver_options
+from machine.drivers.base import Driver
 from machine.errors import UsageError
 from machine.names import validate_name
 
@@ -56,7 +57,8 @@ def _platform(item: dict[str, Any]) -> Platform:
         options = item.get("options") or {}
         if not isinstance(options, dict):
             raise UsageError("options must be a mapping of driver options (e.g. local-isolation: privileged)")
-        raw = {str(k).replace("-", "_"): _flag_value(v) for k, v in options.items()}
+        keys = {str(k).replace("-", "_"): v for k, v in options.items()}
+        raw = {key: _flag_value(cls, key, v) for key, v in keys.items()}
         if "image" in item:
             if driver not in _IMAGE_OPTION:
                 raise UsageError(f"the {driver} driver takes no image")
@@ -74,9 +76,14 @@ def _platform(item: dict[str, Any]) -> Platform:
         raise UsageError(f"platform {name or '(unnamed)'}: {e}") from None
 
 
-def _flag_value(value: Any) -> Any:
+def _flag_value(cls: type[Driver], key: str, value: Any) -> Any:
     """A YAML value as the command line would give it (lists stay lists for repeatable options)."""
-    return [str(v) for v in value] if isinstance(value, list) else str(value)
+    if not isinstance(value, list):
+        return str(value)
+    option = next((o for o in cls.options if o.key == key), None)
+    if option is not None and not option.multiple:
+        raise UsageError(f"--{option.name} takes one value, not a list")
+    return [str(v) for v in value]
 
 
 def _engine(item: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +91,12 @@ def _engine(item: dict[str, Any]) -> dict[str, Any]:
     options = item.get("engine_options") or {}
     if not isinstance(options, dict):
         raise UsageError("engine_options must be a mapping (e.g. engine-install: distro)")
-    values = {str(k).replace("-", "_"): tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    unknown = sorted(set(values) - set(fleetfile.ENGINE_OPTIONS))
+    keys = {str(k).replace("-", "_"): v for k, v in options.items()}
+    unknown = sorted(set(keys) - set(fleetfile.ENGINE_OPTIONS))
     if unknown:
         raise UsageError(f"unknown engine option {unknown[0]!r} (known: {', '.join(fleetfile.ENGINE_OPTIONS)})")
+    # Typed as a fleet file's are (`engine-mtu: big` is refused by name, not left to fail deep in the engine's
+    # settings); an empty value is as if not given.
+    values = {key: fleetfile.engine_value(key, v, lambda why, key=key: UsageError(f"{key}: {why}"))
+              for key, v in keys.items() if v is not None}
     return fleetfile.engine_config(values)

@@ -45,6 +45,13 @@ def test_driver_options_image_and_engine_become_create_arguments(tmp_path):
      "platform bad: --libvirt-cpus: 0 is less than 1"),
     ({"name": "bad", "driver": "libvirt", "options": {"libvirt-image-sha256": "ab"}},
      "platform bad: --libvirt-image-sha256 applies to an image given by URL or path"),
+    # A value of the wrong YAML type is named, not a traceback ("TypeError: int() argument must be ...").
+    ({"name": "bad", "driver": "libvirt", "options": {"libvirt-memory": [1024, 2048]}},
+     "platform bad: --libvirt-memory takes one value, not a list"),
+    ({"name": "bad", "engine": True, "engine_options": {"engine-mtu": "big"}},
+     "platform bad: engine_mtu: must be a whole number, not 'big'"),
+    ({"name": "bad", "engine": True, "engine_options": {"engine-env": 5}},
+     "platform bad: engine_env: must be a string or a list of strings (or a mapping)"),
     ({"name": "bad", "options": {"local-isolation": "userns"}, "engine": True,
       "engine_options": {"engine-storage-driver": "devicemapper"}},
      "platform bad: --engine-storage-driver devicemapper: a machine with --local-isolation userns cannot"),
@@ -58,3 +65,8 @@ def test_a_platform_pymachine_cannot_make_is_refused(platform: dict, message: st
 def test_two_platforms_of_one_name_are_refused():
     with pytest.raises(UsageError, match="platform 'a' is named twice"):
         check_platforms([{"name": "a"}, {"name": "a"}])
+
+
+def test_an_empty_engine_option_is_as_if_not_given():
+    [platform] = check_platforms([{"name": "a", "engine": True, "engine_options": {"engine-insecure-registry": None}}])
+    assert platform.engine is not None and platform.engine["engine_insecure_registries"] == []
