@@ -9,11 +9,13 @@ import io
 import json
 import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure, unified_diff
 from machine.roles.remote import FileState, attrs_script, checksum_line, parse_mode, q, stat_line, write_script
+from machine.roles.templating import to_bool
 
 _ATTRS = {
     "mode": Arg(), "owner": Arg(type="str"), "group": Arg(type="str"),
@@ -145,15 +147,26 @@ class File(Module):
 
     reads = ("file", "path")
 
+    @classmethod
+    def reading(cls, args: Mapping[str, Any]) -> str | None:
+        if args.get("state") == "link" and not to_bool(args.get("force")):
+            return None  # it probes for itself, looking for its src too
+        return super().reading(args)
+
     def run(self) -> dict[str, Any]:
         p = self.params
         path, mode = p["path"], _mode(self)
-        cur, real, target = self._probe(path)
+        # As Ansible, a link to a src that does not exist is refused unless forced (even when it is there already).
+        cur, real, target, missing_src = self._probe(path, p["src"] if p["state"] == "link" and not p["force"]
+                                                     else None)
         # Without a state Ansible keeps the current kind (and only manages attributes).
         state = p["state"] or (cur.kind if cur.kind in ("file", "directory", "link") else "file")
         if state == "absent":
             return self._finish(path, [f"rm -rf -- {q(path)}"] if cur.exists else [], ["removed"] if cur.exists else [])
         if state == "link":
+            if missing_src is not None:
+                raise ModuleFailure(f"src file does not exist, use 'force=yes' if you really want to create the link: "
+                                    f"{missing_src}", path=path, src=p["src"])
             return self._link(path, cur, real, target, mode)
         if target is not None:  # follow: a link's target is what gets checked, created and changed
             path, cur = real, target
@@ -181,18 +194,27 @@ class File(Module):
             changes += attr_changes
         return self._finish(path, steps, changes)
 
-    def _probe(self, path: str) -> tuple[FileState, str, FileState | None]:
+    def _probe(self, path: str, src: str | None = None) -> tuple[FileState, str, FileState | None, str | None]:
         """`path`'s state and, when it is a link and `follow` is set, the path and state of what it resolves to
-        (as Ansible's os.path.realpath: a missing target is absent). Only a link costs the resolving process."""
-        known = self.ctx.known("file", path)
+        (as Ansible's os.path.realpath: a missing target is absent). Only a link costs the resolving process.
+        Last, when `src` is given: None if it exists where Ansible's state=link looks for it (relative to the
+        link's directory, or to `path` itself when that is a directory), else that place."""
+        known = self.ctx.known("file", path) if src is None else None
         if known is not None:  # read ahead: never a link
-            return known.state, path, None
+            return known.state, path, None, None
+        look = ""
+        if src is not None:
+            in_dir, beside = posixpath.join(path, src), posixpath.join(posixpath.dirname(path), src)
+            look = (f'; if [ $t = directory ]; then a={q(in_dir)}; else a={q(beside)}; fi; '
+                    '[ -e "$a" ] && echo || echo "$a"')
         follow = f'; if [ $t = link ]; then p=$(readlink -m -- "$p"); echo "$p"; {stat_line()}; fi' \
             if self.params["follow"] else ""
-        lines = self.sh(f"p={q(path)}; {stat_line()}{follow}", what="probe").stdout.splitlines()
-        if len(lines) < 3:
-            return FileState.parse(lines[0]), path, None
-        return FileState.parse(lines[0]), lines[1], FileState.parse(lines[2])
+        lines = self.sh(f"p={q(path)}; {stat_line()}{look}{follow}", what="probe").stdout.split("\n")
+        state = FileState.parse(lines.pop(0))
+        missing = (lines.pop(0) or None) if src is not None else None
+        if len(lines) < 2 or not lines[1]:
+            return state, path, None, missing
+        return state, lines[0], FileState.parse(lines[1]), missing
 
     def _link(self, path: str, cur: FileState, real: str, target: FileState | None, mode: int | None
               ) -> dict[str, Any]:
@@ -204,8 +226,11 @@ class File(Module):
         steps: list[str] = []
         changes: list[str] = []
         if cur.kind != "link" or cur.target != src:
-            if cur.kind == "directory" or (cur.kind == "file" and not p["force"]):
-                raise ModuleFailure(f"{path} exists and is not a link (use force=yes to replace a file)")
+            if cur.kind == "directory" or (cur.kind in ("file", "other") and not p["force"]):
+                # Ansible's words (a fifo or a device is a file to it). Unlike Ansible, a forced link does not
+                # replace an empty directory either: ln would make the link inside it.
+                kind = "directory" if cur.kind == "directory" else "file"
+                raise ModuleFailure(f"refusing to convert from {kind} to symlink for {path}", path=path)
             steps.append(f"ln -sfn -- {q(src)} {q(path)}")
             changes.append(f"link -> {src}")
             if p["follow"]:

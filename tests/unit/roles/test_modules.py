@@ -407,3 +407,24 @@ def test_symbolic_modes_are_refused(mod, tmp_path):
     assert failure(mod("copy", dest=str(tmp_path / "x"), content="x", mode="u+rw")) == \
         "mode 'u+rw': only octal modes (e.g. '0644') are supported"
     assert not (tmp_path / "x").exists()
+
+
+def test_file_link_to_a_missing_src_is_refused_unless_forced(mod, tmp_path):
+    """As ansible-playbook 2.19: the src is looked for beside the link (a relative one too), in check mode too,
+    and even when the link is already there; `force` makes the dangling link."""
+    link, nowhere = tmp_path / "link", tmp_path / "nowhere"
+    refused = f"src file does not exist, use 'force=yes' if you really want to create the link: {nowhere}"
+    assert failure(mod("file", path=str(link), src=str(nowhere), state="link")) == refused
+    assert failure(mod("file", path=str(link), src="nowhere", state="link", check=True)) == refused
+    assert not os.path.lexists(link)
+    changed(mod("file", path=str(link), src="nowhere", state="link", force=True))
+    assert os.readlink(link) == "nowhere"
+    ok(mod("file", path=str(link), src="nowhere", state="link", force=True))
+    assert failure(mod("file", path=str(link), src="nowhere", state="link")) == refused
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert failure(mod("file", path=str(plain), src=str(tmp_path), state="link", force=False)) == \
+        f"refusing to convert from file to symlink for {plain}"
+    assert failure(mod("file", path=str(tmp_path), src=str(plain), state="link")) == \
+        f"refusing to convert from directory to symlink for {tmp_path}"
+    assert plain.read_text() == "x" and not plain.is_symlink()
