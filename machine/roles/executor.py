@@ -11,7 +11,7 @@ from typing import Any
 from machine.errors import MachineError
 from machine.roles import facts as facts_mod
 from machine.roles.loader import RoleRun, Task, as_list, handler_names, load_play, save_plays, shared_templar
-from machine.roles.modules import Context, ModuleFailure
+from machine.roles.modules import SHOWN, Context, ModuleFailure
 from machine.roles.remote import Become, Remote, Runner
 from machine.roles.report import Failure, Recap, Reporter, SilentReporter, TaskInfo, TaskResult
 from machine.roles.templating import OMIT, TemplateFailure, Vars, to_bool
@@ -366,11 +366,12 @@ class Play:
                 ivars = variables.child(top)
                 label = str(self._safe(control["label"], ivars) if "label" in control else item)
             result = self._item(task, run, scope, own, ivars, handler)
+            shown = bool(result.pop(SHOWN, False))
             if items is not None:  # as Ansible, the item's result carries the loop variables
                 result = {**result, **top, "item": item}
             results.append(result)
             if "include" not in result:  # an included file is reported as it runs
-                self._report(info, result, own, label)
+                self._report(info, result, own, label, shown)
         if items is None:
             final = results[0]
         elif not items:  # as Ansible: an empty loop skips the task
@@ -421,7 +422,8 @@ class Play:
         except TemplateFailure:
             return value
 
-    def _report(self, info: TaskInfo, result: Mapping[str, Any], scope: Scope, item: str | None) -> None:
+    def _report(self, info: TaskInfo, result: Mapping[str, Any], scope: Scope, item: str | None,
+                shown: bool = False) -> None:
         status = ("failed" if result.get("failed") else "skipped" if result.get("skipped")
                   else "changed" if result.get("changed") else "ok")
         msg, diff = str(result.get("msg", "")), str(result.get("diff", ""))
@@ -429,7 +431,7 @@ class Play:
             msg, diff, item = (_HIDDEN if msg else ""), "", (_CENSORED if item is not None else None)
         self.reporter.task_result(self.host, info, TaskResult(
             status, msg=msg, diff=diff, item=item, ignored=status == "failed" and scope.ignore_errors,
-            result=dict(result) if not scope.no_log else {}))
+            result=dict(result) if not scope.no_log else {}, shown=shown))
 
     def _account(self, task: Task, run: RoleRun, info: TaskInfo, scope: Scope, result: dict[str, Any]) -> None:
         """Register, count, notify, and stop the host on an unignored failure, as Ansible's strategy does: an

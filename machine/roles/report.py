@@ -23,6 +23,7 @@ class TaskResult:
     item: str | None = None  # the loop item's label, for one item of a loop
     ignored: bool = False
     result: dict[str, Any] = field(default_factory=dict)
+    shown: bool = False  # the message is shown even though the task did not fail (debug, assert without quiet)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class TextReporter(SilentReporter):
         line = f"{prefix}: [{host}] => {'HANDLER ' if task.handler else ''}{task.label}"
         if result.item is not None:
             line += f" (item={result.item})"
-        if result.msg and (result.status == "failed" or task.action in ("debug", "assert")):
+        if result.msg and (result.status == "failed" or result.shown):
             line += f": {result.msg}"
         if result.ignored:
             line += " ...ignoring"

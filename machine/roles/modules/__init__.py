@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from machine.roles.modules.base import Arg, Context, Module, ModuleFailure
+from machine.roles.modules.base import SHOWN, Arg, Context, Module, ModuleFailure
 from machine.roles.modules.commands import Command, Shell
 from machine.roles.modules.files import Copy, File, LineInFile, Template
 from machine.roles.modules.internal import Assert, Debug, Fail, SetFact
@@ -30,4 +30,4 @@ def _registry() -> dict[str, type[Module]]:
 
 MODULES = _registry()
 
-__all__ = ["MODULES", "Arg", "Context", "Module", "ModuleFailure"]
+__all__ = ["MODULES", "SHOWN", "Arg", "Context", "Module", "ModuleFailure"]

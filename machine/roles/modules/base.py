@@ -12,6 +12,10 @@ from typing import Any, ClassVar
 from machine.roles.remote import Become, Remote, attrs_script, parse_mode
 from machine.roles.templating import Templar, Vars, is_template, to_bool
 
+# A result with this key set is shown even when it did not fail (debug's, assert's without `quiet`), as
+# Ansible's `_ansible_verbose_always`. The play takes it out of the result before registering it.
+SHOWN = "_ansible_verbose_always"
+
 
 class ModuleFailure(Exception):
     """The module could not reach the desired state; `extra` goes into the registered result."""

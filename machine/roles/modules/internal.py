@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from machine.roles.modules.base import Arg, Module, ModuleFailure
+from machine.roles.modules.base import SHOWN, Arg, Module, ModuleFailure
 from machine.roles.templating import TemplateFailure
 
 
@@ -33,7 +33,8 @@ class Assert(Module):
             if not self.ctx.templar.condition(expr, self.ctx.vars):
                 return {"changed": False, "failed": True, "assertion": expr, "evaluated_to": False,
                         "msg": p["fail_msg"] or "Assertion failed"}
-        return {"changed": False, **({} if p["quiet"] else {"msg": p["success_msg"]})}
+        # As Ansible's: `quiet` keeps the message in the result and only stops it being shown.
+        return {"changed": False, "msg": p["success_msg"], **({} if p["quiet"] else {SHOWN: True})}
 
 
 class Debug(Module):
@@ -51,8 +52,8 @@ class Debug(Module):
                 value = self.ctx.templar.template("{{ " + p["var"] + " }}", self.ctx.vars)
             except TemplateFailure:
                 value = "VARIABLE IS NOT DEFINED!"
-            return {"changed": False, p["var"]: value, "msg": f"{p['var']}: {value}"}
-        return {"changed": False, "msg": p["msg"]}  # as Ansible's: a msg that templates to None stays None
+            return {"changed": False, p["var"]: value, "msg": f"{p['var']}: {value}", SHOWN: True}
+        return {"changed": False, "msg": p["msg"], SHOWN: True}  # as Ansible's: a msg that templates to None stays
 
 
 class Fail(Module):

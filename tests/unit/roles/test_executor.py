@@ -784,3 +784,26 @@ def test_messages_of_internal_modules_and_skipped_loops_as_ansible(shell, roles)
         """)
     recap, _ = play(shell, path)
     assert recap.failed == 0, recap.failure
+
+
+def test_a_quiet_assert_keeps_its_message_in_the_result_and_only_hides_it(shell, roles):
+    """As ansible-playbook 2.19: `quiet` registers success_msg (or "All assertions passed") all the same, and
+    the task's line shows no message; without it the message is shown. Nothing of the showing is registered."""
+    path = roles("r", tasks="""
+        - {name: quiet default, assert: {that: [true], quiet: true}, register: q1}
+        - {name: quiet own, assert: {that: [true], quiet: true, success_msg: yay, msg: boo}, register: q2}
+        - {name: loud, assert: {that: [true], success_msg: loud yay}, register: q3}
+        - {name: quiet failure, assert: {that: [false], quiet: true, msg: boo}, ignore_errors: true}
+        - assert:
+            that:
+              - q1.msg == 'All assertions passed' and q2.msg == 'yay' and q3.msg == 'loud yay'
+              - q3.keys() | sort == ['changed', 'failed', 'msg']
+            quiet: true
+        """)
+    out = io.StringIO()
+    recap = run_roles(shell, ["r"], path, reporter=TextReporter(out))
+    assert recap.failed == 0, recap.failure
+    lines = out.getvalue().splitlines()
+    assert "ok: [web1] => r : quiet default" in lines and "ok: [web1] => r : quiet own" in lines
+    assert "ok: [web1] => r : loud: loud yay" in lines
+    assert "failed: [web1] => r : quiet failure: boo ...ignoring" in lines
