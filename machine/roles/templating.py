@@ -62,23 +62,42 @@ def _assignment(env: jinja2.Environment, expr: str) -> nodes.Template:
         parser.fail(f"unexpected {parser.stream.current.value!r} after the expression", parser.stream.current.lineno)
     template = nodes.Template([nodes.Assign(nodes.Name(_RESULT, "store"), value, lineno=1)], lineno=1)
     template.set_environment(env)
+    _refuse_outside_subset(template)
     return template
 
 
 # Ansible's, but outside the subset (docs/ansible-subset.md): refused when the template is compiled (before the
-# play starts, naming the task's line), not found undefined when the task runs. Only a call of the lookup
-# functions: a variable of the same name (`q`) is the role's own.
+# play starts, naming the task's line or the template file's), not found undefined when the task runs. Only a
+# call of the lookup functions: a variable of the same name (`q`) is the role's own.
 _OUTSIDE_CALLS = frozenset({"lookup", "query", "q"})
 _OUTSIDE_NAMES = frozenset({"hostvars", "groups", "group_names", "play_hosts", "ansible_play_hosts",
                             "ansible_play_hosts_all", "ansible_play_batch"})
 
 
-def _refuse_outside_subset(tree: nodes.Template) -> None:
+class OutsideSubset(TemplateFailure):
+    """A template uses what Ansible has but pymachine does not run; `lineno` is its line in the template."""
+
+    def __init__(self, what: str, lineno: int, template: str | None) -> None:
+        super().__init__(f"{what} is outside the Ansible subset pymachine runs (docs/ansible-subset.md)")
+        self.lineno = lineno
+        self.template = template  # a template file's name (one it includes, say), None for a task's template
+
+
+def _refuse_outside_subset(tree: nodes.Template, template: str | None = None) -> None:
     called = {id(call.node) for call in tree.find_all(nodes.Call)}
     for name in tree.find_all(nodes.Name):
         if name.ctx == "load" and (name.name in _OUTSIDE_NAMES or (name.name in _OUTSIDE_CALLS and id(name) in called)):
-            what = f"{name.name}()" if name.name in _OUTSIDE_CALLS else name.name
-            raise TemplateFailure(f"{what} is outside the Ansible subset pymachine runs (docs/ansible-subset.md)")
+            raise OutsideSubset(f"{name.name}()" if name.name in _OUTSIDE_CALLS else name.name, name.lineno, template)
+
+
+class _SubsetEnvironment(jinja2.Environment):
+    """Refuses what is outside the subset as it parses a template: a task's, a template file and the files it
+    includes alike (Jinja parses every one of them here)."""
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        _refuse_outside_subset(tree, name)
+        return tree
 
 
 class _ArgumentLexer(Lexer):
@@ -100,7 +119,7 @@ class _ArgumentLexer(Lexer):
             yield lineno, kind, value
 
 
-class _ArgumentEnvironment(jinja2.Environment):
+class _ArgumentEnvironment(_SubsetEnvironment):
     """The environment of task arguments and variables: Ansible's lexer. Never overlaid (an overlay would share the
     lexer cached for this environment's settings)."""
 
@@ -236,11 +255,16 @@ class CodeCache(jinja2.BytecodeCache):
         write_cache(self._file, marshal.dumps((self._stamp, {k: v for k, v in dict(self._code).items() if k in used})))
 
 
+# What compiling a template does besides Jinja's own work: code kept from a pymachine whose compiling did less
+# (a template file using lookup() compiled before those were refused) is not used. Changed with what it does.
+_COMPILING = "2"
+
+
 class Templar:
     def __init__(self) -> None:
         self.env = _environment(_ArgumentEnvironment)
-        self._condition_env = _environment(jinja2.Environment)
-        self.code = CodeCache("|".join([sys.version, jinja2.__version__, *sorted(self.env.filters), "",
+        self._condition_env = _environment(_SubsetEnvironment)
+        self.code = CodeCache("|".join([sys.version, jinja2.__version__, _COMPILING, *sorted(self.env.filters), "",
                                         *sorted(self.env.tests), "", *sorted(self.env.extensions)]))
         # The template module renders files with Ansible's defaults: trim_blocks on.
         self._file_env = self._condition_env.overlay(trim_blocks=True, bytecode_cache=self.code)
@@ -287,6 +311,8 @@ class Templar:
             return self._render(self._file_template(path), variables)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateFailure(f"{path.name}:{e.lineno}: template syntax error: {e.message}") from None
+        except OutsideSubset as e:  # in the file or in one it includes
+            raise TemplateFailure(f"{e.template or path.name}:{e.lineno}: {e}") from None
 
     def check(self, value: Any, condition: bool = False) -> None:
         """Compile every template in `value` (a condition's bare expression too) without evaluating anything:
@@ -315,6 +341,8 @@ class Templar:
             self._file_template(path)
         except jinja2.TemplateSyntaxError as e:
             raise RoleError(f"{display}:{e.lineno}: template syntax error: {e.message}") from None
+        except OutsideSubset as e:
+            raise RoleError(f"{display}:{e.lineno}: {e}") from None
 
     def _file_template(self, path: Path) -> jinja2.Template:
         """`path` compiled, once per process while it is unchanged (Jinja's cache checks its mtime); includes
@@ -348,9 +376,7 @@ class Templar:
         bucket = self.code.get_bucket(env, f"<{kind}>", None, source)
         if bucket.code is None:
             try:
-                tree = env.parse(source) if kind == "template" else _assignment(env, source)
-                _refuse_outside_subset(tree)
-                bucket.code = env.compile(tree)
+                bucket.code = env.compile(env.parse(source) if kind == "template" else _assignment(env, source))
             except jinja2.TemplateSyntaxError as e:
                 raise TemplateFailure(f"template syntax error in {source!r}: {e.message}") from None
             self.code.set_bucket(bucket)

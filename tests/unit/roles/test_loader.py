@@ -78,6 +78,16 @@ def test_refusals_name_file_and_line(roles, tasks, message):
     assert message in refused(path)
 
 
+def test_a_template_file_using_lookup_is_refused_naming_its_line(roles):
+    """As a task's arguments are: before anything runs, naming the template file and the line."""
+    path = roles("r", tasks="- debug: {}\n- template: {src: t.j2, dest: /tmp/x}\n", files={
+        "templates/t.j2": "a\n{% if x %}\nhome={{ lookup('env', 'HOME') }}\n{% endif %}\n"})
+    assert refused(path) == ("roles/r/templates/t.j2:3: lookup() is outside the Ansible subset pymachine runs "
+                             "(docs/ansible-subset.md)")
+    path = roles("r", files={"templates/t.j2": "{% for h in groups['all'] %}{{ h }}{% endfor %}\n"})
+    assert refused(path).startswith("roles/r/templates/t.j2:1: groups is outside the Ansible subset")
+
+
 def test_unknown_module_in_an_imported_file(roles):
     path = roles("r", tasks="- import_tasks: more.yml\n", files={"tasks/more.yml": "- debug: {}\n- nope: {}\n"})
     assert refused(path) == "roles/r/tasks/main.yml:1: roles/r/tasks/more.yml:2: unknown module 'nope'"

@@ -219,6 +219,14 @@ def test_template_file_uses_trim_blocks(t, tmp_path):
         t.render_file(tmp_path / "bad.j2", vs(t, {}))
 
 
+def test_a_template_file_including_one_that_uses_lookup_fails_naming_that_one(t, tmp_path):
+    """The file a templated src names is rendered only when its task runs: what it includes is refused then."""
+    (tmp_path / "main.j2").write_text("top\n{% include 'inc.j2' %}\n")
+    (tmp_path / "inc.j2").write_text("one\n{{ q('env', 'HOME') }}\n")
+    with pytest.raises(TemplateFailure, match=r"^inc.j2:2: q\(\) is outside the Ansible subset pymachine runs"):
+        t.render_file(tmp_path / "main.j2", vs(t, {}))
+
+
 def test_compiled_code_is_kept_between_templars(tmp_path, monkeypatch):
     cache = tmp_path / "cache" / "code"
     first = Templar()
