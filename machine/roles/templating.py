@@ -128,8 +128,27 @@ class _ArgumentEnvironment(_SubsetEnvironment):
         return _ArgumentLexer(self)
 
 
+def _defined(value: Any) -> Any:
+    """`value`, unless it is or holds (in a list or dict, at any depth) an undefined value: then UndefinedFailure
+    naming what is missing, as Ansible fails a lazy container's undefined item once the value is final."""
+    if isinstance(value, Undefined):
+        try:
+            str(value)  # AnsibleUndefined is strict: this raises, with Jinja's message
+        except jinja2.UndefinedError as e:
+            raise UndefinedFailure(e.message or "undefined variable") from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _defined(key)
+            _defined(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _defined(item)
+    return value
+
+
 def _environment(cls: type[jinja2.Environment]) -> jinja2.Environment:
-    env = cls(undefined=AnsibleUndefined, keep_trailing_newline=True, autoescape=False,
+    # `finalize`: what `{{ }}` outputs into text may not hold an undefined value either (Jinja would print it).
+    env = cls(undefined=AnsibleUndefined, keep_trailing_newline=True, autoescape=False, finalize=_defined,
               extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
     env.filters.update(FILTERS)
     env.tests.update(TESTS)
@@ -179,15 +198,14 @@ class Vars(Mapping[str, Any]):
         return value
 
     def _resolve(self, key: str, value: Any) -> Any:
-        """The templated value of variable `key`. As in Ansible, a variable whose template uses an undefined name
-        is undefined itself: `default` and `is defined` see it so, and using it fails naming what is missing."""
+        """The templated value of variable `key` (Templar.resolve). As in Ansible, a variable whose template uses an
+        undefined name is undefined itself: `default` and `is defined` see it so, and using it fails naming what is
+        missing."""
         if key in self._resolving:
             raise TemplateFailure(f"recursive loop detected in template of variable '{key}'")
         self._resolving.add(key)
         try:
-            return self._templar.template(value, self)
-        except UndefinedFailure as e:
-            return self._templar.env.undefined(hint=str(e))
+            return self._templar.resolve(value, self)
         finally:
             self._resolving.discard(key)
 
@@ -256,8 +274,9 @@ class CodeCache(jinja2.BytecodeCache):
 
 
 # What compiling a template does besides Jinja's own work: code kept from a pymachine whose compiling did less
-# (a template file using lookup() compiled before those were refused) is not used. Changed with what it does.
-_COMPILING = "2"
+# (a template file using lookup() compiled before those were refused, output not finalized) is not used. Changed
+# with what it does.
+_COMPILING = "3"
 
 
 class Templar:
@@ -271,19 +290,39 @@ class Templar:
         self._file_envs: dict[Path, jinja2.Environment] = {}
 
     def template(self, value: Any, variables: Mapping[str, Any]) -> Any:
-        """Template strings inside `value` (recursively through lists and dicts)."""
+        """Template strings inside `value` (recursively through lists and dicts), as Ansible finalizes a task's
+        arguments: an undefined value anywhere in the result fails (UndefinedFailure), one that a list or dict
+        holds too (`{{ [a, missing] }}`)."""
         if isinstance(value, str):
-            if not is_template(value):
-                return value
-            lone = _LONE_EXPR.fullmatch(value)
-            if lone and "{{" not in lone.group(1) and "{%" not in lone.group(1):
-                return self._expression(lone.group(1), variables, "expression")
-            return self._render(self._compile(value), variables)
+            return _defined(self._string(value, variables))
         if isinstance(value, Mapping):
             return {self.template(k, variables): self.template(v, variables) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self.template(v, variables) for v in value]
         return value
+
+    def resolve(self, value: Any, variables: Mapping[str, Any]) -> Any:
+        """`value` templated as the value of a variable, lazily as Ansible 2.19 does: a string whose template uses
+        an undefined name is undefined itself, while a list or dict (written in YAML or as a Jinja literal) keeps
+        such a value in its place and is defined as a whole; the undefined value fails only where it is used."""
+        if isinstance(value, str):
+            try:
+                return self._string(value, variables)
+            except UndefinedFailure as e:
+                return self.env.undefined(hint=str(e))
+        if isinstance(value, Mapping):
+            return {self.template(k, variables): self.resolve(v, variables) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.resolve(v, variables) for v in value]
+        return value
+
+    def _string(self, value: str, variables: Mapping[str, Any]) -> Any:
+        if not is_template(value):
+            return value
+        lone = _LONE_EXPR.fullmatch(value)
+        if lone and "{{" not in lone.group(1) and "{%" not in lone.group(1):
+            return self._expression(lone.group(1), variables, "expression")
+        return self._render(self._compile(value), variables)
 
     def condition(self, expr: Any, variables: Mapping[str, Any]) -> bool:
         """Evaluate a `when`/`changed_when`/`failed_when` value; a list means all of them."""
@@ -553,7 +592,9 @@ def _from_yaml(value: str) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """Builtin types only, so yaml.safe_dump accepts loaded (LineDict/Unsafe) values."""
+    """Builtin types only, so yaml.safe_dump accepts loaded (LineDict/Unsafe) values; an undefined item fails."""
+    if isinstance(value, Undefined):
+        _defined(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -567,11 +608,16 @@ def _split(value: str, sep: str | None = None, maxsplit: int = -1) -> list[str]:
     return str(value).split(sep, maxsplit)
 
 
+def _json_default(value: Any) -> Any:
+    _defined(value)  # an undefined item fails as such, not as a type JSON does not know
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 FILTERS: dict[str, Any] = {
     "bool": _bool,
-    "to_json": lambda v, **kw: json.dumps(v, **kw),
-    "to_nice_json": lambda v, indent=4, **kw: json.dumps(v, indent=indent, sort_keys=True,
-                                                          separators=(",", ": "), **kw),
+    "to_json": lambda v, **kw: json.dumps(v, default=_json_default, **kw),
+    "to_nice_json": lambda v, indent=4, **kw: json.dumps(v, indent=indent, sort_keys=True, separators=(",", ": "),
+                                                          default=_json_default, **kw),
     "from_json": lambda v: json.loads(v),
     "to_yaml": _to_yaml,
     "to_nice_yaml": _to_nice_yaml,

@@ -807,3 +807,20 @@ def test_a_quiet_assert_keeps_its_message_in_the_result_and_only_hides_it(shell,
     assert "ok: [web1] => r : quiet default" in lines and "ok: [web1] => r : quiet own" in lines
     assert "ok: [web1] => r : loud: loud yay" in lines
     assert "failed: [web1] => r : quiet failure: boo ...ignoring" in lines
+
+
+def test_a_list_with_an_undefined_item_fails_the_task_that_uses_it_whole(shell, roles):
+    """As ansible-playbook 2.19: `servers` is defined (its length is known) but a set_fact, a debug msg or a
+    loop taking it whole fails naming the missing variable; it never reaches a module with a hole in it."""
+    path = roles("r", defaults="servers: ['{{ first }}', '{{ second }}']\nfirst: a\n", tasks="""
+        - {name: length, debug: {msg: "{{ servers | length }}"}, register: n}
+        - {name: fact, set_fact: {copy: "{{ servers }}"}, ignore_errors: true, register: f}
+        - {name: msg, debug: {msg: "{{ servers }}"}, ignore_errors: true, register: m}
+        - {name: loop, debug: {msg: "{{ item }}"}, loop: "{{ servers }}", ignore_errors: true, register: l}
+        - assert:
+            that:
+              - n.msg == 2 and copy is undefined
+              - f.msg == m.msg == l.msg == "'second' is undefined"
+        """)
+    recap, _ = play(shell, path)
+    assert recap.failed == 0 and recap.ignored == 3, recap.failure

@@ -56,6 +56,26 @@ def test_a_variable_templated_from_an_undefined_name_is_undefined(t):
             t.template(use, v)
 
 
+def test_a_list_or_dict_with_an_undefined_item_is_defined_until_that_item_is_used(t):
+    """As ansible-core 2.19's lazy containers (checked with ansible-playbook): a list or dict variable, written in
+    YAML or as a Jinja literal, is defined even when an item's template uses an undefined name; the items that
+    are defined can be used, and the undefined one fails only where it ends up in a value: a task's argument, a
+    loop, text, JSON."""
+    v = vs(t, {"a": 1, "x": "{{ [a, nope] }}", "y": ["{{ a }}", "{{ nope }}"],
+               "z": {"k": "{{ a }}", "u": "{{ nope }}"}, "n": "{{ {'k': a, 'l': [nope]} }}"})
+    assert [t.template(f"{{{{ {name} | length }}}}", v) for name in "xyzn"] == [2, 2, 2, 2]
+    assert t.template("{{ [x[0], y[0], z.k, n.k] }}", v) == [1, 1, 1, 1]
+    assert t.condition("x is defined and y is defined and z is defined and 'u' in z", v)
+    assert t.condition("x[1] is undefined and y[1] is undefined and z.u is undefined", v)
+    assert t.template("{{ z.u | default('zu') }}", v) == "zu"
+    assert t.template("{{ y | select('defined') | list }}", v) == [1]
+    assert t.template("{{ [a, nope] | length }}", v) == 2
+    for use in ["{{ x }}", "{{ y }}", "{{ z }}", "{{ n }}", "{{ x | default('d') }}", "y is {{ y }}",
+                "{{ z | to_json }}", "{{ n | to_nice_yaml }}", ["{{ a }}", "{{ nope }}"], {"k": "{{ [nope] }}"}]:
+        with pytest.raises(TemplateFailure, match=r"^'nope' is undefined$"):
+            t.template(use, v)
+
+
 def test_raw_layers_and_unsafe_are_not_templated(t):
     v = Vars(t, [({"out": "{{ not_a_var }}"}, True)])
     assert t.template("{{ out }}", v) == "{{ not_a_var }}"
