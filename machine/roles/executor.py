@@ -367,8 +367,8 @@ class Play:
                 label = str(self._safe(control["label"], ivars) if "label" in control else item)
             result = self._item(task, run, scope, own, ivars, handler)
             shown = bool(result.pop(SHOWN, False))
-            if items is not None:  # as Ansible, the item's result carries the loop variables
-                result = {**result, **top, "item": item}
+            if items is not None:  # as Ansible, the item's result carries the loop variables (`item` is one)
+                result = {**result, **top}
             results.append(result)
             if "include" not in result:  # an included file is reported as it runs
                 self._report(info, result, own, label, shown)
@@ -461,7 +461,8 @@ class Play:
     def _failure_msg(result: Mapping[str, Any]) -> str:
         if "results" in result:
             failed = [r for r in result["results"] if r.get("failed")]
-            return "; ".join(f"item={r.get('item')!r}: {Play._failure_msg(r)}" for r in failed)
+            return "; ".join(f"item={r.get(r.get('ansible_loop_var', 'item'))!r}: {Play._failure_msg(r)}"
+                             for r in failed)
         when_error = result.get("changed_when_result", result.get("failed_when_result"))
         if isinstance(when_error, str):  # the condition could not be evaluated: the module's msg says nothing of it
             return when_error

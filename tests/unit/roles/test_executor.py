@@ -824,3 +824,16 @@ def test_a_list_with_an_undefined_item_fails_the_task_that_uses_it_whole(shell, 
         """)
     recap, _ = play(shell, path)
     assert recap.failed == 0 and recap.ignored == 3, recap.failure
+
+
+def test_an_item_result_carries_the_loop_var_by_its_own_name_only(shell, roles):
+    """As ansible-playbook 2.19: with loop_control's loop_var `i`, an item's registered result has `i` and no
+    `item`; a failure names the item by it."""
+    path = roles("r", tasks="""
+        - {name: named, debug: {msg: "{{ i }}"}, loop: [p], loop_control: {loop_var: i}, register: r}
+        - assert:
+            that: "'item' not in r.results[0] and r.results[0].i == 'p' and r.results[0].ansible_loop_var == 'i'"
+        - {name: failing, fail: {msg: nope}, loop: [q], loop_control: {loop_var: j}}
+        """)
+    recap, _ = play(shell, path)
+    assert recap.failure.label == "r : failing" and recap.failure.msg == "item='q': nope"
