@@ -14,7 +14,7 @@ from machine.roles.loader import RoleRun, Task, as_list, handler_names, load_pla
 from machine.roles.modules import SHOWN, Context, ModuleFailure
 from machine.roles.remote import Become, Remote, Runner
 from machine.roles.report import Failure, Recap, Reporter, SilentReporter, TaskInfo, TaskResult
-from machine.roles.templating import OMIT, TemplateFailure, Vars, to_bool
+from machine.roles.templating import OMIT, TemplateFailure, Vars, is_template, to_bool
 from machine.roles.yamlload import RoleError
 from machine.ssh import ConnectionLost
 
@@ -338,6 +338,18 @@ class Play:
         except TemplateFailure as e:
             raise TemplateFailure(f"Error while evaluating conditional: {e}") from None
 
+    def _skip(self, conditions: Sequence[Any], variables: Vars) -> dict[str, Any] | None:
+        """The skipped result when one of `conditions` (a list among them counting item by item) does not hold,
+        naming the first that does not as Ansible's `false_condition` (as written, or a template's value); None
+        when all hold. TemplateFailure as _condition's."""
+        for condition in (c for each in conditions for c in (each if isinstance(each, list) else [each])):
+            if not self._condition([condition], variables):
+                if isinstance(condition, str) and is_template(condition):
+                    condition = self.templar.template(condition, variables)
+                return {"changed": False, "false_condition": condition, "skip_reason": "Conditional result was False",
+                        "skipped": True}
+        return None
+
     def _run_action(self, task: Task, run: RoleRun, scope: Scope, handler: bool) -> None:
         info = self._info(task, run, handler)
         variables = self.variables(run, scope, task.get("vars"))
@@ -392,8 +404,9 @@ class Play:
         """The task's result for one loop item (or the one run of a task without a loop). As in Ansible, a
         condition or template that cannot be evaluated fails it, the failure then ignored or registered as any."""
         try:
-            if not self._condition((*scope.when, *as_list(task.get("when"))), variables):
-                return {"changed": False, "skipped": True, "skip_reason": "Conditional result was False"}
+            skipped = self._skip((*scope.when, *as_list(task.get("when"))), variables)
+            if skipped is not None:
+                return skipped
             if task.action != "include_tasks":
                 return self._execute(task, run, own, variables)
             return {"changed": False, "include": str(self.templar.template(task.args, variables))}

@@ -837,3 +837,23 @@ def test_an_item_result_carries_the_loop_var_by_its_own_name_only(shell, roles):
         """)
     recap, _ = play(shell, path)
     assert recap.failure.label == "r : failing" and recap.failure.msg == "item='q': nope"
+
+
+def test_a_skipped_result_names_the_condition_that_was_false(shell, roles):
+    """As ansible-playbook 2.19's `false_condition`: the first false one, a block's first, one of a list by
+    itself, a literal boolean as it is, a template by its value."""
+    path = roles("r", tasks="""
+        - block:
+            - {debug: {msg: x}, when: "2 == 2", register: b1}
+          when: [true, "1 == 2"]
+        - {debug: {msg: x}, loop: [1, 3], when: [item > 1, item < 3], register: b2}
+        - {debug: {msg: x}, when: false, register: b3}
+        - {debug: {msg: x}, when: "{{ 1 == 2 }}", register: b4}
+        - assert:
+            that:
+              - b1.false_condition == '1 == 2' and b1.skip_reason == 'Conditional result was False'
+              - b2.results | map(attribute='false_condition') | list == ['item > 1', 'item < 3']
+              - b3.false_condition is false and b4.false_condition is false
+        """)
+    recap, _ = play(shell, path)
+    assert recap.failed == 0, recap.failure
