@@ -378,7 +378,7 @@ class Play:
                 ivars = variables.child(top)
                 label = str(self._safe(control["label"], ivars) if "label" in control else item)
             result = self._item(task, run, scope, own, ivars, handler)
-            shown = bool(result.pop(SHOWN, False))
+            shown = result.pop(SHOWN, None)
             if items is not None:  # as Ansible, the item's result carries the loop variables (`item` is one)
                 result = {**result, **top}
             results.append(result)
@@ -436,15 +436,17 @@ class Play:
             return value
 
     def _report(self, info: TaskInfo, result: Mapping[str, Any], scope: Scope, item: str | None,
-                shown: bool = False) -> None:
+                shown: str | None = None) -> None:
+        """Report `result`; `shown` is what the task's line shows of a result that did not fail, if anything."""
         status = ("failed" if result.get("failed") else "skipped" if result.get("skipped")
                   else "changed" if result.get("changed") else "ok")
-        msg, diff = str(result.get("msg", "")), str(result.get("diff", ""))
+        msg = str(result.get("msg", "")) if shown is None or result.get("failed") else shown
+        diff = str(result.get("diff", ""))
         if scope.no_log:  # a loop item's label may be the secret itself
             msg, diff, item = (_HIDDEN if msg else ""), "", (_CENSORED if item is not None else None)
         self.reporter.task_result(self.host, info, TaskResult(
             status, msg=msg, diff=diff, item=item, ignored=status == "failed" and scope.ignore_errors,
-            result=dict(result) if not scope.no_log else {}, shown=shown))
+            result=dict(result) if not scope.no_log else {}, shown=shown is not None))
 
     def _account(self, task: Task, run: RoleRun, info: TaskInfo, scope: Scope, result: dict[str, Any]) -> None:
         """Register, count, notify, and stop the host on an unignored failure, as Ansible's strategy does: an

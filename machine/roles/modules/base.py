@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 from machine.roles.remote import Become, Remote, attrs_script, parse_mode
 from machine.roles.templating import Templar, Vars, is_template, to_bool
 
-# A result with this key set is shown even when it did not fail (debug's, assert's without `quiet`), as
-# Ansible's `_ansible_verbose_always`. The play takes it out of the result before registering it.
+# What the task's line shows of a result that did not fail (debug's, assert's without `quiet`): Ansible shows such
+# a result whole (`_ansible_verbose_always`), pymachine this text. The play takes it out before registering it.
 SHOWN = "_ansible_verbose_always"
 
 

@@ -34,7 +34,7 @@ class Assert(Module):
                 return {"changed": False, "failed": True, "assertion": expr, "evaluated_to": False,
                         "msg": p["fail_msg"] or "Assertion failed"}
         # As Ansible's: `quiet` keeps the message in the result and only stops it being shown.
-        return {"changed": False, "msg": p["success_msg"], **({} if p["quiet"] else {SHOWN: True})}
+        return {"changed": False, "msg": p["success_msg"], **({} if p["quiet"] else {SHOWN: str(p["success_msg"])})}
 
 
 class Debug(Module):
@@ -52,8 +52,9 @@ class Debug(Module):
                 value = self.ctx.templar.template("{{ " + p["var"] + " }}", self.ctx.vars)
             except TemplateFailure:
                 value = "VARIABLE IS NOT DEFINED!"
-            return {"changed": False, p["var"]: value, "msg": f"{p['var']}: {value}", SHOWN: True}
-        return {"changed": False, "msg": p["msg"], SHOWN: True}  # as Ansible's: a msg that templates to None stays
+            return {"changed": False, p["var"]: value, SHOWN: f"{p['var']}: {value}"}  # as Ansible's: no msg
+        # As Ansible's: a msg that templates to None stays None.
+        return {"changed": False, "msg": p["msg"], SHOWN: str(p["msg"])}
 
 
 class Fail(Module):

@@ -857,3 +857,15 @@ def test_a_skipped_result_names_the_condition_that_was_false(shell, roles):
         """)
     recap, _ = play(shell, path)
     assert recap.failed == 0, recap.failure
+
+
+def test_debug_var_registers_the_variable_alone_and_shows_it(shell, roles):
+    """As ansible-playbook 2.19: `debug: var=x` registers x under its name and no msg; its line shows it."""
+    path = roles("r", defaults="x: 1\n", tasks="""
+        - {name: show, debug: {var: x}, register: d}
+        - {assert: {that: "d.keys() | sort == ['changed', 'failed', 'x'] and d.x == 1"}}
+        """)
+    out = io.StringIO()
+    recap = run_roles(shell, ["r"], path, reporter=TextReporter(out))
+    assert recap.failed == 0, recap.failure
+    assert "ok: [web1] => r : show: x: 1" in out.getvalue().splitlines()
