@@ -14,7 +14,7 @@ from machine.roles.loader import RoleRun, Task, as_list, handler_names, load_pla
 from machine.roles.modules import SHOWN, Context, ModuleFailure
 from machine.roles.remote import Become, Remote, Runner
 from machine.roles.report import Failure, Recap, Reporter, SilentReporter, TaskInfo, TaskResult
-from machine.roles.templating import OMIT, TemplateFailure, Vars, is_template, to_bool
+from machine.roles.templating import OMIT, TemplateFailure, Vars, is_template, to_bool, type_name
 from machine.roles.yamlload import RoleError
 from machine.ssh import ConnectionLost
 
@@ -362,7 +362,7 @@ class Play:
         try:
             items = self._items(task, variables) if looped else None
         except TemplateFailure as e:  # as Ansible: the task fails, and ignore_errors and register still apply
-            failed = {"changed": False, "failed": True, "msg": str(e)}
+            failed = {"failed": True, "msg": str(e)}
             self._report(info, failed, own, None)
             self._account(task, run, info, own, failed)
             return
@@ -419,15 +419,14 @@ class Play:
             lambda value: self.templar.template(value, variables))
 
     def _items(self, task: Task, variables: Vars) -> list[Any]:
-        raw = task.get("loop") if "loop" in task.data else task.get("with_items")
-        items = self.templar.template(raw, variables)
-        if isinstance(items, str) and "with_items" in task.data:
-            items = [items]
-        if not isinstance(items, list):
-            raise TemplateFailure(f"Invalid data passed to 'loop', it requires a list, got this instead: {items!r}")
-        if "with_items" in task.data:
-            items = [x for i in items for x in (i if isinstance(i, list) else [i])]
-        return items
+        if "loop" in task.data:
+            items = self.templar.template(task.get("loop"), variables)
+            if not isinstance(items, list):
+                raise TemplateFailure(f"The `loop` value must resolve to a 'list', not {type_name(items)!r}.")
+            return items
+        # As Ansible's `items` lookup: anything but a list is one item, and the lists in a list are spliced.
+        items = self.templar.template(task.get("with_items"), variables)
+        return [x for i in (items if isinstance(items, list) else [items]) for x in (i if isinstance(i, list) else [i])]
 
     def _safe(self, value: Any, variables: Vars) -> Any:
         try:

@@ -156,6 +156,11 @@ def _environment(cls: type[jinja2.Environment]) -> jinja2.Environment:
     return env
 
 
+def type_name(value: Any) -> str:
+    """The name of `value`'s type as Ansible's messages give it: the builtin type a LineDict or Unsafe stands for."""
+    return next(c.__name__ for c in type(value).__mro__ if c.__module__ == "builtins")
+
+
 class AnsibleUndefined(ChainableUndefined, StrictUndefined):
     """Ansible's undefined value: strict in every use (output, comparison, iteration, truth), but an attribute or
     item of it is itself, so that `foo.bar | default(x)` and `foo.bar is defined` work with `foo` undefined, and
@@ -165,9 +170,8 @@ class AnsibleUndefined(ChainableUndefined, StrictUndefined):
 
     def __init__(self, hint: str | None = None, obj: Any = missing, name: str | None = None,
                  exc: type[jinja2.TemplateRuntimeError] = jinja2.UndefinedError) -> None:
-        if not hint and name and obj is not missing:  # Ansible's wording, with the builtin type a LineDict stands for
-            kind = next(c.__name__ for c in type(obj).__mro__ if c.__module__ == "builtins")
-            hint = f"object of type {kind!r} has no attribute {name!r}"
+        if not hint and name and obj is not missing:  # Ansible's wording
+            hint = f"object of type {type_name(obj)!r} has no attribute {name!r}"
         super().__init__(hint, obj, name, exc)
 
 

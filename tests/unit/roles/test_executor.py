@@ -869,3 +869,22 @@ def test_debug_var_registers_the_variable_alone_and_shows_it(shell, roles):
     recap = run_roles(shell, ["r"], path, reporter=TextReporter(out))
     assert recap.failed == 0, recap.failure
     assert "ok: [web1] => r : show: x: 1" in out.getvalue().splitlines()
+
+
+def test_loop_wants_a_list_and_with_items_takes_anything_as_ansible(shell, roles):
+    """As ansible-playbook 2.19: `loop` over a dict fails with Ansible's message (the result has no `changed`);
+    `with_items` (the `items` lookup) takes a dict or a number as one item, and splices the lists in a list."""
+    path = roles("r", defaults="d: {a: 1}\n", tasks="""
+        - {debug: {msg: "{{ item }}"}, loop: "{{ d }}", ignore_errors: true, register: l}
+        - {debug: {msg: "{{ item }}"}, with_items: "{{ d }}", register: w1}
+        - {debug: {msg: "{{ item }}"}, with_items: 5, register: w2}
+        - {debug: {msg: "{{ item }}"}, with_items: [[1, [2]], 3], register: w3}
+        - assert:
+            that:
+              - l.msg == "The `loop` value must resolve to a 'list', not 'dict'." and 'changed' not in l
+              - "w1.results | map(attribute='item') | list == [{'a': 1}]"
+              - w2.results | map(attribute='item') | list == [5]
+              - w3.results | map(attribute='item') | list == [1, [2], 3]
+        """)
+    recap, _ = play(shell, path)
+    assert recap.failed == 0 and recap.ignored == 1, recap.failure
