@@ -146,9 +146,14 @@ def _defined(value: Any) -> Any:
     return value
 
 
+def _output(value: Any) -> Any:
+    """What `{{ }}` puts into text, as Ansible's: None is nothing (`key={{ none }}` gives `key=`), and a value
+    holding an undefined one fails (Jinja would print it)."""
+    return "" if value is None else _defined(value)
+
+
 def _environment(cls: type[jinja2.Environment]) -> jinja2.Environment:
-    # `finalize`: what `{{ }}` outputs into text may not hold an undefined value either (Jinja would print it).
-    env = cls(undefined=AnsibleUndefined, keep_trailing_newline=True, autoescape=False, finalize=_defined,
+    env = cls(undefined=AnsibleUndefined, keep_trailing_newline=True, autoescape=False, finalize=_output,
               extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
     env.filters.update(FILTERS)
     env.tests.update(TESTS)
@@ -278,9 +283,9 @@ class CodeCache(jinja2.BytecodeCache):
 
 
 # What compiling a template does besides Jinja's own work: code kept from a pymachine whose compiling did less
-# (a template file using lookup() compiled before those were refused, output not finalized) is not used. Changed
-# with what it does.
-_COMPILING = "3"
+# (a template file using lookup() compiled before those were refused, output finalized otherwise) is not used.
+# Changed with what it does.
+_COMPILING = "4"
 
 
 class Templar:

@@ -76,6 +76,15 @@ def test_a_list_or_dict_with_an_undefined_item_is_defined_until_that_item_is_use
             t.template(use, v)
 
 
+def test_none_puts_nothing_into_text(t, tmp_path):
+    """As ansible-playbook 2.19: `key={{ x }}` with x null gives `key=`, in a task's text and in a template file;
+    a lone `{{ x }}` stays None, and a None inside a list is printed as Python prints it."""
+    v = vs(t, {"x": None})
+    assert t.template("key={{ x }}", v) == "key=" and t.template("{{ x }}", v) is None
+    (tmp_path / "t.j2").write_text("a={{ x }}\nb={{ none }}|{{ [none] }}\n")
+    assert t.render_file(tmp_path / "t.j2", v) == "a=\nb=|[None]\n"
+
+
 def test_raw_layers_and_unsafe_are_not_templated(t):
     v = Vars(t, [({"out": "{{ not_a_var }}"}, True)])
     assert t.template("{{ out }}", v) == "{{ not_a_var }}"
