@@ -152,8 +152,12 @@ def _output(value: Any) -> Any:
     return "" if value is None else _defined(value)
 
 
+def _trailing_newlines(text: str) -> int:
+    return len(text) - len(text.rstrip("\n"))
+
+
 def _environment(cls: type[jinja2.Environment]) -> jinja2.Environment:
-    env = cls(undefined=AnsibleUndefined, keep_trailing_newline=True, autoescape=False, finalize=_output,
+    env = cls(undefined=AnsibleUndefined, keep_trailing_newline=False, autoescape=False, finalize=_output,
               extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
     env.filters.update(FILTERS)
     env.tests.update(TESTS)
@@ -283,9 +287,9 @@ class CodeCache(jinja2.BytecodeCache):
 
 
 # What compiling a template does besides Jinja's own work: code kept from a pymachine whose compiling did less
-# (a template file using lookup() compiled before those were refused, output finalized otherwise) is not used.
-# Changed with what it does.
-_COMPILING = "4"
+# (a template file using lookup() compiled before those were refused, output finalized otherwise, a trailing
+# newline kept) is not used. Changed with what it does.
+_COMPILING = "5"
 
 
 class Templar:
@@ -331,7 +335,7 @@ class Templar:
         lone = _LONE_EXPR.fullmatch(value)
         if lone and "{{" not in lone.group(1) and "{%" not in lone.group(1):
             return self._expression(lone.group(1), variables, "expression")
-        return self._render(self._compile(value), variables)
+        return self._render(self._compile(value), variables, value)
 
     def condition(self, expr: Any, variables: Mapping[str, Any]) -> bool:
         """Evaluate a `when`/`changed_when`/`failed_when` value; a list means all of them."""
@@ -356,7 +360,8 @@ class Templar:
 
     def render_file(self, path: Path, variables: Mapping[str, Any]) -> str:
         try:
-            return self._render(self._file_template(path), variables)
+            template = self._file_template(path)
+            return self._render(template, variables, path.read_text())
         except jinja2.TemplateSyntaxError as e:
             raise TemplateFailure(f"{path.name}:{e.lineno}: template syntax error: {e.message}") from None
         except OutsideSubset as e:  # in the file or in one it includes
@@ -432,10 +437,14 @@ class Templar:
         # evaluation's context makes a set of their names, which from Jinja's ChainMap costs ~10 µs in Python.
         return env.template_class.from_code(env, bucket.code, dict(env.globals), None)
 
-    def _render(self, template: jinja2.Template, variables: Mapping[str, Any]) -> str:
+    def _render(self, template: jinja2.Template, variables: Mapping[str, Any], source: str) -> str:
+        """`template` (compiled from `source`) rendered. As Ansible's: Jinja drops the last newline of every
+        template (of one included too), then the newlines `source` ends with are put back where the text ends
+        with fewer; so a file ending with `{% endif %}` and a newline ends with that newline, under trim_blocks."""
         # shared=True hands Jinja our lazy mapping instead of a copy that would template every variable.
         context = template.new_context(variables, shared=True)
-        return self._consume(template, context)
+        text = self._consume(template, context)
+        return text + "\n" * (_trailing_newlines(source) - _trailing_newlines(text))  # nothing when not positive
 
     @staticmethod
     def _consume(template: jinja2.Template, context: Any) -> str:

@@ -85,6 +85,20 @@ def test_none_puts_nothing_into_text(t, tmp_path):
     assert t.render_file(tmp_path / "t.j2", v) == "a=\nb=|[None]\n"
 
 
+def test_trailing_newlines_as_ansible(t, tmp_path):
+    """As ansible-playbook 2.19's template and copy: Jinja drops each template's last newline (an included one's
+    too), then the newlines the source ends with come back where the text ends with fewer."""
+    v = vs(t, {"x": "a\n", "y": "b\n\n"})
+    files = {"inc.j2": ('Hello {% include "w.txt" %}!\n', "Hello world!\n"), "w.txt": ("world\n", "world\n"),
+             "if.j2": ("a{% if true %}b{% endif %}\n", "ab\n"), "nl.j2": ("x\n\n\n", "x\n\n\n"),
+             "for.j2": ("{% for i in [1, 2] %}\n{{ i }}\n{% endfor %}\n", "1\n2\n")}
+    for name, (source, _) in files.items():
+        (tmp_path / name).write_text(source)
+    assert {name: t.render_file(tmp_path / name, v) for name in files} == {n: out for n, (_, out) in files.items()}
+    texts = {"{{ x }}\n": "a\n", "{{ y }}": "b\n\n", "{{ y }}\n": "b\n\n", "v={{ x }}\n\n": "v=a\n\n"}
+    assert {text: t.template(text, v) for text in texts} == texts
+
+
 def test_raw_layers_and_unsafe_are_not_templated(t):
     v = Vars(t, [({"out": "{{ not_a_var }}"}, True)])
     assert t.template("{{ out }}", v) == "{{ not_a_var }}"
