@@ -174,8 +174,7 @@ class File(Module):
         changes: list[str] = []
         after = cur
         if state == "file" and cur.kind not in ("file", "other"):  # a fifo or a device is a file to Ansible
-            raise ModuleFailure(f"file {path} does not exist (use state=touch to create it)" if not cur.exists
-                                else f"file ({path}) is {cur.kind}, cannot continue")
+            raise ModuleFailure(f"file ({path}) is {cur.kind}, cannot continue")  # absent too, as Ansible says
         if state == "directory" and cur.kind not in ("directory", "absent"):
             raise ModuleFailure(f"{path} already exists as a {cur.kind}")
         if state == "directory" and not cur.exists:

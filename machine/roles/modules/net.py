@@ -90,11 +90,13 @@ class WaitFor(Module):
             check = (f"if command -v bash >/dev/null 2>&1; then timeout {ct} bash -c 'exec 3<>/dev/tcp/$0/$1' "
                      f"{host} {port} 2>/dev/null; elif command -v nc >/dev/null 2>&1; then nc -z -w {ct} {host} "
                      f"{port}; else echo 'wait_for needs bash or nc on the host' >&2; exit 2; fi")
-            what = f"{p['host']}:{port}"
+            waited = f"{p['host']}:{port}"
+            stop = f"{waited} to stop."
         else:
             path = q(p["path"])
             check = f"[ -e {path} ]" + (f" && grep -Eq {q(p['search_regex'])} {path}" if p["search_regex"] else "")
-            what = p["path"]
+            waited = f"search string {p['search_regex']} in {p['path']}" if p["search_regex"] else f"file {p['path']}"
+            stop = f"{p['path']} to be absent."
         up = p["state"] in ("started", "present")
         delay = f"sleep {p['delay']}\n" if p["delay"] else ""  # not `sleep 0`: a process for nothing
         # The clock is read only once the first check failed (a no-op run finds the port open and starts no
@@ -107,6 +109,5 @@ class WaitFor(Module):
         if res.rc == 2:
             raise ModuleFailure(res.stderr.strip())
         if res.rc != 0:
-            raise ModuleFailure(p["msg"] or f"Timeout when waiting for {what}"
-                                + ("" if up else " to stop"))
+            raise ModuleFailure(p["msg"] or f"Timeout when waiting for {waited if up else stop}")  # Ansible's words
         return {"changed": False}

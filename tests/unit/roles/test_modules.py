@@ -157,7 +157,7 @@ def test_file_states(mod, tmp_path):
     ok(mod("file", path=str(f), state="touch", modification_time="preserve", access_time="preserve"))
     missing = tmp_path / "missing"
     assert failure(mod("file", path=str(missing), state="file")) == \
-        f"file {missing} does not exist (use state=touch to create it)"
+        f"file ({missing}) is absent, cannot continue"
     assert not missing.exists()
     changed(mod("file", path=str(tmp_path / "a"), state="absent"))
     assert not (tmp_path / "a").exists()
@@ -384,13 +384,14 @@ def test_wait_for_path(mod, tmp_path):
     flag = tmp_path / "ready"
     flag.write_text("state=up\n")
     ok(mod("wait_for", path=str(flag), search_regex="state=up", timeout=2))
+    # Ansible 2.19's messages, checked with ansible-playbook.
     assert failure(mod("wait_for", path=str(tmp_path / "never"), timeout=1, sleep=1)) == \
-        f"Timeout when waiting for {tmp_path / 'never'}"
+        f"Timeout when waiting for file {tmp_path / 'never'}"
     assert failure(mod("wait_for", path=str(flag), search_regex="state=down", timeout=1, sleep=1)) == \
-        f"Timeout when waiting for {flag}"
+        f"Timeout when waiting for search string state=down in {flag}"
     ok(mod("wait_for", path=str(tmp_path / "never"), state="absent", timeout=1))
     assert failure(mod("wait_for", path=str(flag), state="absent", timeout=1, sleep=1)) == \
-        f"Timeout when waiting for {flag} to stop"
+        f"Timeout when waiting for {flag} to be absent."
 
 
 def test_wait_for_port(mod):
@@ -398,7 +399,7 @@ def test_wait_for_port(mod):
         port = listener.getsockname()[1]
         ok(mod("wait_for", port=port, timeout=2))
         assert failure(mod("wait_for", port=port, state="stopped", timeout=1, sleep=1)) == \
-            f"Timeout when waiting for 127.0.0.1:{port} to stop"
+            f"Timeout when waiting for 127.0.0.1:{port} to stop."
     assert failure(mod("wait_for", port=port, timeout=1, sleep=1)) == f"Timeout when waiting for 127.0.0.1:{port}"
     ok(mod("wait_for", port=port, state="stopped", timeout=1))
 
