@@ -108,8 +108,10 @@ class Copy(_Content):
 
     def content(self) -> bytes:
         p = self.params
-        if (p["src"] is None) == (p["content"] is None):
-            raise ModuleFailure("copy needs exactly one of src or content")
+        if p["src"] is None and p["content"] is None:  # Ansible's words, here and below
+            raise ModuleFailure("src (or content) is required")
+        if p["src"] is not None and p["content"] is not None:
+            raise ModuleFailure("src and content are mutually exclusive")
         if p["content"] is not None:
             c = p["content"]
             # A mapping or a list (`content: "{{ cfg }}"`) is written as JSON, as Ansible's copy does.

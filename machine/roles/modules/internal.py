@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from machine.roles.modules.base import SHOWN, Arg, Module, ModuleFailure
+from machine.roles.modules.base import SHOWN, Arg, Context, Module, ModuleFailure
 from machine.roles.templating import TemplateFailure
 
 
@@ -41,6 +42,11 @@ class Debug(Module):
     names = ("debug",)
     args: ClassVar[dict[str, Arg]] = {"msg": Arg(default="Hello world!"), "var": Arg(type="str"),
                                       "verbosity": Arg(default=0, type="int")}
+
+    def __init__(self, ctx: Context, args: Mapping[str, Any]) -> None:
+        if "msg" in args and "var" in args:  # `msg` has a default: only the arguments tell it was given
+            raise ModuleFailure("parameters are mutually exclusive: msg|var")  # Ansible's words
+        super().__init__(ctx, args)
 
     def run(self) -> dict[str, Any]:
         p = self.params

@@ -429,3 +429,12 @@ def test_file_link_to_a_missing_src_is_refused_unless_forced(mod, tmp_path):
     assert failure(mod("file", path=str(tmp_path), src=str(plain), state="link")) == \
         f"refusing to convert from directory to symlink for {tmp_path}"
     assert plain.read_text() == "x" and not plain.is_symlink()
+
+
+def test_arguments_that_exclude_each_other_fail_with_ansibles_words(mod, tmp_path):
+    """As ansible-playbook 2.19: copy wants one of src and content, debug one of msg and var."""
+    dest = tmp_path / "x"
+    assert failure(mod("copy", dest=str(dest))) == "src (or content) is required"
+    assert failure(mod("copy", dest=str(dest), content="a", src="f")) == "src and content are mutually exclusive"
+    assert failure(mod("debug", msg="m", var="v")) == "parameters are mutually exclusive: msg|var"
+    assert not dest.exists()
