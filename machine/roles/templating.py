@@ -132,11 +132,11 @@ def _defined(value: Any) -> Any:
     """`value`, unless it is or holds (in a list or dict, at any depth) an undefined value: then UndefinedFailure
     naming what is missing, as Ansible fails a lazy container's undefined item once the value is final."""
     if isinstance(value, Undefined):
-        try:
-            str(value)  # AnsibleUndefined is strict: this raises, with Jinja's message
-        except jinja2.UndefinedError as e:
-            raise UndefinedFailure(e.message or "undefined variable") from None
-    elif isinstance(value, Mapping):
+        # Jinja's own Undefined (an inline `if` without `else`) would print as nothing: as in Ansible it is no
+        # value, and not an undefined variable either (`default` does not replace a variable holding one).
+        failure = UndefinedFailure if isinstance(value, AnsibleUndefined) else TemplateFailure
+        raise failure(value._undefined_message)
+    if isinstance(value, Mapping):
         for key, item in value.items():
             _defined(key)
             _defined(item)
@@ -147,9 +147,9 @@ def _defined(value: Any) -> Any:
 
 
 def _output(value: Any) -> Any:
-    """What `{{ }}` puts into text, as Ansible's: None is nothing (`key={{ none }}` gives `key=`), and a value
-    holding an undefined one fails (Jinja would print it)."""
-    return "" if value is None else _defined(value)
+    """What `{{ }}` puts into text, as Ansible's: None is nothing (`key={{ none }}` gives `key=`), and so is an
+    inline `if` without `else` (Jinja's own Undefined); a value that is or holds an undefined one fails."""
+    return "" if value is None or type(value) is Undefined else _defined(value)
 
 
 def _trailing_newlines(text: str) -> int:
@@ -414,10 +414,7 @@ class Templar:
         result = context.vars[_RESULT]
         if isinstance(result, Undefined):
             # Assigning an undefined value does not raise; using it would, later and far from the task.
-            try:
-                str(result)
-            except jinja2.UndefinedError as e:
-                raise UndefinedFailure(e.message or "undefined variable") from None
+            _defined(result)
         return result
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Templar per run; compiling dominates a no-op run otherwise

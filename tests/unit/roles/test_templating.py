@@ -99,6 +99,16 @@ def test_trailing_newlines_as_ansible(t, tmp_path):
     assert {text: t.template(text, v) for text in texts} == texts
 
 
+def test_an_inline_if_without_else_is_no_value_but_prints_nothing(t):
+    """As ansible-playbook 2.19: `x{{ 'a' if false }}y` gives `xy`, but `{{ 'a' if false }}` as a whole value (or
+    inside one) fails the task, and so does a variable holding it, `default` or not."""
+    v = vs(t, {"maybe": "{{ 'a' if false }}"})
+    assert t.template("x{{ 'a' if false }}y", v) == "xy"
+    for value in ["{{ 'a' if false }}", "{{ ['a' if false] }}", "{{ maybe }}", "{{ maybe | default('d') }}"]:
+        with pytest.raises(TemplateFailure, match=r"^the inline if-expression on line 1 evaluated to false"):
+            t.template(value, v)
+
+
 def test_raw_layers_and_unsafe_are_not_templated(t):
     v = Vars(t, [({"out": "{{ not_a_var }}"}, True)])
     assert t.template("{{ out }}", v) == "{{ not_a_var }}"
