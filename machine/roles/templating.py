@@ -19,7 +19,16 @@ import posixpath
 import re
 import shlex
 import sys
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, MutableSequence
+from collections.abc import (
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    MutableMapping,
+    MutableSequence,
+    ValuesView,
+)
 from pathlib import Path
 from types import CodeType
 from typing import Any
@@ -146,10 +155,28 @@ def _defined(value: Any) -> Any:
     return value
 
 
+# What Ansible 2.19 turns into a list: the result of a filter (`map`, `select`, `dict2items`...) and the final
+# value of a template (`{{ d.keys() }}`), so that `x | map(...)` can be looped over, measured and printed.
+_ITERATORS = (Iterator, ItemsView, KeysView, ValuesView, range)
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, _ITERATORS) else value
+
+
+def _listing(plugin: Any) -> Any:
+    """A filter whose iterator result is a list, as Ansible's filters' are (Jinja's pass_* marks are kept)."""
+    @functools.wraps(plugin)
+    def listing(*args: Any, **kwargs: Any) -> Any:
+        return _listed(plugin(*args, **kwargs))
+    return listing
+
+
 def _output(value: Any) -> Any:
     """What `{{ }}` puts into text, as Ansible's: None is nothing (`key={{ none }}` gives `key=`), and so is an
-    inline `if` without `else` (Jinja's own Undefined); a value that is or holds an undefined one fails."""
-    return "" if value is None or type(value) is Undefined else _defined(value)
+    inline `if` without `else` (Jinja's own Undefined); a value that is or holds an undefined one fails; an
+    iterator is printed as a list."""
+    return "" if value is None or type(value) is Undefined else _defined(_listed(value))
 
 
 def _trailing_newlines(text: str) -> int:
@@ -160,6 +187,7 @@ def _environment(cls: type[jinja2.Environment]) -> jinja2.Environment:
     env = cls(undefined=AnsibleUndefined, keep_trailing_newline=False, autoescape=False, finalize=_output,
               extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
     env.filters.update(FILTERS)
+    env.filters.update({name: _listing(plugin) for name, plugin in env.filters.items()})
     env.tests.update(TESTS)
     env.globals["omit"] = OMIT
     return env
@@ -307,7 +335,7 @@ class Templar:
         arguments: an undefined value anywhere in the result fails (UndefinedFailure), one that a list or dict
         holds too (`{{ [a, missing] }}`)."""
         if isinstance(value, str):
-            return _defined(self._string(value, variables))
+            return _defined(_listed(self._string(value, variables)))
         if isinstance(value, Mapping):
             return {self.template(k, variables): self.template(v, variables) for k, v in value.items()}
         if isinstance(value, list | tuple):

@@ -109,6 +109,17 @@ def test_an_inline_if_without_else_is_no_value_but_prints_nothing(t):
             t.template(value, v)
 
 
+def test_what_a_filter_or_a_template_gives_as_an_iterator_is_a_list(t):
+    """As ansible-playbook 2.19: `users | map(attribute='name')` without `| list` is a list (it can be measured,
+    looped over, printed), and so is a template's final `d.keys()`."""
+    v = vs(t, {"users": [{"name": "a"}, {"name": "b"}], "names": "{{ users | map(attribute='name') }}",
+               "d": {"k": 1}})
+    assert t.template("{{ names }}", v) == ["a", "b"] and t.template("{{ names | length }}", v) == 2
+    assert t.template("{{ [1, 2] | map('string') | type_debug }}", v) == "list"
+    assert t.template("x{{ users | map(attribute='name') }}", v) == "x['a', 'b']"
+    assert t.template("{{ d.keys() }}", v) == ["k"]
+
+
 def test_raw_layers_and_unsafe_are_not_templated(t):
     v = Vars(t, [({"out": "{{ not_a_var }}"}, True)])
     assert t.template("{{ out }}", v) == "{{ not_a_var }}"
