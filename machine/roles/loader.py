@@ -18,7 +18,7 @@ from typing import Any
 
 from machine.roles.modules import MODULES, Module
 from machine.roles.modules.base import split_kv
-from machine.roles.templating import Templar, is_template
+from machine.roles.templating import Templar, invalid_name, is_template
 from machine.roles.yamlload import LineDict, RoleError, load_yaml
 
 # Keywords a task may carry (besides its module), and those a block may carry.
@@ -464,11 +464,14 @@ def _check_keywords(task: Task) -> None:
         for key in control:
             if key not in LOOP_CONTROL:
                 raise RoleError(f"{d.where('loop_control')}: unsupported loop_control option '{key}'")
-    if "register" in d and not (isinstance(d["register"], str) and d["register"].isidentifier()):
-        raise RoleError(f"{d.where('register')}: register needs a variable name")
+    if "register" in d and (problem := invalid_name(d["register"])):  # Ansible's words
+        raise RoleError(f"{d.where('register')}: Invalid 'register' specified: {problem}")
     for key in ("vars", "environment"):
         if key in d and not isinstance(d[key], Mapping):
             raise RoleError(f"{d.where(key)}: {key} must be a mapping")
+    for problem in map(invalid_name, d.get("vars") or {}):
+        if problem:
+            raise RoleError(f"{d.where('vars')}: {problem}")
     if "notify" in d and not isinstance(d["notify"], str | list):
         raise RoleError(f"{d.where('notify')}: notify must be a handler name or a list of them")
 

@@ -198,6 +198,19 @@ def type_name(value: Any) -> str:
     return next(c.__name__ for c in type(value).__mro__ if c.__module__ == "builtins")
 
 
+# Names Jinja reads as something else: no variable can be called so (Ansible's JINJA_KEYWORDS).
+_JINJA_KEYWORDS = frozenset({"true", "false", "none", "True", "False", "None", "not"})
+
+
+def invalid_name(name: Any) -> str | None:
+    """Why `name` cannot name a variable, in Ansible's words (validate_variable_name), or None when it can: it
+    must be an ASCII identifier that Jinja does not read as something else."""
+    if isinstance(name, str) and name.isidentifier() and name.isascii() and name not in _JINJA_KEYWORDS:
+        return None
+    what = f"name {str(name)!r}" if isinstance(name, str | int | float | bool | None) else "name"
+    return f"Invalid variable {what}{'' if isinstance(name, str) else f' of type {type_name(name)!r}'}."
+
+
 class AnsibleUndefined(ChainableUndefined, StrictUndefined):
     """Ansible's undefined value: strict in every use (output, comparison, iteration, truth), but an attribute or
     item of it is itself, so that `foo.bar | default(x)` and `foo.bar is defined` work with `foo` undefined, and

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import SHOWN, Arg, Context, Module, ModuleFailure
-from machine.roles.templating import TemplateFailure
+from machine.roles.templating import TemplateFailure, invalid_name
 
 
 class SetFact(Module):
@@ -15,8 +15,11 @@ class SetFact(Module):
 
     def run(self) -> dict[str, Any]:
         facts = {k: v for k, v in self.params.items() if k != "cacheable"}
-        if not facts:
-            raise ModuleFailure("set_fact needs at least one variable")
+        if not facts:  # Ansible's words, here and below
+            raise ModuleFailure("No key/value pairs provided, at least one is required for this action to succeed")
+        for name in facts:
+            if problem := invalid_name(name):
+                raise ModuleFailure(problem)
         return {"changed": False, "ansible_facts": facts}
 
 

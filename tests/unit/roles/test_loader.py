@@ -62,6 +62,10 @@ def test_lines_of_tasks_and_keys(roles):
     ("- debug: {}\n  when: hostvars['h'].x is defined\n", "roles/r/tasks/main.yml:2: hostvars is outside the Ansible"),
     ("- debug: {msg: '{{ item }}'}\n  loop: \"{{ query('inventory_hostnames', 'all') }}\"\n",
      "roles/r/tasks/main.yml:2: query() is outside"),
+    # As Ansible 2.19 refuses them when it loads the play (its words).
+    ("- debug: {}\n  register: 'True'\n", "roles/r/tasks/main.yml:2: Invalid 'register' specified: Invalid variable "
+                                          "name 'True'."),
+    ("- block:\n    - debug: {}\n  vars: {a-b: 1}\n", "roles/r/tasks/main.yml:3: Invalid variable name 'a-b'."),
     # A symbolic mode would fail only when the task is reached, after the tasks before it changed the host.
     ("- debug: {}\n- file: {path: /x, mode: 'u=rw,g=r'}\n", "roles/r/tasks/main.yml:2: mode 'u=rw,g=r': only octal "
                                                           "modes (e.g. '0644') are supported (module 'file')"),

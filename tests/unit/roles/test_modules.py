@@ -438,3 +438,12 @@ def test_arguments_that_exclude_each_other_fail_with_ansibles_words(mod, tmp_pat
     assert failure(mod("copy", dest=str(dest), content="a", src="f")) == "src and content are mutually exclusive"
     assert failure(mod("debug", msg="m", var="v")) == "parameters are mutually exclusive: msg|var"
     assert not dest.exists()
+
+
+def test_set_fact_wants_variable_names_as_ansible(mod):
+    """As ansible-playbook 2.19 (its words): at least one variable, each an identifier Jinja reads as a name."""
+    assert failure(mod("set_fact", cacheable=True)) == \
+        "No key/value pairs provided, at least one is required for this action to succeed"
+    assert failure(mod("set_fact", **{"bad-name": 1})) == "Invalid variable name 'bad-name'."
+    assert failure(mod("set_fact", **{"ok": 1, "None": 2})) == "Invalid variable name 'None'."
+    assert mod("set_fact", ok=1)["ansible_facts"] == {"ok": 1}
