@@ -21,6 +21,7 @@ from machine.ssh import ConnectionLost
 _HIDDEN = "the output has been hidden due to the fact that 'no_log: true' was specified for this result"
 _CENSORED = "(censored due to no_log)"
 _UNTAGGED = frozenset({"untagged"})
+_ALWAYS = frozenset({"always"})
 # A lost connection is re-opened and the interrupted task run again from its start (tasks are idempotent):
 # a host that stays away this long is unreachable, and a task that loses it this often (one that reboots the
 # host, say) fails instead of looping.
@@ -143,9 +144,11 @@ class Play:
             self._gather_facts()
             for run in self.runs:
                 self._run_list(run.role.tasks, run, self.root)
-            # As Ansible's play of roles: its implicit flushes, after its (roles' and own) tasks and its post_tasks.
-            self._flush_handlers()
-            self._flush_handlers()
+            # As Ansible's play of roles: its implicit flushes, after its (roles' and own) tasks and its post_tasks,
+            # which are tagged `always`: `--skip-tags always` leaves the handlers they would run unrun.
+            if selected(_ALWAYS, self.only, self.skip):
+                self._flush_handlers()
+                self._flush_handlers()
         except _HostFailed as e:
             self.recap.failed += 1
             self.recap.failure = e.failure

@@ -888,3 +888,22 @@ def test_loop_wants_a_list_and_with_items_takes_anything_as_ansible(shell, roles
         """)
     recap, _ = play(shell, path)
     assert recap.failed == 0 and recap.ignored == 1, recap.failure
+
+
+def test_skipping_the_always_tag_skips_the_plays_closing_flush_of_handlers(shell, roles, tmp_path):
+    """As ansible-playbook 2.19, whose implicit flush_handlers is tagged `always`: with --skip-tags always a
+    notified handler runs only where a meta: flush_handlers that runs flushes it."""
+    log = tmp_path / "log"
+    path = roles("r", tasks="""
+        - {command: "true", notify: early}
+        - {meta: flush_handlers, tags: t}
+        - {command: "true", notify: late}
+        """, handlers=f"""
+        - {{name: early, shell: echo early >> {log}}}
+        - {{name: late, shell: echo late >> {log}}}
+        """)
+    play(shell, path, skip_tags=["always"])
+    assert log.read_text().split() == ["early"]
+    log.unlink()
+    play(shell, path, skip_tags=["t"])
+    assert log.read_text().split() == ["early", "late"]
