@@ -264,6 +264,17 @@ def write_script(path: str, mode: int | None, owner: str | None, group: str | No
                  else f'if [ -e {q(path)} ]; then chmod $(stat -L -c %a {q(path)}) "$t"; '
                       f'else chmod $(printf %o $((0666 & ~0$(umask)))) "$t"; fi')
     if validate:
-        steps.append(validate.replace("%s", '"$t"'))
+        # A refusal is told from the script's own failures by its last line, which refused() reads.
+        steps.append(validate.replace("%s", '"$t"') + f' || {{ v=$?; printf "\\n{_REFUSED} %d\\n" $v; exit 1; }}')
     steps += [f'mv -f "$t" {q(path)}', "trap - EXIT"]
     return "; ".join(steps)
+
+
+_REFUSED = "@@pm-validate-refused@@"
+
+
+def refused(stdout: str) -> tuple[int, str] | None:
+    """(the validate command's exit status, its output) when a write_script() failed because `validate` refused
+    the new file; None when it failed otherwise."""
+    out, mark, status = stdout.rpartition(f"\n{_REFUSED} ")
+    return (int(status), out) if mark and status.strip().isdigit() else None

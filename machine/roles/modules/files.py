@@ -14,7 +14,16 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from machine.roles.modules.base import Arg, Module, ModuleFailure, unified_diff
-from machine.roles.remote import FileState, attrs_script, checksum_line, parse_mode, q, stat_line, write_script
+from machine.roles.remote import (
+    FileState,
+    attrs_script,
+    checksum_line,
+    parse_mode,
+    q,
+    refused,
+    stat_line,
+    write_script,
+)
 from machine.roles.templating import to_bool
 
 _ATTRS = {
@@ -31,6 +40,23 @@ def _mode(module: Module) -> int | None:
         return parse_mode(module.params.get("mode"))
     except ValueError as e:
         raise ModuleFailure(str(e)) from None
+
+
+def _write(module: Module, path: str, data: bytes, mode: int | None, validate: str | None
+           ) -> tuple[int, str, str] | None:
+    """Write `data` to `path` atomically (remote.write_script) with the module's owner and group. When `validate`
+    refuses the new file, nothing is written and its (exit status, stdout, stderr) are returned."""
+    if validate and "%s" not in validate:
+        raise ModuleFailure(f"validate must contain %s: {validate}")  # Ansible's words
+    try:
+        module.sh(write_script(path, mode, module.params["owner"], module.params["group"], validate=validate),
+                  stdin=data, what=f"writing {path}")
+    except ModuleFailure as e:
+        found = refused(e.extra.get("stdout", "")) if validate else None
+        if found is None:
+            raise
+        return found[0], found[1], e.extra.get("stderr", "")
+    return None
 
 
 class _Probe:
@@ -83,9 +109,11 @@ class _Content(Module):
             if self.ctx.diff:
                 result["diff"] = self._diff(probe.data, data, dest, exists=cur.exists)
             if not self.ctx.check:
-                script = write_script(dest, mode, p["owner"], p["group"],
-                                      validate=p.get("validate"))
-                self.sh(script, stdin=data, what=f"writing {dest}")
+                invalid = _write(self, dest, data, mode, p["validate"])
+                if invalid is not None:  # Ansible's words and keys
+                    status, out, err = invalid
+                    raise ModuleFailure("failed to validate", exit_status=status, stdout=out, stderr=err,
+                                        stdout_lines=out.splitlines(), stderr_lines=err.splitlines())
             return result
         return self.ensure_attributes(dest, cur, mode, result)
 
@@ -299,8 +327,9 @@ class LineInFile(Module):
                 result["diff"] = unified_diff(before.decode(errors="replace"), after.decode(errors="replace"),
                                               p["path"])
             if not self.ctx.check:
-                self.sh(write_script(p["path"], mode, p["owner"], p["group"], validate=p["validate"]),
-                        stdin=after, what=f"writing {p['path']}")
+                invalid = _write(self, p["path"], after, mode, p["validate"])
+                if invalid is not None:  # Ansible's words
+                    raise ModuleFailure(f"failed to validate: rc:{invalid[0]} error:{invalid[2]}")
             return result
         return self.ensure_attributes(p["path"], probe.state, mode, result)
 
