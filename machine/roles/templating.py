@@ -175,8 +175,8 @@ def _listing(plugin: Any) -> Any:
 def _output(value: Any) -> Any:
     """What `{{ }}` puts into text, as Ansible's: None is nothing (`key={{ none }}` gives `key=`), and so is an
     inline `if` without `else` (Jinja's own Undefined); a value that is or holds an undefined one fails; an
-    iterator is printed as a list."""
-    return "" if value is None or type(value) is Undefined else _defined(_listed(value))
+    iterator, and a tuple at any depth, is printed as a list."""
+    return "" if value is None or type(value) is Undefined else _plain(_listed(value))
 
 
 def _trailing_newlines(text: str) -> int:

@@ -118,6 +118,8 @@ def test_what_a_filter_or_a_template_gives_as_an_iterator_is_a_list(t):
     assert t.template("{{ [1, 2] | map('string') | type_debug }}", v) == "list"
     assert t.template("x{{ users | map(attribute='name') }}", v) == "x['a', 'b']"
     assert t.template("{{ d.keys() }}", v) == ["k"]
+    assert t.template("{{ d.items() }}x", v) == "[['k', 1]]x"
+    assert t.template("t{{ {'a': (1, 2)} }}", v) == "t{'a': [1, 2]}"
 
 
 def test_raw_layers_and_unsafe_are_not_templated(t):
