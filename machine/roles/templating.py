@@ -137,9 +137,14 @@ class _ArgumentEnvironment(_SubsetEnvironment):
         return _ArgumentLexer(self)
 
 
+_SCALARS = (str, int, float, type(None))
+
+
 def _defined(value: Any) -> Any:
     """`value`, unless it is or holds (in a list or dict, at any depth) an undefined value: then UndefinedFailure
     naming what is missing, as Ansible fails a lazy container's undefined item once the value is final."""
+    if isinstance(value, _SCALARS):  # most values: no ABC checks for them (templating a role makes thousands)
+        return value
     if isinstance(value, Undefined):
         # Jinja's own Undefined (an inline `if` without `else`) would print as nothing: as in Ansible it is no
         # value, and not an undefined variable either (`default` does not replace a variable holding one).
@@ -333,6 +338,20 @@ class CodeCache(jinja2.BytecodeCache):
 _COMPILING = "5"
 
 
+class _FileLoader(jinja2.FileSystemLoader):
+    """Jinja's, noting in `newlines` how many newlines each file it reads ends with (by its file name): Jinja
+    reads a file again only when it changed, and Templar._render needs the count at every rendering."""
+
+    def __init__(self, directory: str, newlines: dict[str, int]) -> None:
+        super().__init__(directory)
+        self._newlines = newlines
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Any]:
+        source, filename, uptodate = super().get_source(environment, template)
+        self._newlines[filename] = _trailing_newlines(source)
+        return source, filename, uptodate
+
+
 class Templar:
     def __init__(self) -> None:
         self.env = _environment(_ArgumentEnvironment)
@@ -342,6 +361,7 @@ class Templar:
         # The template module renders files with Ansible's defaults: trim_blocks on.
         self._file_env = self._condition_env.overlay(trim_blocks=True, bytecode_cache=self.code)
         self._file_envs: dict[Path, jinja2.Environment] = {}
+        self._file_newlines: dict[str, int] = {}  # by file name: how many newlines each template file ends with
 
     def template(self, value: Any, variables: Mapping[str, Any]) -> Any:
         """Template strings inside `value` (recursively through lists and dicts), as Ansible finalizes a task's
@@ -376,7 +396,7 @@ class Templar:
         lone = _LONE_EXPR.fullmatch(value)
         if lone and "{{" not in lone.group(1) and "{%" not in lone.group(1):
             return self._expression(lone.group(1), variables, "expression")
-        return self._render(self._compile(value), variables, value)
+        return self._render(self._compile(value), variables, _trailing_newlines(value))
 
     def condition(self, expr: Any, variables: Mapping[str, Any]) -> bool:
         """Evaluate a `when`/`changed_when`/`failed_when` value; a list means all of them."""
@@ -402,7 +422,7 @@ class Templar:
     def render_file(self, path: Path, variables: Mapping[str, Any]) -> str:
         try:
             template = self._file_template(path)
-            return self._render(template, variables, path.read_text())
+            return self._render(template, variables, self._file_newlines[str(template.filename)])
         except jinja2.TemplateSyntaxError as e:
             raise TemplateFailure(f"{path.name}:{e.lineno}: template syntax error: {e.message}") from None
         except OutsideSubset as e:  # in the file or in one it includes
@@ -444,7 +464,7 @@ class Templar:
         env = self._file_envs.get(path.parent)
         if env is None:
             env = self._file_envs[path.parent] = self._file_env.overlay(
-                loader=jinja2.FileSystemLoader(str(path.parent)))
+                loader=_FileLoader(str(path.parent), self._file_newlines))
         return env.get_template(path.name)
 
     # -- internals -------------------------------------------------------------------------------------
@@ -475,14 +495,14 @@ class Templar:
         # evaluation's context makes a set of their names, which from Jinja's ChainMap costs ~10 µs in Python.
         return env.template_class.from_code(env, bucket.code, dict(env.globals), None)
 
-    def _render(self, template: jinja2.Template, variables: Mapping[str, Any], source: str) -> str:
-        """`template` (compiled from `source`) rendered. As Ansible's: Jinja drops the last newline of every
-        template (of one included too), then the newlines `source` ends with are put back where the text ends
-        with fewer; so a file ending with `{% endif %}` and a newline ends with that newline, under trim_blocks."""
+    def _render(self, template: jinja2.Template, variables: Mapping[str, Any], newlines: int) -> str:
+        """`template` (whose source ends with `newlines` newlines) rendered. As Ansible's: Jinja drops the last
+        newline of every template (of one included too), then the newlines the source ends with are put back where
+        the text ends with fewer; so a file ending with `{% endif %}` and a newline ends with that newline."""
         # shared=True hands Jinja our lazy mapping instead of a copy that would template every variable.
         context = template.new_context(variables, shared=True)
         text = self._consume(template, context)
-        return text + "\n" * (_trailing_newlines(source) - _trailing_newlines(text))  # nothing when not positive
+        return text + "\n" * (newlines - _trailing_newlines(text))  # nothing when not positive
 
     @staticmethod
     def _consume(template: jinja2.Template, context: Any) -> str:
@@ -649,6 +669,8 @@ def _from_yaml(value: str) -> Any:
 
 def _plain(value: Any) -> Any:
     """Builtin types only, so yaml.safe_dump accepts loaded (LineDict/Unsafe) values; an undefined item fails."""
+    if type(value) in _SCALARS:  # exactly: an Unsafe string becomes a str below
+        return value
     if isinstance(value, Undefined):
         _defined(value)
     if isinstance(value, Mapping):
