@@ -11,6 +11,19 @@ from machine.roles.modules.base import Arg, Module, ModuleFailure
 from machine.roles.remote import home_path, q, tilde_prefix
 
 _SKIP = "@@pm-skip@@"
+_NOT_RUN = "@@pm-not-run@@"
+# Ansible's command module execs the program itself: one that cannot be run fails with the errno (2: not found,
+# 13: not executable), not as a command that ran (sh's 127 and 126). So the program is looked for as execvp does,
+# on the PATH unless the name has a slash, before it runs.
+_EXEC = (
+    "__pm_exec() {\n"
+    '  case $1 in */*) __pm_p=$1 ;; *) __pm_p=; IFS=:; for __pm_d in $PATH; do __pm_d=${__pm_d:-.}; '
+    'if [ -f "$__pm_d/$1" ] && [ -x "$__pm_d/$1" ]; then __pm_p=$__pm_d/$1; break; fi; done; unset IFS ;; esac\n'
+    f'  if [ -z "$__pm_p" ] || [ ! -e "$__pm_p" ]; then echo "{_NOT_RUN} 2"; exit 0; fi\n'
+    f'  if [ -d "$__pm_p" ] || [ ! -x "$__pm_p" ]; then echo "{_NOT_RUN} 13"; exit 0; fi\n'
+    '  "$@"\n'
+    "}\n"
+)
 _WOULD_RUN = "Command would have run if not in check mode"
 _VAR = re.compile(r"\$(\w+|\{[^}]*\})")  # what Python's os.path.expandvars replaces
 _SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -51,7 +64,8 @@ class Command(Module):
         # command runs without a shell: its words are quoted so the remote shell passes them through, but for
         # what Ansible expands in them on the target (expand_argument_vars).
         words = self._words()
-        return expanded(words) if self.params["expand_argument_vars"] else shlex.join(words)
+        setup, line = expanded(words) if self.params["expand_argument_vars"] else ("", shlex.join(words))
+        return f"{_EXEC}{setup}__pm_exec {line}"
 
     def described(self) -> str | list[str]:
         """The command as the result's `cmd` gives it, as Ansible's: its words as written (not the script that
@@ -84,6 +98,9 @@ class Command(Module):
         option = self._skipped_by(res.stdout) if guard else None
         if option:
             return self._guarded(option, "Did")
+        errno = self._not_run(res.stdout)
+        if errno is not None:  # Ansible's result for a program it could not exec
+            return self._result(rc=errno, msg="Error executing command.", failed=True, cmd=shlex.join(self._words()))
         strip = (lambda s: s.rstrip("\r\n")) if p["strip_empty_ends"] else (lambda s: s)
         result = self._result(changed=True, rc=res.rc, stdout=strip(res.stdout), stderr=strip(res.stderr),
                               start=str(start), end=str(end), delta=str(end - start))
@@ -107,18 +124,24 @@ class Command(Module):
 
 
     @staticmethod
+    def _not_run(output: str) -> int | None:
+        """The errno of a program that could not be run, named by the command's output (Command only)."""
+        mark, _, errno = output.strip().partition(" ")
+        return int(errno) if mark == _NOT_RUN and errno.isdigit() else None
+
+    @staticmethod
     def _skipped_by(output: str) -> str | None:
         """The option (creates or removes) whose guard kept the command from running, named by its output."""
         return {f"{_SKIP} creates": "creates", f"{_SKIP} removes": "removes"}.get(output.strip())
 
 
-def expanded(words: list[str]) -> str:
+def expanded(words: list[str]) -> tuple[str, str]:
     """The command line of `words` for the target's shell, each word expanded there as Ansible's command module
     expands an argument (os.path.expandvars, then expanduser): `$NAME` and `${NAME}` of a variable that is set, a
     leading `~` or `~user`; everything else, an unset variable's name included, stays as written.
 
     A variable's expansion is first assigned (an assignment is never split, globbed, and keeps the text as written
-    when the variable is unset), then used quoted in the word.
+    when the variable is unset), then used quoted in the word: returns (those assignments, the line).
     """
     assignments, line = [], []
     for word in words:
@@ -136,7 +159,7 @@ def expanded(words: list[str]) -> str:
             at = var.end()
         parts.append(q(rest[at:]) if at < len(rest) or not "".join(parts) else "")
         line.append("".join(parts))
-    return "".join(assignments) + " ".join(line)
+    return "".join(assignments), " ".join(line)
 
 
 def _matches(pattern: str) -> str:

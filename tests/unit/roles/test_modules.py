@@ -316,7 +316,7 @@ def test_command_arguments_expand_as_ansibles_expandvars_and_expanduser(sh, tmp_
     env = {"PATH": os.environ["PATH"], "HOME": "/home/u v", "V": "a b*", "EMPTY": "", "Q": "it's \"q\" $V"}
     words = ["$V", "${V}", "x$V-y", "$EMPTY.", "$UNSET", "${UNSET}", "$1", "${V", "${}", "$", "a$$b", "~", "~/a b",
              "~root/x", "~nosuchuserpm/x", "x~", "'~'", "$Q", "${Q}${V}$UNSET", "", "*", "a;b", "$V/~"]
-    script = commands.expanded(["printf", "%s\\n", *words])
+    script = "".join(commands.expanded(["printf", "%s\\n", *words]))  # the assignments, then the line
     out = subprocess.run([sh, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     with pytest.MonkeyPatch.context() as mp:
         for key in ("V", "EMPTY", "Q", "UNSET"):
@@ -463,3 +463,20 @@ def test_a_validate_command_that_refuses_fails_as_ansible(mod, tmp_path):
     assert dest.read_text() == "old\n"
     changed(mod("copy", content="good\n", dest=str(dest), validate="grep -q good %s"))
     assert dest.read_text() == "good\n"
+
+
+def test_a_program_that_cannot_be_run_fails_as_ansibles_command(mod, tmp_path):
+    """As ansible-playbook 2.19's command module, which execs the program itself: one not found or not executable
+    fails unchanged with "Error executing command." and the errno as rc (not sh's 127 and 126 as if it ran);
+    a program found on the PATH runs, and shell runs its line as before."""
+    script = tmp_path / "noexec.sh"
+    script.write_text("echo hi\n")
+    for program, errno in ((str(tmp_path / "missing"), 2), ("no-such-program-pm", 2), (str(script), 13),
+                           (str(tmp_path), 13)):
+        res = mod("command", _raw_params=f"{program} arg")
+        assert failure(res) == "Error executing command." and res["rc"] == errno, res
+        assert res["cmd"] == f"{program} arg"
+    assert changed(mod("command", argv=["printf", "%s", "x"]))["stdout"] == "x"
+    assert changed(mod("command", _raw_params="env", expand_argument_vars=False))["rc"] == 0
+    res = mod("shell", _raw_params="no-such-program-pm")
+    assert res["failed"] and (res["rc"], res["msg"]) == (127, "non-zero return code")
