@@ -648,17 +648,21 @@ def _flatten(seq: Iterable[Any], levels: int | None = None, skip_nulls: bool = T
     return out
 
 
-def _to_yaml(value: Any, **kw: Any) -> str:
+def _dump_yaml(value: Any, **kw: Any) -> str:
     import yaml  # here: most runs never dump YAML, and the library's import costs ~15 ms
 
-    return yaml.safe_dump(_plain(value), allow_unicode=True, default_flow_style=kw.pop("default_flow_style", None),
-                          **kw)
+    try:
+        return yaml.safe_dump(_plain(value), allow_unicode=True, **kw)
+    except yaml.YAMLError as e:  # a value YAML cannot represent (a range, a set) fails the task, as in Ansible
+        raise TemplateFailure(f"to_yaml failed: {e}") from None
+
+
+def _to_yaml(value: Any, **kw: Any) -> str:
+    return _dump_yaml(value, default_flow_style=kw.pop("default_flow_style", None), **kw)
 
 
 def _to_nice_yaml(value: Any, indent: int = 4, **kw: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(_plain(value), allow_unicode=True, default_flow_style=False, indent=indent, **kw)
+    return _dump_yaml(value, default_flow_style=False, indent=indent, **kw)
 
 
 def _from_yaml(value: str) -> Any:
@@ -687,6 +691,8 @@ def _split(value: str, sep: str | None = None, maxsplit: int = -1) -> list[str]:
 
 
 def _json_default(value: Any) -> Any:
+    if isinstance(value, _ITERATORS):  # a range, say: a list, as in Ansible
+        return list(value)
     _defined(value)  # an undefined item fails as such, not as a type JSON does not know
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 

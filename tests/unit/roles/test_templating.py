@@ -122,6 +122,14 @@ def test_what_a_filter_or_a_template_gives_as_an_iterator_is_a_list(t):
     assert t.template("t{{ {'a': (1, 2)} }}", v) == "t{'a': [1, 2]}"
 
 
+def test_what_yaml_cannot_dump_fails_the_task_and_json_lists_a_range(t):
+    """As ansible-playbook 2.19: `range(3) | to_nice_yaml` fails (it used to escape as a YAML error, a traceback),
+    `range(3) | to_json` gives [0, 1, 2]."""
+    with pytest.raises(TemplateFailure, match="cannot represent an object"):
+        t.template("{{ range(3) | to_nice_yaml }}", vs(t, {}))
+    assert t.template("{{ range(3) | to_json }}", vs(t, {})) == "[0, 1, 2]"
+
+
 def test_raw_layers_and_unsafe_are_not_templated(t):
     v = Vars(t, [({"out": "{{ not_a_var }}"}, True)])
     assert t.template("{{ out }}", v) == "{{ not_a_var }}"
