@@ -141,7 +141,10 @@ def _leave(store: Store, name: str, driver: Driver, api: EngineAPI, swarm: dict[
     """The machine (its engine `api`, in `swarm`) leaves; whether another manager of the store forgot its node."""
     node_id = swarm.get("NodeID", "")
     manager = _other_manager(store, swarm, exclude=name)
-    peers = _peers(store, manager, exclude=name) if manager else []
+    try:
+        peers = _peers(store, manager, exclude=name) if manager else []
+    except MachineError:  # that manager left meanwhile (one rm of several members of a swarm): none is asked
+        manager, peers = None, []
     if force and manager and swarm.get("ControlAvailable"):
         # A manager that leaves takes its vote in the raft store along: of two managers, the one left would
         # have no quorum. Demoted first, it leaves as a worker.
